@@ -1,0 +1,193 @@
+"""Getting BreakHis into `data/raw`, reading Folds.csv, and the reference's fold/magnification/balance selection.
+
+`data/raw` always has one layout, whatever the source: `Folds.csv` at the top and every listed image at
+`data/raw/<filename as in Folds.csv>`. Later stages rely on nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+from tqdm import tqdm
+
+from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
+from medgemma_breakhis.labels import CLASS_NAMES, MAGNIFICATIONS, label_from_path, patient_from_path
+from medgemma_breakhis.params import DataParams, SplitParams
+from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+
+logger = logging.getLogger(__name__)
+
+FOLDS_CSV = "Folds.csv"
+FOLDS_COLUMNS = ("fold", "mag", "grp", "filename")
+SPLIT_COLUMNS = ("filename", "label", "class_name", "patient")
+# The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (REFERENCE.md §2).
+_IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
+
+
+class DataError(RuntimeError):
+    """Input data that is missing, malformed or unreachable; the message names the file and the fix."""
+
+
+def read_folds(path: Path) -> pd.DataFrame:
+    """Read and validate a BreakHis Folds.csv, keeping its row order."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: the dataset must have a {FOLDS_CSV} at its top level")
+    try:
+        folds = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a readable CSV: {err}") from err
+    missing = [c for c in FOLDS_COLUMNS if c not in folds.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; expected columns {', '.join(FOLDS_COLUMNS)}")
+    problems = []
+    for column, allowed in (("fold", {1, 2, 3, 4, 5}), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"})):
+        bad = folds[~folds[column].isin(allowed)]
+        if len(bad):
+            problems.append(f"column {column} has {len(bad)} value(s) outside {sorted(allowed, key=str)}, first at "
+                            f"row {bad.index[0] + 2}: {bad[column].iloc[0]!r}")
+    empty = folds["filename"].isna() | (folds["filename"].astype(str).str.strip() == "")
+    if empty.any():
+        problems.append(f"column filename is empty in {int(empty.sum())} row(s), first at row {folds.index[empty][0] + 2}")
+    if problems:
+        raise DataError(f"{path} is malformed: " + "; ".join(problems))
+    return folds
+
+
+def find_image_root(dataset_root: Path, filenames: Iterable[str]) -> Path:
+    """The folder under which Folds.csv's `filename` paths resolve (the Kaggle download adds a BreaKHis_v1/ level)."""
+    first = next(iter(filenames))
+    tried = [dataset_root / candidate / first for candidate in _IMAGE_ROOT_CANDIDATES]
+    for path in tried:
+        if path.is_file():
+            return path.parents[len(Path(first).parts) - 1]
+    raise DataError(
+        "cannot find the images listed in Folds.csv; the first listed image is not at any of: "
+        + ", ".join(str(p) for p in tried)
+    )
+
+
+def check_images_exist(image_root: Path, filenames: Iterable[str]) -> None:
+    missing = [f for f in filenames if not (image_root / f).is_file()]
+    if missing:
+        shown = "\n  ".join(str(image_root / f) for f in missing[:20])
+        more = f"\n  … and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise DataError(f"{len(missing)} image(s) listed in Folds.csv are missing:\n  {shown}{more}")
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # same file system (the usual kagglehub cache): no second copy of ~4 GB
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def import_dataset(dataset_root: Path, output_dir: Path) -> int:
+    """Bring an extracted BreakHis copy into the repository layout; returns the number of images."""
+    if not dataset_root.is_dir():
+        raise DataError(f"dataset folder {dataset_root} does not exist; set data.path to the folder holding {FOLDS_CSV}")
+    folds = read_folds(dataset_root / FOLDS_CSV)
+    filenames = list(dict.fromkeys(folds["filename"]))
+    image_root = find_image_root(dataset_root, filenames)
+    check_images_exist(image_root, filenames)
+    with atomic_directory(output_dir) as staging:
+        shutil.copy2(dataset_root / FOLDS_CSV, staging / FOLDS_CSV)
+        for filename in tqdm(filenames, desc=f"importing {dataset_root}", unit="img"):
+            _link_or_copy(image_root / filename, staging / filename)
+    return len(filenames)
+
+
+def _kaggle_credentials_hint() -> str:
+    from kagglehub.config import get_kaggle_credentials
+
+    found = "were found" if get_kaggle_credentials() is not None else "were NOT found"
+    return (f"Kaggle credentials {found}. Set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put "
+            "kaggle.json in ~/.kaggle/ (see https://www.kaggle.com/settings → API), and check network access. "
+            "To run offline, use data.source=synthetic, or data.source=local with data.path set.")
+
+
+def download_kaggle(handle: str) -> Path:
+    """Download (or reuse kagglehub's cache of) a Kaggle dataset; returns the folder holding its files."""
+    import kagglehub
+
+    try:
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as err:  # kagglehub raises many kinds (HTTP, auth, network); all need the same advice
+        raise DataError(f"downloading Kaggle dataset {handle!r} failed: {err}. {_kaggle_credentials_hint()}") from err
+
+
+def prepare_raw_data(params: DataParams, output_dir: Path) -> int:
+    """The `download` stage: fill `output_dir` from the configured source; returns the number of images."""
+    if params.source == "synthetic":
+        with atomic_directory(output_dir) as staging:
+            generate_synthetic_breakhis(staging, params.synthetic)
+        return len(read_folds(output_dir / FOLDS_CSV)["filename"].unique())
+    if params.source == "local":
+        return import_dataset(Path(params.path), output_dir)
+    return import_dataset(download_kaggle(params.kaggle_dataset), output_dir)
+
+
+def _with_labels(rows: pd.DataFrame) -> pd.DataFrame:
+    labels = rows["filename"].map(label_from_path)
+    return pd.DataFrame({
+        "filename": rows["filename"].to_numpy(),
+        "label": labels.to_numpy(),
+        "class_name": labels.map(lambda label: CLASS_NAMES[label]).to_numpy(),
+        "patient": rows["filename"].map(patient_from_path).to_numpy(),
+    })
+
+
+def _balance_binary(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
+    # Exactly the reference's code: substring match on the path, sample(n=min) per side, benign first.
+    benign = rows[rows["filename"].str.contains("benign")]
+    malignant = rows[rows["filename"].str.contains("malignant")]
+    n = min(len(benign), len(malignant))
+    return pd.concat([benign.sample(n=n, random_state=seed), malignant.sample(n=n, random_state=seed)])
+
+
+def select_split(folds: pd.DataFrame, split: SplitParams) -> dict[str, pd.DataFrame]:
+    """Train and test rows of one fold and magnification, balanced like the reference; keeps Folds.csv order."""
+    chosen = folds[folds["mag"] == split.magnification]
+    chosen = chosen[chosen["fold"] == split.fold]
+    if chosen.empty:
+        raise DataError(f"Folds.csv has no rows for fold {split.fold} at {split.magnification}X")
+    subsets = {}
+    for group in ("train", "test"):
+        rows = chosen[chosen["grp"] == group]
+        if split.balance == "binary":
+            rows = _balance_binary(rows, split.seed)
+        if rows.empty:
+            raise DataError(f"the {group} split of fold {split.fold} at {split.magnification}X is empty")
+        subsets[group] = _with_labels(rows)
+    leaked = set(subsets["train"]["patient"]) & set(subsets["test"]["patient"])
+    if leaked:
+        raise DataError(f"patient(s) {', '.join(sorted(leaked))} are in both train and test of fold {split.fold}")
+    return subsets
+
+
+def write_split(folds_csv: Path, split: SplitParams, output_dir: Path) -> dict[str, pd.DataFrame]:
+    """The `split_balance` stage: write `<output_dir>/train.csv` and `test.csv`."""
+    subsets = select_split(read_folds(folds_csv), split)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for group, rows in subsets.items():
+        atomic_write_text(output_dir / f"{group}.csv", rows.to_csv(index=False))
+        logger.info("%s: %d images, %d patients, per class %s", group, len(rows), rows["patient"].nunique(),
+                    rows["label"].value_counts().sort_index().to_dict())
+    return subsets
+
+
+def read_split(path: Path, image_root: Path) -> pd.DataFrame:
+    """A split CSV written by `write_split`, with its images checked to exist under `image_root`."""
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro split_balance` first")
+    rows = pd.read_csv(path, dtype={"patient": str})
+    missing = [c for c in SPLIT_COLUMNS if c not in rows.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; re-run `dvc repro split_balance`")
+    check_images_exist(image_root, rows["filename"])
+    return rows

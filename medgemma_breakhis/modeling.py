@@ -1,0 +1,104 @@
+"""Loading the base model and processor (MedGemma from the hub, a local copy, or the tiny offline model)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from medgemma_breakhis.params import ModelParams, Precision
+from medgemma_breakhis.tiny_model import TINY_MODEL_ID, build_tiny_gemma3
+
+logger = logging.getLogger(__name__)
+
+DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModelLoadError(RuntimeError):
+    """The model could not be loaded; the message says what to set."""
+
+
+@dataclass(frozen=True)
+class LoadedModelInfo:
+    """What was actually loaded, recorded with the results."""
+
+    model_id: str
+    requested_revision: str
+    resolved_revision: str
+    device: str
+    dtype: str
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def _hub_error_advice(model_id: str) -> str:
+    from huggingface_hub import get_token
+
+    token = "a Hugging Face token was found" if get_token() else "no Hugging Face token was found"
+    return (f"{token}. {model_id} may be gated: accept its terms on https://huggingface.co/{model_id} with your "
+            "account, then set HF_TOKEN or run `hf auth login`, and check network access (or HF_HUB_OFFLINE with a "
+            "filled cache). To run offline without it, use model.id=tiny-gemma3.")
+
+
+def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
+    revision = None if Path(source).is_dir() else params.revision
+    target = device()
+    model = AutoModelForImageTextToText.from_pretrained(
+        source,
+        revision=revision,
+        dtype=dtype,
+        attn_implementation=params.attn_implementation,
+        device_map="auto" if target.type == "cuda" else None,
+    )
+    processor = AutoProcessor.from_pretrained(source, revision=revision)
+    return model, processor
+
+
+def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrainedModel, ProcessorMixin,
+                                                                      LoadedModelInfo]:
+    """Load model and processor through the Auto classes, in the dtype of `precision`, on the GPU if there is one."""
+    dtype = DTYPES[precision]
+    if params.id == TINY_MODEL_ID:
+        folder = Path(tempfile.mkdtemp(prefix="tiny-gemma3-"))
+        build_tiny_gemma3(folder)
+        model, processor = _load(str(folder), params, dtype)
+        resolved = _weights_digest(folder)
+        # peft reads the base model's folder when saving an adapter: keep it as long as the model lives.
+        weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+    elif Path(params.id).is_dir():
+        model, processor = _load(params.id, params, dtype)
+        resolved = _weights_digest(Path(params.id))
+    else:
+        try:
+            model, processor = _load(params.id, params, dtype)
+        except OSError as err:  # transformers turns hub HTTP, gating and offline failures into OSError
+            raise ModelLoadError(
+                f"could not load model {params.id!r} at revision {params.revision!r}: {err}\n"
+                f"{_hub_error_advice(params.id)}"
+            ) from err
+        resolved = getattr(model.config, "_commit_hash", None) or "unknown"
+    info = LoadedModelInfo(
+        model_id=params.id,
+        requested_revision=params.revision,
+        resolved_revision=resolved,
+        device=str(model.device),
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    logger.info("loaded %s (revision %s) on %s as %s", info.model_id, info.resolved_revision, info.device, info.dtype)
+    return model, processor, info

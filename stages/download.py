@@ -1,0 +1,26 @@
+"""Stage `download`: put BreakHis (Kaggle, a local copy, or the synthetic offline set) into data/raw.
+
+Run: dvc repro download   (or: python -m stages.download --out data/raw)
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from medgemma_breakhis.data import prepare_raw_data
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="folder to fill: Folds.csv and the images")
+    args = parser.parse_args()
+    configure_logging()
+    params = load_params()
+    count = prepare_raw_data(params.data, args.out)
+    logging.getLogger(__name__).info("%s: %d images from source %s", args.out, count, params.data.source)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""Stage `evaluate`: score the test set with the base model plus the fine-tuned LoRA adapter.
+
+Run: dvc repro evaluate
+     (or: python -m stages.evaluate --images data/raw --test data/split/test.csv --adapter models/adapter
+          --metrics metrics/finetuned.json)
+"""
+
+import argparse
+from pathlib import Path
+
+from medgemma_breakhis.evaluation import run_evaluation
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.params import load_params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--images", type=Path, required=True, help="folder the split's filenames are relative to")
+    parser.add_argument("--test", type=Path, required=True, help="test split CSV")
+    parser.add_argument("--adapter", type=Path, required=True, help="LoRA adapter folder written by `train`")
+    parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    args = parser.parse_args()
+    configure_logging()
+    params = load_params()
+    run_evaluation(params, "evaluate", args.images, args.test, args.metrics, adapter_dir=args.adapter)
+
+
+if __name__ == "__main__":
+    main()
