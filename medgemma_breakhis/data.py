@@ -49,7 +49,7 @@ def read_folds(path: Path) -> pd.DataFrame:
         bad = folds[~folds[column].isin(allowed)]
         if len(bad):
             problems.append(f"column {column} has {len(bad)} value(s) outside {sorted(allowed, key=str)}, first at "
-                            f"row {bad.index[0] + 2}: {bad[column].iloc[0]!r}")
+                            f"row {bad.index[0] + 2}: {bad[column].tolist()[0]!r}")
     empty = folds["filename"].isna() | (folds["filename"].astype(str).str.strip() == "")
     if empty.any():
         problems.append(f"column filename is empty in {int(empty.sum())} row(s), first at row {folds.index[empty][0] + 2}")

@@ -175,7 +175,7 @@ def _matches(value: Any, tp: Any) -> bool:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ParamsError(f"params: {prefix or 'the top level'} must be a mapping of keys, got {raw!r}")
+        raise ParamsError(f"params: {prefix.rstrip('.') or 'the top level'} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)

@@ -1,0 +1,170 @@
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medgemma_breakhis.data import (
+    DataError,
+    find_image_root,
+    import_dataset,
+    read_folds,
+    read_split,
+    select_split,
+    write_split,
+)
+from medgemma_breakhis.labels import CLASS_NAMES, label_from_path, patient_from_path
+from medgemma_breakhis.params import SplitParams
+from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_filename
+
+
+def reference_selection(folds: pd.DataFrame, fold: int, mag: int, seed: int) -> tuple[list[str], list[str]]:
+    """The blog's code (REFERENCE.md §1), verbatim but for the parameters."""
+    folds_100x = folds[folds["mag"] == mag]
+    folds_100x = folds_100x[folds_100x["fold"] == fold]
+    folds_100x_test = folds_100x[folds_100x.grp == "test"]
+    folds_100x_train = folds_100x[folds_100x.grp == "train"]
+    out = []
+    for part in (folds_100x_train, folds_100x_test):
+        benign = part[part["filename"].str.contains("benign")]
+        malignant = part[part["filename"].str.contains("malignant")]
+        n = min(len(benign), len(malignant))
+        out.append(list(pd.concat([benign.sample(n=n, random_state=seed),
+                                   malignant.sample(n=n, random_state=seed)])["filename"].values))
+    return out[0], out[1]
+
+
+def hand_made_folds() -> pd.DataFrame:
+    """Two folds, two magnifications, imbalanced, rows deliberately not sorted by class."""
+    rows = []
+    for fold in (1, 2):
+        for label, patients, images in ((4, ("11", "12", "13"), 5), (0, ("21", "22"), 3), (6, ("31",), 4),
+                                        (2, ("41", "42"), 2)):
+            for p_index, patient in enumerate(patients):
+                group = "test" if (p_index + fold) % 2 == 0 else "train"
+                for mag in (100, 40):
+                    for seq in range(1, images + 1):
+                        rows.append({"fold": fold, "mag": mag, "grp": group,
+                                     "filename": synthetic_filename(label, patient, mag, seq)})
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize(("fold", "mag", "seed"), [(1, 100, 42), (2, 100, 7), (1, 40, 0)])
+def test_selection_is_exactly_the_reference_selection(fold: int, mag: int, seed: int) -> None:
+    folds = hand_made_folds()
+    subsets = select_split(folds, SplitParams(fold=fold, magnification=mag, seed=seed))
+    train, test = reference_selection(folds, fold, mag, seed)
+    assert list(subsets["train"]["filename"]) == train
+    assert list(subsets["test"]["filename"]) == test
+
+
+def test_selection_on_synthetic_folds_matches_reference(synthetic_folds: pd.DataFrame) -> None:
+    subsets = select_split(synthetic_folds, SplitParams())
+    train, test = reference_selection(synthetic_folds, 1, 100, 42)
+    assert list(subsets["train"]["filename"]) == train and list(subsets["test"]["filename"]) == test
+
+
+def test_selection_rows_carry_label_class_and_patient() -> None:
+    subsets = select_split(hand_made_folds(), SplitParams())
+    for rows in subsets.values():
+        assert list(rows.columns) == ["filename", "label", "class_name", "patient"]
+        assert list(rows["label"]) == [label_from_path(f) for f in rows["filename"]]
+        assert list(rows["class_name"]) == [CLASS_NAMES[label] for label in rows["label"]]
+        assert list(rows["patient"]) == [patient_from_path(f) for f in rows["filename"]]
+        assert (rows["label"] >= 4).sum() == (rows["label"] < 4).sum()  # balanced benign/malignant
+
+
+def test_unbalanced_selection_keeps_every_row_in_folds_order() -> None:
+    folds = hand_made_folds()
+    subsets = select_split(folds, SplitParams(balance="none"))
+    expected = folds[(folds["mag"] == 100) & (folds["fold"] == 1) & (folds["grp"] == "train")]["filename"]
+    assert list(subsets["train"]["filename"]) == list(expected)
+
+
+def test_patient_in_train_and_test_is_refused() -> None:
+    folds = hand_made_folds()
+    leak = folds[(folds["fold"] == 1) & (folds["mag"] == 100) & (folds["grp"] == "train")].iloc[[0]].assign(grp="test")
+    with pytest.raises(DataError, match=r"patient\(s\) .* in both train and test"):
+        select_split(pd.concat([folds, leak]), SplitParams(balance="none"))
+
+
+def test_write_then_read_split(tmp_path: Path, synthetic_root: Path) -> None:
+    write_split(synthetic_root / "Folds.csv", SplitParams(), tmp_path / "split")
+    test = read_split(tmp_path / "split" / "test.csv", synthetic_root)
+    assert len(test) > 0 and all(isinstance(p, str) for p in test["patient"])
+
+
+def test_read_folds_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=f"{tmp_path / 'Folds.csv'} not found"):
+        read_folds(tmp_path / "Folds.csv")
+    bad = tmp_path / "Folds.csv"
+    bad.write_text("fold,mag,filename\n1,100,a.png\n")
+    with pytest.raises(DataError, match=r"Folds.csv lacks column\(s\) grp"):
+        read_folds(bad)
+    bad.write_text("fold,mag,grp,filename\n1,100,train,a.png\n7,100,train,b.png\n1,100,validation,c.png\n")
+    with pytest.raises(DataError, match=r"column fold .* row 3: 7.*column grp .* row 4: 'validation'"):
+        read_folds(bad)
+    bad.write_text("")
+    with pytest.raises(DataError, match="not a readable CSV"):
+        read_folds(bad)
+
+
+def test_image_root_found_one_level_down_as_in_the_kaggle_download(tmp_path: Path) -> None:
+    filename = synthetic_filename(0, "1", 100, 1)
+    image = tmp_path / "BreaKHis_v1" / filename
+    image.parent.mkdir(parents=True)
+    image.touch()
+    assert find_image_root(tmp_path, [filename]) == tmp_path / "BreaKHis_v1"
+
+
+def test_image_root_not_found_lists_the_paths_tried(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"not at any of: .*/x/a.png, .*/BreaKHis_v1/x/a.png"):
+        find_image_root(tmp_path, ["x/a.png"])
+
+
+def test_import_of_kaggle_layout_normalises_it_and_reports_missing_images(tmp_path: Path, synthetic_root: Path) -> None:
+    download = tmp_path / "download"
+    (download / "BreaKHis_v1").mkdir(parents=True)
+    (download / "Folds.csv").write_bytes((synthetic_root / "Folds.csv").read_bytes())
+    (download / "BreaKHis_v1" / "BreaKHis_v1").symlink_to(synthetic_root / "BreaKHis_v1")
+    count = import_dataset(download, tmp_path / "raw")
+    folds = read_folds(tmp_path / "raw" / "Folds.csv")
+    assert count == folds["filename"].nunique()
+    assert all((tmp_path / "raw" / f).is_file() for f in folds["filename"])
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "Folds.csv").write_bytes((synthetic_root / "Folds.csv").read_bytes())
+    (broken / "BreaKHis_v1").symlink_to(synthetic_root / "BreaKHis_v1")
+    (broken / "extra.csv").write_text("")
+    missing = synthetic_filename(7, "missing", 100, 1)
+    with (broken / "Folds.csv").open("a") as stream:
+        stream.write(f"1,100,train,{missing}\n")
+    with pytest.raises(DataError, match=rf"1 image\(s\) listed in Folds.csv are missing:\n  .*{missing}"):
+        import_dataset(broken, tmp_path / "raw2")
+    assert not (tmp_path / "raw2").exists()  # nothing half-written left behind
+
+
+def test_synthetic_layout_is_breakhis(synthetic_root: Path, synthetic_folds: pd.DataFrame) -> None:
+    assert list(synthetic_folds.columns) == ["fold", "mag", "grp", "filename"]
+    assert set(synthetic_folds["mag"]) == {40, 100, 200, 400} and set(synthetic_folds["fold"]) == {1, 2, 3, 4, 5}
+    per_image = synthetic_folds.groupby("filename")["fold"].apply(sorted)
+    assert all(folds == [1, 2, 3, 4, 5] for folds in per_image)  # every image once per fold, as in Kaggle's file
+    for fold, rows in synthetic_folds.groupby("fold"):
+        patients = rows.assign(patient=rows["filename"].map(patient_from_path))
+        train = set(patients[patients.grp == "train"]["patient"])
+        test = set(patients[patients.grp == "test"]["patient"])
+        assert not train & test, f"fold {fold} leaks patients"
+        assert set(patients[patients.grp == "test"]["filename"].map(label_from_path)) == set(range(8))
+    with Image.open(synthetic_root / synthetic_folds["filename"].iloc[0]) as image:
+        assert image.size == (IMAGE_WIDTH, IMAGE_HEIGHT) and image.mode == "RGB"
+
+
+def test_synthetic_classes_differ_in_pixels(synthetic_root: Path, synthetic_folds: pd.DataFrame) -> None:
+    """Mean colour alone separates the classes: the offline run has something real to learn."""
+    first_per_class = synthetic_folds.drop_duplicates("filename").assign(
+        label=lambda f: f["filename"].map(label_from_path)).groupby("label")["filename"].first()
+    means = [np.asarray(Image.open(synthetic_root / f)).reshape(-1, 3).mean(axis=0) for f in first_per_class]
+    distances = [np.linalg.norm(a - b) for i, a in enumerate(means) for b in means[i + 1:]]
+    assert min(distances) > 20

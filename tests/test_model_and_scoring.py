@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medgemma_breakhis.labels import NUM_CLASSES
+from medgemma_breakhis.scoring import answer_token_ids, classification_metrics, prompt_text, score_images
+from medgemma_breakhis.tiny_model import MM_TOKENS_PER_IMAGE, build_tiny_gemma3
+
+
+def test_tiny_model_is_gemma3_loaded_through_auto_classes(tiny_model) -> None:
+    model, processor, info = tiny_model
+    assert type(model).__name__ == "Gemma3ForConditionalGeneration"
+    assert type(processor).__name__ == "Gemma3Processor"
+    assert info.resolved_revision.startswith("sha256:") and info.dtype == "float32"
+    # The projector must not be Gemma 3's zero init, or no image information reaches the language model.
+    assert model.model.multi_modal_projector.mm_input_projection_weight.abs().sum() > 0
+
+
+def test_tiny_model_build_is_deterministic(tmp_path: Path) -> None:
+    first, second = build_tiny_gemma3(tmp_path / "a"), build_tiny_gemma3(tmp_path / "b")
+    for name in ("model.safetensors", "tokenizer.json", "config.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes(), name
+
+
+def test_image_placeholder_expands_to_soft_tokens(tiny_model, synthetic_root: Path) -> None:
+    _, processor, _ = tiny_model
+    from PIL import Image
+
+    image = Image.open(next(synthetic_root.rglob("*.png"))).convert("RGB")
+    batch = processor(text=[prompt_text(processor)], images=[[image]], add_special_tokens=False, return_tensors="pt")
+    soft = processor.tokenizer.convert_tokens_to_ids(processor.tokenizer.image_token)
+    assert int((batch["input_ids"] == soft).sum()) == MM_TOKENS_PER_IMAGE
+    assert int(batch["token_type_ids"].sum()) == MM_TOKENS_PER_IMAGE
+    assert (batch["input_ids"][0] == processor.tokenizer.bos_token_id).sum() == 1  # no doubled <bos>
+
+
+def test_answer_tokens_are_the_eight_digits(tiny_model) -> None:
+    _, processor, _ = tiny_model
+    ids = answer_token_ids(processor)
+    assert len(set(ids)) == NUM_CLASSES
+    assert [processor.tokenizer.decode([i]) for i in ids] == [str(d) for d in range(NUM_CLASSES)]
+    assert prompt_text(processor).endswith("<start_of_turn>model\n")
+
+
+def test_scores_are_probabilities_and_batching_does_not_change_them(tiny_model, synthetic_root: Path) -> None:
+    model, processor, _ = tiny_model
+    paths = sorted(synthetic_root.rglob("*-100-*.png"))[:5]
+    batched = score_images(model, processor, paths, batch_size=4)
+    single = score_images(model, processor, paths, batch_size=1)
+    assert batched.shape == (5, NUM_CLASSES)
+    np.testing.assert_allclose(batched.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+
+
+def test_scores_read_the_answer_token_logits(tiny_model, synthetic_root: Path) -> None:
+    """Boosting one answer token's output embedding must make that answer the prediction for every image."""
+    model, processor, _ = tiny_model
+    paths = sorted(synthetic_root.rglob("*-100-*.png"))[:3]
+    target = answer_token_ids(processor)[5]
+    head = model.get_output_embeddings().weight
+    saved = head[target].clone()
+    try:
+        with torch.no_grad():
+            head[target] = head[target] * 0 + 1e3 * torch.sign(model.get_input_embeddings().weight.mean(0) + 1e-9)
+        probabilities = score_images(model, processor, paths, batch_size=2)
+    finally:
+        with torch.no_grad():
+            head[target] = saved
+    assert (probabilities.argmax(axis=1) == 5).all()
+
+
+def test_classification_metrics_by_hand() -> None:
+    labels = np.array([0, 1, 4, 5, 7, 3])
+    predictions = np.array([0, 2, 4, 4, 1, 3])
+    metrics = classification_metrics(labels, predictions)
+    assert metrics["n_images"] == 6
+    assert metrics["eight_class"]["accuracy"] == pytest.approx(3 / 6)
+    # binary: truth B B M M M B, predicted B B M M B B -> 5/6 right; malignant precision 1, recall 2/3
+    assert metrics["binary"]["accuracy"] == pytest.approx(5 / 6)
+    assert metrics["binary"]["f1_malignant"] == pytest.approx(2 * 1 * (2 / 3) / (1 + 2 / 3))

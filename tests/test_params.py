@@ -1,0 +1,68 @@
+from pathlib import Path
+
+import pytest
+
+from medgemma_breakhis.params import ParamsError, load_params, params_from_dict, to_flat_dict
+
+REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_repository_defaults_are_the_reference_experiment() -> None:
+    flat = to_flat_dict(load_params(REPO_PARAMS))
+    assert flat | {
+        "data.source": "kaggle", "data.kaggle_dataset": "ambarish/breakhis", "split.fold": 1,
+        "split.magnification": 100, "split.seed": 42, "split.balance": "binary", "model.id": "google/medgemma-4b-it",
+        "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.1, "lora.target_modules": "all-linear", "train.epochs": 5,
+        "train.learning_rate": 5e-4, "train.lr_scheduler": "cosine", "train.warmup_ratio": 0.03,
+        "train.max_grad_norm": 0.3, "train.batch_size": 1, "train.grad_accum_steps": 8, "train.precision": "bf16",
+    } == flat
+
+
+def test_repository_params_file_sets_every_key() -> None:
+    """params.yaml is the one place users look: no schema default may be hidden from it."""
+    from ruamel.yaml import YAML
+
+    raw = YAML(typ="safe").load(REPO_PARAMS.read_text())
+    written = set()
+
+    def walk(node, prefix=""):
+        for key, value in node.items():
+            walk(value, f"{prefix}{key}.") if isinstance(value, dict) else written.add(f"{prefix}{key}")
+
+    walk(raw)
+    assert written == set(to_flat_dict(load_params(REPO_PARAMS)))
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"lora": {"r": 0}}, r"lora.r=0 is not allowed; expected an integer from 1 to 1024"),
+    ({"train": {"precision": "fp8"}}, r"train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
+    ({"split": {"fold": 9}}, r"split.fold=9 is not allowed; expected one of 1, 2, 3, 4, 5"),
+    ({"split": {"magnification": 50}}, r"split.magnification=50 .* one of 40, 100, 200, 400"),
+    ({"data": {"source": "s3"}}, r"data.source='s3' .* one of kaggle, local, synthetic"),
+    ({"data": {"source": "local"}}, r"data.path=None .* the folder that holds Folds.csv"),
+    ({"lora": {"rank": 8}}, r"unknown key lora.rank; allowed keys here: lora.alpha, lora.dropout, lora.r"),
+    ({"trian": {}}, r"unknown key trian"),
+    ({"train": {"learning_rate": "fast"}}, r"train.learning_rate='fast' is not allowed; expected a number"),
+    ({"train": {"epochs": 2.5}}, r"train.epochs=2.5 is not allowed; expected an integer"),
+    ({"train": {"gradient_checkpointing": "yes"}}, r"expected true or false"),
+    ({"lora": 8}, r"lora must be a mapping"),
+])
+def test_invalid_params_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict(raw)
+
+
+def test_yaml_1_2_scientific_notation_is_a_number(tmp_path: Path) -> None:
+    """DVC writes `-S train.learning_rate=1e-4` as 1e-4, which YAML 1.1 loaders read as a string."""
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  learning_rate: 1e-4\n")
+    assert load_params(path).train.learning_rate == pytest.approx(1e-4)
+
+
+def test_integer_where_a_float_belongs_is_accepted() -> None:
+    assert params_from_dict({"train": {"max_grad_norm": 1}}).train.max_grad_norm == 1.0
+
+
+def test_missing_params_file_says_where_to_run(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="repository root"):
+        load_params(tmp_path / "params.yaml")
