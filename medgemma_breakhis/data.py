@@ -52,7 +52,8 @@ def read_folds(path: Path) -> pd.DataFrame:
                             f"row {bad.index[0] + 2}: {bad[column].tolist()[0]!r}")
     empty = folds["filename"].isna() | (folds["filename"].astype(str).str.strip() == "")
     if empty.any():
-        problems.append(f"column filename is empty in {int(empty.sum())} row(s), first at row {folds.index[empty][0] + 2}")
+        problems.append(f"column filename is empty in {int(empty.sum())} row(s), "
+                        f"first at row {folds.index[empty][0] + 2}")
     if problems:
         raise DataError(f"{path} is malformed: " + "; ".join(problems))
     return folds
@@ -90,7 +91,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 def import_dataset(dataset_root: Path, output_dir: Path) -> int:
     """Bring an extracted BreakHis copy into the repository layout; returns the number of images."""
     if not dataset_root.is_dir():
-        raise DataError(f"dataset folder {dataset_root} does not exist; set data.path to the folder holding {FOLDS_CSV}")
+        raise DataError(f"dataset folder {dataset_root} does not exist; "
+                        f"set data.path to the folder holding {FOLDS_CSV}")
     folds = read_folds(dataset_root / FOLDS_CSV)
     filenames = list(dict.fromkeys(folds["filename"]))
     image_root = find_image_root(dataset_root, filenames)

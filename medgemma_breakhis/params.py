@@ -181,7 +181,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - known)
     if unknown:
         keys = ", ".join(f"{prefix}{k}" for k in unknown)
-        raise ParamsError(f"params: unknown key {keys}; allowed keys here: {', '.join(prefix + k for k in sorted(known))}")
+        allowed = ", ".join(prefix + k for k in sorted(known))
+        raise ParamsError(f"params: unknown key {keys}; allowed keys here: {allowed}")
     kwargs = {}
     for name, value in raw.items():
         key, tp = f"{prefix}{name}", hints[name]

@@ -61,7 +61,7 @@ def render_image(label: int, patient_shift: np.ndarray, rng: np.random.Generator
     colour = np.clip(_STAIN[label] + patient_shift + rng.normal(0, 4, size=3), 0, 255)
     image = colour[None, None, :] + shade[..., None]
     radius = _NUCLEUS_RADIUS[label]
-    for cx, cy in zip(rng.uniform(0, IMAGE_WIDTH, size=40), rng.uniform(0, IMAGE_HEIGHT, size=40)):
+    for cx, cy in zip(rng.uniform(0, IMAGE_WIDTH, size=40), rng.uniform(0, IMAGE_HEIGHT, size=40), strict=True):
         y0, y1 = int(max(cy - radius, 0)), int(min(cy + radius + 1, IMAGE_HEIGHT))
         x0, x1 = int(max(cx - radius, 0)), int(min(cx + radius + 1, IMAGE_WIDTH))
         disk = (yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 <= radius**2

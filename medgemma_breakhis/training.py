@@ -7,9 +7,10 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
 import datasets
-import pandas as pd
 import mlflow
+import pandas as pd
 import torch
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -114,7 +115,8 @@ def train_lora(model_params: ModelParams, lora: LoraParams, train: TrainParams, 
     )
 
 
-def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path, metrics_path: Path) -> TrainResult:
+def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path,
+                 metrics_path: Path) -> TrainResult:
     """The `train` stage: fine-tune, save the adapter, write a training summary, track it all in MLflow."""
     rows = read_split(train_csv, image_root)
     with stage_run("train", params), tempfile.TemporaryDirectory(prefix="trainer-") as work_dir:

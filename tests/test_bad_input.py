@@ -19,7 +19,8 @@ def test_kaggle_without_network_or_credentials_says_what_to_set(tmp_path: Path, 
     monkeypatch.delenv("KAGGLE_KEY", raising=False)
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle-config"))
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(DataError, match=r"ambarish/breakhis.*credentials were NOT found.*KAGGLE_USERNAME and KAGGLE_KEY"):
+    expected = r"ambarish/breakhis.*credentials were NOT found.*KAGGLE_USERNAME and KAGGLE_KEY"
+    with pytest.raises(DataError, match=expected):
         prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw")
     assert not (tmp_path / "raw").exists()
 

@@ -12,7 +12,8 @@ REAL_EXAMPLE = ("BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A
     ("malignant/SOB/mucinous_carcinoma", 6), ("malignant/SOB/papillary_carcinoma", 7),
 ])
 def test_label_from_tumour_folder(folder: str, label: int) -> None:
-    assert label_from_path(f"BreaKHis_v1/histology_slides/breast/{folder}/SOB_X_14-1/100X/SOB_X-14-1-100-001.png") == label
+    path = f"BreaKHis_v1/histology_slides/breast/{folder}/SOB_X_14-1/100X/SOB_X-14-1-100-001.png"
+    assert label_from_path(path) == label
     assert is_malignant(label) == folder.startswith("malignant")
 
 
