@@ -31,8 +31,9 @@ def comparison_table(row: dict[str, Any]) -> str:
     lines = [f"{'metric':<24}{'baseline':>10}{'fine-tuned':>12}"]
     for label, key in ROWS:
         base, tuned = row[f"metrics/baseline.json:{key}"], row[f"metrics/finetuned.json:{key}"]
-        fmt = (lambda v: f"{v:>10d}") if key == "n_images" else (lambda v: f"{v:>10.3f}")
-        lines.append(f"{label:<24}{fmt(base)}  {fmt(tuned)}")
+        # `dvc exp show` may return counts as floats.
+        cells = [f"{int(v):>10d}" if key == "n_images" else f"{v:>10.3f}" for v in (base, tuned)]
+        lines.append(f"{label:<24}{cells[0]}  {cells[1]}")
     return "\n".join(lines)
 
 

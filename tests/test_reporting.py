@@ -1,0 +1,14 @@
+from medgemma_breakhis.reporting import comparison_table
+
+
+def test_comparison_table_from_an_exp_show_row() -> None:
+    row = {}
+    for stage, accuracy in (("baseline", 0.125), ("finetuned", 0.875)):
+        row |= {f"metrics/{stage}.json:eight_class.accuracy": accuracy,
+                f"metrics/{stage}.json:eight_class.f1_weighted": accuracy - 0.1,
+                f"metrics/{stage}.json:binary.accuracy": accuracy + 0.1,
+                f"metrics/{stage}.json:binary.f1_malignant": accuracy + 0.05,
+                f"metrics/{stage}.json:n_images": 32.0}
+    lines = comparison_table(row).splitlines()
+    assert lines[1].split() == ["8-class", "accuracy", "0.125", "0.875"]
+    assert lines[-1].split() == ["test", "images", "32", "32"]
