@@ -15,7 +15,7 @@ from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small synthetic BreakHis copy (one image per benign patient and magnification)."""
+    """A small synthetic BreakHis copy (two images per benign patient and magnification, three per malignant)."""
     return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis"), SyntheticData(images_per_patient=2))
 
 
