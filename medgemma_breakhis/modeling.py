@@ -25,6 +25,18 @@ class ModelLoadError(RuntimeError):
     """The model could not be loaded; the message says what to set."""
 
 
+class NonFiniteError(FloatingPointError):
+    """A loss or logits became NaN or infinite: the numbers overflowed their format or training diverged."""
+
+
+def non_finite_advice(precision: Precision, param: str) -> str:
+    """What to change when values stop being finite at `precision` (set by the params key `param`)."""
+    if precision == "fp16":
+        return (f"float16 overflows past 65,504, as Gemma 3 activations do (REFERENCE.md §4; transformers#36822): "
+                f"set {param}=bf16, which has float32's range")
+    return "the values diverged: lower train.learning_rate or train.max_grad_norm, and check the data"
+
+
 @dataclass(frozen=True)
 class LoadedModelInfo:
     """What was actually loaded, recorded with the results."""
@@ -43,7 +55,8 @@ def device() -> torch.device:
 def _weights_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for weights in sorted(folder.glob("*.safetensors")):
-        digest.update(weights.read_bytes())
+        with weights.open("rb") as stream:  # in chunks: a local MedGemma copy is 8 GB
+            digest.update(hashlib.file_digest(stream, "sha256").digest())
     return f"sha256:{digest.hexdigest()[:16]}"
 
 

@@ -19,6 +19,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from trl.data_utils import apply_chat_template
 
 from medgemma_breakhis.labels import NUM_CLASSES, PROMPT
+from medgemma_breakhis.modeling import NonFiniteError
 
 
 def prompt_messages() -> list[dict[str, Any]]:
@@ -75,6 +76,10 @@ def score_images(model: PreTrainedModel, processor: ProcessorMixin, image_paths:
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
         answer_logits = logits.float()[:, answer_ids.to(logits.device)]
+        if not torch.isfinite(answer_logits).all():
+            # A NaN would otherwise become class 0 at argmax, silently.
+            bad = [p.name for p, ok in zip(batch_paths, torch.isfinite(answer_logits).all(dim=-1).tolist()) if not ok]
+            raise NonFiniteError(f"non-finite logits with the model in {model.dtype} for {', '.join(bad)}")
         probabilities.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
     return np.concatenate(probabilities)
 
@@ -92,11 +97,22 @@ def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[
             "accuracy": float(accuracy_score(malignant_true, malignant_pred)),
             "f1_malignant": float(f1_score(malignant_true, malignant_pred, pos_label=True, zero_division=0)),
         },
-        "n_images": int(len(labels)),
+        "n_images": len(labels),
     }
 
 
+def predictions_frame(rows: pd.DataFrame, probabilities: np.ndarray) -> pd.DataFrame:
+    """One row per image: filename, patient, true and predicted label, and the probability of each class."""
+    frame = rows[["filename", "patient", "label"]].reset_index(drop=True)
+    frame["predicted"] = probabilities.argmax(axis=1)
+    for label in range(NUM_CLASSES):
+        frame[f"prob_{label}"] = probabilities[:, label]
+    return frame
+
+
 def evaluate_split(model: PreTrainedModel, processor: ProcessorMixin, rows: pd.DataFrame, image_root: Path,
-                   batch_size: int) -> dict[str, Any]:
+                   batch_size: int) -> tuple[dict[str, Any], pd.DataFrame]:
+    """Metrics of the split, and the per-image predictions they were computed from."""
     probabilities = score_images(model, processor, [image_root / f for f in rows["filename"]], batch_size)
-    return classification_metrics(rows["label"].to_numpy(), probabilities.argmax(axis=1))
+    predictions = predictions_frame(rows, probabilities)
+    return classification_metrics(predictions["label"].to_numpy(), predictions["predicted"].to_numpy()), predictions

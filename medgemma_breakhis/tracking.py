@@ -1,18 +1,35 @@
-"""MLflow tracking: where runs are stored and what every stage's run carries."""
+"""MLflow tracking: where runs are stored, how one pipeline execution is grouped, and what every run carries.
+
+Each of `baseline`, `train` and `evaluate` is a child run of one parent run per pipeline execution (one `dvc repro`,
+or one DVC experiment), so the MLflow UI shows an execution as one expandable row.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import os
+import platform
+import resource
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import psutil
+import torch
+from mlflow.entities import Run
+from ruamel.yaml import YAML
 
+from medgemma_breakhis.modeling import LoadedModelInfo
 from medgemma_breakhis.params import Params, to_flat_dict
 
 EXPERIMENT_NAME = "medgemma-breakhis"
+# The distributions whose versions decide the numbers; recorded as `version.<name>` tags.
+TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "dvc")
 
 
 def main_repo_root() -> Path:
@@ -25,32 +42,178 @@ def main_repo_root() -> Path:
     return root
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set (a team server), else an embedded store at the repository root.
+def embedded_tracking_uri() -> str:
+    """The embedded store at the repository root.
 
     An absolute path, because MLflow's default `sqlite:///mlflow.db` is relative to the working directory, and
     DVC's temporary experiment copies would each get their own store.
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{main_repo_root() / 'mlflow.db'}"
+    return f"sqlite:///{main_repo_root() / 'mlflow.db'}"
 
 
-def _git_commit() -> str:
-    result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else "no-git-commit"
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set (a team server), else the embedded store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
+
+
+def experiment_id() -> str:
+    """The id of the `medgemma-breakhis` experiment, created on first use.
+
+    With the embedded store, artifacts go to `mlartifacts/` at the repository root: MLflow's default artifact
+    location is relative to the working directory, which for `--temp` runs is a copy DVC deletes afterwards.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
+    return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+
+
+def _git(*args: str) -> str | None:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _dvc_process() -> psutil.Process | None:
+    """The `dvc` process this stage runs under (`dvc repro`, `dvc exp run`, a queue worker), if any."""
+    for process in psutil.Process().parents():
+        try:
+            command = process.cmdline()
+        except psutil.Error:
+            continue
+        if any(Path(arg).name in ("dvc", "dvc.exe") for arg in command[:3]):
+            return process
+    return None
+
+
+def pipeline_key() -> str:
+    """Identifies one pipeline execution: the stages of one `dvc repro` or one experiment share the same `dvc` process.
+
+    A stage run by hand, outside DVC, is an execution of its own.
+    """
+    process = _dvc_process() or psutil.Process()
+    return f"{os.environ.get('DVC_EXP_NAME', 'workspace')}:{socket.gethostname()}:{process.pid}:{process.create_time()}"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    versions |= {name: importlib.metadata.version(name) for name in TRACKED_DISTRIBUTIONS}
+    versions["cuda"] = torch.version.cuda or "none"
+    return versions
+
+
+def origin_tags() -> dict[str, str]:
+    """Tags that tie a run to the code and the DVC execution that produced it."""
+    # Inside `dvc exp run --temp/--queue` HEAD is DVC's own commit; the experiment's base is DVC_EXP_BASELINE_REV.
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD") or "not a git repository"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": commit,
+        "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
+        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "pipeline_key": pipeline_key(),
+        **{f"version.{name}": version for name, version in library_versions().items()},
+    }
+
+
+def file_sha256(path: Path) -> str:
+    with path.open("rb") as stream:
+        return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return platform.processor() or platform.machine()
+
+
+def dvc_locked_md5(stage: str, out: Path, lock_file: Path = Path("dvc.lock")) -> str | None:
+    """DVC's hash of output `out` of `stage`, as recorded in dvc.lock (None if the stage has not been locked)."""
+    if not lock_file.is_file():
+        return None
+    lock = YAML(typ="safe").load(lock_file) or {}
+    for entry in lock.get("stages", {}).get(stage, {}).get("outs", []):
+        if Path(entry["path"]) == out:
+            return entry.get("md5")
+    return None
+
+
+def _pipeline_run(experiment: str, origin: dict[str, str], params: Params) -> str:
+    """The parent run of this pipeline execution: found by its key, or created by the execution's first stage."""
+    found = mlflow.search_runs(
+        experiment_ids=[experiment],
+        filter_string=f"tags.pipeline_key = '{origin['pipeline_key']}' and tags.run_kind = 'pipeline'",
+        output_format="list",
+    )
+    if found:
+        return found[0].info.run_id
+    run_name = origin["dvc_exp_name"] if "DVC_EXP_NAME" in os.environ else "workspace"
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags={**origin, "run_kind": "pipeline"}) as run:
+        mlflow.log_params(to_flat_dict(params))
+    return run.info.run_id
+
+
+def log_loaded_model(info: LoadedModelInfo, precision_ran: str) -> None:
+    """Tags of what was actually loaded and how it computed: never the requested precision, the one that ran."""
+    mlflow.set_tags({
+        "model_resolved_revision": info.resolved_revision,
+        "device": info.device,
+        "device_name": device_name(),
+        "weights_dtype": info.dtype,
+        "precision_ran": precision_ran,
+    })
+
+
+def log_peak_memory() -> None:
+    """Peak memory of this process: resident set size, and CUDA memory allocated by torch when on a GPU."""
+    # ru_maxrss is in kibibytes on Linux and in bytes on macOS.
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+    metrics = {"peak_process_rss_gib": peak_rss / 2**30}
+    if torch.cuda.is_available():
+        metrics["peak_cuda_memory_allocated_gib"] = sum(
+            torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count())) / 2**30
+    mlflow.log_metrics(metrics)
 
 
 @contextmanager
-def stage_run(stage: str, params: Params) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run for one stage, with all resolved params and the tags that tie it to its origin."""
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(EXPERIMENT_NAME)
+def stage_run(stage: str, params: Params, split_csv: Path) -> Iterator[mlflow.ActiveRun]:
+    """A child MLflow run for one stage, under its pipeline execution's parent run.
+
+    It carries all resolved params and the origin tags; a failure ends both runs FAILED with the reason as a tag.
+    """
+    experiment = experiment_id()
+    origin = origin_tags()
+    parent = _pipeline_run(experiment, origin, params)
     tags = {
+        **origin,
+        "run_kind": "stage",
         "stage": stage,
-        "git_commit": _git_commit(),
-        "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
+        "data_split_file": split_csv.name,
+        "data_split_sha256": file_sha256(split_csv),
         "model_id": params.model.id,
         "model_revision": params.model.revision,
     }
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
+    with (mlflow.start_run(run_id=parent),
+          mlflow.start_run(experiment_id=experiment, run_name=stage, nested=True, tags=tags) as run):
         mlflow.log_params(to_flat_dict(params))
-        yield run
+        try:
+            yield run
+        except BaseException as err:
+            reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
+            mlflow.set_tag("failure_reason", reason)
+            mlflow.MlflowClient().set_tag(parent, "failure_reason", f"{stage}: {reason}")
+            raise
+        finally:
+            log_peak_memory()
+
+
+def pipeline_children(parent_run_id: str, stage: str) -> list[Run]:
+    """The runs of `stage` under one pipeline execution's parent run, newest first."""
+    return mlflow.search_runs(
+        experiment_ids=[experiment_id()],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        output_format="list",
+    )

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import mlflow
@@ -17,10 +17,10 @@ from trl import SFTConfig, SFTTrainer
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_json
 from medgemma_breakhis.data import read_split
-from medgemma_breakhis.modeling import LoadedModelInfo, load_base_model
-from medgemma_breakhis.params import LoraParams, ModelParams, Params, TrainParams
+from medgemma_breakhis.modeling import LoadedModelInfo, NonFiniteError, load_base_model, non_finite_advice
+from medgemma_breakhis.params import LoraParams, ModelParams, Params, Precision, TrainParams
 from medgemma_breakhis.scoring import completion_messages, prompt_messages
-from medgemma_breakhis.tracking import stage_run
+from medgemma_breakhis.tracking import log_loaded_model, stage_run
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,49 @@ class TrainResult:
     global_steps: int
     train_loss_mean: float
     train_loss_last: float
+
+
+class TrainingDivergedError(NonFiniteError):
+    """The training loss became NaN or infinite at optimizer step `step`."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class GuardedSFTTrainer(SFTTrainer):
+    """SFTTrainer that stops at the first NaN or infinite loss instead of training on it (REFERENCE.md §4).
+
+    Checked on every micro-batch: transformers would otherwise replace a non-finite loss by the running mean in its
+    logs and keep going. trl's fused LM head never builds the logits, and a non-finite logit of a supervised token
+    makes the loss non-finite, so the loss is the check.
+    """
+
+    def __init__(self, *args: Any, precision: Precision, weights_dtype: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.precision = precision
+        self.weights_dtype = weights_dtype
+
+    @property
+    def precision_ran(self) -> str:
+        """The precision accelerate actually set up, not the one requested."""
+        autocast = self.accelerator.mixed_precision
+        if autocast == "no":
+            note = " (fp16 mixed precision needs a GPU)" if self.precision == "fp16" and self.args.use_cpu else ""
+            return f"{self.weights_dtype} base weights, no autocast{note}"
+        return f"{self.weights_dtype} base weights + {autocast} autocast"
+
+    def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().training_step(*args, **kwargs)
+        if not torch.isfinite(loss).all():
+            step = self.state.global_step + 1
+            raise TrainingDivergedError(
+                f"training loss is {loss.item()} at optimizer step {step} of {self.state.max_steps} with "
+                f"train.precision={self.precision} ({self.precision_ran}); training stopped and no adapter was saved. "
+                f"{non_finite_advice(self.precision, 'train.precision')}",
+                step,
+            )
+        return loss
 
 
 def build_sft_dataset(rows: pd.DataFrame, image_root: Path) -> datasets.Dataset:
@@ -55,12 +98,11 @@ def mixed_precision_mode(precision: str, on_cuda: bool) -> dict[str, bool]:
     }
 
 
-def train_lora(model_params: ModelParams, lora: LoraParams, train: TrainParams, rows: pd.DataFrame,
-               image_root: Path, adapter_dir: Path, work_dir: Path) -> TrainResult:
-    """Fine-tune a LoRA adapter and save it (with the processor) to `adapter_dir`, atomically."""
+def build_trainer(model_params: ModelParams, lora: LoraParams, train: TrainParams, rows: pd.DataFrame,
+                  image_root: Path, work_dir: Path) -> tuple[GuardedSFTTrainer, LoadedModelInfo]:
+    """A trainer for a LoRA adapter on the base model loaded in `train.precision`, and what was loaded."""
     model, processor, info = load_base_model(model_params, train.precision)
     on_cuda = torch.cuda.is_available()
-    flags = mixed_precision_mode(train.precision, on_cuda)
     if train.precision == "fp16" and not on_cuda:
         logger.warning("fp16 mixed precision does not exist on CPU: training runs with fp16 weights and no autocast")
     config = SFTConfig(
@@ -76,6 +118,7 @@ def train_lora(model_params: ModelParams, lora: LoraParams, train: TrainParams, 
         warmup_steps=train.warmup_ratio,  # transformers 5 reads a value below 1 as a fraction of all steps
         max_grad_norm=train.max_grad_norm,
         logging_steps=train.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must show in the logs, not be averaged away
         save_strategy="no",
         eval_strategy="no",  # the test set is never seen during training
         seed=train.seed,
@@ -84,7 +127,7 @@ def train_lora(model_params: ModelParams, lora: LoraParams, train: TrainParams, 
         report_to=["mlflow"],
         remove_unused_columns=False,
         dataloader_pin_memory=on_cuda,
-        **flags,
+        **mixed_precision_mode(train.precision, on_cuda),
     )
     peft_config = LoraConfig(
         r=lora.r,
@@ -94,35 +137,42 @@ def train_lora(model_params: ModelParams, lora: LoraParams, train: TrainParams, 
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    trainer = SFTTrainer(
+    trainer = GuardedSFTTrainer(
         model=model,
         args=config,
         train_dataset=build_sft_dataset(rows, image_root),
         peft_config=peft_config,
         processing_class=processor,
+        precision=train.precision,
+        weights_dtype=info.dtype,
     )
-    output = trainer.train()
-    with atomic_directory(adapter_dir) as staging:
-        trainer.save_model(str(staging))
-    precision_ran = ("bf16 mixed" if flags["bf16"] else "fp16 mixed" if flags["fp16"]
-                     else f"{info.dtype} weights, no mixed precision")
-    return TrainResult(
-        model=info,
-        precision_ran=precision_ran,
-        global_steps=output.global_step,
-        train_loss_mean=float(output.training_loss),
-        train_loss_last=next(float(e["loss"]) for e in reversed(trainer.state.log_history) if "loss" in e),
-    )
+    return trainer, info
 
 
 def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path,
                  metrics_path: Path) -> TrainResult:
-    """The `train` stage: fine-tune, save the adapter, write a training summary, track it all in MLflow."""
+    """The `train` stage: fine-tune, save the adapter, write a training summary, track it all in MLflow.
+
+    A diverged run ends with TrainingDivergedError, its MLflow run FAILED, and no adapter written.
+    """
     rows = read_split(train_csv, image_root)
-    with stage_run("train", params), tempfile.TemporaryDirectory(prefix="trainer-") as work_dir:
-        result = train_lora(params.model, params.lora, params.train, rows, image_root, adapter_dir, Path(work_dir))
-        mlflow.set_tags({f"loaded_{k}": v for k, v in dataclasses.asdict(result.model).items()})
-        mlflow.set_tag("precision_ran", result.precision_ran)
+    with stage_run("train", params, train_csv), tempfile.TemporaryDirectory(prefix="trainer-") as work_dir:
+        trainer, info = build_trainer(params.model, params.lora, params.train, rows, image_root, Path(work_dir))
+        log_loaded_model(info, trainer.precision_ran)
+        try:
+            output = trainer.train()
+        except TrainingDivergedError as err:
+            mlflow.set_tag("diverged_at_step", str(err.step))
+            raise
+        with atomic_directory(adapter_dir) as staging:
+            trainer.save_model(str(staging))
+        result = TrainResult(
+            model=info,
+            precision_ran=trainer.precision_ran,
+            global_steps=output.global_step,
+            train_loss_mean=float(output.training_loss),
+            train_loss_last=next(float(e["loss"]) for e in reversed(trainer.state.log_history) if "loss" in e),
+        )
         atomic_write_json(metrics_path, {
             "train_loss_mean": result.train_loss_mean,
             "train_loss_last": result.train_loss_last,
@@ -130,6 +180,7 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             "n_images": len(rows),
         })
         mlflow.log_artifact(str(metrics_path))
-    logger.info("trained %d steps, last logged loss %.4f, adapter in %s", result.global_steps, result.train_loss_last,
-                adapter_dir)
+        mlflow.log_artifact(str(adapter_dir / "adapter_config.json"), artifact_path="adapter")
+    logger.info("trained %d steps, last logged loss %.4f, adapter in %s (%s)", result.global_steps,
+                result.train_loss_last, adapter_dir, result.precision_ran)
     return result
