@@ -1,4 +1,4 @@
-# make setup | make demo | make test   (see README.md)
+# make setup | make demo | make test | make compare-precision [OFFLINE=1]   (see README.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test
+.PHONY: setup demo test compare-precision
 
 setup: $(VENV)/.installed
 
@@ -25,3 +25,7 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# bf16 vs fp16 with otherwise identical params, compared from MLflow. OFFLINE=1: the embedded offline default.
+compare-precision: setup
+	$(BIN)/python -m medgemma_breakhis.precision_comparison $(if $(OFFLINE),$(OFFLINE_PARAMS))

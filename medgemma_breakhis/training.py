@@ -37,9 +37,10 @@ class TrainResult:
 class TrainingDivergedError(NonFiniteError):
     """The training loss became NaN or infinite at optimizer step `step`."""
 
-    def __init__(self, message: str, step: int) -> None:
+    def __init__(self, message: str, step: int, loss: float) -> None:
         super().__init__(message)
         self.step = step
+        self.loss = loss
 
 
 class GuardedSFTTrainer(SFTTrainer):
@@ -67,12 +68,13 @@ class GuardedSFTTrainer(SFTTrainer):
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(*args, **kwargs)
         if not torch.isfinite(loss).all():
-            step = self.state.global_step + 1
+            step, value = self.state.global_step + 1, loss.item()
             raise TrainingDivergedError(
-                f"training loss is {loss.item()} at optimizer step {step} of {self.state.max_steps} with "
+                f"training loss is {value} at optimizer step {step} of {self.state.max_steps} with "
                 f"train.precision={self.precision} ({self.precision_ran}); training stopped and no adapter was saved. "
                 f"{non_finite_advice(self.precision, 'train.precision')}",
                 step,
+                value,
             )
         return loss
 
@@ -162,6 +164,7 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
         try:
             output = trainer.train()
         except TrainingDivergedError as err:
+            mlflow.log_metric("loss", err.loss, step=err.step)  # the curve shows where it diverged
             mlflow.set_tag("diverged_at_step", str(err.step))
             raise
         with atomic_directory(adapter_dir) as staging:

@@ -1,4 +1,4 @@
-"""Shared fixtures: hand-made Folds.csv rows, a small synthetic dataset and the tiny model, all built locally."""
+"""Shared fixtures: a small synthetic dataset and tiny models (one that overflows in fp16), all built locally."""
 
 from __future__ import annotations
 
@@ -6,11 +6,14 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
+from transformers import AutoModelForImageTextToText
 
 from medgemma_breakhis.data import FOLDS_CSV
 from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import ModelParams, SyntheticData
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+from medgemma_breakhis.tiny_model import build_tiny_gemma3
 
 
 @pytest.fixture(scope="session")
@@ -28,3 +31,22 @@ def synthetic_folds(synthetic_root: Path) -> pd.DataFrame:
 def tiny_model():
     """(model, processor, info) of the tiny random Gemma 3, in fp32 so comparisons are exact."""
     return load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+
+
+# Scaling the first MLP's input projections makes its activations exceed float16's 65,504 while every weight stays
+# well inside it (largest ~83): the way Gemma 3 overflows in fp16. bfloat16 and float32 stay finite.
+ACTIVATION_SCALE = 1000.0
+
+
+@pytest.fixture(scope="session")
+def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A local copy of the tiny model whose activations overflow float16 (and only float16)."""
+    folder = build_tiny_gemma3(tmp_path_factory.mktemp("overflowing-gemma3"))
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    mlp = model.model.language_model.layers[0].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight.mul_(ACTIVATION_SCALE)
+        mlp.up_proj.weight.mul_(ACTIVATION_SCALE)
+    assert max(p.abs().max().item() for p in model.parameters()) < torch.finfo(torch.float16).max / 100
+    model.save_pretrained(folder)
+    return folder

@@ -1,33 +1,74 @@
 """The whole offline pipeline through the real `dvc` CLI, in a temporary git repository.
 
-One repository is reproduced once for the module; each test then checks one promise of the pipeline against it.
+One repository is reproduced once for the module; each test then checks one promise of the pipeline against it,
+in file order (the last one checks that no secret reached anything the earlier ones produced).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
+from mlflow.entities import Run
 from ruamel.yaml import YAML
+
+from medgemma_breakhis.params import load_params, to_flat_dict
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "split_balance", "baseline", "train", "evaluate")
+# Recognisable fake credentials in every command's environment; none may show up in anything the runs leave.
+# Made at random so that this file, copied into the repository under test, does not contain them.
+SECRETS = {"HF_TOKEN": f"hf_FAKE{uuid.uuid4().hex}", "KAGGLE_USERNAME": "fake-kaggle-user",
+           "KAGGLE_KEY": f"FAKEKAGGLE{uuid.uuid4().hex}"}
+COMMAND_OUTPUTS: list[str] = []
 
 
-def run(cwd: Path, *args: str) -> str:
+def run(cwd: Path, *args: str, check: bool = True) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1"}
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **SECRETS}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, check=False)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    COMMAND_OUTPUTS.append(result.stdout + result.stderr)
+    if check:
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
+
+
+def mlflow_client(repo: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def search(repo: Path, filter_string: str) -> list[Run]:
+    client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("medgemma-breakhis")
+    return client.search_runs([experiment.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
+
+
+def pipeline_group(repo: Path, dvc_exp_name: str) -> tuple[Run, dict[str, Run]]:
+    """The parent run of one pipeline execution and its stage runs by stage."""
+    (parent,) = search(repo, f"tags.run_kind = 'pipeline' and tags.dvc_exp_name = '{dvc_exp_name}'")
+    children = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, {child.data.tags["stage"]: child for child in children}
+
+
+def sha256(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def locked_md5(repo: Path, stage: str, out: str) -> str:
+    lock = YAML(typ="safe").load(repo / "dvc.lock")
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
 
 
 def stages_run(output: str) -> list[str]:
@@ -73,6 +114,57 @@ def test_full_repro_fine_tunes_well_beyond_the_baseline(repo: Path) -> None:
     assert (repo / "mlflow.db").is_file()
 
 
+def test_one_repro_is_one_mlflow_parent_run_with_a_child_per_stage(repo: Path) -> None:
+    parent, children = pipeline_group(repo, "workspace")
+    assert set(children) == {"baseline", "train", "evaluate"}
+    assert parent.info.status == "FINISHED"
+    assert all(child.info.status == "FINISHED" for child in children.values())
+    assert {child.data.tags["pipeline_key"] for child in children.values()} == {parent.data.tags["pipeline_key"]}
+
+
+def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> None:
+    _, children = pipeline_group(repo, "workspace")
+    expected_params = {key: str(value) for key, value in to_flat_dict(load_params(repo / "params.yaml")).items()}
+    split = {"train": repo / "data" / "split" / "train.csv", "baseline": repo / "data" / "split" / "test.csv",
+             "evaluate": repo / "data" / "split" / "test.csv"}
+    client = mlflow_client(repo)
+    reproduced_commit = run(repo, "git", "rev-parse", "HEAD~1").strip()  # the fixture committed the results after
+    for stage, run_ in children.items():
+        tags = run_.data.tags
+        assert expected_params.items() <= run_.data.params.items(), stage
+        assert tags["git_commit"] == reproduced_commit
+        assert tags["git_dirty"] == "false"
+        assert tags["dvc_exp_name"] == "workspace"
+        assert tags["data_split_sha256"] == sha256(split[stage])
+        assert (tags["model_id"], tags["model_revision"]) == ("tiny-gemma3", "main")
+        assert tags["model_resolved_revision"].startswith("sha256:")
+        assert tags["device"] == "cpu"
+        assert tags["version.torch"] == torch.__version__
+        assert {"version.transformers", "version.peft", "version.trl", "version.dvc", "version.python"} <= set(tags)
+        assert run_.data.metrics["peak_process_rss_gib"] > 0
+    adapter_md5 = locked_md5(repo, "train", "models/adapter")
+
+    train = children["train"]
+    assert train.data.tags["precision_ran"] == "bfloat16 base weights + bf16 autocast"
+    assert train.data.tags["adapter_dvc_md5"] == adapter_md5
+    steps = json.loads((repo / "metrics" / "train.json").read_text())["global_steps"]
+    for key in ("loss", "learning_rate", "grad_norm"):
+        assert [m.step for m in client.get_metric_history(train.info.run_id, key)] == list(range(1, steps + 1)), key
+    assert {a.path for a in client.list_artifacts(train.info.run_id)} == {"train.json", "adapter"}
+    assert [a.path for a in client.list_artifacts(train.info.run_id, "adapter")] == ["adapter/adapter_config.json"]
+
+    for stage, metrics_file in (("baseline", "baseline.json"), ("evaluate", "finetuned.json")):
+        run_ = children[stage]
+        metrics = json.loads((repo / "metrics" / metrics_file).read_text())
+        assert run_.data.metrics["eight_class_accuracy"] == metrics["eight_class"]["accuracy"]
+        assert run_.data.metrics["binary_f1_malignant"] == metrics["binary"]["f1_malignant"]
+        assert run_.data.tags["precision_ran"] == "bfloat16 weights, inference without autocast"
+        assert {a.path for a in client.list_artifacts(run_.info.run_id)} == {
+            metrics_file, "predictions.csv", "confusion_matrix_eight_class.png", "confusion_matrix_binary.png"}
+    assert children["evaluate"].data.tags["adapter_dvc_md5"] == adapter_md5
+    assert (repo / "mlartifacts").is_dir()
+
+
 def test_second_repro_runs_nothing(repo: Path) -> None:
     output = run(repo, "dvc", "repro")
     assert stages_run(output) == []
@@ -86,6 +178,18 @@ def test_eval_setting_rescores_without_retraining_and_temp_run_leaves_workspace(
     assert "eval-batch-3" in run(repo, "dvc", "exp", "show", "--no-pager", "--md")
 
 
+def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(repo: Path) -> None:
+    parent, children = pipeline_group(repo, "eval-batch-3")
+    assert set(children) == {"baseline", "evaluate"}
+    assert parent.data.params["eval.batch_size"] == "3"
+    for child in children.values():
+        artifacts = Path(child.info.artifact_uri.removeprefix("file://"))
+        assert artifacts.is_relative_to(repo / "mlartifacts")
+        assert (artifacts / "predictions.csv").is_file()
+    assert list((repo / ".dvc").rglob("mlflow.db")) == []
+    assert list((repo / ".dvc").rglob("mlruns")) == []
+
+
 def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(repo: Path) -> None:
     output = run(repo, "dvc", "exp", "run", "-S", "lora.r=16")
     assert stages_run(output) == ["train", "evaluate"]
@@ -94,3 +198,46 @@ def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(repo: Path) -> 
     assert diff["metrics/train.json"]["train_loss_mean"]["diff"] != 0
     params_diff = json.loads(run(repo, "dvc", "params", "diff", "--json"))
     assert (params_diff["params.yaml"]["lora.r"]["old"], params_diff["params.yaml"]["lora.r"]["new"]) == (8, 16)
+    experiment_name = next(line.split()[-1] for line in output.splitlines() if line.startswith("Ran experiment(s):"))
+    _, children = pipeline_group(repo, experiment_name)
+    assert set(children) == {"train", "evaluate"}
+    assert children["train"].data.params["lora.r"] == "16"
+
+
+def test_precision_comparison_reports_the_fp16_overflow_as_diverged(repo: Path, overflowing_model: Path) -> None:
+    output = run(repo, sys.executable, "-m", "medgemma_breakhis.precision_comparison",
+                 "-S", f"model.id={overflowing_model}", "-S", "train.epochs=1",
+                 "-S", "data.synthetic.images_per_patient=2", "--out", "reports/precision.md")
+    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
+             for line in (repo / "reports" / "precision.md").read_text().splitlines() if line.startswith("| ")}
+    assert table[""] == ["bf16", "fp16"]
+    assert table["training"] == ["finished", "diverged at step 1 (non-finite loss)"]
+    assert table["precision that ran"] == [
+        "bfloat16 base weights + bf16 autocast", "float16 base weights, no autocast (fp16 mixed precision needs a GPU)"]
+    assert table["non-finite loss steps"] == ["0", "1"]
+    assert table["peak CUDA memory allocated (GiB)"] == ["n/a (ran on CPU)"] * 2
+    assert float(table["test 8-class accuracy"][0]) >= 0
+    assert table["test 8-class accuracy"][1] == "not evaluated"
+    assert "| training | finished | diverged at step 1" in output
+    assert "No GPU here" in output
+
+
+def test_no_secret_reaches_mlflow_logs_or_dvc_files(repo: Path) -> None:
+    """Every command above ran with fake HF/Kaggle credentials in its environment."""
+    secrets = [value.encode() for key, value in SECRETS.items() if key != "KAGGLE_USERNAME"]
+    assert len(COMMAND_OUTPUTS) > 10
+    for output in COMMAND_OUTPUTS:
+        assert not any(secret in output.encode() for secret in secrets)
+    files = [path for path in repo.rglob("*") if path.is_file() and ".git" not in path.relative_to(repo).parts]
+    assert repo / "mlflow.db" in files and any("mlartifacts" in path.parts for path in files)
+    for path in files:
+        content = path.read_bytes()
+        assert not any(secret in content for secret in secrets), path
+    git_objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True,
+                                 check=True).stdout
+    assert not any(secret in git_objects for secret in secrets)
+    for run_ in search(repo, ""):
+        recorded = json.dumps([run_.data.params, run_.data.tags]).encode()
+        assert not any(secret in recorded for secret in secrets)
+        # so the file scan above covered its artifacts
+        assert Path(run_.info.artifact_uri.removeprefix("file://")).is_relative_to(repo / "mlartifacts")

@@ -1,0 +1,175 @@
+"""Fine-tune in bf16 and in fp16 with otherwise identical params, then compare the two runs as MLflow recorded them.
+
+Run: make compare-precision              (params.yaml as it is: MedGemma on this machine's GPU)
+     make compare-precision OFFLINE=1    (synthetic data and the tiny model, on a CPU)
+     (or: python -m medgemma_breakhis.precision_comparison [-S key=value ...] [--out reports/precision_comparison.md])
+
+Each precision is a temporary DVC experiment run with --force, so every stage runs and is tracked afresh. A run
+that diverges (the fp16 overflow of REFERENCE.md §1) is reported as diverged, with the step, not as a crash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import math
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.entities import Run
+
+from medgemma_breakhis.atomic import atomic_write_text
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.tracking import experiment_id
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = ("bf16", "fp16")
+EVAL_METRICS = (
+    ("8-class accuracy", "eight_class_accuracy"),
+    ("8-class F1 (weighted)", "eight_class_f1_weighted"),
+    ("binary accuracy", "binary_accuracy"),
+    ("binary F1 (malignant)", "binary_f1_malignant"),
+)
+CPU_NOTE = ("No GPU here: fp16 mixed precision needs CUDA, so the fp16 experiment trains float16 base weights "
+            "without autocast, and its 'precision that ran' row says so.")
+
+
+@dataclass(frozen=True)
+class PrecisionRuns:
+    """What MLflow holds for one precision's experiment."""
+
+    precision: str
+    experiment: str
+    exit_code: int
+    train: Run | None
+    evaluate: Run | None
+    loss: list[float]
+    grad_norm: list[float]
+
+
+def run_experiment(name: str, precision: str, overrides: list[str]) -> int:
+    """`dvc exp run --temp --force` with train.precision set; returns dvc's exit code instead of raising."""
+    command = ["dvc", "exp", "run", "--temp", "--force", "--name", name, "-S", f"train.precision={precision}"]
+    for override in overrides:
+        command += ["-S", override]
+    logger.info("running %s", " ".join(command))
+    return subprocess.run(command, check=False).returncode
+
+
+def _latest_stage_run(client: mlflow.MlflowClient, experiment: str, dvc_exp_name: str, stage: str) -> Run | None:
+    runs = client.search_runs(
+        [experiment],
+        filter_string=f"tags.dvc_exp_name = '{dvc_exp_name}' and tags.stage = '{stage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def collect_runs(precision: str, dvc_exp_name: str, exit_code: int) -> PrecisionRuns:
+    client, experiment = mlflow.MlflowClient(), experiment_id()
+    train = _latest_stage_run(client, experiment, dvc_exp_name, "train")
+    history = {
+        key: [m.value for m in sorted(client.get_metric_history(train.info.run_id, key), key=lambda m: m.step)]
+        if train else []
+        for key in ("loss", "grad_norm")
+    }
+    return PrecisionRuns(precision, dvc_exp_name, exit_code, train,
+                         _latest_stage_run(client, experiment, dvc_exp_name, "evaluate"),
+                         history["loss"], history["grad_norm"])
+
+
+def _training_outcome(runs: PrecisionRuns) -> str:
+    if runs.train is None:
+        return f"no train run in MLflow (dvc exited {runs.exit_code})"
+    tags = runs.train.data.tags
+    if "diverged_at_step" in tags:
+        return f"diverged at step {tags['diverged_at_step']} (non-finite loss)"
+    if runs.train.info.status != "FINISHED":
+        return f"{runs.train.info.status.lower()}: {tags.get('failure_reason', 'no reason recorded')}"
+    return "finished"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _loss_curve(loss: list[float]) -> str:
+    finite = [v for v in loss if math.isfinite(v)]
+    if not finite:
+        return "no finite loss logged"
+    return f"{finite[0]:.3f} → {loss[-1]:.3f} (min {min(finite):.3f})"
+
+
+def summary_column(runs: PrecisionRuns) -> dict[str, str]:
+    """One column of the comparison: row label → cell."""
+    train_metrics = runs.train.data.metrics if runs.train else {}
+    train_tags = runs.train.data.tags if runs.train else {}
+    eval_metrics = runs.evaluate.data.metrics if runs.evaluate and runs.evaluate.info.status == "FINISHED" else {}
+    wall = (runs.train.info.end_time - runs.train.info.start_time) / 1000 if runs.train and runs.train.info.end_time \
+        else None
+    column = {
+        "DVC experiment": runs.experiment,
+        "training": _training_outcome(runs),
+        "precision that ran": train_tags.get("precision_ran", "n/a"),
+        "loss: first → last (min)": _loss_curve(runs.loss),
+        "optimizer steps logged": str(len(runs.loss)),
+        "non-finite loss steps": str(sum(not math.isfinite(v) for v in runs.loss)),
+        "non-finite grad-norm steps": str(sum(not math.isfinite(v) for v in runs.grad_norm)),
+        "trainer runtime (s)": _number(train_metrics.get("train_runtime"), 1),
+        "train stage wall time (s)": _number(wall, 1),
+        "peak process RSS (GiB)": _number(train_metrics.get("peak_process_rss_gib"), 2),
+        "peak CUDA memory allocated (GiB)": "n/a (ran on CPU)" if train_tags.get("device") == "cpu"
+        else _number(train_metrics.get("peak_cuda_memory_allocated_gib"), 2),
+    }
+    for label, key in EVAL_METRICS:
+        column[f"test {label}"] = _number(eval_metrics[key]) if key in eval_metrics else "not evaluated"
+    return column
+
+
+def comparison_table(columns: list[PrecisionRuns]) -> str:
+    """A markdown table, one column per precision."""
+    cells = [summary_column(runs) for runs in columns]
+    lines = ["| | " + " | ".join(runs.precision for runs in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    lines += [f"| {label} | " + " | ".join(column[label] for column in cells) + " |" for label in cells[0]]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params override for both experiments, as for `dvc exp run -S`")
+    parser.add_argument("--out", type=Path, default=Path("reports/precision_comparison.md"),
+                        help="where to save the table (markdown)")
+    args = parser.parse_args()
+    configure_logging()
+    if any(override.startswith("train.precision=") for override in args.overrides):
+        parser.error("train.precision is what this command varies; do not set it")
+    notes = [] if torch.cuda.is_available() else [CPU_NOTE]
+    for note in notes:
+        logger.warning(note)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    columns = []
+    for precision in PRECISIONS:
+        name = f"precision-{stamp}-{precision}"
+        columns.append(collect_runs(precision, name, run_experiment(name, precision, args.overrides)))
+    table = comparison_table(columns)
+    overrides = " ".join(f"-S {o}" for o in args.overrides) or "none"
+    report = "\n\n".join([f"# bf16 vs fp16 ({stamp})", f"Other params: params.yaml, overrides: {overrides}",
+                          table, *notes]) + "\n"
+    atomic_write_text(args.out, report)
+    print(report)
+    print(f"saved to {args.out}")
+    outcomes = [_training_outcome(runs) for runs in columns]
+    if not all(outcome == "finished" or outcome.startswith("diverged") for outcome in outcomes):
+        raise SystemExit("a run failed for a reason other than divergence; see the table and the dvc output above")
+
+
+if __name__ == "__main__":
+    main()
