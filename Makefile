@@ -1,4 +1,4 @@
-# make setup | make demo | make test | make compare-precision [OFFLINE=1]   (see README.md)
+# make setup | demo | test | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | report BASE=<rev>   (README.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test compare-precision
+.PHONY: setup demo test compare-precision bench report
 
 setup: $(VENV)/.installed
 
@@ -29,3 +29,12 @@ test: setup
 # bf16 vs fp16 with otherwise identical params, compared from MLflow. OFFLINE=1: the embedded offline default.
 compare-precision: setup
 	$(BIN)/python -m medgemma_breakhis.precision_comparison $(if $(OFFLINE),$(OFFLINE_PARAMS))
+
+# Images/s of eval.method score against generate on the same model, images and batch size. OFFLINE=1: tiny model.
+bench: setup
+	$(BIN)/python -m medgemma_breakhis.bench $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS))
+
+# The pull-request comment, locally: metrics and params against BASE, intervals side by side.
+report: setup
+	@test -n "$(BASE)" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
+	@$(BIN)/python -m medgemma_breakhis.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")

@@ -7,38 +7,41 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
 from peft import PeftModel
 from sklearn.metrics import ConfusionMatrixDisplay
 
-from medgemma_breakhis.atomic import atomic_write_json
+from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
 from medgemma_breakhis.data import read_split
-from medgemma_breakhis.labels import CLASS_NAMES, NUM_CLASSES
+from medgemma_breakhis.labels import CLASS_NAMES
+from medgemma_breakhis.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
 from medgemma_breakhis.modeling import NonFiniteError, load_base_model, non_finite_advice
 from medgemma_breakhis.params import Params
-from medgemma_breakhis.scoring import evaluate_split
+from medgemma_breakhis.scoring import predict_split
 from medgemma_breakhis.tracking import dvc_locked_md5, log_loaded_model, pipeline_children, stage_run
 
 logger = logging.getLogger(__name__)
 
 
-def confusion_matrix_figure(labels: np.ndarray, predicted: np.ndarray, names: list[str], title: str) -> Figure:
+def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[str], title: str) -> Figure:
     """Counts of true (rows) against predicted (columns) classes, every class shown even when absent."""
     figure = Figure(figsize=(2 + 0.9 * len(names), 1.5 + 0.9 * len(names)), layout="constrained")
     axes = figure.subplots()
-    ConfusionMatrixDisplay.from_predictions(labels, predicted, labels=list(range(len(names))), display_labels=names,
-                                            ax=axes, colorbar=False, xticks_rotation="vertical")
+    ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=names, ax=axes, colorbar=False,
+                                            xticks_rotation="vertical")
     axes.set_title(title)
     return figure
 
 
-def log_confusion_matrices(labels: np.ndarray, predicted: np.ndarray, stage: str) -> None:
-    mlflow.log_figure(confusion_matrix_figure(labels, predicted, list(CLASS_NAMES), f"{stage}: 8 classes"),
+def log_confusion_matrices(predictions: pd.DataFrame, stage: str) -> None:
+    # An unparseable answer gets its own column rather than vanishing from the matrix.
+    extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []
+    mlflow.log_figure(confusion_matrix_figure(predictions["true_class"], predictions["predicted_class"],
+                                              [*CLASS_NAMES, *extra], f"{stage}: 8 classes"),
                       "confusion_matrix_eight_class.png")
-    malignant = NUM_CLASSES // 2
-    mlflow.log_figure(confusion_matrix_figure((labels >= malignant).astype(int), (predicted >= malignant).astype(int),
-                                              ["benign", "malignant"], f"{stage}: benign / malignant"),
+    mlflow.log_figure(confusion_matrix_figure(predictions["true_binary"], predictions["predicted_binary"],
+                                              ["benign", "malignant", *extra], f"{stage}: benign / malignant"),
                       "confusion_matrix_binary.png")
 
 
@@ -55,10 +58,11 @@ def tag_adapter_origin(adapter_dir: Path, parent_run_id: str) -> None:
 
 
 def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path, metrics_path: Path,
-                   adapter_dir: Path | None = None) -> dict[str, Any]:
-    """Score the test split and write the metrics JSON; with `adapter_dir`, the adapter is applied unmerged.
+                   predictions_path: Path, roc_path: Path, adapter_dir: Path | None = None) -> dict[str, Any]:
+    """Predict the test split, and write the metrics JSON, the per-image predictions and the ROC curve points.
 
-    Unmerged, because merging LoRA into bf16 weights shifts logits enough to flip predictions (REFERENCE.md §4).
+    With `adapter_dir`, the adapter is applied unmerged: merging LoRA into bf16 weights shifts logits enough to flip
+    predictions (REFERENCE.md §4).
     """
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
@@ -70,19 +74,17 @@ def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path,
             model = PeftModel.from_pretrained(model, adapter_dir)
             tag_adapter_origin(adapter_dir, run.data.tags["mlflow.parentRunId"])
         try:
-            metrics, predictions = evaluate_split(model, processor, rows, image_root, params.eval.batch_size)
+            predictions = predict_split(model, processor, rows, image_root, params.eval)
         except NonFiniteError as err:
             raise NonFiniteError(f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}") \
                 from err
+        metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
+        atomic_write_text(predictions_path, predictions.to_csv(index=False))
+        atomic_write_text(roc_path, roc_points(predictions).to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
-        mlflow.log_metrics({
-            "eight_class_accuracy": metrics["eight_class"]["accuracy"],
-            "eight_class_f1_weighted": metrics["eight_class"]["f1_weighted"],
-            "binary_accuracy": metrics["binary"]["accuracy"],
-            "binary_f1_malignant": metrics["binary"]["f1_malignant"],
-        })
-        mlflow.log_artifact(str(metrics_path))
-        mlflow.log_text(predictions.to_csv(index=False), "predictions.csv")
-        log_confusion_matrices(predictions["label"].to_numpy(), predictions["predicted"].to_numpy(), stage)
-    logger.info("%s metrics: %s", stage, metrics)
+        mlflow.log_metrics(headline(metrics))
+        for path in (metrics_path, predictions_path, roc_path):
+            mlflow.log_artifact(str(path), artifact_path=path.parent.name)
+        log_confusion_matrices(predictions, stage)
+    logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

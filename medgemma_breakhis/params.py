@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -132,9 +133,20 @@ class TrainParams:
 class EvalParams:
     batch_size: int = 8
     precision: Precision = "bf16"
+    # score: one forward pass, the answer with the highest logit among "0".."7". generate: the reference's greedy
+    # generation and answer parsing, for comparison with the blog.
+    method: Literal["score", "generate"] = "score"
+    max_new_tokens: int = 40
+    bootstrap_resamples: int = 2000
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require(1 <= self.batch_size <= 1024, "eval.batch_size", self.batch_size, "an integer from 1 to 1024")
+        _require(1 <= self.max_new_tokens <= 512, "eval.max_new_tokens", self.max_new_tokens,
+                 "an integer from 1 to 512")
+        _require(100 <= self.bootstrap_resamples <= 100_000, "eval.bootstrap_resamples", self.bootstrap_resamples,
+                 "an integer from 100 to 100000")
+        _require(self.seed >= 0, "eval.seed", self.seed, "a non-negative integer")
 
 
 @dataclass(frozen=True)
@@ -200,12 +212,25 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: Path = Path("params.yaml")) -> Params:
-    """Load and validate params.yaml (YAML 1.2, as DVC writes it, so `1e-4` is a number)."""
+def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ()) -> Params:
+    """Load and validate params.yaml (YAML 1.2, as DVC writes it, so `1e-4` is a number).
+
+    `overrides` are `section.key=value` strings, as for `dvc exp run -S`, applied before validation.
+    """
     if not path.is_file():
         raise ParamsError(f"params file {path} not found; run from the repository root, where params.yaml lives")
-    raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
-    return params_from_dict(raw or {})
+    yaml = YAML(typ="safe")
+    raw = yaml.load(path.read_text(encoding="utf-8")) or {}
+    for override in overrides:
+        dotted, separator, value = override.partition("=")
+        if not separator or "." not in dotted:
+            raise ParamsError(f"override {override!r} is not of the form section.key=value")
+        *sections, key = dotted.split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = yaml.load(value)
+    return params_from_dict(raw)
 
 
 def to_flat_dict(params: Params) -> dict[str, Any]:

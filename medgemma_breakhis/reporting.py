@@ -12,9 +12,13 @@ import dvc.api
 
 ROWS = (
     ("8-class accuracy", "eight_class.accuracy"),
+    ("  95% interval", "eight_class.accuracy_ci95"),
     ("8-class F1 (weighted)", "eight_class.f1_weighted"),
     ("binary accuracy", "binary.accuracy"),
+    ("  95% interval", "binary.accuracy_ci95"),
     ("binary F1 (malignant)", "binary.f1_malignant"),
+    ("binary ROC-AUC", "binary.roc_auc"),
+    ("patient-level accuracy", "patient_level.accuracy"),
     ("test images", "n_images"),
 )
 
@@ -27,13 +31,19 @@ def experiment_metrics(name: str) -> dict[str, Any]:
     raise LookupError(f"no DVC experiment named {name!r}; `dvc exp show` lists them")
 
 
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key.endswith("_ci95"):
+        return f"{row[key + '_low']:.2f}-{row[key + '_high']:.2f}"
+    if key.endswith("n_images"):
+        return f"{int(row[key])}"  # `dvc exp show` may return counts as floats
+    return "n/a" if row.get(key) is None else f"{row[key]:.3f}"
+
+
 def comparison_table(row: dict[str, Any]) -> str:
     lines = [f"{'metric':<24}{'baseline':>10}{'fine-tuned':>12}"]
     for label, key in ROWS:
-        base, tuned = row[f"metrics/baseline.json:{key}"], row[f"metrics/finetuned.json:{key}"]
-        # `dvc exp show` may return counts as floats.
-        cells = [f"{int(v):>10d}" if key == "n_images" else f"{v:>10.3f}" for v in (base, tuned)]
-        lines.append(f"{label:<24}{cells[0]}  {cells[1]}")
+        cells = [_cell(row, f"metrics/{name}.json:{key}") for name in ("baseline", "finetuned")]
+        lines.append(f"{label:<24}{cells[0]:>10}  {cells[1]:>10}")
     return "\n".join(lines)
 
 

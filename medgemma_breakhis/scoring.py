@@ -1,11 +1,13 @@
-"""Classifying images by one forward pass over the answer tokens "0".."7", and the metrics of the result.
+"""Classifying images: by one forward pass over the answer tokens "0".."7" (`score`), or as the reference did, by
+greedy generation and parsing the answer (`generate`).
 
-Instead of generating text and parsing it (the reference), the prompt is run once and the next-token logits of
-the eight answer tokens are compared: every image gets a class and a probability for each, nothing is unparseable.
+Scoring compares the next-token logits of the eight answers: every image gets a class and a probability for each,
+nothing is unparseable, and it needs one forward pass instead of up to `max_new_tokens`.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +15,17 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from sklearn.metrics import accuracy_score, f1_score
 from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from trl.data_utils import apply_chat_template
 
 from medgemma_breakhis.labels import NUM_CLASSES, PROMPT
+from medgemma_breakhis.metrics import UNPARSEABLE, predictions_frame
 from medgemma_breakhis.modeling import NonFiniteError
+from medgemma_breakhis.params import EvalParams
+
+# The reference's parsing: the first standalone digit 0-7 in the generated text.
+ANSWER_PATTERN = re.compile(r"\b([0-7])\b")
 
 
 def prompt_messages() -> list[dict[str, Any]]:
@@ -55,6 +61,20 @@ def _load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
+def _batch_inputs(processor: ProcessorMixin, text: str, image_paths: list[Path], device: torch.device,
+                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    inputs = processor(
+        text=[text] * len(image_paths),
+        images=[[_load_rgb(p)] for p in image_paths],
+        padding=True,
+        padding_side="left",  # the last position is then every row's next-token position
+        add_special_tokens=False,  # the template already starts with <bos>
+        return_tensors="pt",
+    ).to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
 @torch.inference_mode()
 def score_images(model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path],
                  batch_size: int) -> np.ndarray:
@@ -65,15 +85,7 @@ def score_images(model: PreTrainedModel, processor: ProcessorMixin, image_paths:
     probabilities = []
     for start in tqdm(range(0, len(image_paths), batch_size), desc="scoring", unit="batch"):
         batch_paths = image_paths[start:start + batch_size]
-        inputs = processor(
-            text=[text] * len(batch_paths),
-            images=[[_load_rgb(p)] for p in batch_paths],
-            padding=True,
-            padding_side="left",  # the last position is then every row's next-token position
-            add_special_tokens=False,  # the template already starts with <bos>
-            return_tensors="pt",
-        ).to(model.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        inputs = _batch_inputs(processor, text, batch_paths, model.device, model.dtype)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
         answer_logits = logits.float()[:, answer_ids.to(logits.device)]
         if not torch.isfinite(answer_logits).all():
@@ -84,35 +96,36 @@ def score_images(model: PreTrainedModel, processor: ProcessorMixin, image_paths:
     return np.concatenate(probabilities)
 
 
-def classification_metrics(labels: np.ndarray, predictions: np.ndarray) -> dict[str, Any]:
-    """8-class and binary (benign 0-3 / malignant 4-7) metrics, the reference's definitions, via scikit-learn."""
-    malignant_true = labels >= NUM_CLASSES // 2
-    malignant_pred = predictions >= NUM_CLASSES // 2
-    return {
-        "eight_class": {
-            "accuracy": float(accuracy_score(labels, predictions)),
-            "f1_weighted": float(f1_score(labels, predictions, average="weighted", zero_division=0)),
-        },
-        "binary": {
-            "accuracy": float(accuracy_score(malignant_true, malignant_pred)),
-            "f1_malignant": float(f1_score(malignant_true, malignant_pred, pos_label=True, zero_division=0)),
-        },
-        "n_images": len(labels),
-    }
+def parse_answer(text: str) -> int:
+    """The class number in a generated answer, or UNPARSEABLE: never a guess."""
+    match = ANSWER_PATTERN.search(text)
+    return int(match.group(1)) if match else UNPARSEABLE
 
 
-def predictions_frame(rows: pd.DataFrame, probabilities: np.ndarray) -> pd.DataFrame:
-    """One row per image: filename, patient, true and predicted label, and the probability of each class."""
-    frame = rows[["filename", "patient", "label"]].reset_index(drop=True)
-    frame["predicted"] = probabilities.argmax(axis=1)
-    for label in range(NUM_CLASSES):
-        frame[f"prob_{label}"] = probabilities[:, label]
-    return frame
+@torch.inference_mode()
+def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path], batch_size: int,
+                     max_new_tokens: int) -> list[str]:
+    """The reference's evaluation: greedy generation of up to `max_new_tokens`, decoded without special tokens."""
+    model.eval()
+    text = prompt_text(processor)
+    tokenizer = processor.tokenizer
+    # Stop at <end_of_turn> as well as <eos>: a fine-tuned model may not stop otherwise (REFERENCE.md §4).
+    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    answers = []
+    for start in tqdm(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
+        inputs = _batch_inputs(processor, text, image_paths[start:start + batch_size], model.device, model.dtype)
+        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
+                                pad_token_id=tokenizer.pad_token_id)
+        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return answers
 
 
-def evaluate_split(model: PreTrainedModel, processor: ProcessorMixin, rows: pd.DataFrame, image_root: Path,
-                   batch_size: int) -> tuple[dict[str, Any], pd.DataFrame]:
-    """Metrics of the split, and the per-image predictions they were computed from."""
-    probabilities = score_images(model, processor, [image_root / f for f in rows["filename"]], batch_size)
-    predictions = predictions_frame(rows, probabilities)
-    return classification_metrics(predictions["label"].to_numpy(), predictions["predicted"].to_numpy()), predictions
+def predict_split(model: PreTrainedModel, processor: ProcessorMixin, rows: pd.DataFrame, image_root: Path,
+                  settings: EvalParams) -> pd.DataFrame:
+    """Per-image predictions of a split (see `metrics.predictions_frame`) by `settings.method`."""
+    paths = [image_root / f for f in rows["filename"]]
+    if settings.method == "score":
+        probabilities = score_images(model, processor, paths, settings.batch_size)
+        return predictions_frame(rows, probabilities.argmax(axis=1), probabilities=probabilities)
+    answers = generate_answers(model, processor, paths, settings.batch_size, settings.max_new_tokens)
+    return predictions_frame(rows, np.array([parse_answer(a) for a in answers]), answers=answers)

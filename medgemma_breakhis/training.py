@@ -15,7 +15,7 @@ import torch
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from medgemma_breakhis.atomic import atomic_directory, atomic_write_json
+from medgemma_breakhis.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from medgemma_breakhis.data import read_split
 from medgemma_breakhis.modeling import LoadedModelInfo, NonFiniteError, load_base_model, non_finite_advice
 from medgemma_breakhis.params import LoraParams, ModelParams, Params, Precision, TrainParams
@@ -151,9 +151,21 @@ def build_trainer(model_params: ModelParams, lora: LoraParams, train: TrainParam
     return trainer, info
 
 
-def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path,
-                 metrics_path: Path) -> TrainResult:
-    """The `train` stage: fine-tune, save the adapter, write a training summary, track it all in MLflow.
+def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
+    """Loss, learning rate and gradient norm per logged optimizer step, from the trainer's log history."""
+    logged = [entry for entry in log_history if "loss" in entry]
+    return pd.DataFrame({
+        "step": [entry["step"] for entry in logged],
+        "loss": [entry["loss"] for entry in logged],
+        "learning_rate": [entry["learning_rate"] for entry in logged],
+        "grad_norm": [entry.get("grad_norm") for entry in logged],
+    })
+
+
+def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path, metrics_path: Path,
+                 loss_path: Path) -> TrainResult:
+    """The `train` stage: fine-tune, save the adapter, write a training summary and the loss curve, track it all in
+    MLflow.
 
     A diverged run ends with TrainingDivergedError, its MLflow run FAILED, and no adapter written.
     """
@@ -182,8 +194,10 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             "global_steps": result.global_steps,
             "n_images": len(rows),
         })
-        mlflow.log_artifact(str(metrics_path))
+        atomic_write_text(loss_path, loss_curve(trainer.state.log_history).to_csv(index=False))
+        mlflow.log_artifact(str(metrics_path), artifact_path=metrics_path.parent.name)
+        mlflow.log_artifact(str(loss_path), artifact_path=loss_path.parent.name)
         mlflow.log_artifact(str(adapter_dir / "adapter_config.json"), artifact_path="adapter")
-    logger.info("trained %d steps, last logged loss %.4f, adapter in %s (%s)", result.global_steps,
+    logger.info("trained %d steps, last logged loss %.4f, adapter in %s; precision that ran: %s", result.global_steps,
                 result.train_loss_last, adapter_dir, result.precision_ran)
     return result

@@ -1,7 +1,8 @@
 """Stage `baseline`: score the test set with the base model, before any fine-tuning.
 
 Run: dvc repro baseline
-     (or: python -m stages.baseline --images data/raw --test data/split/test.csv --metrics metrics/baseline.json)
+     (or: python -m stages.baseline --images data/raw --test data/split/test.csv --metrics metrics/baseline.json
+          --predictions predictions/baseline.csv --roc plots/roc_baseline.csv)
 """
 
 import argparse
@@ -17,10 +18,12 @@ def main() -> None:
     parser.add_argument("--images", type=Path, required=True, help="folder the split's filenames are relative to")
     parser.add_argument("--test", type=Path, required=True, help="test split CSV")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
+    parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
     args = parser.parse_args()
     configure_logging()
     params = load_params()
-    run_evaluation(params, "baseline", args.images, args.test, args.metrics)
+    run_evaluation(params, "baseline", args.images, args.test, args.metrics, args.predictions, args.roc)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Run: dvc repro evaluate
      (or: python -m stages.evaluate --images data/raw --test data/split/test.csv --adapter models/adapter
-          --metrics metrics/finetuned.json)
+          --metrics metrics/finetuned.json
+          --predictions predictions/finetuned.csv --roc plots/roc_finetuned.csv)
 """
 
 import argparse
@@ -19,10 +20,13 @@ def main() -> None:
     parser.add_argument("--test", type=Path, required=True, help="test split CSV")
     parser.add_argument("--adapter", type=Path, required=True, help="LoRA adapter folder written by `train`")
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
+    parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
+    parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
     args = parser.parse_args()
     configure_logging()
     params = load_params()
-    run_evaluation(params, "evaluate", args.images, args.test, args.metrics, adapter_dir=args.adapter)
+    run_evaluation(params, "evaluate", args.images, args.test, args.metrics, args.predictions, args.roc,
+                   adapter_dir=args.adapter)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Run: dvc repro train
      (or: python -m stages.train --images data/raw --train data/split/train.csv --adapter models/adapter
-          --metrics metrics/train.json)
+          --metrics metrics/train.json --loss plots/train_loss.csv)
 """
 
 import argparse
@@ -19,10 +19,11 @@ def main() -> None:
     parser.add_argument("--train", type=Path, required=True, help="training split CSV")
     parser.add_argument("--adapter", type=Path, required=True, help="folder for the LoRA adapter")
     parser.add_argument("--metrics", type=Path, required=True, help="training summary JSON to write")
+    parser.add_argument("--loss", type=Path, required=True, help="loss curve CSV to write")
     args = parser.parse_args()
     configure_logging()
     params = load_params()
-    run_training(params, args.images, args.train, args.adapter, args.metrics)
+    run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss)
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(overflowing_model: 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     params = params_from_dict({"model": {"id": str(overflowing_model)}, "eval": {"precision": "fp16"}})
     with pytest.raises(NonFiniteError, match=r"baseline: non-finite logits .* set eval.precision=bf16"):
-        run_evaluation(params, "baseline", synthetic_root, split_dir / "test.csv", tmp_path / "baseline.json")
-    assert not (tmp_path / "baseline.json").exists()
+        run_evaluation(params, "baseline", synthetic_root, split_dir / "test.csv", tmp_path / "baseline.json",
+                       tmp_path / "predictions.csv", tmp_path / "roc.csv")
+    assert not any((tmp_path / name).exists() for name in ("baseline.json", "predictions.csv", "roc.csv"))
     (run,) = mlflow.MlflowClient(store).search_runs(["1"], "tags.stage = 'baseline'")
     assert run.info.status == "FAILED"
     assert run.data.tags["failure_reason"].startswith("NonFiniteError: baseline: non-finite logits")
@@ -57,7 +58,7 @@ def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapte
            if not key.startswith(("MLFLOW_", "DVC_"))} | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", "--images", str(synthetic_root), "--train", str(split_dir / "train.csv"),
-         "--adapter", "models/adapter", "--metrics", "metrics/train.json"],
+         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode != 0
@@ -66,6 +67,7 @@ def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapte
     assert "set train.precision=bf16" in result.stderr
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "metrics").exists()
+    assert not (tmp_path / "plots").exists()
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (train,) = client.search_runs(["1"], "tags.stage = 'train'")

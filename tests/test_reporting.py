@@ -8,7 +8,15 @@ def test_comparison_table_from_an_exp_show_row() -> None:
                 f"metrics/{stage}.json:eight_class.f1_weighted": accuracy - 0.1,
                 f"metrics/{stage}.json:binary.accuracy": accuracy + 0.1,
                 f"metrics/{stage}.json:binary.f1_malignant": accuracy + 0.05,
+                f"metrics/{stage}.json:eight_class.accuracy_ci95_low": accuracy - 0.125,
+                f"metrics/{stage}.json:eight_class.accuracy_ci95_high": accuracy + 0.125,
+                f"metrics/{stage}.json:binary.accuracy_ci95_low": accuracy,
+                f"metrics/{stage}.json:binary.accuracy_ci95_high": accuracy + 0.125,
+                f"metrics/{stage}.json:patient_level.accuracy": accuracy,
                 f"metrics/{stage}.json:n_images": 32.0}
+    row["metrics/finetuned.json:binary.roc_auc"] = 0.9375  # the baseline's is missing: n/a, not a crash
     lines = comparison_table(row).splitlines()
     assert lines[1].split() == ["8-class", "accuracy", "0.125", "0.875"]
+    assert lines[2].split() == ["95%", "interval", "0.00-0.25", "0.75-1.00"]
+    assert lines[7].split() == ["binary", "ROC-AUC", "n/a", "0.938"]
     assert lines[-1].split() == ["test", "images", "32", "32"]

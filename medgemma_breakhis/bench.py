@@ -1,0 +1,103 @@
+"""Images per second of the two evaluation methods, `score` and `generate`, on the same model, images and batch size.
+
+Run: make bench              (params.yaml's model on this machine's GPU, on the test split: `dvc repro split_balance`
+                              first)
+     make bench OFFLINE=1    (the tiny model on synthetic images, on a CPU)
+     (or: python -m medgemma_breakhis.bench [--synthetic] [-S key=value ...] [--images N])
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from ruamel.yaml import YAML
+from transformers import PreTrainedModel, ProcessorMixin
+
+from medgemma_breakhis.data import FOLDS_CSV, read_folds, read_split, select_split
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.modeling import load_base_model
+from medgemma_breakhis.params import EvalParams, load_params
+from medgemma_breakhis.scoring import generate_answers, parse_answer, score_images
+from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+
+logger = logging.getLogger(__name__)
+
+
+def pipeline_paths(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, str]:
+    """The path variables of dvc.yaml, where the repository's paths live."""
+    return {key: value for entry in YAML(typ="safe").load(dvc_yaml)["vars"] for key, value in entry.items()}
+
+
+def _timed(work: Callable[[], object]) -> tuple[object, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = work()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return result, time.perf_counter() - start
+
+
+def benchmark(model: PreTrainedModel, processor: ProcessorMixin, images: list[Path],
+              settings: EvalParams) -> dict[str, float]:
+    """Seconds for each method over `images`, after one untimed warm-up batch of each; and how often they agree."""
+    warm_up = images[:settings.batch_size]
+    score_images(model, processor, warm_up, settings.batch_size)
+    generate_answers(model, processor, warm_up, settings.batch_size, settings.max_new_tokens)
+    probabilities, score_seconds = _timed(lambda: score_images(model, processor, images, settings.batch_size))
+    answers, generate_seconds = _timed(
+        lambda: generate_answers(model, processor, images, settings.batch_size, settings.max_new_tokens))
+    parsed = np.array([parse_answer(a) for a in answers])
+    return {
+        "score_seconds": score_seconds,
+        "generate_seconds": generate_seconds,
+        "agreement": float((parsed == probabilities.argmax(axis=1)).mean()),
+        "unparseable": int((parsed < 0).sum()),
+    }
+
+
+def report(result: dict[str, float], n_images: int, settings: EvalParams, model_id: str, device: str) -> str:
+    score_rate, generate_rate = n_images / result["score_seconds"], n_images / result["generate_seconds"]
+    return "\n".join([
+        (f"{model_id} on {device}, {n_images} images, batch size {settings.batch_size}, "
+        f"generate max_new_tokens {settings.max_new_tokens}"),
+        f"{'method':<10}{'seconds':>10}{'images/s':>12}",
+        f"{'score':<10}{result['score_seconds']:>10.2f}{score_rate:>12.2f}",
+        f"{'generate':<10}{result['generate_seconds']:>10.2f}{generate_rate:>12.2f}",
+        (f"score is {score_rate / generate_rate:.1f}x the images/s of generate; the two agree on "
+        f"{result['agreement']:.0%} of images; generate left {result['unparseable']} unparseable"),
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params override, as for `dvc exp run -S`")
+    parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of data/ (offline)")
+    parser.add_argument("--images", type=int, default=64, help="how many test images to time (default 64)")
+    args = parser.parse_args()
+    configure_logging()
+    params = load_params(overrides=args.overrides)
+    with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
+        if args.synthetic:
+            image_root = generate_synthetic_breakhis(Path(scratch), params.data.synthetic)
+            test = select_split(read_folds(image_root / FOLDS_CSV), params.split)["test"]
+        else:
+            paths = pipeline_paths()
+            image_root = Path(paths["raw_dir"])
+            test = read_split(Path(paths["split_dir"]) / "test.csv", image_root)
+        images = [image_root / f for f in test["filename"][:args.images]]
+        model, processor, info = load_base_model(params.model, params.eval.precision)
+        result = benchmark(model, processor, images, params.eval)
+    print(report(result, len(images), params.eval, params.model.id, info.device))
+
+
+if __name__ == "__main__":
+    main()

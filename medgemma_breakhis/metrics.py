@@ -1,0 +1,161 @@
+"""Test-set metrics from per-image predictions, with their uncertainty.
+
+Kept free of any model: every function takes a predictions table (one row per image) and is tested on hand-made rows.
+A test set holds a handful of patients per class and the images of one patient are correlated, so intervals come
+from a bootstrap that resamples patients, not images.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binned_statistic, bootstrap
+from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
+
+from medgemma_breakhis.labels import CLASS_NAMES, NUM_CLASSES
+
+logger = logging.getLogger(__name__)
+
+UNPARSEABLE = -1  # a generated answer with no class number in it: its own outcome, never a class
+CALIBRATION_BINS = 10
+PROBABILITY_COLUMNS = [f"prob_{label}" for label in range(NUM_CLASSES)]
+
+
+def binary_name(label: int) -> str:
+    if label == UNPARSEABLE:
+        return "unparseable"
+    return "malignant" if label >= NUM_CLASSES // 2 else "benign"
+
+
+def class_name(label: int) -> str:
+    return "unparseable" if label == UNPARSEABLE else CLASS_NAMES[label]
+
+
+def predictions_frame(rows: pd.DataFrame, predicted: np.ndarray, probabilities: np.ndarray | None = None,
+                      answers: list[str] | None = None) -> pd.DataFrame:
+    """One row per image: its file, patient, true and predicted class (number and name, 8-class and binary), and the
+    probability of each class (scoring) or the generated answer (generation)."""
+    frame = rows[["filename", "patient", "label"]].reset_index(drop=True)
+    frame["predicted"] = np.asarray(predicted, dtype=int)
+    frame["true_class"] = frame["label"].map(class_name)
+    frame["predicted_class"] = frame["predicted"].map(class_name)
+    frame["true_binary"] = frame["label"].map(binary_name)
+    frame["predicted_binary"] = frame["predicted"].map(binary_name)
+    if probabilities is not None:
+        frame[PROBABILITY_COLUMNS] = probabilities
+    if answers is not None:
+        frame["answer"] = answers
+    return frame
+
+
+def patient_bootstrap_ci(correct: np.ndarray, patients: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:
+    """95% percentile interval of the accuracy when whole patients are drawn with replacement."""
+    per_patient = pd.DataFrame({"patient": patients, "correct": correct}).groupby("patient")["correct"]
+    hits, images = per_patient.sum().to_numpy(), per_patient.count().to_numpy()
+    if len(hits) < 2:
+        raise ValueError("a patient bootstrap needs at least two patients in the test set")
+    result = bootstrap((hits, images), lambda h, n, axis: h.sum(axis=axis) / n.sum(axis=axis), paired=True,
+                       vectorized=True, n_resamples=resamples, confidence_level=0.95, method="percentile",
+                       rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by the images in each."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    accuracy = binned_statistic(confidence, correct.astype(float), "mean", bins=edges).statistic
+    mean_confidence = binned_statistic(confidence, confidence, "mean", bins=edges).statistic
+    counts = binned_statistic(confidence, confidence, "count", bins=edges).statistic
+    filled = counts > 0
+    return float(np.sum(counts[filled] / counts.sum() * np.abs(accuracy[filled] - mean_confidence[filled])))
+
+
+def malignant_probability(predictions: pd.DataFrame) -> np.ndarray:
+    return predictions[PROBABILITY_COLUMNS[NUM_CLASSES // 2:]].sum(axis=1).to_numpy()
+
+
+def roc_points(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The binary ROC curve (malignant positive) from the summed malignant probabilities; empty without them."""
+    if PROBABILITY_COLUMNS[0] not in predictions:
+        return pd.DataFrame(columns=["false_positive_rate", "true_positive_rate"])
+    fpr, tpr, _ = roc_curve(predictions["true_binary"] == "malignant", malignant_probability(predictions))
+    return pd.DataFrame({"false_positive_rate": fpr, "true_positive_rate": tpr})
+
+
+def _accuracy_with_ci(truth: pd.Series, predicted: pd.Series, patients: pd.Series, resamples: int,
+                      seed: int) -> dict[str, float]:
+    correct = (truth == predicted).to_numpy()
+    low, high = patient_bootstrap_ci(correct, patients.to_numpy(), resamples, seed)
+    return {"accuracy": float(correct.mean()), "accuracy_ci95_low": low, "accuracy_ci95_high": high}
+
+
+def evaluation_metrics(predictions: pd.DataFrame, resamples: int, seed: int) -> dict[str, Any]:
+    """All test-set metrics of a predictions table (see `predictions_frame`).
+
+    8-class and binary follow the reference (binary: predicted label > 3 is malignant, F1 with malignant positive).
+    An unparseable answer is wrong in every accuracy, a miss for its true class in every F1, and counted on its own.
+    Patient level is the BreakHis paper's patient recognition rate: the mean over patients of the fraction of their
+    images classified correctly (benign/malignant, as in the paper; also 8-class).
+    """
+    labels, predicted, patients = predictions["label"], predictions["predicted"], predictions["patient"]
+    precision, recall, f1, support = precision_recall_fscore_support(
+        labels, predicted, labels=list(range(NUM_CLASSES)), zero_division=0)
+    eight_class = {
+        **_accuracy_with_ci(labels, predicted, patients, resamples, seed),
+        "f1_weighted": float(f1_score(labels, predicted, labels=list(range(NUM_CLASSES)), average="weighted",
+                                      zero_division=0)),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(CLASS_NAMES)},
+    }
+    true_binary, predicted_binary = predictions["true_binary"], predictions["predicted_binary"]
+    binary = {
+        **_accuracy_with_ci(true_binary, predicted_binary, patients, resamples, seed),
+        # labels=["malignant"]: an unparseable answer is a missed malignant, never a third class that breaks F1
+        "f1_malignant": float(f1_score(true_binary, predicted_binary, labels=["malignant"], average="macro",
+                                       zero_division=0)),
+    }
+    if PROBABILITY_COLUMNS[0] in predictions:
+        probabilities = predictions[PROBABILITY_COLUMNS].to_numpy()
+        if true_binary.nunique() == 2:
+            binary["roc_auc"] = float(roc_auc_score(true_binary == "malignant", malignant_probability(predictions)))
+        else:
+            logger.warning("binary.roc_auc is left out: the test set holds only %s images", true_binary.iloc[0])
+        eight_class["expected_calibration_error"] = expected_calibration_error(
+            (labels == predicted).to_numpy(), probabilities.max(axis=1))
+    per_patient = predictions.assign(binary_hit=true_binary == predicted_binary, hit=labels == predicted) \
+        .groupby("patient")[["binary_hit", "hit"]].mean()
+    return {
+        "eight_class": eight_class,
+        "binary": binary,
+        "patient_level": {
+            "accuracy": float(per_patient["binary_hit"].mean()),
+            "eight_class_accuracy": float(per_patient["hit"].mean()),
+            "n_patients": len(per_patient),
+        },
+        "n_images": len(predictions),
+        "n_unparseable": int((predicted == UNPARSEABLE).sum()),
+    }
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The flat figures logged to MLflow and printed."""
+    flat = {
+        "eight_class_accuracy": metrics["eight_class"]["accuracy"],
+        "eight_class_accuracy_ci95_low": metrics["eight_class"]["accuracy_ci95_low"],
+        "eight_class_accuracy_ci95_high": metrics["eight_class"]["accuracy_ci95_high"],
+        "eight_class_f1_weighted": metrics["eight_class"]["f1_weighted"],
+        "binary_accuracy": metrics["binary"]["accuracy"],
+        "binary_accuracy_ci95_low": metrics["binary"]["accuracy_ci95_low"],
+        "binary_accuracy_ci95_high": metrics["binary"]["accuracy_ci95_high"],
+        "binary_f1_malignant": metrics["binary"]["f1_malignant"],
+        "patient_level_accuracy": metrics["patient_level"]["accuracy"],
+        "n_unparseable": metrics["n_unparseable"],
+    }
+    if "roc_auc" in metrics["binary"]:
+        flat["binary_roc_auc"] = metrics["binary"]["roc_auc"]
+    if "expected_calibration_error" in metrics["eight_class"]:
+        flat["eight_class_expected_calibration_error"] = metrics["eight_class"]["expected_calibration_error"]
+    return flat
