@@ -22,6 +22,8 @@ $(VENV)/.installed: requirements.txt
 demo: setup
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(OFFLINE_PARAMS)
 	$(BIN)/python -m medgemma_breakhis.reporting $(DEMO_EXP)
+	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit.
+	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
 test: setup
 	$(BIN)/python -m pytest
