@@ -56,7 +56,8 @@ def _overlap(base: dict[str, Any] | None, head: dict[str, Any] | None, section: 
     b, h = (base or {}).get(section, {}), (head or {}).get(section, {})
     if "accuracy_ci95_low" not in b or "accuracy_ci95_low" not in h:
         return "n/a"
-    if b == h:
+    keys = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high")
+    if [b[k] for k in keys] == [h[k] for k in keys]:
         return "unchanged"
     apart = b["accuracy_ci95_high"] < h["accuracy_ci95_low"] or h["accuracy_ci95_high"] < b["accuracy_ci95_low"]
     return "no: unlikely to be noise" if apart else "yes: could be noise"
