@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,125 +28,111 @@ class ParamsError(ValueError):
     """A value in params.yaml that the pipeline cannot run with."""
 
 
-def _require(condition: bool, key: str, value: Any, allowed: str) -> None:
-    if not condition:
-        raise ParamsError(f"params: {key}={value!r} is not allowed; expected {allowed}")
+def _key(default: Any, allowed: str, check: Callable[[Any], bool] | None = None) -> Any:
+    """A param with its default, the description of what is allowed (used in every error message for the key, type
+    errors included) and, beyond its type, the rule it must meet."""
+    return field(default=default, metadata={"allowed": allowed, "check": check})
 
 
-@dataclass(frozen=True)
-class SyntheticData:
-    """Shape of the generated offline dataset (used only when data.source=synthetic)."""
+class _Section:
+    """Checks every field of a params section, when built from params.yaml or in code, against its type and rule."""
 
-    patients_per_class: int = 5
-    images_per_patient: int = 4
-    seed: int = 0
+    SECTION = ""
 
     def __post_init__(self) -> None:
-        # Five patients per class give every one of the five folds its own test patient in every class.
-        _require(5 <= self.patients_per_class <= 50, "data.synthetic.patients_per_class", self.patients_per_class,
-                 "an integer from 5 to 50")
-        _require(1 <= self.images_per_patient <= 100, "data.synthetic.images_per_patient", self.images_per_patient,
-                 "an integer from 1 to 100")
-        _require(self.seed >= 0, "data.synthetic.seed", self.seed, "an integer >= 0")
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value, tp = getattr(self, f.name), hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                continue
+            check = f.metadata.get("check")
+            if not _matches(value, tp) or (check is not None and not check(value)):
+                allowed = f.metadata.get("allowed") or _describe(tp)
+                raise ParamsError(f"params: {self.SECTION}.{f.name}={value!r} is not allowed; expected {allowed}")
 
 
 @dataclass(frozen=True)
-class DataParams:
+class SyntheticData(_Section):
+    """Shape of the generated offline dataset (used only when data.source=synthetic)."""
+
+    SECTION = "data.synthetic"
+    # Five patients per class give every one of the five folds its own test patient in every class.
+    patients_per_class: int = _key(5, "an integer from 5 to 50", lambda v: 5 <= v <= 50)
+    images_per_patient: int = _key(4, "an integer from 1 to 100", lambda v: 1 <= v <= 100)
+    seed: int = _key(0, "an integer >= 0", lambda v: v >= 0)
+
+
+@dataclass(frozen=True)
+class DataParams(_Section):
+    SECTION = "data"
     source: DataSource = "kaggle"
-    kaggle_dataset: str = "ambarish/breakhis"
-    path: str | None = None
+    kaggle_dataset: str = _key("ambarish/breakhis", "a Kaggle handle of the form owner/dataset",
+                               lambda v: v.count("/") == 1)
+    path: str | None = _key(None, "a string (a folder) or null")
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
     def __post_init__(self) -> None:
-        _require(self.source != "local" or bool(self.path), "data.path", self.path,
-                 "the folder that holds Folds.csv when data.source=local")
-        _require(self.kaggle_dataset.count("/") == 1, "data.kaggle_dataset", self.kaggle_dataset,
-                 "a Kaggle handle of the form owner/dataset")
+        super().__post_init__()
+        if self.source == "local" and not self.path:
+            raise ParamsError(f"params: data.path={self.path!r} is not allowed; expected the folder that holds "
+                              "Folds.csv when data.source=local")
 
 
 @dataclass(frozen=True)
-class SplitParams:
-    fold: int = 1
-    magnification: int = 100
-    seed: int = 42
+class SplitParams(_Section):
+    SECTION = "split"
+    fold: int = _key(1, "one of 1, 2, 3, 4, 5 (the BreakHis folds)", lambda v: 1 <= v <= 5)
+    magnification: int = _key(100, "one of 40, 100, 200, 400", lambda v: v in (40, 100, 200, 400))
+    seed: int = _key(42, "an integer >= 0", lambda v: v >= 0)
     balance: Balance = "binary"
 
-    def __post_init__(self) -> None:
-        _require(1 <= self.fold <= 5, "split.fold", self.fold, "one of 1, 2, 3, 4, 5 (the BreakHis folds)")
-        _require(self.magnification in (40, 100, 200, 400), "split.magnification", self.magnification,
-                 "one of 40, 100, 200, 400")
-        _require(self.seed >= 0, "split.seed", self.seed, "an integer >= 0")
-
 
 @dataclass(frozen=True)
-class ModelParams:
-    id: str = "google/medgemma-4b-it"
-    revision: str = "main"
+class ModelParams(_Section):
+    SECTION = "model"
+    id: str = _key("google/medgemma-4b-it", "a hub id, a local path or tiny-gemma3", lambda v: bool(v.strip()))
+    revision: str = _key("main", "a branch, tag or commit", lambda v: bool(v.strip()))
     attn_implementation: AttnImplementation = "sdpa"
 
-    def __post_init__(self) -> None:
-        _require(bool(self.id.strip()), "model.id", self.id, "a hub id, a local path or tiny-gemma3")
-        _require(bool(self.revision.strip()), "model.revision", self.revision, "a branch, tag or commit")
+
+@dataclass(frozen=True)
+class LoraParams(_Section):
+    SECTION = "lora"
+    r: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
+    alpha: int = _key(16, "an integer >= 1", lambda v: v >= 1)
+    dropout: float = _key(0.1, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+    target_modules: str = _key("all-linear", "a peft target_modules string, e.g. all-linear",
+                               lambda v: bool(v.strip()))
 
 
 @dataclass(frozen=True)
-class LoraParams:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.1
-    target_modules: str = "all-linear"
-
-    def __post_init__(self) -> None:
-        _require(1 <= self.r <= 1024, "lora.r", self.r, "an integer from 1 to 1024")
-        _require(self.alpha >= 1, "lora.alpha", self.alpha, "an integer >= 1")
-        _require(0.0 <= self.dropout < 1.0, "lora.dropout", self.dropout, "a number in [0, 1)")
-
-
-@dataclass(frozen=True)
-class TrainParams:
-    epochs: int = 5
-    learning_rate: float = 5.0e-4
+class TrainParams(_Section):
+    SECTION = "train"
+    epochs: int = _key(5, "an integer from 1 to 1000", lambda v: 1 <= v <= 1000)
+    learning_rate: float = _key(5.0e-4, "a number in (0, 1]", lambda v: 0.0 < v <= 1.0)
     lr_scheduler: LrScheduler = "cosine"
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 0.3
-    batch_size: int = 1
-    grad_accum_steps: int = 8
+    warmup_ratio: float = _key(0.03, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
+    max_grad_norm: float = _key(0.3, "a number > 0", lambda v: v > 0.0)
+    batch_size: int = _key(1, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
+    grad_accum_steps: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
     gradient_checkpointing: bool = True
     optim: Optimizer = "adamw_torch"
     precision: Precision = "bf16"
-    seed: int = 42
-    logging_steps: int = 1
-
-    def __post_init__(self) -> None:
-        _require(1 <= self.epochs <= 1000, "train.epochs", self.epochs, "an integer from 1 to 1000")
-        _require(0.0 < self.learning_rate <= 1.0, "train.learning_rate", self.learning_rate, "a number in (0, 1]")
-        _require(0.0 <= self.warmup_ratio < 1.0, "train.warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
-        _require(self.max_grad_norm > 0.0, "train.max_grad_norm", self.max_grad_norm, "a number > 0")
-        _require(1 <= self.batch_size <= 1024, "train.batch_size", self.batch_size, "an integer from 1 to 1024")
-        _require(1 <= self.grad_accum_steps <= 1024, "train.grad_accum_steps", self.grad_accum_steps,
-                 "an integer from 1 to 1024")
-        _require(self.seed >= 0, "train.seed", self.seed, "an integer >= 0")
-        _require(self.logging_steps >= 1, "train.logging_steps", self.logging_steps, "an integer >= 1")
+    seed: int = _key(42, "an integer >= 0", lambda v: v >= 0)
+    logging_steps: int = _key(1, "an integer >= 1", lambda v: v >= 1)
 
 
 @dataclass(frozen=True)
-class EvalParams:
-    batch_size: int = 8
+class EvalParams(_Section):
+    SECTION = "eval"
+    batch_size: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
     precision: Precision = "bf16"
     # score: one forward pass, the answer with the highest logit among "0".."7". generate: the reference's greedy
     # generation and answer parsing, for comparison with the blog.
     method: Literal["score", "generate"] = "score"
-    max_new_tokens: int = 40
-    bootstrap_resamples: int = 2000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _require(1 <= self.batch_size <= 1024, "eval.batch_size", self.batch_size, "an integer from 1 to 1024")
-        _require(1 <= self.max_new_tokens <= 512, "eval.max_new_tokens", self.max_new_tokens,
-                 "an integer from 1 to 512")
-        _require(100 <= self.bootstrap_resamples <= 100_000, "eval.bootstrap_resamples", self.bootstrap_resamples,
-                 "an integer from 100 to 100000")
-        _require(self.seed >= 0, "eval.seed", self.seed, "a non-negative integer")
+    max_new_tokens: int = _key(40, "an integer from 1 to 512", lambda v: 1 <= v <= 512)
+    bootstrap_resamples: int = _key(2000, "an integer from 100 to 100000", lambda v: 100 <= v <= 100_000)
+    seed: int = _key(0, "an integer >= 0", lambda v: v >= 0)
 
 
 @dataclass(frozen=True)
@@ -197,13 +183,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         raise ParamsError(f"params: unknown key {keys}; allowed keys here: {allowed}")
     kwargs = {}
     for name, value in raw.items():
-        key, tp = f"{prefix}{name}", hints[name]
+        tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{key}.")
-        elif not _matches(value, tp):
-            raise ParamsError(f"params: {key}={value!r} is not allowed; expected {_describe(tp)}")
-        else:
-            kwargs[name] = float(value) if tp is float else value
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:  # the section checks type and rule; YAML's `1` where a number belongs is that number
+            kwargs[name] = float(value) if tp is float and _matches(value, float) else value
     return cls(**kwargs)
 
 

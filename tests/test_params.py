@@ -66,3 +66,40 @@ def test_integer_where_a_float_belongs_is_accepted() -> None:
 def test_missing_params_file_says_where_to_run(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="repository root"):
         load_params(tmp_path / "params.yaml")
+
+
+def _schema_fields() -> list[tuple[str, object, dict]]:
+    """(dotted key, default, field metadata) of every leaf key of the schema."""
+    import dataclasses
+
+    from medgemma_breakhis.params import Params
+
+    leaves = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                walk(type(default), f"{prefix}{f.name}.")
+            else:
+                leaves.append((f"{prefix}{f.name}", default, dict(f.metadata)))
+
+    walk(Params, "")
+    return leaves
+
+
+@pytest.mark.parametrize(("key", "default", "metadata"), _schema_fields(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_key_rejects_a_wrong_type_naming_key_value_and_allowed_range(key: str, default, metadata: dict) -> None:
+    wrong = "not-a-number" if isinstance(default, (int, float)) else 12345  # bools are ints: "not-a-number" too
+    section, _, name = key.rpartition(".")
+    raw: dict = {}
+    node = raw
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[name] = wrong
+    with pytest.raises(ParamsError) as caught:
+        params_from_dict(raw)
+    message = str(caught.value)
+    assert message.startswith(f"params: {key}={wrong!r} is not allowed; expected ")
+    if "allowed" in metadata:  # the same description as for an out-of-range value of the right type
+        assert message.endswith(metadata["allowed"])
