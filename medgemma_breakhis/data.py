@@ -9,14 +9,16 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
-from medgemma_breakhis.labels import CLASS_NAMES, MAGNIFICATIONS, label_from_path, patient_from_path
+from medgemma_breakhis.labels import CLASS_NAMES, MAGNIFICATIONS, is_malignant, label_from_path, patient_from_path
 from medgemma_breakhis.params import DataParams, SplitParams
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 
@@ -27,6 +29,10 @@ FOLDS_COLUMNS = ("fold", "mag", "grp", "filename")
 SPLIT_COLUMNS = ("filename", "label", "class_name", "patient")
 # The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (REFERENCE.md §2).
 _IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
+# Every BreakHis image is a 700x460 RGB PNG (REFERENCE.md §2).
+IMAGE_SIZE = (700, 460)
+IMAGE_MODE = "RGB"
+EXCLUDED_COLUMNS = ("filename", "reason")
 
 
 class DataError(RuntimeError):
@@ -80,6 +86,54 @@ def check_images_exist(image_root: Path, filenames: Iterable[str]) -> None:
         raise DataError(f"{len(missing)} image(s) listed in Folds.csv are missing:\n  {shown}{more}")
 
 
+def image_problem(image_root: Path, filename: str) -> str | None:
+    """Why the listed image cannot be used (missing, undecodable, wrong mode or size, label against its folder)."""
+    path = image_root / filename
+    if not path.is_file():
+        return "missing"
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes every pixel: a truncated or corrupt file fails here
+            mode, size = image.mode, image.size
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for files it cannot decode
+        return f"does not decode: {err}"
+    if mode != IMAGE_MODE:
+        return f"mode {mode}, expected {IMAGE_MODE}"
+    if size != IMAGE_SIZE:
+        return f"size {size[0]}x{size[1]}, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
+    try:
+        malignant = is_malignant(label_from_path(filename))
+    except DataError as err:
+        return str(err)
+    folder = "malignant" if "/malignant/" in filename else "benign" if "/benign/" in filename else None
+    if folder != ("malignant" if malignant else "benign"):
+        return (f"its tumour type is {'malignant' if malignant else 'benign'} but it is under "
+                f"{'/' + folder + '/' if folder else 'neither /benign/ nor /malignant/'}")
+    return None
+
+
+def validate_images(folds: pd.DataFrame, image_root: Path, exclude_invalid: bool,
+                    excluded_report: Path) -> pd.DataFrame:
+    """Check every listed image; return the Folds.csv rows to keep and write the excluded-images report.
+
+    Without `exclude_invalid`, any problem stops the stage with the whole list, not the first one.
+    """
+    filenames = list(dict.fromkeys(folds["filename"]))
+    problems = {f: problem for f in tqdm(filenames, desc="validating images", unit="img")
+                if (problem := image_problem(image_root, f)) is not None}
+    if problems and not exclude_invalid:
+        listing = "\n  ".join(f"{image_root / f}: {reason}" for f, reason in problems.items())
+        raise DataError(f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:\n  {listing}\n"
+                        "Fix or re-download them, or set data.exclude_invalid=true to leave them out "
+                        f"(they are then listed in {excluded_report}).")
+    excluded = pd.DataFrame(list(problems.items()), columns=list(EXCLUDED_COLUMNS))
+    atomic_write_text(excluded_report, excluded.to_csv(index=False))
+    if problems:
+        logger.warning("left out %d of %d images (data.exclude_invalid=true); listed in %s", len(problems),
+                       len(filenames), excluded_report)
+    return folds[~folds["filename"].isin(problems)]
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -88,17 +142,20 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def import_dataset(dataset_root: Path, output_dir: Path) -> int:
-    """Bring an extracted BreakHis copy into the repository layout; returns the number of images."""
+def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, excluded_report: Path) -> int:
+    """Bring an extracted BreakHis copy into the repository layout, validated; returns the number of images."""
     if not dataset_root.is_dir():
         raise DataError(f"dataset folder {dataset_root} does not exist; "
                         f"set data.path to the folder holding {FOLDS_CSV}")
     folds = read_folds(dataset_root / FOLDS_CSV)
-    filenames = list(dict.fromkeys(folds["filename"]))
-    image_root = find_image_root(dataset_root, filenames)
-    check_images_exist(image_root, filenames)
+    image_root = find_image_root(dataset_root, folds["filename"])
+    kept = validate_images(folds, image_root, exclude_invalid, excluded_report)
+    filenames = list(dict.fromkeys(kept["filename"]))
     with atomic_directory(output_dir) as staging:
-        shutil.copy2(dataset_root / FOLDS_CSV, staging / FOLDS_CSV)
+        if len(kept) == len(folds):
+            shutil.copy2(dataset_root / FOLDS_CSV, staging / FOLDS_CSV)
+        else:
+            kept.to_csv(staging / FOLDS_CSV, index=False)
         for filename in tqdm(filenames, desc=f"importing {dataset_root}", unit="img"):
             _link_or_copy(image_root / filename, staging / filename)
     return len(filenames)
@@ -123,15 +180,18 @@ def download_kaggle(handle: str) -> Path:
         raise DataError(f"downloading Kaggle dataset {handle!r} failed: {err}. {_kaggle_credentials_hint()}") from err
 
 
-def prepare_raw_data(params: DataParams, output_dir: Path) -> int:
-    """The `download` stage: fill `output_dir` from the configured source; returns the number of images."""
+def prepare_raw_data(params: DataParams, output_dir: Path, excluded_report: Path) -> int:
+    """The `download` stage: fill `output_dir` from the configured source, every image validated; returns the number
+    of images. Images left out by `data.exclude_invalid` are listed in `excluded_report`."""
     if params.source == "synthetic":
-        with atomic_directory(output_dir) as staging:
-            generate_synthetic_breakhis(staging, params.synthetic)
-        return len(read_folds(output_dir / FOLDS_CSV)["filename"].unique())
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        # beside the output, on the same file system, so importing it hard-links rather than copies
+        with tempfile.TemporaryDirectory(prefix=".synthetic-breakhis-", dir=output_dir.parent) as generated:
+            root = generate_synthetic_breakhis(Path(generated), params.synthetic)
+            return import_dataset(root, output_dir, params.exclude_invalid, excluded_report)
     if params.source == "local":
-        return import_dataset(Path(params.path), output_dir)
-    return import_dataset(download_kaggle(params.kaggle_dataset), output_dir)
+        return import_dataset(Path(params.path), output_dir, params.exclude_invalid, excluded_report)
+    return import_dataset(download_kaggle(params.kaggle_dataset), output_dir, params.exclude_invalid, excluded_report)
 
 
 def _with_labels(rows: pd.DataFrame) -> pd.DataFrame:

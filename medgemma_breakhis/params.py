@@ -69,6 +69,10 @@ class DataParams(_Section):
     kaggle_dataset: str = _key("ambarish/breakhis", "a Kaggle handle of the form owner/dataset",
                                lambda v: v.count("/") == 1)
     path: str | None = _key(None, "a string (a folder) or null")
+    # false: any listed image that is missing, does not decode, or is not a 700x460 RGB image under the right
+    # benign/malignant folder stops `download` with the full list. true: such images are left out, and listed with
+    # the reason in the excluded-images report.
+    exclude_invalid: bool = False
     synthetic: SyntheticData = field(default_factory=SyntheticData)
 
     def __post_init__(self) -> None:

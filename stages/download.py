@@ -1,6 +1,6 @@
 """Stage `download`: put BreakHis (Kaggle, a local copy, or the synthetic offline set) into data/raw.
 
-Run: dvc repro download   (or: python -m stages.download --out data/raw)
+Run: dvc repro download   (or: python -m stages.download --out data/raw --excluded data/excluded_images.csv)
 """
 
 import argparse
@@ -15,10 +15,12 @@ from medgemma_breakhis.params import load_params
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder to fill: Folds.csv and the images")
+    parser.add_argument("--excluded", type=Path, required=True,
+                        help="CSV listing the images left out by data.exclude_invalid, with the reason")
     args = parser.parse_args()
     configure_logging()
     params = load_params()
-    count = prepare_raw_data(params.data, args.out)
+    count = prepare_raw_data(params.data, args.out, args.excluded)
     logging.getLogger(__name__).info("%s: %d images from source %s", args.out, count, params.data.source)
 
 

@@ -21,13 +21,14 @@ def test_kaggle_without_network_or_credentials_says_what_to_set(tmp_path: Path, 
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
     expected = r"ambarish/breakhis.*credentials were NOT found.*KAGGLE_USERNAME and KAGGLE_KEY"
     with pytest.raises(DataError, match=expected):
-        prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw")
+        prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw", tmp_path / "excluded.csv")
     assert not (tmp_path / "raw").exists()
 
 
 def test_local_source_missing_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'} does not exist; set data.path"):
-        prepare_raw_data(DataParams(source="local", path=str(tmp_path / "nowhere")), tmp_path / "raw")
+        prepare_raw_data(DataParams(source="local", path=str(tmp_path / "nowhere")), tmp_path / "raw",
+                         tmp_path / "excluded.csv")
 
 
 def test_gated_model_without_token_says_what_to_set(monkeypatch, tmp_path: Path) -> None:
@@ -47,7 +48,7 @@ def test_gated_model_without_token_says_what_to_set(monkeypatch, tmp_path: Path)
 def test_stage_refuses_bad_params_before_any_work(tmp_path: Path, override: str, message: str) -> None:
     (tmp_path / "params.yaml").write_text(override)
     result = subprocess.run(
-        [sys.executable, "-m", "stages.download", "--out", "data/raw"],
+        [sys.executable, "-m", "stages.download", "--out", "data/raw", "--excluded", "data/excluded.csv"],
         cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode != 0

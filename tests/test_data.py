@@ -128,7 +128,7 @@ def test_import_of_kaggle_layout_normalises_it_and_reports_missing_images(tmp_pa
     (download / "BreaKHis_v1").mkdir(parents=True)
     (download / "Folds.csv").write_bytes((synthetic_root / "Folds.csv").read_bytes())
     (download / "BreaKHis_v1" / "BreaKHis_v1").symlink_to(synthetic_root / "BreaKHis_v1")
-    count = import_dataset(download, tmp_path / "raw")
+    count = import_dataset(download, tmp_path / "raw", False, tmp_path / "excluded.csv")
     folds = read_folds(tmp_path / "raw" / "Folds.csv")
     assert count == folds["filename"].nunique()
     assert all((tmp_path / "raw" / f).is_file() for f in folds["filename"])
@@ -141,8 +141,8 @@ def test_import_of_kaggle_layout_normalises_it_and_reports_missing_images(tmp_pa
     missing = synthetic_filename(7, "missing", 100, 1)
     with (broken / "Folds.csv").open("a") as stream:
         stream.write(f"1,100,train,{missing}\n")
-    with pytest.raises(DataError, match=rf"1 image\(s\) listed in Folds.csv are missing:\n  .*{missing}"):
-        import_dataset(broken, tmp_path / "raw2")
+    with pytest.raises(DataError, match=rf"1 of \d+ listed image\(s\) cannot be used:\n  .*{missing}: missing"):
+        import_dataset(broken, tmp_path / "raw2", False, tmp_path / "excluded2.csv")
     assert not (tmp_path / "raw2").exists()  # nothing half-written left behind
 
 

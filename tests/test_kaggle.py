@@ -32,7 +32,7 @@ def test_kaggle_download_is_imported_from_the_cache_without_a_second_copy(kaggle
         return str(kaggle_cache)
 
     monkeypatch.setattr("kagglehub.dataset_download", dataset_download)
-    count = prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw")
+    count = prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw", tmp_path / "excluded.csv")
     assert calls == [("ambarish/breakhis", {})]  # no force_download: kagglehub reuses its cache
     folds = pd.read_csv(tmp_path / "raw" / FOLDS_CSV)
     assert count == folds["filename"].nunique() > 0
@@ -50,5 +50,5 @@ def test_kaggle_network_failure_says_what_to_check(tmp_path: Path, monkeypatch) 
     monkeypatch.setenv("KAGGLE_KEY", "0123456789abcdef")
     with pytest.raises(DataError, match=r"(?s)'ambarish/breakhis' failed: Failed to resolve 'www.kaggle.com'.*"
                                         r"Kaggle credentials were found.*check network access"):
-        prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw")
+        prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw", tmp_path / "excluded.csv")
     assert not (tmp_path / "raw").exists()

@@ -1,0 +1,96 @@
+"""Bad data stops `download` with every offending file listed, or is left out and reported when the params allow it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from medgemma_breakhis.data import FOLDS_CSV, DataError, prepare_raw_data, read_folds
+from medgemma_breakhis.params import DataParams
+
+REPO = Path(__file__).resolve().parents[1]
+MISLABELLED = "BreaKHis_v1/histology_slides/breast/benign/SOB/ductal_carcinoma/SOB_B_DC_14-999/100X/" \
+              "SOB_B_DC-14-999-100-001.png"
+
+
+def _replace(path: Path, write) -> None:
+    path.unlink()  # the copy shares its files with the session's synthetic set by hard links
+    write(path)
+
+
+@pytest.fixture
+def bad_copy(synthetic_root: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of the synthetic set with one image of each kind of problem, and the reason expected for each."""
+    root = tmp_path / "breakhis"
+    shutil.copytree(synthetic_root, root, copy_function=os.link)
+    _replace(root / FOLDS_CSV, lambda p: shutil.copy2(synthetic_root / FOLDS_CSV, p))  # appended to below
+    listed = pd.read_csv(root / FOLDS_CSV)["filename"].unique()
+    corrupt, truncated, small, grey, missing = listed[:5]
+    _replace(root / corrupt, lambda p: p.write_bytes(b"this is not a PNG"))
+    data = (synthetic_root / truncated).read_bytes()
+    _replace(root / truncated, lambda p: p.write_bytes(data[: len(data) // 2]))
+    _replace(root / small, lambda p: Image.new("RGB", (100, 100)).save(p))
+    _replace(root / grey, lambda p: Image.new("L", (700, 460)).save(p))
+    (root / missing).unlink()
+    (root / MISLABELLED).parent.mkdir(parents=True)
+    Image.new("RGB", (700, 460)).save(root / MISLABELLED)
+    with (root / FOLDS_CSV).open("a") as stream:
+        stream.write(f"1,100,train,{MISLABELLED}\n")
+    return root, {
+        corrupt: "does not decode", truncated: "does not decode", small: "size 100x100, expected 700x460",
+        grey: "mode L, expected RGB", missing: "missing",
+        MISLABELLED: "its tumour type is malignant but it is under /benign/",
+    }
+
+
+def test_every_bad_image_is_listed_and_nothing_is_written(bad_copy, tmp_path: Path) -> None:
+    root, expected = bad_copy
+    with pytest.raises(DataError) as caught:
+        prepare_raw_data(DataParams(source="local", path=str(root)), tmp_path / "raw", tmp_path / "excluded.csv")
+    message = str(caught.value)
+    assert message.startswith(f"{len(expected)} of ")
+    for filename, reason in expected.items():
+        assert f"{root / filename}: {reason}" in message
+    assert "set data.exclude_invalid=true" in message
+    assert not (tmp_path / "raw").exists() and not (tmp_path / "excluded.csv").exists()
+
+
+def test_excluded_images_are_left_out_and_reported_with_the_reason(bad_copy, tmp_path: Path) -> None:
+    root, expected = bad_copy
+    params = DataParams(source="local", path=str(root), exclude_invalid=True)
+    count = prepare_raw_data(params, tmp_path / "raw", tmp_path / "excluded.csv")
+    report = pd.read_csv(tmp_path / "excluded.csv")
+    reported = dict(zip(report["filename"], report["reason"]))
+    assert set(reported) == set(expected)
+    assert all(reported[f].startswith(reason) for f, reason in expected.items()), reported
+    kept = read_folds(tmp_path / "raw" / FOLDS_CSV)
+    assert count == kept["filename"].nunique()
+    assert not set(expected) & set(kept["filename"])
+    assert all((tmp_path / "raw" / f).is_file() for f in kept["filename"].unique())
+
+
+def test_download_stage_exits_non_zero_on_bad_data(bad_copy, tmp_path: Path) -> None:
+    root, _ = bad_copy
+    (tmp_path / "params.yaml").write_text(f"data:\n  source: local\n  path: {root}\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.download", "--out", "data/raw", "--excluded", "data/excluded_images.csv"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "6 of " in result.stderr and "cannot be used" in result.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_truncated_folds_csv_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
+    text = (synthetic_root / FOLDS_CSV).read_text()
+    (tmp_path / FOLDS_CSV).write_text(text[: len(text) // 2].rsplit(",", 1)[0])  # cut inside a row
+    with pytest.raises(DataError, match=r"Folds.csv is malformed: .*row \d+"):
+        read_folds(tmp_path / FOLDS_CSV)
