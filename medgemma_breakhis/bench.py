@@ -23,16 +23,16 @@ from transformers import PreTrainedModel, ProcessorMixin
 from medgemma_breakhis.data import FOLDS_CSV, read_folds, read_split, select_split
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import EvalParams, load_params
+from medgemma_breakhis.params import EvalParams, add_override_argument, load_params
 from medgemma_breakhis.scoring import generate_answers, parse_answer, score_images
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 
 logger = logging.getLogger(__name__)
 
 
-def pipeline_paths(dvc_yaml: Path = Path("dvc.yaml")) -> dict[str, str]:
-    """The path variables of dvc.yaml, where the repository's paths live."""
-    return {key: value for entry in YAML(typ="safe").load(dvc_yaml)["vars"] for key, value in entry.items()}
+def pipeline_paths(paths_file: Path = Path("paths.yaml")) -> dict[str, str]:
+    """The pipelines' paths, from the one file that holds them."""
+    return YAML(typ="safe").load(paths_file)
 
 
 def _timed(work: Callable[[], object]) -> tuple[object, float]:
@@ -78,8 +78,7 @@ def report(result: dict[str, float], n_images: int, settings: EvalParams, model_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params override, as for `dvc exp run -S`")
+    add_override_argument(parser)
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of data/ (offline)")
     parser.add_argument("--images", type=int, default=64, help="how many test images to time (default 64)")
     args = parser.parse_args()

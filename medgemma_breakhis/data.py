@@ -17,7 +17,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
+from medgemma_breakhis.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from medgemma_breakhis.labels import CLASS_NAMES, MAGNIFICATIONS, is_malignant, label_from_path, patient_from_path
 from medgemma_breakhis.params import DataParams, SplitParams
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
@@ -226,20 +226,55 @@ def select_split(folds: pd.DataFrame, split: SplitParams) -> dict[str, pd.DataFr
         if rows.empty:
             raise DataError(f"the {group} split of fold {split.fold} at {split.magnification}X is empty")
         subsets[group] = _with_labels(rows)
-    leaked = set(subsets["train"]["patient"]) & set(subsets["test"]["patient"])
-    if leaked:
-        raise DataError(f"patient(s) {', '.join(sorted(leaked))} are in both train and test of fold {split.fold}")
+    check_patient_disjoint(subsets["train"], subsets["test"], f"fold {split.fold} at {split.magnification}X")
     return subsets
 
 
-def write_split(folds_csv: Path, split: SplitParams, output_dir: Path) -> dict[str, pd.DataFrame]:
-    """The `split_balance` stage: write `<output_dir>/train.csv` and `test.csv`."""
-    subsets = select_split(read_folds(folds_csv), split)
-    output_dir.mkdir(parents=True, exist_ok=True)
+def check_patient_disjoint(train: pd.DataFrame, test: pd.DataFrame, where: str) -> None:
+    """Refuse a split with a patient in both train and test, listing every image of every such patient.
+
+    BreakHis folds are patient-disjoint; a leak would make test accuracy measure memorised patients.
+    """
+    leaked = sorted(set(train["patient"]) & set(test["patient"]))
+    if not leaked:
+        return
+    lines = []
+    for patient in leaked:
+        for group, rows in (("train", train), ("test", test)):
+            lines += [f"patient {patient}, {group}: {f}" for f in rows.loc[rows["patient"] == patient, "filename"]]
+    raise DataError(f"{len(leaked)} patient(s) are in both train and test of {where}: {', '.join(leaked)}. "
+                    "BreakHis folds are patient-disjoint, so Folds.csv is damaged or not the official one; "
+                    "the offending images:\n  " + "\n  ".join(lines))
+
+
+def split_summary(subsets: dict[str, pd.DataFrame]) -> dict[str, dict]:
+    """Images and patients per split and class, and images per patient: the data summary kept as a DVC metric."""
+    summary = {}
     for group, rows in subsets.items():
-        atomic_write_text(output_dir / f"{group}.csv", rows.to_csv(index=False))
-        logger.info("%s: %d images, %d patients, per class %s", group, len(rows), rows["patient"].nunique(),
-                    rows["label"].value_counts().sort_index().to_dict())
+        per_patient = rows.groupby("patient").size()
+        summary[group] = {
+            "images": len(rows),
+            "patients": int(rows["patient"].nunique()),
+            "images_per_patient": {"min": int(per_patient.min()), "median": float(per_patient.median()),
+                                   "max": int(per_patient.max())},
+            "per_class": {name: {"images": int((rows["class_name"] == name).sum()),
+                                 "patients": int(rows.loc[rows["class_name"] == name, "patient"].nunique())}
+                          for name in CLASS_NAMES},
+        }
+    return summary
+
+
+def write_split(folds_csv: Path, split: SplitParams, output_dir: Path, summary_path: Path) -> dict[str, pd.DataFrame]:
+    """The `split_balance` stage: write `<output_dir>/train.csv` and `test.csv`, and the data summary."""
+    subsets = select_split(read_folds(folds_csv), split)
+    with atomic_directory(output_dir) as staging:
+        for group, rows in subsets.items():
+            rows.to_csv(staging / f"{group}.csv", index=False)
+    summary = split_summary(subsets)
+    atomic_write_json(summary_path, summary)
+    for group, figures in summary.items():
+        logger.info("%s: %d images, %d patients, per class %s", group, figures["images"], figures["patients"],
+                    {name: counts["images"] for name, counts in figures["per_class"].items()})
     return subsets
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
 import tempfile
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +60,26 @@ def _weights_digest(folder: Path) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
+def _tiny_model_folder() -> Path:
+    """The tiny model, built afresh and kept in a folder named by its digest.
+
+    peft writes the base model's folder into the adapter's files: a folder that depends only on the model's content
+    keeps the adapter byte-identical between runs, so DVC sees the same hash. Built beside it and renamed into place,
+    so concurrent stages (DVC's queue workers, distributed ranks) never see a half-written model.
+    """
+    parent = Path(tempfile.gettempdir())
+    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_ID}.partial-", dir=parent))
+    try:
+        build_tiny_gemma3(staging)
+        folder = parent / f"{TINY_MODEL_ID}-{_weights_digest(staging).removeprefix('sha256:')}"
+        if not folder.exists():
+            with contextlib.suppress(OSError):  # another process renamed its identical build into place first
+                staging.rename(folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def _hub_error_advice(model_id: str) -> str:
     from huggingface_hub import get_token
 
@@ -88,12 +108,9 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
     """Load model and processor through the Auto classes, in the dtype of `precision`, on the GPU if there is one."""
     dtype = DTYPES[precision]
     if params.id == TINY_MODEL_ID:
-        folder = Path(tempfile.mkdtemp(prefix="tiny-gemma3-"))
-        build_tiny_gemma3(folder)
+        folder = _tiny_model_folder()
         model, processor = _load(str(folder), params, dtype)
         resolved = _weights_digest(folder)
-        # peft reads the base model's folder when saving an adapter: keep it as long as the model lives.
-        weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
     elif Path(params.id).is_dir():
         model, processor = _load(params.id, params, dtype)
         resolved = _weights_digest(Path(params.id))

@@ -6,6 +6,7 @@ before any heavy work, with a message naming the key, the value and what is allo
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import types
 import typing
@@ -124,6 +125,9 @@ class TrainParams(_Section):
     precision: Precision = "bf16"
     seed: int = _key(42, "an integer >= 0", lambda v: v >= 0)
     logging_steps: int = _key(1, "an integer >= 1", lambda v: v >= 1)
+    # Optimizer steps between checkpoints that an interrupted `train` resumes from. Not part of what is trained: a
+    # checkpoint stays valid when only this changes.
+    checkpoint_steps: int = _key(25, "an integer >= 1", lambda v: v >= 1)
 
 
 @dataclass(frozen=True)
@@ -219,6 +223,12 @@ def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ())
             node = node.setdefault(section, {})
         node[key] = yaml.load(value)
     return params_from_dict(raw)
+
+
+def add_override_argument(parser: argparse.ArgumentParser) -> None:
+    """`-S section.key=value`, repeatable, as for `dvc exp run -S`: applied to params.yaml before validation."""
+    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param of params.yaml, as `dvc exp run -S` does")
 
 
 def to_flat_dict(params: Params) -> dict[str, Any]:

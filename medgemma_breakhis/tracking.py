@@ -6,7 +6,6 @@ or one DVC experiment), so the MLflow UI shows an execution as one expandable ro
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -26,20 +25,11 @@ from ruamel.yaml import YAML
 
 from medgemma_breakhis.modeling import LoadedModelInfo
 from medgemma_breakhis.params import Params, to_flat_dict
+from medgemma_breakhis.repository import file_sha256, main_repo_root
 
 EXPERIMENT_NAME = "medgemma-breakhis"
 # The distributions whose versions decide the numbers; recorded as `version.<name>` tags.
 TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "dvc")
-
-
-def main_repo_root() -> Path:
-    """The repository's own root, also from inside `dvc exp run --temp/--queue` (which runs in .dvc/tmp/exps/…)."""
-    root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
-    parts = root.parts
-    for index in range(len(parts) - 2):
-        if parts[index:index + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:index])
-    return root
 
 
 def embedded_tracking_uri() -> str:
@@ -118,11 +108,6 @@ def origin_tags() -> dict[str, str]:
     }
 
 
-def file_sha256(path: Path) -> str:
-    with path.open("rb") as stream:
-        return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
-
-
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
@@ -181,7 +166,8 @@ def log_peak_memory() -> None:
 def stage_run(stage: str, params: Params, split_csv: Path) -> Iterator[mlflow.ActiveRun]:
     """A child MLflow run for one stage, under its pipeline execution's parent run.
 
-    It carries all resolved params and the origin tags; a failure ends both runs FAILED with the reason as a tag.
+    It carries all resolved params and the origin tags. A failure ends both runs FAILED, an interruption (Ctrl-C,
+    SIGTERM) KILLED, with the reason as a tag.
     """
     experiment = experiment_id()
     origin = origin_tags()
@@ -204,9 +190,12 @@ def stage_run(stage: str, params: Params, split_csv: Path) -> Iterator[mlflow.Ac
             reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
             mlflow.set_tag("failure_reason", reason)
             mlflow.MlflowClient().set_tag(parent, "failure_reason", f"{stage}: {reason}")
-            raise
-        finally:
             log_peak_memory()
+            if isinstance(err, KeyboardInterrupt):
+                mlflow.end_run("KILLED")  # this stage's run
+                mlflow.end_run("KILLED")  # the pipeline's
+            raise
+        log_peak_memory()
 
 
 def pipeline_children(parent_run_id: str, stage: str) -> list[Run]:

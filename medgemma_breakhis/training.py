@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
-import tempfile
+import shutil
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,12 +17,28 @@ import mlflow
 import pandas as pd
 import torch
 from peft import LoraConfig
+from transformers import (
+    PreTrainedModel,
+    ProcessorMixin,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from medgemma_breakhis.checkpoints import (
+    checkpoint_folder,
+    last_complete_checkpoint,
+    prepare_checkpoint_folder,
+    training_fingerprint,
+)
 from medgemma_breakhis.data import read_split
+from medgemma_breakhis.distributed import is_main_process
 from medgemma_breakhis.modeling import LoadedModelInfo, NonFiniteError, load_base_model, non_finite_advice
-from medgemma_breakhis.params import LoraParams, ModelParams, Params, Precision, TrainParams
+from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.scoring import completion_messages, prompt_messages
 from medgemma_breakhis.tracking import log_loaded_model, stage_run
 
@@ -30,6 +50,7 @@ class TrainResult:
     model: LoadedModelInfo
     precision_ran: str
     global_steps: int
+    resumed_from_step: int
     train_loss_mean: float
     train_loss_last: float
 
@@ -41,6 +62,19 @@ class TrainingDivergedError(NonFiniteError):
         super().__init__(message)
         self.step = step
         self.loss = loss
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by a signal after saving a checkpoint; running the stage again resumes from it."""
+
+
+def _all_processes_agree(flag: bool, device: torch.device) -> bool:
+    """`flag` if it holds in every process of a distributed run: they must stop, or go on, together."""
+    if not torch.distributed.is_initialized():
+        return flag
+    agreed = torch.tensor(int(flag), device=device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+    return bool(agreed.item())
 
 
 class GuardedSFTTrainer(SFTTrainer):
@@ -67,7 +101,7 @@ class GuardedSFTTrainer(SFTTrainer):
 
     def training_step(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         loss = super().training_step(*args, **kwargs)
-        if not torch.isfinite(loss).all():
+        if not _all_processes_agree(bool(torch.isfinite(loss).all()), loss.device):
             step, value = self.state.global_step + 1, loss.item()
             raise TrainingDivergedError(
                 f"training loss is {value} at optimizer step {step} of {self.state.max_steps} with "
@@ -77,6 +111,41 @@ class GuardedSFTTrainer(SFTTrainer):
                 value,
             )
         return loss
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C) during training: finish the optimizer step
+    under way, save a checkpoint and stop. A second signal stops at once, without a checkpoint."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+
+    @contextmanager
+    def installed(self) -> Iterator[StopOnSignal]:
+        """The handlers, for the duration of training only."""
+        previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            raise KeyboardInterrupt(f"{name} received again: stopped without saving a checkpoint")
+        self.received = name
+        logger.warning("%s received: finishing this optimizer step, saving a checkpoint, then stopping "
+                       "(send it again to stop at once, without a checkpoint)", name)
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        # A signal may reach the processes of a distributed run at different steps: all stop at the same one.
+        if not _all_processes_agree(self.received is None, args.device):
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def build_sft_dataset(rows: pd.DataFrame, image_root: Path) -> datasets.Dataset:
@@ -100,15 +169,14 @@ def mixed_precision_mode(precision: str, on_cuda: bool) -> dict[str, bool]:
     }
 
 
-def build_trainer(model_params: ModelParams, lora: LoraParams, train: TrainParams, rows: pd.DataFrame,
-                  image_root: Path, work_dir: Path) -> tuple[GuardedSFTTrainer, LoadedModelInfo]:
-    """A trainer for a LoRA adapter on the base model loaded in `train.precision`, and what was loaded."""
-    model, processor, info = load_base_model(model_params, train.precision)
+def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, info: LoadedModelInfo, lora: LoraParams,
+                  train: TrainParams, rows: pd.DataFrame, image_root: Path, output_dir: Path) -> GuardedSFTTrainer:
+    """A trainer for a LoRA adapter on `model`, checkpointing every `train.checkpoint_steps` into `output_dir`."""
     on_cuda = torch.cuda.is_available()
     if train.precision == "fp16" and not on_cuda:
         logger.warning("fp16 mixed precision does not exist on CPU: training runs with fp16 weights and no autocast")
     config = SFTConfig(
-        output_dir=str(work_dir),
+        output_dir=str(output_dir),
         num_train_epochs=train.epochs,
         per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum_steps,
@@ -121,7 +189,9 @@ def build_trainer(model_params: ModelParams, lora: LoraParams, train: TrainParam
         max_grad_norm=train.max_grad_norm,
         logging_steps=train.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must show in the logs, not be averaged away
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=train.checkpoint_steps,
+        save_total_limit=1,  # the older checkpoint is deleted only once the newer one is complete
         eval_strategy="no",  # the test set is never seen during training
         seed=train.seed,
         data_seed=train.seed,
@@ -139,7 +209,7 @@ def build_trainer(model_params: ModelParams, lora: LoraParams, train: TrainParam
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    trainer = GuardedSFTTrainer(
+    return GuardedSFTTrainer(
         model=model,
         args=config,
         train_dataset=build_sft_dataset(rows, image_root),
@@ -148,7 +218,6 @@ def build_trainer(model_params: ModelParams, lora: LoraParams, train: TrainParam
         precision=train.precision,
         weights_dtype=info.dtype,
     )
-    return trainer, info
 
 
 def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
@@ -162,31 +231,78 @@ def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
     })
 
 
-def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path, metrics_path: Path,
-                 loss_path: Path) -> TrainResult:
-    """The `train` stage: fine-tune, save the adapter, write a training summary and the loss curve, track it all in
-    MLflow.
+def save_adapter(trainer: SFTTrainer, folder: Path) -> None:
+    """The adapter and processor, byte-identical whenever the training was, so DVC's hash of the adapter changes only
+    when what was trained does.
 
-    A diverged run ends with TrainingDivergedError, its MLflow run FAILED, and no adapter written.
+    Not `trainer.save_model`, which adds training_args.bin: a pickle of paths and settings such as the checkpoint
+    frequency, all of which MLflow records as params. And peft keeps `target_modules` as a set and writes it in hash
+    order, which changes from process to process (PYTHONHASHSEED): it is written sorted.
+    """
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model.save_pretrained(folder)
+    trainer.processing_class.save_pretrained(folder)
+    config_path = folder / "adapter_config.json"
+    saved = json.loads(config_path.read_text(encoding="utf-8"))
+    for key, value in vars(model.peft_config["default"]).items():
+        if isinstance(value, set):
+            saved[key] = sorted(value)
+    config_path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
+
+
+def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path, metrics_path: Path,
+                 loss_path: Path, checkpoint_root: Path) -> TrainResult | None:
+    """The `train` stage: fine-tune, save the adapter, write a training summary and the loss curve, track it all in
+    MLflow. Returns the result in the main process, None in the others of a distributed run.
+
+    Resumes from the last complete checkpoint made under the same inputs (see `checkpoints`). A run stopped by a
+    signal saves a checkpoint and ends with TrainingInterrupted; a diverged run ends with TrainingDivergedError.
+    Either way its MLflow run is marked so, and no adapter is written.
     """
     rows = read_split(train_csv, image_root)
-    with stage_run("train", params, train_csv), tempfile.TemporaryDirectory(prefix="trainer-") as work_dir:
-        trainer, info = build_trainer(params.model, params.lora, params.train, rows, image_root, Path(work_dir))
-        log_loaded_model(info, trainer.precision_ran)
+    main = is_main_process()
+    with stage_run("train", params, train_csv) if main else nullcontext():
+        model, processor, info = load_base_model(params.model, params.train.precision)
+        fingerprint = training_fingerprint(params, info.resolved_revision, train_csv, image_root, rows["filename"])
+        folder = checkpoint_folder(checkpoint_root, fingerprint)
+        trainer = build_trainer(model, processor, info, params.lora, params.train, rows, image_root, folder)
+        with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
+            if main:
+                prepare_checkpoint_folder(checkpoint_root, fingerprint)
+            resume_from = last_complete_checkpoint(folder, delete_incomplete=main)
+        resumed_from_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0
+        if main:
+            log_loaded_model(info, trainer.precision_ran)
+            mlflow.set_tags({"checkpoint_folder": str(folder), "resumed_from_step": str(resumed_from_step)})
+            if resume_from:
+                logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed_from_step)
+        stop = StopOnSignal()
+        trainer.add_callback(stop)
         try:
-            output = trainer.train()
+            with stop.installed():
+                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except TrainingDivergedError as err:
-            mlflow.log_metric("loss", err.loss, step=err.step)  # the curve shows where it diverged
-            mlflow.set_tag("diverged_at_step", str(err.step))
+            if main:
+                mlflow.log_metric("loss", err.loss, step=err.step)  # the curve shows where it diverged
+                mlflow.set_tag("diverged_at_step", str(err.step))
             raise
-        with atomic_directory(adapter_dir) as staging:
-            trainer.save_model(str(staging))
+        if stop.received:
+            step = trainer.state.global_step
+            raise TrainingInterrupted(
+                f"{stop.received}: training stopped at optimizer step {step} of {trainer.state.max_steps} and saved "
+                f"{folder / f'{PREFIX_CHECKPOINT_DIR}-{step}'}; run `dvc repro` (or this stage) again to resume "
+                "from it")
+        if not main:
+            return None
+        curve = loss_curve(trainer.state.log_history)
         result = TrainResult(
             model=info,
             precision_ran=trainer.precision_ran,
-            global_steps=output.global_step,
-            train_loss_mean=float(output.training_loss),
-            train_loss_last=next(float(e["loss"]) for e in reversed(trainer.state.log_history) if "loss" in e),
+            global_steps=trainer.state.global_step,
+            resumed_from_step=resumed_from_step,
+            # from the log history, which a resumed run restores: the same figure as an uninterrupted run
+            train_loss_mean=float(curve["loss"].mean()),
+            train_loss_last=float(curve["loss"].iloc[-1]),
         )
         atomic_write_json(metrics_path, {
             "train_loss_mean": result.train_loss_mean,
@@ -194,10 +310,14 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             "global_steps": result.global_steps,
             "n_images": len(rows),
         })
-        atomic_write_text(loss_path, loss_curve(trainer.state.log_history).to_csv(index=False))
+        atomic_write_text(loss_path, curve.to_csv(index=False))
+        with atomic_directory(adapter_dir) as staging:
+            save_adapter(trainer, staging)
         mlflow.log_artifact(str(metrics_path), artifact_path=metrics_path.parent.name)
         mlflow.log_artifact(str(loss_path), artifact_path=loss_path.parent.name)
         mlflow.log_artifact(str(adapter_dir / "adapter_config.json"), artifact_path="adapter")
-    logger.info("trained %d steps, last logged loss %.4f, adapter in %s; precision that ran: %s", result.global_steps,
-                result.train_loss_last, adapter_dir, result.precision_ran)
+        shutil.rmtree(folder)  # the adapter is saved: its checkpoints have nothing left to resume
+    logger.info("trained %d steps (resumed after step %d), last logged loss %.4f, adapter in %s; precision that ran: "
+                "%s", result.global_steps, result.resumed_from_step, result.train_loss_last, adapter_dir,
+                result.precision_ran)
     return result

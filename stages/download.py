@@ -9,7 +9,8 @@ from pathlib import Path
 
 from medgemma_breakhis.data import prepare_raw_data
 from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import load_params
+from medgemma_breakhis.params import add_override_argument, load_params
+from medgemma_breakhis.signals import interrupt_on_sigterm
 
 
 def main() -> None:
@@ -17,9 +18,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="folder to fill: Folds.csv and the images")
     parser.add_argument("--excluded", type=Path, required=True,
                         help="CSV listing the images left out by data.exclude_invalid, with the reason")
+    add_override_argument(parser)
     args = parser.parse_args()
     configure_logging()
-    params = load_params()
+    interrupt_on_sigterm()
+    params = load_params(overrides=args.overrides)
     count = prepare_raw_data(params.data, args.out, args.excluded)
     logging.getLogger(__name__).info("%s: %d images from source %s", args.out, count, params.data.source)
 

@@ -1,6 +1,7 @@
 """Stage `split_balance`: the reference's fold/magnification filter and benign/malignant undersampling.
 
-Run: dvc repro split_balance   (or: python -m stages.split_balance --folds data/raw/Folds.csv --out data/split)
+Run: dvc repro split_balance   (or: python -m stages.split_balance --folds data/raw/Folds.csv --out data/split
+                                                --summary metrics/data.json)
 """
 
 import argparse
@@ -8,17 +9,22 @@ from pathlib import Path
 
 from medgemma_breakhis.data import write_split
 from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import load_params
+from medgemma_breakhis.params import add_override_argument, load_params
+from medgemma_breakhis.signals import interrupt_on_sigterm
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--folds", type=Path, required=True, help="the dataset's Folds.csv")
     parser.add_argument("--out", type=Path, required=True, help="folder for train.csv and test.csv")
+    parser.add_argument("--summary", type=Path, required=True,
+                        help="data summary JSON to write: images and patients per split and class")
+    add_override_argument(parser)
     args = parser.parse_args()
     configure_logging()
-    params = load_params()
-    write_split(args.folds, params.split, args.out)
+    interrupt_on_sigterm()
+    params = load_params(overrides=args.overrides)
+    write_split(args.folds, params.split, args.out, args.summary)
 
 
 if __name__ == "__main__":

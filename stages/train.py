@@ -1,15 +1,17 @@
-"""Stage `train`: LoRA fine-tuning of the base model on the training split.
+"""Stage `train`: LoRA fine-tuning of the base model on the training split, resumable from checkpoints.
 
 Run: dvc repro train
      (or: python -m stages.train --images data/raw --train data/split/train.csv --adapter models/adapter
-          --metrics metrics/train.json --loss plots/train_loss.csv)
+          --metrics metrics/train.json --loss plots/train_loss.csv --checkpoints checkpoints)
 """
 
 import argparse
 from pathlib import Path
 
 from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import load_params
+from medgemma_breakhis.params import add_override_argument, load_params
+from medgemma_breakhis.repository import in_main_repo
+from medgemma_breakhis.signals import interrupt_on_sigterm
 from medgemma_breakhis.training import run_training
 
 
@@ -20,10 +22,15 @@ def main() -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="folder for the LoRA adapter")
     parser.add_argument("--metrics", type=Path, required=True, help="training summary JSON to write")
     parser.add_argument("--loss", type=Path, required=True, help="loss curve CSV to write")
+    parser.add_argument("--checkpoints", type=Path, required=True,
+                        help="checkpoint root; a relative path is taken from the main repository's root, so DVC "
+                             "experiment copies share it")
+    add_override_argument(parser)
     args = parser.parse_args()
     configure_logging()
-    params = load_params()
-    run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss)
+    interrupt_on_sigterm()
+    params = load_params(overrides=args.overrides)
+    run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss, in_main_repo(args.checkpoints))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from medgemma_breakhis.data import (
     read_folds,
     read_split,
     select_split,
+    split_summary,
     write_split,
 )
 from medgemma_breakhis.labels import CLASS_NAMES, label_from_path, patient_from_path
@@ -82,15 +83,44 @@ def test_unbalanced_selection_keeps_every_row_in_folds_order() -> None:
     assert list(subsets["train"]["filename"]) == list(expected)
 
 
-def test_patient_in_train_and_test_is_refused() -> None:
+def test_patient_in_train_and_test_is_refused_with_every_image_of_it() -> None:
     folds = hand_made_folds()
-    leak = folds[(folds["fold"] == 1) & (folds["mag"] == 100) & (folds["grp"] == "train")].iloc[[0]].assign(grp="test")
-    with pytest.raises(DataError, match=r"patient\(s\) .* in both train and test"):
-        select_split(pd.concat([folds, leak]), SplitParams(balance="none"))
+    train = folds[(folds["fold"] == 1) & (folds["mag"] == 100) & (folds["grp"] == "train")]
+    leaked_patients = train["filename"].map(patient_from_path).unique()[:2]
+    moved = train[train["filename"].map(patient_from_path).isin(leaked_patients)].groupby(
+        train["filename"].map(patient_from_path)).head(1)  # one image of each of two patients moved to test
+    leaky = pd.concat([folds.drop(moved.index), moved.assign(grp="test")])
+    with pytest.raises(DataError) as caught:
+        select_split(leaky, SplitParams(balance="none"))
+    message = str(caught.value)
+    assert message.startswith(f"2 patient(s) are in both train and test of fold 1 at 100X: "
+                              f"{', '.join(sorted(leaked_patients))}.")
+    for patient in leaked_patients:
+        images = train[train["filename"].map(patient_from_path) == patient]["filename"]
+        for filename in images:
+            group = "test" if filename in set(moved["filename"]) else "train"
+            assert f"patient {patient}, {group}: {filename}" in message
+
+
+def test_data_summary_counts_images_and_patients_per_split_and_class() -> None:
+    subsets = select_split(hand_made_folds(), SplitParams(balance="none"))
+    summary = split_summary(subsets)
+    for group, rows in subsets.items():
+        figures = summary[group]
+        assert figures["images"] == len(rows)
+        assert figures["patients"] == rows["patient"].nunique()
+        assert sum(c["images"] for c in figures["per_class"].values()) == len(rows)
+        assert set(figures["per_class"]) == set(CLASS_NAMES)
+    # fold 1, 100X, train in hand_made_folds: patients 11 and 13 (5 images each), 31 (4), 21 (3), 41 (2)
+    train = summary["train"]
+    assert train["per_class"]["malignant_ductal_carcinoma"] == {"images": 10, "patients": 2}
+    assert train["per_class"]["benign_adenosis"] == {"images": 3, "patients": 1}
+    assert train["per_class"]["benign_fibroadenoma"] == {"images": 0, "patients": 0}
+    assert train["images_per_patient"] == {"min": 2, "median": 4.0, "max": 5}
 
 
 def test_write_then_read_split(tmp_path: Path, synthetic_root: Path) -> None:
-    write_split(synthetic_root / "Folds.csv", SplitParams(), tmp_path / "split")
+    write_split(synthetic_root / "Folds.csv", SplitParams(), tmp_path / "split", tmp_path / "data.json")
     test = read_split(tmp_path / "split" / "test.csv", synthetic_root)
     assert len(test) > 0 and all(isinstance(p, str) for p in test["patient"])
 

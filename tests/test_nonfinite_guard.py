@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("split")
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder)
+    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
     return folder
 
 

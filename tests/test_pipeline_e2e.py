@@ -10,8 +10,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -235,6 +237,57 @@ def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(repo: Path) -> 
     _, children = pipeline_group(repo, experiment_name)
     assert set(children) == {"train", "evaluate"}
     assert children["train"].data.params["lora.r"] == "16"
+
+
+def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(repo: Path) -> None:
+    """`dvc repro` killed outright during `train`; a run of other params refuses its checkpoint; the next
+    `dvc repro` resumes from it and produces the adapter of the uninterrupted run, byte for byte."""
+    # the workspace as reproduced by the fixture, without the experiment above (which DVC also staged in git)
+    run(repo, "git", "reset", "-q", "--hard")
+    run(repo, "dvc", "checkout", "--force")
+    uninterrupted = locked_md5(repo, "train", "models/adapter")
+    metrics_before = (repo / "metrics" / "train.json").read_text()
+    yaml = YAML()
+    params = yaml.load(repo / "params.yaml")
+    params["train"]["checkpoint_steps"] = 4  # not a training input: only train re-runs, to the same adapter
+    yaml.dump(params, repo / "params.yaml")
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **SECRETS}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    killed = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    saved = repo / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not list(saved.glob("train-*/checkpoint-12/trainer_state.json")) and time.monotonic() < deadline:
+        assert killed.poll() is None, "dvc repro ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)  # dvc and the stage: no handler runs, as on a power loss
+    killed.wait()
+    (folder,) = saved.glob("train-*")
+    assert not (repo / "models" / "adapter").exists()
+
+    other = run(repo, "dvc", "exp", "run", "--temp", "-S", "lora.r=4", "-S", "train.epochs=1")
+    assert f"not resuming the checkpoints in {folder}: made under different inputs:\n" \
+           "    params lora.r: 8 in the checkpoint, 4 now\n    params train.epochs: 5 in the checkpoint, 1 now" in other
+    assert "resuming from" not in other
+    assert (folder / "checkpoint-12").is_dir()
+
+    resumed = run(repo, "dvc", "repro")
+    # evaluate does not re-run: the adapter is the one dvc.lock already has
+    assert stages_run(resumed) == ["train"]
+    assert f"resuming from {folder / 'checkpoint-12'}: optimizer steps 1-12 are done" in resumed
+    assert locked_md5(repo, "train", "models/adapter") == uninterrupted
+    assert (repo / "metrics" / "train.json").read_text() == metrics_before
+    assert not folder.exists()
+
+    *_, latest = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
+    (train,) = search(repo, f"tags.mlflow.parentRunId = '{latest.info.run_id}'")  # the resumed `dvc repro`
+    assert train.data.tags["resumed_from_step"] == "12"
+    steps = json.loads(metrics_before)["global_steps"]
+    assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == \
+        list(range(13, steps + 1))
+    run(repo, "git", "reset", "-q", "--hard")
 
 
 def test_precision_comparison_reports_the_fp16_overflow_as_diverged(repo: Path, overflowing_model: Path) -> None:

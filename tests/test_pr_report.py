@@ -40,7 +40,7 @@ def make_report(repo: Path, *arguments: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def two_commits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     repo = tmp_path_factory.mktemp("report-repo")
-    for name in ("Makefile", "dvc.yaml", "params.yaml", "requirements.txt"):
+    for name in ("Makefile", "dvc.yaml", "paths.yaml", "params.yaml", "requirements.txt"):
         shutil.copy2(REPO / name, repo / name)
     shutil.copytree(REPO / "medgemma_breakhis", repo / "medgemma_breakhis",
                     ignore=shutil.ignore_patterns("__pycache__"))

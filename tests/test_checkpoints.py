@@ -1,0 +1,105 @@
+"""Which checkpoint a training run may resume from, on hand-made checkpoint folders (no model)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from medgemma_breakhis.checkpoints import (
+    MANIFEST,
+    Fingerprint,
+    checkpoint_folder,
+    last_complete_checkpoint,
+    loaded_code,
+    prepare_checkpoint_folder,
+    training_fingerprint,
+)
+from medgemma_breakhis.params import params_from_dict
+
+
+def fingerprint(**params: object) -> Fingerprint:
+    return Fingerprint(params={"lora.r": 8, "train.epochs": 5, **params}, model={"resolved_revision": "sha256:aa"},
+                       data={"train_split": "sha256:" + "1" * 64, "images": "sha256:" + "2" * 64},
+                       code={"medgemma_breakhis/training.py": "sha256:" + "3" * 64, "version.torch": "2.13.0"})
+
+
+def checkpoint(folder: Path, step: int, state: str | None) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_bytes(b"weights")
+    if state is not None:
+        (path / "trainer_state.json").write_text(state)
+    return path
+
+
+def test_differences_name_every_changed_input_with_both_values() -> None:
+    ours = fingerprint(**{"lora.r": 16})
+    theirs = Fingerprint(params={"lora.r": 8, "train.epochs": 5}, model=ours.model,
+                         data={**ours.data, "train_split": "sha256:" + "9" * 64},
+                         code={**ours.code, "version.torch": "2.12.0"})
+    assert ours.differences(theirs) == [
+        "params lora.r: 8 in the checkpoint, 16 now",
+        "data train_split: sha256:999999999999 in the checkpoint, sha256:111111111111 now",
+        "code version.torch: '2.12.0' in the checkpoint, '2.13.0' now",
+    ]
+    assert ours.differences(ours) == []
+    assert ours.digest != theirs.digest and ours.digest == fingerprint(**{"lora.r": 16}).digest
+
+
+def test_other_inputs_get_their_own_folder_and_are_reported_not_resumed(tmp_path: Path, caplog) -> None:
+    stale = prepare_checkpoint_folder(tmp_path, fingerprint())
+    checkpoint(stale, 40, json.dumps({"global_step": 40}))
+    (tmp_path / "train-0000000000000000").mkdir()  # no manifest: unknown inputs
+    caplog.set_level(logging.WARNING)
+    ours = fingerprint(**{"lora.r": 16})
+    folder = prepare_checkpoint_folder(tmp_path, ours)
+    assert folder == checkpoint_folder(tmp_path, ours) != stale
+    assert Fingerprint.load(folder / MANIFEST) == ours
+    assert last_complete_checkpoint(folder, delete_incomplete=True) is None
+    assert f"not resuming the checkpoints in {stale}: made under different inputs:\n" \
+           "    params lora.r: 8 in the checkpoint, 16 now" in caplog.text
+    assert f"{tmp_path / 'train-0000000000000000'}: its {MANIFEST} cannot be read" in caplog.text
+    assert (stale / "checkpoint-40").is_dir()  # another experiment's: left alone
+
+
+def test_the_last_complete_checkpoint_is_resumed_and_interrupted_saves_are_deleted(tmp_path: Path) -> None:
+    folder = prepare_checkpoint_folder(tmp_path, fingerprint())
+    checkpoint(folder, 10, json.dumps({"global_step": 10}))
+    checkpoint(folder, 20, json.dumps({"global_step": 20}))
+    truncated = checkpoint(folder, 30, '{"global_step": 30, "log_hist')
+    unfinished = checkpoint(folder, 40, None)
+    assert last_complete_checkpoint(folder, delete_incomplete=False) == folder / "checkpoint-20"
+    assert truncated.exists() and unfinished.exists()
+    assert last_complete_checkpoint(folder, delete_incomplete=True) == folder / "checkpoint-20"
+    assert not truncated.exists() and not unfinished.exists()
+
+
+def test_fingerprint_covers_training_params_data_and_code_but_not_checkpoint_frequency(
+        tmp_path: Path, synthetic_root: Path) -> None:
+    files = sorted(p.relative_to(synthetic_root).as_posix() for p in synthetic_root.rglob("*-100-*.png"))[:3]
+    (tmp_path / "train.csv").write_text("filename\n" + "\n".join(files) + "\n")
+
+    def of(raw: dict, images: list[str] = files) -> Fingerprint:
+        return training_fingerprint(params_from_dict(raw), "sha256:aa", tmp_path / "train.csv", synthetic_root, images)
+
+    base = of({})
+    assert of({"train": {"checkpoint_steps": 7}}) == base
+    assert of({"eval": {"batch_size": 2}, "data": {"source": "synthetic"}}) == base
+    assert of({"lora": {"r": 4}}).differences(base) == ["params lora.r: 8 in the checkpoint, 4 now"]
+    assert [line.split(":")[0] for line in of({}, files[:2]).differences(base)] == ["data images"]
+    assert "medgemma_breakhis/checkpoints.py" in base.code and "medgemma_breakhis/params.py" in base.code
+    assert not any(name.startswith("tests/") for name in loaded_code())
+    assert {"version.torch", "version.transformers", "version.peft", "version.trl"} <= set(base.code)
+
+
+@pytest.mark.parametrize("manifest", ["{not json", json.dumps({"params": {}})])
+def test_unreadable_manifest_is_reported_not_resumed(tmp_path: Path, manifest: str, caplog) -> None:
+    broken = tmp_path / "train-ffffffffffffffff"
+    broken.mkdir()
+    (broken / MANIFEST).write_text(manifest)
+    caplog.set_level(logging.WARNING)
+    prepare_checkpoint_folder(tmp_path, fingerprint())
+    assert f"not resuming the checkpoints in {broken}: its {MANIFEST} cannot be read" in caplog.text

@@ -1,0 +1,86 @@
+"""A stage stopped part-way leaves nothing a later stage could take for a result; `train` stopped by SIGTERM saves
+a checkpoint and the next run resumes from it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
+from medgemma_breakhis.data import FOLDS_CSV, write_split
+from medgemma_breakhis.params import SplitParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_a_failed_write_leaves_the_previous_output_and_no_partial_files(tmp_path: Path) -> None:
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "weights").write_text("previous")
+    abandoned = tmp_path / ".adapter.partial-killed"  # what a SIGKILL'd writer leaves
+    abandoned.mkdir()
+    with pytest.raises(RuntimeError), atomic_directory(target) as staging:
+        (staging / "weights").write_text("half")
+        raise RuntimeError("killed")
+    assert (target / "weights").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    atomic_write_text(tmp_path / "metrics.json", "{}")
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o044 == 0o044  # readable like any file, not mkstemp's 0600
+
+
+def _stage(cwd: Path, synthetic_root: Path, log: Path) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DVC_"))} | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.train", "--images", str(synthetic_root), "--train", "split/train.csv",
+         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
+         "--checkpoints", "checkpoints"],
+        cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resumes(
+        synthetic_root: Path, tmp_path: Path) -> None:
+    # Checkpoints only far apart: the one found afterwards can only come from the signal.
+    (tmp_path / "params.yaml").write_text(
+        "model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  checkpoint_steps: 1000\n")
+    write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
+    steps = len(pd.read_csv(tmp_path / "split" / "train.csv")) // 8  # batch 1 x 8 accumulated, one epoch
+    log = tmp_path / "first.log"
+    stage = _stage(tmp_path, synthetic_root, log)
+    deadline = time.monotonic() + 300
+    while "'loss'" not in log.read_text() and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the first optimizer step is logged
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=300) != 0
+    output = log.read_text()
+    assert "SIGTERM received: finishing this optimizer step, saving a checkpoint, then stopping" in output
+    (checkpoint,) = (tmp_path / "checkpoints").glob("train-*/checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    assert f"TrainingInterrupted: SIGTERM: training stopped at optimizer step {step} of {steps} and saved {checkpoint}" \
+           in output
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (interrupted,) = client.search_runs(["1"], "tags.stage = 'train'")
+    assert interrupted.info.status == "KILLED"
+    assert interrupted.data.tags["failure_reason"].startswith("TrainingInterrupted: SIGTERM")
+    assert client.get_run(interrupted.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
+
+    stage = _stage(tmp_path, synthetic_root, tmp_path / "second.log")
+    assert stage.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
+    assert f"resuming from {checkpoint}: optimizer steps 1-{step} are done" in (tmp_path / "second.log").read_text()
+    assert (tmp_path / "models" / "adapter" / "adapter_model.safetensors").is_file()
+    assert len(pd.read_csv(tmp_path / "plots" / "train_loss.csv")) == steps  # the curve of both runs
+    assert list((tmp_path / "checkpoints").iterdir()) == []  # consumed by the finished run
+    resumed = client.search_runs(["1"], "tags.stage = 'train' and attributes.status = 'FINISHED'")[0]
+    assert resumed.data.tags["resumed_from_step"] == str(step)
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == list(range(step + 1, steps + 1))
