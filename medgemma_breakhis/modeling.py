@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
+from medgemma_breakhis.distributed import local_rank, world_size
 from medgemma_breakhis.params import ModelParams, Precision
 from medgemma_breakhis.tiny_model import TINY_MODEL_ID, build_tiny_gemma3
 
@@ -49,7 +50,8 @@ class LoadedModelInfo:
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The GPU if there is one (in a distributed run, this process's own), else the CPU."""
+    return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
 
 
 def _weights_digest(folder: Path) -> str:
@@ -97,7 +99,8 @@ def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrai
         revision=revision,
         dtype=dtype,
         attn_implementation=params.attn_implementation,
-        device_map="auto" if target.type == "cuda" else None,
+        # one process: spread over the GPUs there are; one of several (DDP): a whole copy on its own GPU
+        device_map=None if target.type != "cuda" else "auto" if world_size() == 1 else {"": target.index},
     )
     processor = AutoProcessor.from_pretrained(source, revision=revision)
     return model, processor

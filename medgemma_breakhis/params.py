@@ -120,6 +120,8 @@ class TrainParams(_Section):
     max_grad_norm: float = _key(0.3, "a number > 0", lambda v: v > 0.0)
     batch_size: int = _key(1, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
     grad_accum_steps: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
+    # > 1: data-parallel (DDP) training on that many processes under `accelerate launch`, one per GPU.
+    num_processes: int = _key(1, "an integer from 1 to 64", lambda v: 1 <= v <= 64)
     gradient_checkpointing: bool = True
     optim: Optimizer = "adamw_torch"
     precision: Precision = "bf16"

@@ -3,11 +3,14 @@
 Run: dvc repro train
      (or: python -m stages.train --images data/raw --train data/split/train.csv --adapter models/adapter
           --metrics metrics/train.json --loss plots/train_loss.csv --checkpoints checkpoints)
+With train.num_processes > 1 it starts itself again under `accelerate launch`, one process per GPU.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
+from medgemma_breakhis.distributed import run_distributed_if_asked
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.repository import in_main_repo
@@ -30,6 +33,7 @@ def main() -> None:
     configure_logging()
     interrupt_on_sigterm()
     params = load_params(overrides=args.overrides)
+    run_distributed_if_asked(params.train.num_processes, "stages.train", sys.argv[1:])
     run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss, in_main_repo(args.checkpoints))
 
 

@@ -1,0 +1,54 @@
+"""`train` with train.num_processes=2: two DDP processes (gloo, on the CPU) under `accelerate launch`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from medgemma_breakhis.data import FOLDS_CSV, write_split
+from medgemma_breakhis.distributed import LaunchError, run_distributed_if_asked
+from medgemma_breakhis.params import SplitParams
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_train_one_adapter_tracked_once(synthetic_root: Path, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  num_processes: 2\n")
+    write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("MLFLOW_", "DVC_"))} | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--images", str(synthetic_root), "--train", "split/train.csv",
+         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
+         "--checkpoints", "checkpoints"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "training on 2 process(es), effective batch 16" in result.stderr
+    assert result.stderr.count("loaded tiny-gemma3") == 2  # one model per process
+    images = len(pd.read_csv(tmp_path / "split" / "train.csv"))
+    summary = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert summary["global_steps"] == images // 16  # each step: 8 accumulated images on each of 2 processes
+    assert len(pd.read_csv(tmp_path / "plots" / "train_loss.csv")) == summary["global_steps"]
+    assert (tmp_path / "models" / "adapter" / "adapter_model.safetensors").is_file()
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (train,) = client.search_runs(["1"], "tags.stage = 'train'")  # rank 1 tracks nothing
+    assert train.info.status == "FINISHED"
+    assert (train.data.tags["num_processes"], train.data.tags["distributed_backend"]) == ("2", "gloo")
+    assert train.data.params["train.num_processes"] == "2"
+
+
+def test_a_launch_on_other_processes_than_the_params_is_refused(monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(LaunchError, match="launched on 4 processes but train.num_processes=2; set "
+                                          "-S train.num_processes=4"):
+        run_distributed_if_asked(2, "stages.train", [])
+    run_distributed_if_asked(4, "stages.train", [])  # agrees: carries on in this process
