@@ -1,4 +1,4 @@
-# make setup | demo | test | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | report BASE=<rev>   (README.md)
+# make setup | demo | test | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | report BASE=<rev> | gpu-memory  (README.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test compare-precision bench report
+.PHONY: setup demo test compare-precision bench report gpu-memory
 
 setup: $(VENV)/.installed
 
@@ -40,3 +40,7 @@ bench: setup
 report: setup
 	@test -n "$(BASE)" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
 	@$(BIN)/python -m medgemma_breakhis.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
+
+# Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
+gpu-memory: setup
+	@$(BIN)/python -m medgemma_breakhis.gpu_memory

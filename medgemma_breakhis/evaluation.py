@@ -46,13 +46,14 @@ def log_confusion_matrices(predictions: pd.DataFrame, stage: str) -> None:
 
 
 def tag_adapter_origin(adapter_dir: Path, parent_run_id: str) -> None:
-    """Point this run, and the `train` run of the same pipeline execution, at the adapter's DVC hash."""
-    md5 = dvc_locked_md5("train", adapter_dir)
+    """Point this run, and the `train` run of the same pipeline execution that wrote the adapter, at the adapter's
+    DVC hash."""
+    md5 = dvc_locked_md5(adapter_dir)
     if md5 is None:
-        mlflow.set_tag("adapter_dvc_md5", "not in dvc.lock (stage run outside DVC)")
+        mlflow.set_tag("adapter_dvc_md5", "not in a dvc.lock (stage run outside DVC)")
         return
     mlflow.set_tag("adapter_dvc_md5", md5)
-    for train_run in pipeline_children(parent_run_id, "train")[:1]:
+    for train_run in pipeline_children(parent_run_id, "train", {"adapter_path": str(adapter_dir)})[:1]:
         if train_run.info.status == "FINISHED":
             mlflow.MlflowClient().set_tag(train_run.info.run_id, "adapter_dvc_md5", md5)
 

@@ -49,7 +49,8 @@ class _Section:
             check = f.metadata.get("check")
             if not _matches(value, tp) or (check is not None and not check(value)):
                 allowed = f.metadata.get("allowed") or _describe(tp)
-                raise ParamsError(f"params: {self.SECTION}.{f.name}={value!r} is not allowed; expected {allowed}")
+                shown = list(value) if isinstance(value, tuple) else value  # as written in params.yaml
+                raise ParamsError(f"params: {self.SECTION}.{f.name}={shown!r} is not allowed; expected {allowed}")
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,22 @@ class EvalParams(_Section):
     seed: int = _key(0, "an integer >= 0", lambda v: v >= 0)
 
 
+def _distinct(values: tuple[int, ...]) -> bool:
+    return len(set(values)) == len(values)
+
+
+@dataclass(frozen=True)
+class CrossValidationParams(_Section):
+    """What cv/dvc.yaml runs: every fold at every magnification listed (the single-fold pipeline ignores these)."""
+
+    SECTION = "cv"
+    folds: tuple[int, ...] = _key((1, 2, 3, 4, 5), "a list of at least two distinct folds from 1 to 5",
+                                  lambda v: len(v) >= 2 and _distinct(v) and all(1 <= f <= 5 for f in v))
+    magnifications: tuple[int, ...] = _key((100,), "a list of distinct magnifications from 40, 100, 200, 400",
+                                           lambda v: len(v) >= 1 and _distinct(v)
+                                           and all(m in (40, 100, 200, 400) for m in v))
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -153,6 +170,7 @@ class Params:
     lora: LoraParams = field(default_factory=LoraParams)
     train: TrainParams = field(default_factory=TrainParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    cv: CrossValidationParams = field(default_factory=CrossValidationParams)
 
 
 def _describe(tp: Any) -> str:
@@ -160,6 +178,8 @@ def _describe(tp: Any) -> str:
         return "one of " + ", ".join(str(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list of values, each {_describe(typing.get_args(tp)[0])}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
 
@@ -170,6 +190,8 @@ def _matches(value: Any, tp: Any) -> bool:
         return value in typing.get_args(tp) and not isinstance(value, bool)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_matches(v, typing.get_args(tp)[0]) for v in value)
     if tp is type(None):
         return value is None
     if tp is bool:
@@ -196,6 +218,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is tuple and isinstance(value, list):
+            kwargs[name] = tuple(value)  # YAML's lists, kept immutable like the rest of the params
         else:  # the section checks type and rule; YAML's `1` where a number belongs is that number
             kwargs[name] = float(value) if tp is float and _matches(value, float) else value
     return cls(**kwargs)
@@ -243,7 +267,7 @@ def to_flat_dict(params: Params) -> dict[str, Any]:
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
             else:
-                flat[f"{prefix}{f.name}"] = value
+                flat[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
 
     walk(params, "")
     return flat

@@ -114,14 +114,17 @@ def device_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def dvc_locked_md5(stage: str, out: Path, lock_file: Path = Path("dvc.lock")) -> str | None:
-    """DVC's hash of output `out` of `stage`, as recorded in dvc.lock (None if the stage has not been locked)."""
-    if not lock_file.is_file():
-        return None
-    lock = YAML(typ="safe").load(lock_file) or {}
-    for entry in lock.get("stages", {}).get(stage, {}).get("outs", []):
-        if Path(entry["path"]) == out:
-            return entry.get("md5")
+def dvc_locked_md5(out: Path) -> str | None:
+    """DVC's hash of output `out`, as recorded in the lock file of the pipeline that made it (dvc.lock, cv/dvc.lock);
+    None if no stage has been locked with it."""
+    for lock_file in (Path("dvc.lock"), *sorted(Path().glob("*/dvc.lock"))):
+        if not lock_file.is_file():
+            continue
+        lock = YAML(typ="safe").load(lock_file) or {}
+        for stage in lock.get("stages", {}).values():
+            for entry in stage.get("outs", []):
+                if Path(entry["path"]) == out:
+                    return entry.get("md5")
     return None
 
 
@@ -182,7 +185,8 @@ def stage_run(stage: str, params: Params, split_csv: Path) -> Iterator[mlflow.Ac
         "model_revision": params.model.revision,
     }
     with (mlflow.start_run(run_id=parent),
-          mlflow.start_run(experiment_id=experiment, run_name=stage, nested=True, tags=tags) as run):
+          mlflow.start_run(experiment_id=experiment, nested=True, tags=tags,
+                           run_name=f"{stage} (fold {params.split.fold}, {params.split.magnification}X)") as run):
         mlflow.log_params(to_flat_dict(params))
         try:
             yield run
@@ -198,11 +202,12 @@ def stage_run(stage: str, params: Params, split_csv: Path) -> Iterator[mlflow.Ac
         log_peak_memory()
 
 
-def pipeline_children(parent_run_id: str, stage: str) -> list[Run]:
-    """The runs of `stage` under one pipeline execution's parent run, newest first."""
+def pipeline_children(parent_run_id: str, stage: str, tags: dict[str, str]) -> list[Run]:
+    """The runs of `stage` with `tags` under one pipeline execution's parent run, newest first."""
+    wanted = "".join(f" and tags.{key} = '{value}'" for key, value in tags.items())
     return mlflow.search_runs(
         experiment_ids=[experiment_id()],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'{wanted}",
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )

@@ -273,7 +273,8 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
         resumed_from_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0
         if main:
             log_loaded_model(info, trainer.precision_ran)
-            mlflow.set_tags({"checkpoint_folder": str(folder), "resumed_from_step": str(resumed_from_step),
+            mlflow.set_tags({"adapter_path": str(adapter_dir), "checkpoint_folder": str(folder),
+                             "resumed_from_step": str(resumed_from_step),
                              "num_processes": str(trainer.args.world_size),
                              "distributed_backend": str(trainer.accelerator.state.backend or "none")})
             logger.info("training on %d process(es), effective batch %d (batch_size x grad_accum_steps x processes)",

@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -37,7 +39,13 @@ SECRETS = {"HF_TOKEN": f"hf_FAKE{uuid.uuid4().hex}", "KAGGLE_USERNAME": "fake-ka
 COMMAND_OUTPUTS: list[str] = []
 
 
-def run(cwd: Path, *args: str, check: bool = True) -> str:
+def run_json(cwd: Path, *args: str) -> dict:
+    """A dvc command's --json output; its warnings on stderr (e.g. metrics of the cross-validation pipeline, not run
+    yet) are not part of it."""
+    return json.loads(run(cwd, *args, stdout_only=True))
+
+
+def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **SECRETS}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -45,7 +53,7 @@ def run(cwd: Path, *args: str, check: bool = True) -> str:
     COMMAND_OUTPUTS.append(result.stdout + result.stderr)
     if check:
         assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result.stdout + result.stderr
+    return result.stdout if stdout_only else result.stdout + result.stderr
 
 
 def mlflow_client(repo: Path) -> mlflow.MlflowClient:
@@ -132,7 +140,7 @@ def test_full_repro_fine_tunes_well_beyond_the_baseline(repo: Path) -> None:
 
 
 def test_plots_render_confusion_matrices_roc_and_loss(repo: Path) -> None:
-    plots = json.loads(run(repo, "dvc", "plots", "show", "--json"))["data"]
+    plots = run_json(repo, "dvc", "plots", "show", "--json")["data"]
     expected = {f"confusion_{kind}_{stage}" for kind in ("eight_class", "binary") for stage in ("baseline", "finetuned")}
     assert expected | {"roc_malignant", "training_loss"} <= set(plots)
     for plot_id in expected | {"roc_malignant", "training_loss"}:
@@ -228,10 +236,10 @@ def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(repo: 
 def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(repo: Path) -> None:
     output = run(repo, "dvc", "exp", "run", "-S", "lora.r=16")
     assert stages_run(output) == ["train", "evaluate"]
-    diff = json.loads(run(repo, "dvc", "metrics", "diff", "--json"))
+    diff = run_json(repo, "dvc", "metrics", "diff", "--json")
     assert "metrics/train.json" in diff
     assert diff["metrics/train.json"]["train_loss_mean"]["diff"] != 0
-    params_diff = json.loads(run(repo, "dvc", "params", "diff", "--json"))
+    params_diff = run_json(repo, "dvc", "params", "diff", "--json")
     assert (params_diff["params.yaml"]["lora.r"]["old"], params_diff["params.yaml"]["lora.r"]["new"]) == (8, 16)
     experiment_name = next(line.split()[-1] for line in output.splitlines() if line.startswith("Ran experiment(s):"))
     _, children = pipeline_group(repo, experiment_name)
@@ -244,7 +252,7 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(repo: P
     `dvc repro` resumes from it and produces the adapter of the uninterrupted run, byte for byte."""
     # the workspace as reproduced by the fixture, without the experiment above (which DVC also staged in git)
     run(repo, "git", "reset", "-q", "--hard")
-    run(repo, "dvc", "checkout", "--force")
+    run(repo, "dvc", "checkout", "--force", "dvc.yaml")  # the cross-validation's outputs were never made
     uninterrupted = locked_md5(repo, "train", "models/adapter")
     metrics_before = (repo / "metrics" / "train.json").read_text()
     yaml = YAML()
@@ -288,6 +296,123 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(repo: P
     assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == \
         list(range(13, steps + 1))
     run(repo, "git", "reset", "-q", "--hard")
+
+
+def set_params(repo: Path, **values: object) -> None:
+    """Edit params.yaml in place, e.g. set_params(repo, train__epochs=1)."""
+    yaml = YAML()
+    params = yaml.load(repo / "params.yaml")
+    for key, value in values.items():
+        section, name = key.split("__")
+        params[section][name] = value
+    yaml.dump(params, repo / "params.yaml")
+
+
+def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(repo: Path) -> None:
+    run(repo, "git", "reset", "-q", "--hard")
+    queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "lora.r=4,16", "-S", "train.epochs=1")
+    names = re.findall(r"Queued experiment '([^']+)'", queued)
+    assert len(names) == 2
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **SECRETS}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    # the workers are daemons that outlive `queue start` (and would hold a captured stdout open): poll the queue
+    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=True, timeout=60)
+    deadline = time.monotonic() + 900
+    while True:
+        status = run(repo, "dvc", "queue", "status")  # rows: task, name, created, status
+        rows = {parts[1]: parts[-1] for parts in map(str.split, status.splitlines())
+                if len(parts) > 2 and parts[1] in names}
+        done = len(rows) == len(names) and set(rows.values()) <= {"Success", "Failed"}
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    for name in names:
+        run(repo, "dvc", "queue", "logs", name)  # kept for the secrets scan below
+    assert rows == dict.fromkeys(names, "Success"), status
+
+    shown = run_json(repo, "dvc", "exp", "show", "--json")
+    experiments = {rev["name"]: rev["data"] for commit in shown for exp in commit.get("experiments") or []
+                   for rev in exp["revs"] if rev.get("name") in names}
+    ranks = {name: data["params"]["params.yaml"]["data"]["lora"]["r"] for name, data in experiments.items()}
+    assert sorted(ranks.values()) == [4, 16]
+    for name, data in experiments.items():
+        metrics = data["metrics"]
+        assert metrics["metrics/train.json"]["data"]["global_steps"] == 16  # one epoch
+        assert 0 <= metrics["metrics/finetuned.json"]["data"]["eight_class"]["accuracy"] <= 1
+        _, children = pipeline_group(repo, name)  # each queued run lands in the main store, grouped
+        assert set(children) == {"train", "evaluate"}
+        assert children["train"].data.params["lora.r"] == str(ranks[name])
+    table = run(repo, "dvc", "exp", "show", "--no-pager", "--md", "--keep", "lora.r")
+    assert all(name in table for name in names)
+    assert list((repo / "checkpoints").glob("train-*")) == []  # each finished run removed its own
+
+
+def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(repo: Path) -> None:
+    run(repo, "git", "reset", "-q", "--hard")
+    set_params(repo, train__epochs=1)
+    output = run(repo, "dvc", "repro", "cv/dvc.yaml")
+    folds = [1, 2, 3, 4, 5]
+    for stage in ("split", "baseline", "train", "evaluate"):
+        assert all(f"Running stage 'cv/dvc.yaml:{stage}@{fold}-100'" in output for fold in folds), stage
+    assert "Running stage 'cv/dvc.yaml:summary'" in output
+    assert "Running stage 'train'" not in output and "Running stage 'download'" not in output
+
+    per_fold = [read_json(repo / "cv" / "metrics" / f"fold{fold}-100x" / "finetuned.json") for fold in folds]
+    accuracies = [metrics["eight_class"]["accuracy"] for metrics in per_fold]
+    summary = read_json(repo / "cv" / "summary.json")["100x"]
+    assert summary["n_folds"] == 5
+    assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
+        {"mean": statistics.mean(accuracies), "std": statistics.stdev(accuracies), "min": min(accuracies),
+         "max": max(accuracies)})
+    test_sets = [set(pd.read_csv(repo / "cv" / "folds" / f"fold{fold}-100x" / "split" / "test.csv")["patient"])
+                 for fold in folds]
+    assert all(not a & b for i, a in enumerate(test_sets) for b in test_sets[i + 1:])  # each patient tested once
+    table = (repo / "cv" / "summary.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[3:]] == ["1", "2", "3", "4", "5", "mean ± std", "[min, max]"]
+    (workspace,) = run_json(repo, "dvc", "metrics", "show", "--json").values()
+    assert "cv/summary.json" in workspace["data"]
+
+    *_, parent = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
+    trains = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'train'")
+    assert sorted(int(train.data.params["split.fold"]) for train in trains) == folds
+    lock = YAML(typ="safe").load(repo / "cv" / "dvc.lock")["stages"]
+    for train in trains:
+        fold = train.data.params["split.fold"]
+        assert train.info.run_name == f"train (fold {fold}, 100X)"
+        (adapter,) = [o for o in lock[f"train@{fold}-100"]["outs"] if o["path"].endswith("adapter")]
+        assert train.data.tags["adapter_dvc_md5"] == adapter["md5"]
+    assert "Running stage" not in run(repo, "dvc", "repro", "cv/dvc.yaml")
+    run(repo, "git", "reset", "-q", "--hard")
+
+
+def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(repo: Path, tmp_path: Path) -> None:
+    """A local folder stands in for the gs:// bucket: the same `dvc push`/`dvc pull`, another storage backend."""
+    run(repo, "git", "reset", "-q", "--hard")
+    assert "gs (gcsfs" in run(repo, "dvc", "version")  # dvc-gs is installed for the README's GCS remote
+    remote = tmp_path / "remote"
+    run(repo, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))  # --local: .dvc/config.local, not git
+    checkpoint = repo / "checkpoints" / "train-0123456789abcdef" / "checkpoint-1"
+    checkpoint.mkdir(parents=True)
+    marker = f"checkpoint {uuid.uuid4()}".encode()
+    (checkpoint / "adapter_model.safetensors").write_bytes(marker)
+    run(repo, "dvc", "push")
+    assert all(marker not in path.read_bytes() for path in remote.rglob("*") if path.is_file())
+
+    clone = tmp_path / "clone"
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    run(clone, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
+    run(clone, "dvc", "pull", "--allow-missing")  # the cross-validation pipeline has not been run: nothing to pull
+    for out in ("data/raw", "data/split", "models/adapter"):
+        files = sorted(p.relative_to(repo) for p in (repo / out).rglob("*") if p.is_file())
+        assert files == sorted(p.relative_to(clone) for p in (clone / out).rglob("*") if p.is_file()), out
+        assert all((repo / f).read_bytes() == (clone / f).read_bytes() for f in files), out
+    for metrics in ("metrics/finetuned.json", "metrics/data.json", "predictions/finetuned.csv"):  # git carries these
+        assert (clone / metrics).read_bytes() == (repo / metrics).read_bytes()
+    assert "Data and pipelines are up to date" in run(clone, "dvc", "repro")
+    assert not (clone / "checkpoints").exists()
+    shutil.rmtree(repo / "checkpoints")
 
 
 def test_precision_comparison_reports_the_fp16_overflow_as_diverged(repo: Path, overflowing_model: Path) -> None:

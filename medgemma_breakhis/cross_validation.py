@@ -1,0 +1,134 @@
+"""Cross-validation summary: the mean and spread over folds of every metric the per-fold stages wrote.
+
+Pure functions over the per-fold metrics files (cv/metrics/fold<f>-<m>x/{data,baseline,finetuned,train}.json), tested
+on hand-made ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
+from medgemma_breakhis.params import CrossValidationParams
+
+METRICS_FILES = ("data", "baseline", "finetuned", "train")
+# A breakdown, not a figure of the fold: averaging it over folds with few patients per class would mostly be noise.
+NOT_AGGREGATED = frozenset({"per_class"})
+TABLE_COLUMNS = (
+    ("test images", "data", "test.images"),
+    ("test patients", "data", "test.patients"),
+    ("baseline 8-class acc.", "baseline", "eight_class.accuracy"),
+    ("8-class acc.", "finetuned", "eight_class.accuracy"),
+    ("8-class F1 (w.)", "finetuned", "eight_class.f1_weighted"),
+    ("binary acc.", "finetuned", "binary.accuracy"),
+    ("binary ROC-AUC", "finetuned", "binary.roc_auc"),
+    ("patient-level acc.", "finetuned", "patient_level.accuracy"),
+)
+
+
+class CrossValidationError(RuntimeError):
+    """A fold's metrics are missing or disagree in shape with the others."""
+
+
+def fold_name(fold: int, magnification: int) -> str:
+    return f"fold{fold}-{magnification}x"
+
+
+def read_fold(metrics_dir: Path, fold: int, magnification: int) -> dict[str, Any]:
+    folder = metrics_dir / fold_name(fold, magnification)
+    missing = [f"{folder / name}.json" for name in METRICS_FILES if not (folder / f"{name}.json").is_file()]
+    if missing:
+        raise CrossValidationError(f"missing {', '.join(missing)}: run `dvc repro cv/dvc.yaml`, which writes them")
+    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name in METRICS_FILES}
+
+
+def _numbers(node: Any, prefix: str = "") -> dict[str, float]:
+    """Every numeric leaf of a metrics file, as dotted keys (as `dvc metrics show` names them)."""
+    if isinstance(node, dict):
+        return {key: value for name, child in node.items() if name not in NOT_AGGREGATED
+                for key, value in _numbers(child, f"{prefix}{name}.").items()}
+    if isinstance(node, (int, float)) and not isinstance(node, bool):
+        return {prefix.rstrip("."): float(node)}
+    return {}
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, smallest and largest value over folds."""
+    array = np.asarray(values, dtype=float)
+    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)), "min": float(array.min()),
+            "max": float(array.max())}
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
+def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over `folds` (name -> its metrics files) of every metric that every fold has."""
+    if len(folds) < 2:
+        raise CrossValidationError(f"a spread needs at least two folds, got {len(folds)}")
+    per_fold = {name: {f"{file}.{key}": value for file, content in files.items()
+                       for key, value in _numbers(content).items()} for name, files in folds.items()}
+    shared = set.intersection(*(set(values) for values in per_fold.values()))
+    for name, values in per_fold.items():
+        if set(values) - shared:
+            # e.g. binary.roc_auc, absent where a fold's test set holds a single class: say so, never average less
+            raise CrossValidationError(f"{name} has metrics other folds lack: {', '.join(sorted(set(values) - shared))}")
+    return {"n_folds": len(folds), "folds": list(folds),
+            **_nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)})}
+
+
+def summarise_params(metrics_dir: Path, cv: CrossValidationParams) -> dict[str, Any]:
+    """The summary per magnification of the folds `cv` asks for (and only those: stale folds are ignored)."""
+    return {f"{magnification}x": summarise({fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification)
+                                             for fold in cv.folds})
+            for magnification in cv.magnifications}
+
+
+def _lookup(node: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _cell(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.3f}"
+
+
+def summary_table(metrics_dir: Path, cv: CrossValidationParams, summary: dict[str, Any]) -> str:
+    """Markdown: one row per fold, then mean ± std and [min, max]; fine-tuned unless the column says baseline."""
+    sections = []
+    for magnification in cv.magnifications:
+        aggregated = summary[f"{magnification}x"]
+        lines = [f"### {magnification}X, {aggregated['n_folds']} folds",
+                 "| fold | " + " | ".join(label for label, _, _ in TABLE_COLUMNS) + " |",
+                 "|---|" + "---|" * len(TABLE_COLUMNS)]
+        for fold in cv.folds:
+            files = read_fold(metrics_dir, fold, magnification)
+            cells = [_cell(_lookup(files[file], key)) for _, file, key in TABLE_COLUMNS]
+            lines.append(f"| {fold} | " + " | ".join(cells) + " |")
+        stats = [_lookup(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
+        lines.append("| mean ± std | " + " | ".join(f"{s['mean']:.3f} ± {s['std']:.3f}" for s in stats) + " |")
+        lines.append("| [min, max] | " + " | ".join(f"[{_cell(s['min'])}, {_cell(s['max'])}]" for s in stats) + " |")
+        sections.append("\n".join(lines))
+    return "\n\n".join(sections) + "\n"
+
+
+def write_summary(metrics_dir: Path, cv: CrossValidationParams, summary_path: Path, table_path: Path) -> str:
+    """The `cv/dvc.yaml:summary` stage: the summary JSON (a DVC metric) and its markdown table; returns the table."""
+    summary = summarise_params(metrics_dir, cv)
+    table = summary_table(metrics_dir, cv, summary)
+    atomic_write_json(summary_path, summary)
+    atomic_write_text(table_path, table)
+    return table

@@ -1,0 +1,30 @@
+"""Stage `summary` of cv/dvc.yaml: the mean and spread over the cross-validation folds of every metric.
+
+Run: dvc repro cv/dvc.yaml
+     (or: python -m stages.cv_summary --metrics cv/metrics --out cv/summary.json --table cv/summary.md)
+"""
+
+import argparse
+from pathlib import Path
+
+from medgemma_breakhis.cross_validation import write_summary
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.params import add_override_argument, load_params
+from medgemma_breakhis.signals import interrupt_on_sigterm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--metrics", type=Path, required=True, help="folder of the per-fold metrics folders")
+    parser.add_argument("--out", type=Path, required=True, help="summary JSON to write (mean, std, min, max)")
+    parser.add_argument("--table", type=Path, required=True, help="markdown table to write, one row per fold")
+    add_override_argument(parser)
+    args = parser.parse_args()
+    configure_logging()
+    interrupt_on_sigterm()
+    params = load_params(overrides=args.overrides)
+    print(write_summary(args.metrics, params.cv, args.out, args.table), end="")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""The cross-validation summary on hand-made per-fold metrics files."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+
+from medgemma_breakhis.cross_validation import (
+    CrossValidationError,
+    fold_name,
+    summarise_params,
+    write_summary,
+)
+from medgemma_breakhis.params import CrossValidationParams
+
+ACCURACIES = {1: 0.5, 2: 0.75, 3: 0.625}
+
+
+def write_fold(metrics_dir: Path, fold: int, magnification: int, accuracy: float, roc_auc: bool = True) -> None:
+    folder = metrics_dir / fold_name(fold, magnification)
+    folder.mkdir(parents=True)
+    binary = {"accuracy": accuracy + 0.25, **({"roc_auc": accuracy} if roc_auc else {})}
+    files = {
+        "data": {"test": {"images": 30 + fold, "patients": 8}},
+        "baseline": {"eight_class": {"accuracy": 0.125, "f1_weighted": 0.1, "per_class": {"a": {"f1": 0.3}}},
+                     "binary": {"accuracy": 0.5}, "patient_level": {"accuracy": 0.5}},
+        "finetuned": {"eight_class": {"accuracy": accuracy, "f1_weighted": accuracy - 0.1,
+                                      "per_class": {"a": {"f1": 0.9}}},
+                      "binary": binary, "patient_level": {"accuracy": accuracy}, "n_images": 30 + fold},
+        "train": {"train_loss_last": 1.0 / fold, "global_steps": 80},
+    }
+    for name, content in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(content))
+
+
+def test_mean_and_spread_of_every_metric_over_the_folds(tmp_path: Path) -> None:
+    for fold, accuracy in ACCURACIES.items():
+        write_fold(tmp_path, fold, 100, accuracy)
+    write_fold(tmp_path, 4, 100, 0.0)  # a fold no longer in cv.folds: stale, never averaged in
+    summary = summarise_params(tmp_path, CrossValidationParams(folds=(1, 2, 3)))["100x"]
+    assert summary["n_folds"] == 3 and summary["folds"] == ["fold1-100x", "fold2-100x", "fold3-100x"]
+    values = list(ACCURACIES.values())
+    assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
+        {"mean": statistics.mean(values), "std": statistics.stdev(values), "min": 0.5, "max": 0.75})
+    assert summary["finetuned"]["binary"]["roc_auc"]["mean"] == pytest.approx(statistics.mean(values))
+    assert summary["train"]["train_loss_last"]["max"] == 1.0
+    assert summary["data"]["test"]["images"] == pytest.approx({"mean": 32.0, "std": 1.0, "min": 31.0, "max": 33.0})
+    assert summary["baseline"]["eight_class"]["accuracy"]["std"] == 0.0
+    assert "per_class" not in summary["finetuned"]["eight_class"]
+
+
+def test_summary_and_table_are_written_per_magnification(tmp_path: Path) -> None:
+    for magnification in (40, 100):
+        for fold, accuracy in ACCURACIES.items():
+            write_fold(tmp_path / "metrics", fold, magnification, accuracy)
+    cv = CrossValidationParams(folds=(1, 2, 3), magnifications=(40, 100))
+    table = write_summary(tmp_path / "metrics", cv, tmp_path / "summary.json", tmp_path / "summary.md")
+    assert set(json.loads((tmp_path / "summary.json").read_text())) == {"40x", "100x"}
+    assert (tmp_path / "summary.md").read_text() == table
+    lines = table.splitlines()
+    assert lines[0] == "### 40X, 3 folds"
+    assert lines[3].startswith("| 1 | 31 | 8 | 0.125 | 0.500 | 0.400 | 0.750 | 0.500 | 0.500 |")
+    assert lines[6].startswith("| mean ± std | 32.000 ± 1.000 | 8.000 ± 0.000 | 0.125 ± 0.000 | 0.625 ± 0.125 |")
+    assert lines[7].startswith("| [min, max] | [31, 33] | [8, 8] | [0.125, 0.125] | [0.500, 0.750] |")
+    assert "### 100X, 3 folds" in lines
+
+
+def test_a_missing_fold_says_how_to_make_it(tmp_path: Path) -> None:
+    write_fold(tmp_path, 1, 100, 0.5)
+    with pytest.raises(CrossValidationError, match=r"missing .*fold2-100x/data.json.*run `dvc repro cv/dvc.yaml`"):
+        summarise_params(tmp_path, CrossValidationParams(folds=(1, 2)))
+
+
+def test_a_metric_one_fold_lacks_is_an_error_not_a_smaller_average(tmp_path: Path) -> None:
+    write_fold(tmp_path, 1, 100, 0.5)
+    write_fold(tmp_path, 2, 100, 0.75, roc_auc=False)
+    with pytest.raises(CrossValidationError, match="fold1-100x has metrics other folds lack: finetuned.binary.roc_auc"):
+        summarise_params(tmp_path, CrossValidationParams(folds=(1, 2)))
