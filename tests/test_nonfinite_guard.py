@@ -58,7 +58,8 @@ def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapte
            if not key.startswith(("MLFLOW_", "DVC_"))} | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", "--images", str(synthetic_root), "--train", str(split_dir / "train.csv"),
-         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv"],
+         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
+         "--checkpoints", "checkpoints"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode != 0
@@ -68,6 +69,7 @@ def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapte
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "metrics").exists()
     assert not (tmp_path / "plots").exists()
+    assert not list((tmp_path / "checkpoints").glob("*/checkpoint-*"))  # nothing diverged is kept to resume from
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (train,) = client.search_runs(["1"], "tags.stage = 'train'")
