@@ -127,10 +127,9 @@ def checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
     return root / f"{FOLDER_PREFIX}{fingerprint.digest}"
 
 
-def report_other_folders(root: Path, fingerprint: Fingerprint) -> list[tuple[Path, str]]:
-    """Every checkpoint folder under `root` made under other inputs, with why it is not resumed; each is logged."""
+def report_other_folders(root: Path, fingerprint: Fingerprint) -> None:
+    """Log every checkpoint folder under `root` made under other inputs, with why it is not resumed."""
     own = checkpoint_folder(root, fingerprint)
-    skipped = []
     for folder in sorted(root.glob(f"{FOLDER_PREFIX}*")):
         if folder == own or not folder.is_dir():
             continue
@@ -141,8 +140,6 @@ def report_other_folders(root: Path, fingerprint: Fingerprint) -> list[tuple[Pat
             reason = f"its {MANIFEST} cannot be read ({err}), so what it was made under is unknown"
         logger.warning("not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)",
                        folder, reason)
-        skipped.append((folder, reason))
-    return skipped
 
 
 def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:

@@ -89,46 +89,59 @@ def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
             **_nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)})}
 
 
-def summarise_params(metrics_dir: Path, cv: CrossValidationParams) -> dict[str, Any]:
-    """The summary per magnification of the folds `cv` asks for (and only those: stale folds are ignored)."""
-    return {f"{magnification}x": summarise({fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification)
-                                             for fold in cv.folds})
+def read_folds(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per magnification, the metrics files of the folds `cv` asks for (and only those: stale folds are ignored)."""
+    return {magnification: {fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification)
+                            for fold in cv.folds}
             for magnification in cv.magnifications}
 
 
+def summarise_magnifications(folds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The summary of each magnification's folds (as `read_folds` gives them), keyed e.g. "100x"."""
+    return {f"{magnification}x": summarise(per_fold) for magnification, per_fold in folds.items()}
+
+
 def _lookup(node: dict[str, Any], dotted: str) -> Any:
+    """The value at a dotted key, or None where the metrics lack it (e.g. ROC-AUC under eval.method=generate)."""
     for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
         node = node[part]
     return node
 
 
-def _cell(value: float) -> str:
+def _cell(value: float | None) -> str:
+    if value is None:
+        return "n/a"
     return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.3f}"
 
 
-def summary_table(metrics_dir: Path, cv: CrossValidationParams, summary: dict[str, Any]) -> str:
+def summary_table(folds: dict[int, dict[str, dict[str, Any]]], summary: dict[str, Any]) -> str:
     """Markdown: one row per fold, then mean ± std and [min, max]; fine-tuned unless the column says baseline."""
     sections = []
-    for magnification in cv.magnifications:
+    for magnification, per_fold in folds.items():
         aggregated = summary[f"{magnification}x"]
         lines = [f"### {magnification}X, {aggregated['n_folds']} folds",
                  "| fold | " + " | ".join(label for label, _, _ in TABLE_COLUMNS) + " |",
                  "|---|" + "---|" * len(TABLE_COLUMNS)]
-        for fold in cv.folds:
-            files = read_fold(metrics_dir, fold, magnification)
+        for name, files in per_fold.items():
             cells = [_cell(_lookup(files[file], key)) for _, file, key in TABLE_COLUMNS]
+            fold = name.removeprefix("fold").split("-")[0]
             lines.append(f"| {fold} | " + " | ".join(cells) + " |")
         stats = [_lookup(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
-        lines.append("| mean ± std | " + " | ".join(f"{s['mean']:.3f} ± {s['std']:.3f}" for s in stats) + " |")
-        lines.append("| [min, max] | " + " | ".join(f"[{_cell(s['min'])}, {_cell(s['max'])}]" for s in stats) + " |")
+        lines.append("| mean ± std | " + " | ".join("n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
+                                                     for s in stats) + " |")
+        lines.append("| [min, max] | " + " | ".join("n/a" if s is None else f"[{_cell(s['min'])}, {_cell(s['max'])}]"
+                                                     for s in stats) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
 
 def write_summary(metrics_dir: Path, cv: CrossValidationParams, summary_path: Path, table_path: Path) -> str:
     """The `cv/dvc.yaml:summary` stage: the summary JSON (a DVC metric) and its markdown table; returns the table."""
-    summary = summarise_params(metrics_dir, cv)
-    table = summary_table(metrics_dir, cv, summary)
+    folds = read_folds(metrics_dir, cv)
+    summary = summarise_magnifications(folds)
+    table = summary_table(folds, summary)
     atomic_write_json(summary_path, summary)
     atomic_write_text(table_path, table)
     return table

@@ -11,7 +11,8 @@ import pytest
 from medgemma_breakhis.cross_validation import (
     CrossValidationError,
     fold_name,
-    summarise_params,
+    read_folds,
+    summarise_magnifications,
     write_summary,
 )
 from medgemma_breakhis.params import CrossValidationParams
@@ -40,7 +41,7 @@ def test_mean_and_spread_of_every_metric_over_the_folds(tmp_path: Path) -> None:
     for fold, accuracy in ACCURACIES.items():
         write_fold(tmp_path, fold, 100, accuracy)
     write_fold(tmp_path, 4, 100, 0.0)  # a fold no longer in cv.folds: stale, never averaged in
-    summary = summarise_params(tmp_path, CrossValidationParams(folds=(1, 2, 3)))["100x"]
+    summary = summarise_magnifications(read_folds(tmp_path, CrossValidationParams(folds=(1, 2, 3))))["100x"]
     assert summary["n_folds"] == 3 and summary["folds"] == ["fold1-100x", "fold2-100x", "fold3-100x"]
     values = list(ACCURACIES.values())
     assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
@@ -71,11 +72,22 @@ def test_summary_and_table_are_written_per_magnification(tmp_path: Path) -> None
 def test_a_missing_fold_says_how_to_make_it(tmp_path: Path) -> None:
     write_fold(tmp_path, 1, 100, 0.5)
     with pytest.raises(CrossValidationError, match=r"missing .*fold2-100x/data.json.*run `dvc repro cv/dvc.yaml`"):
-        summarise_params(tmp_path, CrossValidationParams(folds=(1, 2)))
+        summarise_magnifications(read_folds(tmp_path, CrossValidationParams(folds=(1, 2))))
 
 
 def test_a_metric_one_fold_lacks_is_an_error_not_a_smaller_average(tmp_path: Path) -> None:
     write_fold(tmp_path, 1, 100, 0.5)
     write_fold(tmp_path, 2, 100, 0.75, roc_auc=False)
     with pytest.raises(CrossValidationError, match="fold1-100x has metrics other folds lack: finetuned.binary.roc_auc"):
-        summarise_params(tmp_path, CrossValidationParams(folds=(1, 2)))
+        summarise_magnifications(read_folds(tmp_path, CrossValidationParams(folds=(1, 2))))
+
+
+def test_a_metric_no_fold_has_is_shown_as_not_available(tmp_path: Path) -> None:
+    """eval.method=generate has no probabilities, so no ROC-AUC in any fold: the table says so instead of failing."""
+    for fold, accuracy in ACCURACIES.items():
+        write_fold(tmp_path / "metrics", fold, 100, accuracy, roc_auc=False)
+    table = write_summary(tmp_path / "metrics", CrossValidationParams(folds=(1, 2, 3)), tmp_path / "summary.json",
+                          tmp_path / "summary.md")
+    rows = [row.split(" | ") for row in table.splitlines()[3:]]
+    assert [row[7] for row in rows] == ["n/a"] * 5  # the binary ROC-AUC column, folds and aggregates
+    assert "roc_auc" not in json.loads((tmp_path / "summary.json").read_text())["100x"]["finetuned"]["binary"]
