@@ -17,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
 from ruamel.yaml import YAML
 from transformers import PreTrainedModel, ProcessorMixin
 
 from medgemma_breakhis.data import FOLDS_CSV, read_folds, read_split, select_split
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import EvalParams, add_override_argument, load_params
+from medgemma_breakhis.params import EvalParams, LoraParams, add_override_argument, load_params
 from medgemma_breakhis.scoring import generate_answers, parse_answer, score_images
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 
@@ -63,6 +64,32 @@ def benchmark(model: PreTrainedModel, processor: ProcessorMixin, images: list[Pa
     }
 
 
+def merge_comparison(model: PreTrainedModel, processor: ProcessorMixin, images: list[Path], settings: EvalParams,
+                     lora: LoraParams) -> dict[str, float]:
+    """`score` with a LoRA adapter applied unmerged (as `evaluate` does) against the same adapter merged into the base
+    weights: seconds of each, and how far the answer probabilities move. The adapter is random (peft's
+    init_lora_weights=False), so it changes the outputs as a trained one does."""
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules, init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    adapted = get_peft_model(model, config)
+    unmerged, unmerged_seconds = _timed(lambda: score_images(adapted, processor, images, settings.batch_size))
+    merged_model = adapted.merge_and_unload()
+    merged, merged_seconds = _timed(lambda: score_images(merged_model, processor, images, settings.batch_size))
+    return {
+        "unmerged_seconds": unmerged_seconds,
+        "merged_seconds": merged_seconds,
+        "max_probability_change": float(np.abs(unmerged - merged).max()),
+        "argmax_agreement": float((unmerged.argmax(axis=1) == merged.argmax(axis=1)).mean()),
+    }
+
+
+def merge_report(result: dict[str, float], n_images: int) -> str:
+    return (f"LoRA unmerged: {n_images / result['unmerged_seconds']:.2f} images/s, merged: "
+            f"{n_images / result['merged_seconds']:.2f} images/s; merging moved answer probabilities by up to "
+            f"{result['max_probability_change']:.4f} and kept {result['argmax_agreement']:.0%} of the predicted classes")
+
+
 def report(result: dict[str, float], n_images: int, settings: EvalParams, model_id: str, device: str) -> str:
     score_rate, generate_rate = n_images / result["score_seconds"], n_images / result["generate_seconds"]
     return "\n".join([
@@ -81,6 +108,8 @@ def main() -> None:
     add_override_argument(parser)
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of data/ (offline)")
     parser.add_argument("--images", type=int, default=64, help="how many test images to time (default 64)")
+    parser.add_argument("--merge", action="store_true",
+                        help="also time `score` with a (random) LoRA adapter unmerged against merged")
     args = parser.parse_args()
     configure_logging()
     params = load_params(overrides=args.overrides)
@@ -95,7 +124,9 @@ def main() -> None:
         images = [image_root / f for f in test["filename"][:args.images]]
         model, processor, info = load_base_model(params.model, params.eval.precision)
         result = benchmark(model, processor, images, params.eval)
-    print(report(result, len(images), params.eval, params.model.id, info.device))
+        print(report(result, len(images), params.eval, params.model.id, info.device))
+        if args.merge:
+            print(merge_report(merge_comparison(model, processor, images, params.eval, params.lora), len(images)))
 
 
 if __name__ == "__main__":

@@ -35,8 +35,10 @@ MANIFEST = "fingerprint.json"
 FOLDER_PREFIX = "train-"
 # Param sections that decide what is trained. Data and split params act through the data they select.
 TRAINING_SECTIONS = ("model", "lora", "train")
-# When checkpoints are written does not change what is trained: a checkpoint stays valid across it.
-NOT_FINGERPRINTED = frozenset({"train.checkpoint_steps"})
+# How and when a step is executed does not change what is trained (`execution`): a checkpoint stays valid across
+# these, and they are the train keys that dvc.yaml leaves out of the `train` stage's params.
+NOT_FINGERPRINTED = frozenset({"train.checkpoint_steps", "train.micro_batch_size", "train.gradient_checkpointing",
+                               "train.dataloader_workers", "train.compile"})
 # Code outside this repository that decides what a checkpoint holds and how it is read back.
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate")
 _PACKAGE_ROOT = Path(__file__).resolve().parent

@@ -15,6 +15,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedM
 
 from medgemma_breakhis.distributed import local_rank, world_size
 from medgemma_breakhis.params import ModelParams, Precision
+from medgemma_breakhis.medgemma_architecture import RANDOM_MEDGEMMA_ID, random_medgemma_folder
 from medgemma_breakhis.tiny_model import TINY_MODEL_ID, build_tiny_gemma3
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def device() -> torch.device:
 def _weights_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for weights in sorted(folder.glob("*.safetensors")):
-        with weights.open("rb") as stream:  # in chunks: a local MedGemma copy is 8 GB
+        with weights.open("rb") as stream:  # file_digest reads in 256 KiB chunks: a local MedGemma copy is 8 GB
             digest.update(hashlib.file_digest(stream, "sha256").digest())
     return f"sha256:{digest.hexdigest()[:16]}"
 
@@ -114,6 +115,11 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
         folder = _tiny_model_folder()
         model, processor = _load(str(folder), params, dtype)
         resolved = _weights_digest(folder)
+    elif params.id == RANDOM_MEDGEMMA_ID:
+        folder, resolved = random_medgemma_folder(_weights_digest)
+        model, processor = _load(str(folder), params, dtype)
+        logger.warning("%s has random weights: its figures are for timing and memory only, never results",
+                       RANDOM_MEDGEMMA_ID)
     elif Path(params.id).is_dir():
         model, processor = _load(params.id, params, dtype)
         resolved = _weights_digest(Path(params.id))

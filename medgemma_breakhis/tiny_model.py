@@ -40,7 +40,7 @@ _IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>",
 _BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
 
 
-def _train_tokenizer(vocab_size: int) -> GemmaTokenizer:
+def train_tokenizer(vocab_size: int) -> GemmaTokenizer:
     """A small BPE tokenizer with Gemma's normalisation ("▁" for spaces) and byte fallback."""
     special = _BASE_SPECIAL_TOKENS + _TURN_TOKENS + list(_IMAGE_TOKENS.values())
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
@@ -65,21 +65,40 @@ def _train_tokenizer(vocab_size: int) -> GemmaTokenizer:
     )
 
 
-def build_tiny_gemma3(output_dir: Path) -> Path:
-    """Build, initialise deterministically and save a tiny Gemma 3 model and processor into `output_dir`."""
-    tokenizer = _train_tokenizer(vocab_size=512)
+def build_processor(image_size: int, image_tokens: int) -> Gemma3Processor:
+    """A Gemma 3 processor with its chat template: images resized to `image_size` and expanded into `image_tokens`
+    soft tokens, as MedGemma's processor does (mean and std 0.5), over a small tokenizer trained here."""
+    tokenizer = train_tokenizer(vocab_size=512)
     tokenizer.chat_template = gemma3_chat_template
     image_processor = Gemma3ImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
     )
-    processor = Gemma3Processor(
+    return Gemma3Processor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,
-        image_seq_length=MM_TOKENS_PER_IMAGE,
+        image_seq_length=image_tokens,
     )
+
+
+def image_token_ids(tokenizer: GemmaTokenizer) -> dict[str, int]:
+    """The config's `boi_token_index`, `eoi_token_index` and `image_token_index` for this tokenizer."""
+    return {f"{name.removesuffix('_token')}_token_index": tokenizer.convert_tokens_to_ids(token)
+            for name, token in _IMAGE_TOKENS.items()}
+
+
+def set_generation_stops(model: Gemma3ForConditionalGeneration, tokenizer: GemmaTokenizer) -> None:
+    """As in Gemma 3's own generation config: stop at <eos> or at the end of the model's turn."""
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def build_tiny_gemma3(output_dir: Path) -> Path:
+    """Build, initialise deterministically and save a tiny Gemma 3 model and processor into `output_dir`."""
+    processor = build_processor(IMAGE_SIZE, MM_TOKENS_PER_IMAGE)
+    tokenizer = processor.tokenizer
 
     text_config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
@@ -104,14 +123,8 @@ def build_tiny_gemma3(output_dir: Path) -> Path:
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
     )
-    config = Gemma3Config(
-        text_config=text_config,
-        vision_config=vision_config,
-        mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
-        boi_token_index=tokenizer.convert_tokens_to_ids(_IMAGE_TOKENS["boi_token"]),
-        eoi_token_index=tokenizer.convert_tokens_to_ids(_IMAGE_TOKENS["eoi_token"]),
-        image_token_index=tokenizer.convert_tokens_to_ids(_IMAGE_TOKENS["image_token"]),
-    )
+    config = Gemma3Config(text_config=text_config, vision_config=vision_config, mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
+                          **image_token_ids(tokenizer))
 
     torch.manual_seed(SEED)
     model = Gemma3ForConditionalGeneration(config)
@@ -119,9 +132,7 @@ def build_tiny_gemma3(output_dir: Path) -> Path:
     with torch.no_grad():
         projector = model.model.multi_modal_projector.mm_input_projection_weight
         projector.normal_(mean=0.0, std=vision_config.hidden_size**-0.5)
-    # As in Gemma 3's own generation config: stop at <eos> or at the end of the model's turn.
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_generation_stops(model, tokenizer)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(output_dir)

@@ -8,7 +8,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import mlflow
 import pandas as pd
 import torch
 from peft import LoraConfig
+from PIL import Image
 from transformers import (
     PreTrainedModel,
     ProcessorMixin,
@@ -25,8 +26,10 @@ from transformers import (
     TrainerState,
     TrainingArguments,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
+from trl.data_utils import apply_chat_template
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from medgemma_breakhis.checkpoints import (
@@ -37,7 +40,8 @@ from medgemma_breakhis.checkpoints import (
 )
 from medgemma_breakhis.data import read_split
 from medgemma_breakhis.distributed import is_main_process
-from medgemma_breakhis.modeling import LoadedModelInfo, NonFiniteError, load_base_model, non_finite_advice
+from medgemma_breakhis.execution import ExecutionPlan, model_shape, plan_execution
+from medgemma_breakhis.modeling import LoadedModelInfo, NonFiniteError, device, load_base_model, non_finite_advice
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.scoring import completion_messages, prompt_messages
 from medgemma_breakhis.tracking import log_loaded_model, stage_run
@@ -148,6 +152,32 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
 
+class SkippedStepCounter(TrainerCallback):
+    """The optimizer steps that fp16's loss scaler skipped: a step whose gradients overflowed is dropped and the
+    scale lowered, which accelerate does silently. The first steps of an fp16 run often are, while the scale settles."""
+
+    def __init__(self, trainer: SFTTrainer) -> None:
+        self.trainer = trainer
+        self.steps: list[int] = []
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                    **kwargs: Any) -> None:
+        if self.trainer.accelerator.optimizer_step_was_skipped:
+            self.steps.append(state.global_step)
+            logger.warning("optimizer step %d skipped: the fp16 loss scaler found non-finite gradients and lowered "
+                           "its scale", state.global_step)
+
+
+def compile_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder and vision-encoder layer, LoRA included: one graph per layer instead of some
+    fifteen small kernels per adapted linear layer. Per layer, not the whole model, so the 61 layers share two or three
+    compiled graphs and compilation takes under a minute. Returns how many layers were compiled."""
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def build_sft_dataset(rows: pd.DataFrame, image_root: Path) -> datasets.Dataset:
     """Prompt-completion examples (trl's format): SFTTrainer then masks the prompt and trains on the answer only."""
     prompt = prompt_messages()
@@ -169,18 +199,35 @@ def mixed_precision_mode(precision: str, on_cuda: bool) -> dict[str, bool]:
     }
 
 
-def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, info: LoadedModelInfo, lora: LoraParams,
-                  train: TrainParams, rows: pd.DataFrame, image_root: Path, output_dir: Path) -> GuardedSFTTrainer:
-    """A trainer for a LoRA adapter on `model`, checkpointing every `train.checkpoint_steps` into `output_dir`."""
+def decoder_tokens_per_example(processor: ProcessorMixin) -> int:
+    """Tokens the decoder sees per training example: the templated prompt with its image tokens, and the answer."""
+    example = apply_chat_template({"prompt": prompt_messages(), "completion": completion_messages(0)}, processor)
+    blank = Image.new("RGB", (1, 1))  # any image: the processor gives every image the same number of tokens
+    return len(processor(text=example["prompt"] + example["completion"], images=[blank],
+                         add_special_tokens=False)["input_ids"][0])
+
+
+def plan_for(model: PreTrainedModel, processor: ProcessorMixin, lora: LoraParams, train: TrainParams) -> ExecutionPlan:
+    """The execution plan of `train` for this model on this process's device (see `execution.plan_execution`)."""
+    activation_bytes = 4 if train.precision == "fp32" else 2
+    return plan_execution(train, model_shape(model, lora.r), decoder_tokens_per_example(processor), device(),
+                          activation_bytes)
+
+
+def build_trainer(*, model: PreTrainedModel, processor: ProcessorMixin, info: LoadedModelInfo, lora: LoraParams,
+                  train: TrainParams, plan: ExecutionPlan, rows: pd.DataFrame, image_root: Path, output_dir: Path,
+                  config_overrides: dict[str, Any] | None = None) -> GuardedSFTTrainer:
+    """A trainer for a LoRA adapter on `model`, executed as `plan` says, checkpointing every
+    `train.checkpoint_steps` into `output_dir`. `config_overrides` replace SFTConfig arguments (for benchmarks)."""
     on_cuda = torch.cuda.is_available()
     if train.precision == "fp16" and not on_cuda:
         logger.warning("fp16 mixed precision does not exist on CPU: training runs with fp16 weights and no autocast")
-    config = SFTConfig(
+    settings = dict(
         output_dir=str(output_dir),
         num_train_epochs=train.epochs,
-        per_device_train_batch_size=train.batch_size,
-        gradient_accumulation_steps=train.grad_accum_steps,
-        activation_checkpointing=train.gradient_checkpointing,
+        per_device_train_batch_size=plan.micro_batch_size,
+        gradient_accumulation_steps=plan.grad_accum_steps,
+        activation_checkpointing=plan.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
         optim=train.optim,
         learning_rate=train.learning_rate,
@@ -199,8 +246,12 @@ def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, info: Loade
         report_to=["mlflow"],
         remove_unused_columns=False,
         dataloader_pin_memory=on_cuda,
+        # Not persistent: with pinned memory, persistent workers hang the process at exit (pytorch#81794), as seen on
+        # an H100. Starting them again costs a second per epoch.
+        dataloader_num_workers=plan.dataloader_workers,
         **mixed_precision_mode(train.precision, on_cuda),
     )
+    config = SFTConfig(**(settings | (config_overrides or {})))
     peft_config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -209,7 +260,7 @@ def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, info: Loade
         target_modules=lora.target_modules,
         task_type="CAUSAL_LM",
     )
-    return GuardedSFTTrainer(
+    trainer = GuardedSFTTrainer(
         model=model,
         args=config,
         train_dataset=build_sft_dataset(rows, image_root),
@@ -218,6 +269,9 @@ def build_trainer(model: PreTrainedModel, processor: ProcessorMixin, info: Loade
         precision=train.precision,
         weights_dtype=info.dtype,
     )
+    if plan.compile:
+        logger.info("compiled %d layers with torch.compile", compile_layers(trainer.model))
+    return trainer
 
 
 def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
@@ -265,7 +319,9 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
         model, processor, info = load_base_model(params.model, params.train.precision)
         fingerprint = training_fingerprint(params, info.resolved_revision, train_csv, image_root, rows["filename"])
         folder = checkpoint_folder(checkpoint_root, fingerprint)
-        trainer = build_trainer(model, processor, info, params.lora, params.train, rows, image_root, folder)
+        plan = plan_for(model, processor, params.lora, params.train)
+        trainer = build_trainer(model=model, processor=processor, info=info, lora=params.lora, train=params.train,
+                                plan=plan, rows=rows, image_root=image_root, output_dir=folder)
         with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
             if main:
                 prepare_checkpoint_folder(checkpoint_root, fingerprint)
@@ -277,13 +333,14 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
                              "resumed_from_step": str(resumed_from_step),
                              "num_processes": str(trainer.args.world_size),
                              "distributed_backend": str(trainer.accelerator.state.backend or "none")})
-            logger.info("training on %d process(es), effective batch %d (batch_size x grad_accum_steps x processes)",
-                        trainer.args.world_size, trainer.args.world_size * params.train.batch_size
-                        * params.train.grad_accum_steps)
+            mlflow.set_tags({"execution_" + key: str(value) for key, value in asdict(plan).items()})
+            logger.info("training on %d process(es), %d examples per optimizer step; each process: %s",
+                        trainer.args.world_size, params.train.batch_size, plan.describe())
             if resume_from:
                 logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed_from_step)
-        stop = StopOnSignal()
+        stop, skipped = StopOnSignal(), SkippedStepCounter(trainer)
         trainer.add_callback(stop)
+        trainer.add_callback(skipped)
         try:
             with stop.installed():
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -315,7 +372,11 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             "train_loss_last": result.train_loss_last,
             "global_steps": result.global_steps,
             "n_images": len(rows),
+            "skipped_optimizer_steps": len(skipped.steps),
         })
+        mlflow.log_metric("skipped_optimizer_steps", len(skipped.steps))
+        if skipped.steps:
+            mlflow.set_tag("skipped_optimizer_steps_at", ",".join(map(str, skipped.steps)))
         atomic_write_text(loss_path, curve.to_csv(index=False))
         with atomic_directory(adapter_dir) as staging:
             save_adapter(trainer, staging)

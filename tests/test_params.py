@@ -14,7 +14,7 @@ def test_repository_defaults_are_the_reference_experiment() -> None:
         "split.magnification": 100, "split.seed": 42, "split.balance": "binary", "model.id": "google/medgemma-4b-it",
         "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.1, "lora.target_modules": "all-linear", "train.epochs": 5,
         "train.learning_rate": 5e-4, "train.lr_scheduler": "cosine", "train.warmup_ratio": 0.03,
-        "train.max_grad_norm": 0.3, "train.batch_size": 1, "train.grad_accum_steps": 8, "train.precision": "bf16",
+        "train.max_grad_norm": 0.3, "train.batch_size": 8, "train.precision": "bf16",
     } == flat
 
 
@@ -37,6 +37,11 @@ def test_repository_params_file_sets_every_key() -> None:
     ({"lora": {"r": 0}}, r"lora.r=0 is not allowed; expected an integer from 1 to 1024"),
     ({"train": {"precision": "fp8"}}, r"train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
     ({"split": {"fold": 9}}, r"split.fold=9 is not allowed; expected one of 1, 2, 3, 4, 5"),
+    ({"train": {"micro_batch_size": 3}}, r"train.micro_batch_size=3 is not allowed with train.batch_size=8 on 1 "
+                                         r"process\(es\); expected auto or a divisor of 8"),
+    ({"train": {"batch_size": 6, "num_processes": 4}}, r"train.batch_size=6 .* expected a multiple of "
+                                                       r"train.num_processes"),
+    ({"train": {"compile": "yes"}}, r"train.compile='yes' is not allowed; expected auto, true or false"),
     ({"split": {"magnification": 50}}, r"split.magnification=50 .* one of 40, 100, 200, 400"),
     ({"data": {"source": "s3"}}, r"data.source='s3' .* one of kaggle, local, synthetic"),
     ({"data": {"source": "local"}}, r"data.path=None .* the folder that holds Folds.csv"),
@@ -44,7 +49,7 @@ def test_repository_params_file_sets_every_key() -> None:
     ({"trian": {}}, r"unknown key trian"),
     ({"train": {"learning_rate": "fast"}}, r"train.learning_rate='fast' is not allowed; expected a number"),
     ({"train": {"epochs": 2.5}}, r"train.epochs=2.5 is not allowed; expected an integer"),
-    ({"train": {"gradient_checkpointing": "yes"}}, r"expected true or false"),
+    ({"train": {"gradient_checkpointing": "yes"}}, r"expected auto, true or false"),
     ({"lora": 8}, r"lora must be a mapping"),
 ])
 def test_invalid_params_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:

@@ -1,0 +1,116 @@
+"""How a training step is executed: the same optimisation whatever the micro-batch, `auto` choosing what fits, the
+memory estimate against the H100 measurements, and the architecture-exact model used to measure them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from transformers import TrainerCallback
+
+from medgemma_breakhis.data import FOLDS_CSV, read_folds, select_split
+from medgemma_breakhis.execution import ExecutionPlan, estimate_peak_gib, model_shape, plan_execution
+from medgemma_breakhis.medgemma_architecture import IMAGE_TOKENS, VISION, medgemma_4b_on_meta
+from medgemma_breakhis.modeling import load_base_model
+from medgemma_breakhis.params import LoraParams, ModelParams, SplitParams, TrainParams
+from medgemma_breakhis.tiny_model import build_processor
+from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example
+
+# The parameter count of google/medgemma-4b-it, as loaded on the H100 on which the README's figures were measured.
+MEDGEMMA_4B_PARAMETERS = 4_300_079_472
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def medgemma_shape():
+    """MedGemma 4B's shapes with bf16 weights, as `train` loads them."""
+    shape = model_shape(medgemma_4b_on_meta(), LoraParams().r)
+    return dataclasses.replace(shape, weight_bytes=2 * shape.parameters)
+
+
+def test_architecture_exact_model_has_medgemma_4b_size_and_inputs(medgemma_shape) -> None:
+    assert medgemma_shape.parameters == MEDGEMMA_4B_PARAMETERS
+    processor = build_processor(VISION["image_size"], IMAGE_TOKENS)
+    inputs = processor(text=["<start_of_image>"], images=[[Image.new("RGB", (700, 460))]], return_tensors="pt")
+    assert tuple(inputs["pixel_values"].shape) == (1, 3, 896, 896)
+    assert int(inputs["token_type_ids"].sum()) == IMAGE_TOKENS
+    # MedGemma's own tokenizer gives 299 decoder tokens per example; this one's prompt is a token shorter
+    assert decoder_tokens_per_example(processor) == pytest.approx(299, abs=5)
+
+
+# Peak CUDA memory allocated (GiB) by `make bench-train` on one H100 80GB, medgemma-4b-random, 298 decoder tokens,
+# bf16, LoRA r=8 all-linear, fused AdamW (README: GPU guide): (micro-batch, checkpointing, compiled) -> GiB.
+MEASURED_PEAK_GIB = {(1, True, False): 9.12, (8, True, False): 13.90, (4, False, False): 40.31,
+                     (8, False, False): 71.99, (8, False, True): 64.34, (2, False, True): 22.55}
+
+
+@pytest.mark.parametrize(("setting", "measured"), MEASURED_PEAK_GIB.items())
+def test_memory_estimate_within_ten_percent_of_the_h100(medgemma_shape, setting, measured) -> None:
+    micro, checkpointing, compiled = setting
+    estimate = sum(estimate_peak_gib(medgemma_shape, micro, checkpointing, 298, compiled=compiled).values())
+    assert estimate == pytest.approx(measured, rel=0.10)
+
+
+@pytest.mark.parametrize(("gpu_gib", "expected"), [
+    (79.2, (8, 1, False, True)),   # H100 80GB: the fastest measured setting
+    (39.4, (2, 4, False, True)),   # A100 40GB
+    (22.0, (8, 1, True, False)),   # L4 24GB
+])
+def test_auto_picks_the_fastest_setting_that_fits(medgemma_shape, gpu_gib, expected) -> None:
+    plan = plan_execution(TrainParams(), medgemma_shape, 298, torch.device("cuda"), memory_gib=gpu_gib)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.compile) == expected
+    assert plan.micro_batch_size * plan.grad_accum_steps == TrainParams().batch_size
+    assert plan.estimated_peak_gib <= plan.memory_budget_gib < gpu_gib
+
+
+def test_explicit_settings_are_kept(medgemma_shape) -> None:
+    train = TrainParams(micro_batch_size=2, gradient_checkpointing=True, dataloader_workers=3, compile=False)
+    plan = plan_execution(train, medgemma_shape, 298, torch.device("cuda"), memory_gib=80)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.dataloader_workers,
+            plan.compile) == (2, 4, True, 3, False)
+
+
+class FirstStepGradients(TrainerCallback):
+    """The adapter's gradients just before the first optimizer step, accumulation complete."""
+
+    def __init__(self) -> None:
+        self.gradients: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+        if not self.gradients:
+            # the tiny model's SigLIP pooling head is adapted but unused (MedGemma has none): it has no gradient
+            self.gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters()
+                              if p.requires_grad and p.grad is not None}
+
+
+def first_step(rows: pd.DataFrame, image_root: Path, micro_batch_size: int, tmp_path: Path):
+    model, processor, info = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+    train = TrainParams(precision="fp32", micro_batch_size=micro_batch_size)
+    plan = ExecutionPlan(micro_batch_size, train.batch_size // micro_batch_size, gradient_checkpointing=False,
+                         dataloader_workers=0)
+    trainer = build_trainer(model=model, processor=processor, info=info, lora=LoraParams(dropout=0.0), train=train,
+                            plan=plan, rows=rows, image_root=image_root, output_dir=tmp_path / str(micro_batch_size),
+                            config_overrides={"max_steps": 1, "save_strategy": "no", "report_to": []})
+    gradients = FirstStepGradients()
+    trainer.add_callback(gradients)
+    trainer.train()
+    return trainer.state.log_history[0]["loss"], gradients.gradients
+
+
+@pytest.mark.slow
+def test_micro_batch_splits_are_the_same_optimisation(synthetic_root: Path, tmp_path: Path) -> None:
+    """1 x 8, 2 x 4 and 8 x 1 see the same eight examples and give the same loss and adapter gradients."""
+    rows = select_split(read_folds(synthetic_root / FOLDS_CSV), SplitParams())["train"]
+    results = {micro: first_step(rows, synthetic_root, micro, tmp_path) for micro in (1, 2, 8)}
+    loss, gradients = results[8]
+    assert loss > 0 and len(gradients) > 0
+    for micro in (1, 2):
+        other_loss, other_gradients = results[micro]
+        assert other_loss == pytest.approx(loss, rel=1e-5), micro
+        assert other_gradients.keys() == gradients.keys()
+        for name, gradient in gradients.items():
+            torch.testing.assert_close(other_gradients[name], gradient, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,245 @@
+"""What one optimizer step of `train` costs: the real set-up (model, LoRA, trainer, collator, data) run for a few
+steps after a warm-up, and the reference run's time projected from it.
+
+Run: make bench-train              (params.yaml's model on this machine's GPU, on the train split)
+     make bench-train OFFLINE=1    (tiny-gemma3 on synthetic images, on a CPU)
+     (or: python -m tools.bench_train [--synthetic] [-S key=value ...] [--steps N] [--warmup N])
+Timing a MedGemma-sized run without the gated weights: -S model.id=medgemma-4b-random --synthetic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import resource
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import TrainerCallback
+
+from medgemma_breakhis.bench import pipeline_paths
+from medgemma_breakhis.data import FOLDS_CSV, read_folds, read_split, select_split
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.modeling import device, load_base_model
+from medgemma_breakhis.params import Params, add_override_argument, load_params
+from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+from medgemma_breakhis.training import GuardedSFTTrainer, SkippedStepCounter, build_trainer, decoder_tokens_per_example, plan_for
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+# Images in the reference run's training split (fold 1, 100x, benign/malignant balanced, the Kaggle data).
+REFERENCE_TRAIN_IMAGES = 766
+# Dense bf16/fp16 tensor-core peak of the GPUs whose MFU is reported (vendor datasheets, without sparsity).
+PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """The GPU's dense 16-bit peak, by the first (most specific) name it contains; None for a CPU or unknown GPU."""
+    return next((flops for name, flops in PEAK_FLOPS.items() if name in device_name), None)
+
+
+def _addmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    # trl's chunked LM head calls torch.addmm(..., out_dtype=..., out=...) on CUDA: the extra positional argument
+    # breaks the counter's own formula. The FLOPs are those of the matmul: 2 x m x k x n.
+    (m, k), (_, n) = a_shape, b_shape
+    return 2 * m * k * n
+
+
+def _flop_counter() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm: _addmm_flop})
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class StepClock(TrainerCallback):
+    """The wall-clock time at the end of each optimizer step, the GPU's queued work included."""
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.ends: list[float] = []
+
+    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
+        self.started = time.perf_counter()
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        _synchronize()
+        self.ends.append(time.perf_counter())
+
+
+class ProfileStep(TrainerCallback):
+    """torch.profiler over one optimizer step: operator calls, and on a GPU the kernels it launched."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.profiler = step, None
+
+    def on_step_begin(self, args: Any, state: Any, *rest: Any, **kwargs: Any) -> None:
+        if state.global_step + 1 == self.step:
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+
+    def on_step_end(self, args: Any, state: Any, *rest: Any, **kwargs: Any) -> None:
+        if self.profiler is not None and state.global_step == self.step:
+            _synchronize()
+            self.profiler.__exit__(None, None, None)
+
+    def counts(self) -> dict[str, int]:
+        # The raw events: the profiler's event tree would take minutes to build for the 100,000 operators of a
+        # MedGemma step at micro-batch 1.
+        events = self.profiler.profiler.kineto_results.events()
+        counts = {"operators": sum(1 for e in events if e.name().startswith("aten::"))}
+        if torch.cuda.is_available():
+            counts["kernels"] = sum(1 for e in events if e.device_type() == torch.autograd.DeviceType.CUDA)
+        return counts
+
+
+@dataclass(frozen=True)
+class Measurement:
+    seconds_per_step: float
+    warmup_steps: int
+    warmup_seconds: float
+    examples_per_step: int
+    data_examples_per_second: float
+    flops_per_example: float
+    launches_per_example: dict[str, float]
+    peak_memory_gib: dict[str, float]
+    skipped_steps: list[int]
+
+
+def flops_per_example(trainer: GuardedSFTTrainer) -> float:
+    """Model FLOPs of one example's forward and backward pass (torch's FLOP counter; no recomputation counted)."""
+    model = trainer.model
+    example = trainer.data_collator([trainer.train_dataset[0]])
+    checkpointing = model.is_gradient_checkpointing
+    if checkpointing:
+        model.gradient_checkpointing_disable()
+    model.train()
+    counter = _flop_counter()
+    with counter, trainer.autocast_smart_context_manager():
+        trainer.compute_loss(model, trainer._prepare_inputs(example)).backward()
+    model.zero_grad(set_to_none=True)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return float(counter.get_total_flops())
+
+
+def data_examples_per_second(trainer: GuardedSFTTrainer) -> float:
+    """The data pipeline alone (sampling, decoding, resizing, collating, pinning, with the plan's workers) over one
+    epoch, its first batch (workers starting) not timed: examples/s."""
+    loader = iter(trainer.get_train_dataloader())
+    next(loader)
+    start = time.perf_counter()
+    examples = sum(len(batch["input_ids"]) for batch in loader)  # to the end: the workers then stop by themselves
+    return examples / (time.perf_counter() - start)
+
+
+def peak_memory_gib() -> dict[str, float]:
+    peaks = {"process RSS": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+    if torch.cuda.is_available():
+        peaks["CUDA allocated"] = torch.cuda.max_memory_allocated() / GIB
+        peaks["CUDA reserved"] = torch.cuda.max_memory_reserved() / GIB
+    return peaks
+
+
+def measure(trainer: GuardedSFTTrainer, warmup: int, steps: int, batch_size: int) -> Measurement:
+    """`warmup` untimed steps, `steps` timed ones, one profiled; then the FLOPs and the data pipeline alone."""
+    clock, profiled, skipped = StepClock(), ProfileStep(warmup + steps + 1), SkippedStepCounter(trainer)
+    for callback in (clock, profiled, skipped):
+        trainer.add_callback(callback)
+    trainer.train()
+    timed = clock.ends[warmup - 1:warmup + steps]
+    seconds_per_step = (timed[-1] - timed[0]) / steps
+    warmup_seconds = timed[0] - clock.started
+    memory = peak_memory_gib()  # before the FLOP count, which runs one example without checkpointing
+    launches = {name: count / batch_size for name, count in profiled.counts().items()}
+    return Measurement(
+        seconds_per_step=seconds_per_step,
+        warmup_steps=warmup,
+        warmup_seconds=warmup_seconds,
+        examples_per_step=batch_size,
+        data_examples_per_second=data_examples_per_second(trainer),
+        flops_per_example=flops_per_example(trainer),
+        launches_per_example=launches,
+        peak_memory_gib=memory,
+        skipped_steps=skipped.steps,
+    )
+
+
+def reference_steps(params: Params) -> int:
+    """Optimizer steps of the reference run at these params, counted as the trainer counts them."""
+    return params.train.epochs * math.ceil(REFERENCE_TRAIN_IMAGES / params.train.batch_size)
+
+
+def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_tokens: int) -> str:
+    examples_per_second = m.examples_per_step / m.seconds_per_step
+    peak = peak_flops(device_name)
+    mfu = f"{m.flops_per_example * examples_per_second / peak:.1%}" if peak else "n/a (peak FLOP/s not known here)"
+    steps = reference_steps(params)
+    launches = ", ".join(f"{count:,.0f} {name}" for name, count in m.launches_per_example.items())
+    rows = [
+        ("model", f"{params.model.id} on {device_name}, train.precision={params.train.precision}"),
+        ("execution", plan),
+        ("decoder tokens per example", f"{decoder_tokens}"),
+        ("warm-up steps (first calls, compilation)", f"{m.warmup_seconds:.1f} s"),
+        ("seconds per optimizer step", f"{m.seconds_per_step:.3f}"),
+        ("examples/s", f"{examples_per_second:.2f}"),
+        ("data pipeline alone, examples/s", f"{m.data_examples_per_second:.1f}"),
+        ("peak memory (GiB)", ", ".join(f"{name} {gib:.2f}" for name, gib in m.peak_memory_gib.items())),
+        ("launches per example", launches),
+        ("FLOPs per example", f"{m.flops_per_example / 1e12:.4g} TFLOP (forward + backward, no recomputation)"),
+        ("MFU", mfu),
+        ("optimizer steps skipped (fp16 loss scaler)", ", ".join(map(str, m.skipped_steps)) or "none"),
+        (f"reference run ({REFERENCE_TRAIN_IMAGES} images x {params.train.epochs} epochs = {steps} steps)",
+         f"{(m.warmup_seconds + (steps - m.warmup_steps) * m.seconds_per_step) / 60:.1f} min projected"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def train_rows(params: Params, synthetic: bool, scratch: Path) -> tuple[Any, Path]:
+    """The training split: synthetic images made in `scratch`, or the pipeline's own split of data/."""
+    if synthetic:
+        image_root = generate_synthetic_breakhis(scratch, params.data.synthetic)
+        return select_split(read_folds(image_root / FOLDS_CSV), params.split)["train"], image_root
+    paths = pipeline_paths()
+    image_root = Path(paths["raw_dir"])
+    return read_split(Path(paths["split_dir"]) / "train.csv", image_root), image_root
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_override_argument(parser)
+    parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of data/ (offline)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
+    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps (default 4)")
+    args = parser.parse_args(argv)
+    configure_logging()
+    params = load_params(overrides=args.overrides)
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        rows, image_root = train_rows(params, args.synthetic, Path(scratch) / "data")
+        model, processor, info = load_base_model(params.model, params.train.precision)
+        plan = plan_for(model, processor, params.lora, params.train)
+        trainer = build_trainer(
+            model=model, processor=processor, info=info, lora=params.lora, train=params.train, plan=plan, rows=rows,
+            image_root=image_root, output_dir=Path(scratch) / "out",
+            # the steps measured, one more profiled; nothing saved or tracked
+            config_overrides={"max_steps": args.warmup + args.steps + 1, "save_strategy": "no", "report_to": []},
+        )
+        measurement = measure(trainer, args.warmup, args.steps, params.train.batch_size)
+    device_name = torch.cuda.get_device_name() if device().type == "cuda" else "cpu"
+    print(report(measurement, params, plan.describe(), device_name, decoder_tokens_per_example(processor)))
+
+
+if __name__ == "__main__":
+    main()
