@@ -1,4 +1,4 @@
-# make setup | demo | test | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | report BASE=<rev> | gpu-memory  (README.md)
+# make setup | demo | test | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | bench-train [OFFLINE=1] | report BASE=<rev> | gpu-memory  (README.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test compare-precision bench report gpu-memory
+.PHONY: setup demo test compare-precision bench bench-train report gpu-memory
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,12 @@ compare-precision: setup
 # Images/s of eval.method score against generate on the same model, images and batch size. OFFLINE=1: tiny model.
 bench: setup
 	$(BIN)/python -m medgemma_breakhis.bench $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS))
+
+# Seconds per optimizer step, memory, launches and FLOPs per example, MFU and the reference run's projected time of
+# the real train set-up. OFFLINE=1: the tiny model on synthetic images (CPU). Any GPU without the gated weights:
+# make bench-train ARGS='--synthetic -S data.source=synthetic -S model.id=medgemma-4b-random'
+bench-train: setup
+	$(BIN)/python -m tools.bench_train $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS)) $(ARGS)
 
 # The pull-request comment, locally: metrics and params against BASE, intervals side by side.
 report: setup

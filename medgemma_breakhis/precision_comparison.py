@@ -121,6 +121,8 @@ def summary_column(runs: PrecisionRuns) -> dict[str, str]:
         "optimizer steps logged": str(len(runs.loss)),
         "non-finite loss steps": str(sum(not math.isfinite(v) for v in runs.loss)),
         "non-finite grad-norm steps": str(sum(not math.isfinite(v) for v in runs.grad_norm)),
+        # fp16's loss scaler drops a step whose gradients overflowed (typically the first ones) instead of diverging
+        "optimizer steps skipped by the fp16 loss scaler": _number(train_metrics.get("skipped_optimizer_steps"), 0),
         "trainer runtime (s)": _number(train_metrics.get("train_runtime"), 1),
         "train stage wall time (s)": _number(wall, 1),
         "peak process RSS (GiB)": _number(train_metrics.get("peak_process_rss_gib"), 2),
