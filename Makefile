@@ -21,7 +21,7 @@ $(VENV)/.installed: requirements.txt
 # A temporary DVC experiment: the workspace and every tracked file stay as they are; `dvc exp show` lists it.
 demo: setup
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(OFFLINE_PARAMS)
-	$(BIN)/python -m medgemma_breakhis.reporting $(DEMO_EXP)
+	$(BIN)/python -m tools.demo_summary $(DEMO_EXP)
 	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit.
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
@@ -30,17 +30,17 @@ test: setup
 
 # bf16 vs fp16 with otherwise identical params, compared from MLflow. OFFLINE=1: the embedded offline default.
 compare-precision: setup
-	$(BIN)/python -m medgemma_breakhis.precision_comparison $(if $(OFFLINE),$(OFFLINE_PARAMS))
+	$(BIN)/python -m tools.precision_comparison $(if $(OFFLINE),$(OFFLINE_PARAMS))
 
 # Images/s of eval.method score against generate on the same model, images and batch size. OFFLINE=1: tiny model.
 bench: setup
-	$(BIN)/python -m medgemma_breakhis.bench $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS))
+	$(BIN)/python -m tools.bench $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS))
 
 # The pull-request comment, locally: metrics and params against BASE, intervals side by side.
 report: setup
 	@test -n "$(BASE)" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
-	@$(BIN)/python -m medgemma_breakhis.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
+	@$(BIN)/python -m tools.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
 
 # Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
 gpu-memory: setup
-	@$(BIN)/python -m medgemma_breakhis.gpu_memory
+	@$(BIN)/python -m tools.gpu_memory

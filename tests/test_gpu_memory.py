@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medgemma_breakhis.gpu_memory import TEXT, Setting, memory_gib, parameter_counts, table
+from tools.gpu_memory import TEXT, Setting, memory_gib, parameter_counts, table
 
 # keras-hub's gemma3_4b_text preset, an independent count of the same decoder with 64 fewer vocabulary rows.
 KERAS_GEMMA3_4B_TEXT = 3_880_099_328

@@ -416,7 +416,7 @@ def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(repo: Pat
 
 
 def test_precision_comparison_reports_the_fp16_overflow_as_diverged(repo: Path, overflowing_model: Path) -> None:
-    output = run(repo, sys.executable, "-m", "medgemma_breakhis.precision_comparison",
+    output = run(repo, sys.executable, "-m", "tools.precision_comparison",
                  "-S", f"model.id={overflowing_model}", "-S", "train.epochs=1",
                  "-S", "data.synthetic.images_per_patient=2", "--out", "reports/precision.md")
     table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from medgemma_breakhis.pr_report import interval_table
+from tools.pr_report import interval_table
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
@@ -42,8 +42,8 @@ def two_commits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     repo = tmp_path_factory.mktemp("report-repo")
     for name in ("Makefile", "dvc.yaml", "paths.yaml", "params.yaml", "requirements.txt"):
         shutil.copy2(REPO / name, repo / name)
-    shutil.copytree(REPO / "medgemma_breakhis", repo / "medgemma_breakhis",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("medgemma_breakhis", "tools"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "metrics").mkdir()
     git(repo, "init", "-q", "-b", "main")
     subprocess.run([VENV / "bin" / "dvc", "init", "-q"], cwd=repo, check=True)
