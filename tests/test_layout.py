@@ -1,10 +1,11 @@
 """The repository's layout keeps its promises: each stage's code deps in dvc.yaml and cv/dvc.yaml are exactly the
-code it imports, `train` re-runs only for params that change what is trained, and no stage imports a
-tool."""
+code it imports, `train` re-runs only for params that change what is trained, no stage imports a tool, and no
+file points outside the repository."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -114,5 +115,15 @@ def test_train_reruns_for_exactly_the_params_that_decide_what_is_trained() -> No
     trains = [stage for stage in STAGES if stage_script(stage).stem == "train"]
     assert len(trains) > 1
     for stage in trains:
-        assert params_keys(stage, to_flat_dict(params)) == trained, stage.addressing
+        listed = params_keys(stage, to_flat_dict(params))
+        assert listed == trained, (f"{stage.addressing}: params deps that enter no checkpoint fingerprint (they would "
+                                   f"re-run train for nothing) {sorted(listed - trained)}, fingerprinted keys not "
+                                   f"listed (changing them would not re-run train) {sorted(trained - listed)}")
 
+def test_nothing_refers_outside_the_repository() -> None:
+    """A clone has only its own files: no pointer to notes kept beside the repository."""
+    # Built, so that this file does not match itself.
+    needles = ["REFERENCE" + ".md", ".." + "/shared"]
+    found = subprocess.run(["git", "grep", "-n", "-F", *(f"-e{needle}" for needle in needles)], cwd=REPO,
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 1, found.stdout  # 1: no match

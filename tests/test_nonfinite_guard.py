@@ -1,4 +1,5 @@
-"""The fp16 overflow of REFERENCE.md §1, reproduced on a tiny model, is caught in training and in scoring."""
+"""The fp16 overflow of the reference experiment (docs/reference-experiment.md#precision), reproduced on a tiny
+model, is caught in training and in scoring."""
 
 from __future__ import annotations
 
