@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # loads, warms up and times both methods on the tiny model
 def test_bench_prints_images_per_second_of_both_methods_and_their_ratio() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "medgemma_breakhis.bench", "--synthetic", "--images", "8",

@@ -61,6 +61,7 @@ def two_commits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return repo, base
 
 
+@pytest.mark.slow  # make, git and the dvc CLI in subprocesses
 def test_report_shows_diffs_and_intervals_side_by_side(two_commits: tuple[Path, str]) -> None:
     repo, base = two_commits
     result = make_report(repo, f"BASE={base}", "PLOTS_URL=https://ci.example/plots")
@@ -78,6 +79,7 @@ def test_report_shows_diffs_and_intervals_side_by_side(two_commits: tuple[Path, 
     assert "[Plots: confusion matrices, ROC, training loss, base vs this change](https://ci.example/plots)" in report
 
 
+@pytest.mark.slow  # make in a subprocess, on the repository the fixture builds with git and dvc
 def test_report_without_base_says_how_to_call_it(two_commits: tuple[Path, str]) -> None:
     result = make_report(two_commits[0])
     assert result.returncode != 0
