@@ -32,7 +32,7 @@ test: setup ## the whole suite, as CI runs it (unit, slow and e2e), with the slo
 	$(BIN)/python -m pytest --durations=15
 
 # The unit tier to run before every commit: in-process, no subprocess training, no DVC pipeline run.
-test-fast: setup ## the unit tests only (not slow, not e2e): under a minute
+test-fast: setup ## the unit tests only (not slow, not e2e), in-process: about a minute
 	$(BIN)/python -m pytest -m "not slow and not e2e" -q
 
 lint: setup ## ruff check and ruff format --check
