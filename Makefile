@@ -1,4 +1,4 @@
-# make setup | demo | test | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | bench-train [OFFLINE=1] | report BASE=<rev> | gpu-memory  (README.md)
+# `make help` lists the targets; each one's `##` comment is its line there (README.md has the details).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -9,9 +9,12 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test compare-precision bench bench-train report gpu-memory
+.PHONY: help setup demo test test-fast lint compare-precision bench bench-train report gpu-memory
 
-setup: $(VENV)/.installed
+help: ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
+
+setup: $(VENV)/.installed ## create .venv with the pinned requirements
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,34 +22,42 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 # A temporary DVC experiment: the workspace and every tracked file stay as they are; `dvc exp show` lists it.
-demo: setup
+demo: setup ## the whole pipeline offline as a temporary DVC experiment, then its metrics and plots
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(OFFLINE_PARAMS)
-	$(BIN)/python -m medgemma_breakhis.reporting $(DEMO_EXP)
+	$(BIN)/python -m tools.demo_summary $(DEMO_EXP)
 	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit.
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
-test: setup
-	$(BIN)/python -m pytest
+test: setup ## the whole suite, as CI runs it (unit, slow and e2e), with the slowest tests listed
+	$(BIN)/python -m pytest --durations=15
+
+# The unit tier to run before every commit: in-process, no subprocess training, no DVC pipeline run.
+test-fast: setup ## the unit tests only (not slow, not e2e), in-process: about a minute
+	$(BIN)/python -m pytest -m "not slow and not e2e" -q
+
+lint: setup ## ruff check and ruff format --check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # bf16 vs fp16 with otherwise identical params, compared from MLflow. OFFLINE=1: the embedded offline default.
-compare-precision: setup
-	$(BIN)/python -m medgemma_breakhis.precision_comparison $(if $(OFFLINE),$(OFFLINE_PARAMS))
+compare-precision: setup ## bf16 against fp16 fine-tuning, compared from MLflow (OFFLINE=1: tiny model)
+	$(BIN)/python -m tools.precision_comparison $(if $(OFFLINE),$(OFFLINE_PARAMS))
 
 # Images/s of eval.method score against generate on the same model, images and batch size. OFFLINE=1: tiny model.
-bench: setup
-	$(BIN)/python -m medgemma_breakhis.bench $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS))
+bench: setup ## images/s of eval.method score against generate (OFFLINE=1: tiny model)
+	$(BIN)/python -m tools.bench $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS))
 
 # Seconds per optimizer step, memory, launches and FLOPs per example, MFU and the reference run's projected time of
 # the real train set-up. OFFLINE=1: the tiny model on synthetic images (CPU). Any GPU without the gated weights:
 # make bench-train ARGS='--synthetic -S data.source=synthetic -S model.id=medgemma-4b-random'
-bench-train: setup
+bench-train: setup ## seconds per training step, memory, launches, FLOPs, MFU, projected reference run (OFFLINE=1: tiny model)
 	$(BIN)/python -m tools.bench_train $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS)) $(ARGS)
 
 # The pull-request comment, locally: metrics and params against BASE, intervals side by side.
-report: setup
+report: setup ## the pull-request comment against BASE=<rev>, locally
 	@test -n "$(BASE)" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
-	@$(BIN)/python -m medgemma_breakhis.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
+	@$(BIN)/python -m tools.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
 
 # Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
-gpu-memory: setup
-	@$(BIN)/python -m medgemma_breakhis.gpu_memory
+gpu-memory: setup ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on 80/40/24 GB
+	@$(BIN)/python -m tools.gpu_memory

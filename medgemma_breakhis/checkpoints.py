@@ -101,12 +101,17 @@ def loaded_code() -> dict[str, str]:
     return dict(sorted(files.items()))
 
 
+def training_params(params: Params) -> dict[str, Any]:
+    """The params that decide what is trained, by dotted key: exactly the ones `train` lists as params deps in
+    dvc.yaml and cv/dvc.yaml (a test holds them equal), so a key left out here re-runs nothing."""
+    return {key: value for key, value in to_flat_dict(params).items()
+            if key.split(".")[0] in TRAINING_SECTIONS and key not in NOT_FINGERPRINTED}
+
+
 def training_fingerprint(params: Params, resolved_model_revision: str, train_csv: Path, image_root: Path,
                          filenames: Iterable[str]) -> Fingerprint:
-    flat = to_flat_dict(params)
     return Fingerprint(
-        params={key: value for key, value in flat.items()
-                if key.split(".")[0] in TRAINING_SECTIONS and key not in NOT_FINGERPRINTED},
+        params=training_params(params),
         model={"resolved_revision": resolved_model_revision},
         data={"train_split": file_sha256(train_csv), "images": images_sha256(image_root, filenames)},
         code=loaded_code() | {f"version.{name}": importlib.metadata.version(name) for name in LIBRARIES},

@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 FOLDS_CSV = "Folds.csv"
 FOLDS_COLUMNS = ("fold", "mag", "grp", "filename")
 SPLIT_COLUMNS = ("filename", "label", "class_name", "patient")
-# The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (REFERENCE.md §2).
+# The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (docs/breakhis.md#on-kaggle).
 _IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
-# Every BreakHis image is a 700x460 RGB PNG (REFERENCE.md §2).
+# Every BreakHis image is a 700x460 RGB PNG (docs/breakhis.md#images).
 IMAGE_SIZE = (700, 460)
 IMAGE_MODE = "RGB"
 EXCLUDED_COLUMNS = ("filename", "reason")

@@ -63,7 +63,7 @@ def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path,
     """Predict the test split, and write the metrics JSON, the per-image predictions and the ROC curve points.
 
     With `adapter_dir`, the adapter is applied unmerged: merging LoRA into bf16 weights shifts logits enough to flip
-    predictions (REFERENCE.md §4).
+    predictions (docs/design.md#the-adapter-is-applied-unmerged).
     """
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():

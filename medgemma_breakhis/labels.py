@@ -1,6 +1,6 @@
 """BreakHis classes, labels and patient ids derived from image paths, and the classification prompt.
 
-Everything here follows the reference experiment (REFERENCE.md §1-2) so that the same Folds.csv gives
+Everything here follows the reference experiment (docs/reference-experiment.md) so that the same Folds.csv gives
 the same labels as the blog's code.
 """
 

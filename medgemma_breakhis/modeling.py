@@ -34,7 +34,7 @@ class NonFiniteError(FloatingPointError):
 def non_finite_advice(precision: Precision, param: str) -> str:
     """What to change when values stop being finite at `precision` (set by the params key `param`)."""
     if precision == "fp16":
-        return (f"float16 overflows past 65,504, as Gemma 3 activations do (REFERENCE.md §4; transformers#36822): "
+        return (f"float16 overflows past 65,504, as Gemma 3 activations do (transformers#36822): "
                 f"set {param}=bf16, which has float32's range")
     return "the values diverged: lower train.learning_rate or train.max_grad_norm, and check the data"
 

@@ -109,7 +109,7 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, image_pa
     model.eval()
     text = prompt_text(processor)
     tokenizer = processor.tokenizer
-    # Stop at <end_of_turn> as well as <eos>: a fine-tuned model may not stop otherwise (REFERENCE.md §4).
+    # Stop at <end_of_turn> as well as <eos>: a model fine-tuned by the Trainer may end its turn without an <eos>.
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     answers = []
     for start in tqdm(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):

@@ -39,7 +39,7 @@ def synthetic_patient_id(label: int, index: int) -> str:
 
 
 def synthetic_filename(label: int, patient: str, magnification: int, seq: int) -> str:
-    """A path relative to the dataset root, in the real Folds.csv pattern (REFERENCE.md §2)."""
+    """A path relative to the dataset root, in the real Folds.csv pattern (docs/breakhis.md#file-names)."""
     tumor_type = next(t for t, lbl in TUMOR_TYPE_TO_LABEL.items() if lbl == label)
     side, side_code, code = ("malignant", "M", TUMOR_TYPE_CODES[label]) if is_malignant(label) else (
         "benign", "B", TUMOR_TYPE_CODES[label])

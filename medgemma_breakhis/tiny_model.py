@@ -3,7 +3,7 @@
 It has MedGemma's architecture (`Gemma3ForConditionalGeneration`, SigLIP vision tower, Gemma 3 chat template,
 `<start_of_image>` expanded to image soft tokens) at a size that trains on two CPU cores in minutes. It is saved
 with `save_pretrained` and loaded back through the same Auto classes as the real model, so the pipeline has one
-code path. Pitfalls handled here are listed in REFERENCE.md §4.
+code path. The pitfalls it avoids are listed in docs/design.md#the-tiny-model.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def _all_processes_agree(flag: bool, device: torch.device) -> bool:
 
 
 class GuardedSFTTrainer(SFTTrainer):
-    """SFTTrainer that stops at the first NaN or infinite loss instead of training on it (REFERENCE.md §4).
+    """SFTTrainer that stops at the first NaN or infinite loss instead of training on it.
 
     Checked on every micro-batch: transformers would otherwise replace a non-finite loss by the running mean in its
     logs and keep going. trl's fused LM head never builds the logits, and a non-finite logit of a supervised token

@@ -13,13 +13,13 @@ from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.signals import interrupt_on_sigterm
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--metrics", type=Path, required=True, help="folder of the per-fold metrics folders")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON to write (mean, std, min, max)")
     parser.add_argument("--table", type=Path, required=True, help="markdown table to write, one row per fold")
     add_override_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configure_logging()
     interrupt_on_sigterm()
     params = load_params(overrides=args.overrides)

@@ -15,7 +15,7 @@ from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.signals import interrupt_on_sigterm
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=Path, required=True, help="folder the split's filenames are relative to")
     parser.add_argument("--test", type=Path, required=True, help="test split CSV")
@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
     parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
     add_override_argument(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configure_logging()
     interrupt_on_sigterm()
     params = load_params(overrides=args.overrides)

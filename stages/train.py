@@ -18,7 +18,7 @@ from medgemma_breakhis.signals import interrupt_on_sigterm
 from medgemma_breakhis.training import run_training
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=Path, required=True, help="folder the split's filenames are relative to")
     parser.add_argument("--train", type=Path, required=True, help="training split CSV")
@@ -29,11 +29,12 @@ def main() -> None:
                         help="checkpoint root; a relative path is taken from the main repository's root, so DVC "
                              "experiment copies share it")
     add_override_argument(parser)
-    args = parser.parse_args()
+    arguments = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(arguments)
     configure_logging()
     interrupt_on_sigterm()
     params = load_params(overrides=args.overrides)
-    run_distributed_if_asked(params.train.num_processes, "stages.train", sys.argv[1:])
+    run_distributed_if_asked(params.train.num_processes, "stages.train", arguments)
     run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss, in_main_repo(args.checkpoints))
 
 

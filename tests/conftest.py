@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -50,3 +53,17 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert max(p.abs().max().item() for p in model.parameters()) < torch.finfo(torch.float16).max / 100
     model.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def stage_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """`tmp_path` as the working folder of a stage called in-process (`stages.<name>.main([...])`), with its own MLflow
+    store; the SIGTERM handler the stage installs is put back afterwards."""
+    monkeypatch.chdir(tmp_path)
+    for name in [name for name in os.environ if name.startswith(("MLFLOW_", "DVC_"))]:
+        monkeypatch.delenv(name)
+    # Set, so that it is unset again afterwards: the stage exports the store it uses.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    previous = signal.getsignal(signal.SIGTERM)
+    yield tmp_path
+    signal.signal(signal.SIGTERM, previous)

@@ -21,7 +21,7 @@ from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_fil
 
 
 def reference_selection(folds: pd.DataFrame, fold: int, mag: int, seed: int) -> tuple[list[str], list[str]]:
-    """The blog's code (REFERENCE.md §1), verbatim but for the parameters."""
+    """The blog's code (docs/reference-experiment.md#data), verbatim but for the parameters."""
     folds_100x = folds[folds["mag"] == mag]
     folds_100x = folds_100x[folds_100x["fold"] == fold]
     folds_100x_test = folds_100x[folds_100x.grp == "test"]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -14,8 +12,8 @@ from PIL import Image
 
 from medgemma_breakhis.data import FOLDS_CSV, DataError, prepare_raw_data, read_folds
 from medgemma_breakhis.params import DataParams
+from stages import download
 
-REPO = Path(__file__).resolve().parents[1]
 MISLABELLED = "BreaKHis_v1/histology_slides/breast/benign/SOB/ductal_carcinoma/SOB_B_DC_14-999/100X/" \
               "SOB_B_DC-14-999-100-001.png"
 
@@ -76,17 +74,12 @@ def test_excluded_images_are_left_out_and_reported_with_the_reason(bad_copy, tmp
     assert all((tmp_path / "raw" / f).is_file() for f in kept["filename"].unique())
 
 
-def test_download_stage_exits_non_zero_on_bad_data(bad_copy, tmp_path: Path) -> None:
+def test_download_stage_stops_on_bad_data(bad_copy, stage_folder: Path) -> None:
     root, _ = bad_copy
-    (tmp_path / "params.yaml").write_text(f"data:\n  source: local\n  path: {root}\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.download", "--out", "data/raw", "--excluded", "data/excluded_images.csv"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=300,
-        check=False,
-    )
-    assert result.returncode != 0
-    assert "6 of " in result.stderr and "cannot be used" in result.stderr
-    assert not (tmp_path / "data").exists()
+    (stage_folder / "params.yaml").write_text(f"data:\n  source: local\n  path: {root}\n")
+    with pytest.raises(DataError, match=r"^6 of .* cannot be used"):
+        download.main(["--out", "data/raw", "--excluded", "data/excluded_images.csv"])
+    assert not (stage_folder / "data").exists()
 
 
 def test_truncated_folds_csv_is_refused(synthetic_root: Path, tmp_path: Path) -> None:

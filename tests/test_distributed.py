@@ -20,6 +20,7 @@ from medgemma_breakhis.params import SplitParams
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # two training processes under accelerate launch
 def test_two_processes_train_one_adapter_tracked_once(synthetic_root: Path, tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  num_processes: 2\n")
     write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")

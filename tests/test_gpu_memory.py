@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from medgemma_breakhis.gpu_memory import auto_plans, estimates, medgemma_shape, main
+from tools.gpu_memory import auto_plans, estimates, medgemma_shape, main
 from medgemma_breakhis.medgemma_architecture import TEXT, medgemma_4b_on_meta
 
 # keras-hub's gemma3_4b_text preset, an independent count of the same decoder with 64 fewer vocabulary rows.

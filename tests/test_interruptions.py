@@ -46,6 +46,7 @@ def _stage(cwd: Path, synthetic_root: Path, log: Path) -> subprocess.Popen:
         cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
 
 
+@pytest.mark.slow  # a signal to a training process: a subprocess
 def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resumes(
         synthetic_root: Path, tmp_path: Path) -> None:
     # Checkpoints only far apart: the one found afterwards can only come from the signal.

@@ -15,7 +15,7 @@ from medgemma_breakhis.params import DataParams
 @pytest.fixture(scope="module")
 def kaggle_cache(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What kagglehub's cache holds for ambarish/breakhis: Folds.csv at the top, the images one BreaKHis_v1/ deeper
-    than Folds.csv's paths say (REFERENCE.md §2)."""
+    than Folds.csv's paths say (docs/breakhis.md#on-kaggle)."""
     root = tmp_path_factory.mktemp("kagglehub") / "datasets" / "ambarish" / "breakhis" / "versions" / "4"
     root.mkdir(parents=True)
     shutil.copy2(synthetic_root / FOLDS_CSV, root / FOLDS_CSV)

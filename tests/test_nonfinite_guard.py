@@ -1,10 +1,8 @@
-"""The fp16 overflow of REFERENCE.md §1, reproduced on a tiny model, is caught in training and in scoring."""
+"""The fp16 overflow of the reference experiment (docs/reference-experiment.md#precision), reproduced on a tiny
+model, is caught in training and in scoring."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,8 +15,10 @@ from medgemma_breakhis.evaluation import run_evaluation
 from medgemma_breakhis.modeling import NonFiniteError, load_base_model
 from medgemma_breakhis.params import ModelParams, SplitParams, params_from_dict
 from medgemma_breakhis.scoring import score_images
+from medgemma_breakhis.training import TrainingDivergedError
+from stages import train
 
-REPO = Path(__file__).resolve().parents[1]
+
 @pytest.fixture(scope="module")
 def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("split")
@@ -36,6 +36,7 @@ def test_scoring_refuses_non_finite_logits_in_fp16_only(overflowing_model: Path,
         score_images(model, processor, images, batch_size=2)
 
 
+@pytest.mark.slow  # the whole baseline stage, with its MLflow store
 def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(overflowing_model: Path, synthetic_root: Path,
                                                              split_dir: Path, tmp_path: Path, monkeypatch) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -50,35 +51,32 @@ def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(overflowing_model: 
     assert run.data.tags["failure_reason"].startswith("NonFiniteError: baseline: non-finite logits")
 
 
+@pytest.mark.slow  # the whole train stage, with its MLflow store
 def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapter(
-        overflowing_model: Path, synthetic_root: Path, split_dir: Path, tmp_path: Path) -> None:
+        overflowing_model: Path, synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_folder: Path) -> None:
     (tmp_path / "params.yaml").write_text(
         f"model:\n  id: {overflowing_model}\ntrain:\n  precision: fp16\n  epochs: 1\n")
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DVC_"))} | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.train", "--images", str(synthetic_root), "--train", str(split_dir / "train.csv"),
-         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
-         "--checkpoints", "checkpoints"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
-    )
-    assert result.returncode != 0
-    assert "TrainingDivergedError: training loss is nan at optimizer step 1 of " in result.stderr, result.stderr[-3000:]
-    assert "with train.precision=fp16 (float16 base weights, no autocast" in result.stderr
-    assert "set train.precision=bf16" in result.stderr
+    with pytest.raises(TrainingDivergedError) as diverged:
+        train.main(["--images", str(synthetic_root), "--train", str(split_dir / "train.csv"),
+                    "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
+                    "--checkpoints", "checkpoints"])
+    message = str(diverged.value)
+    assert message.startswith("training loss is nan at optimizer step 1 of ")
+    assert "with train.precision=fp16 (float16 base weights, no autocast" in message
+    assert "set train.precision=bf16" in message
     assert not (tmp_path / "models").exists()
     assert not (tmp_path / "metrics").exists()
     assert not (tmp_path / "plots").exists()
     assert not list((tmp_path / "checkpoints").glob("*/checkpoint-*"))  # nothing diverged is kept to resume from
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (train,) = client.search_runs(["1"], "tags.stage = 'train'")
-    assert train.info.status == "FAILED"
-    assert train.data.tags["diverged_at_step"] == "1"
-    assert train.data.tags["failure_reason"].startswith("TrainingDivergedError: training loss is nan at optimizer step 1")
-    assert train.data.tags["precision_ran"].startswith("float16 base weights, no autocast")
-    (logged_loss,) = client.get_metric_history(train.info.run_id, "loss")
+    (run,) = client.search_runs(["1"], "tags.stage = 'train'")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["diverged_at_step"] == "1"
+    assert run.data.tags["failure_reason"].startswith("TrainingDivergedError: training loss is nan at optimizer step 1")
+    assert run.data.tags["precision_ran"].startswith("float16 base weights, no autocast")
+    (logged_loss,) = client.get_metric_history(run.info.run_id, "loss")
     assert (logged_loss.step, str(logged_loss.value)) == (1, "nan")
-    parent = client.get_run(train.data.tags["mlflow.parentRunId"])
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"
     assert parent.data.tags["failure_reason"].startswith("train: TrainingDivergedError")

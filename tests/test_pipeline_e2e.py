@@ -1,7 +1,8 @@
 """The whole offline pipeline through the real `dvc` CLI, in a temporary git repository.
 
-One repository is reproduced once for the module; each test then checks one promise of the pipeline against it,
-in file order (the last one checks that no secret reached anything the earlier ones produced).
+One repository is reproduced once for the module. Tests that only read it share it; a test that changes it (an
+experiment, a kill, a sweep, a remote) works on its own copy, so the tests hold in any order and alone. No command
+may print a secret, and no repository, the shared one or a copy, may keep one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -36,7 +38,8 @@ STAGES = ("download", "split_balance", "baseline", "train", "evaluate")
 # Made at random so that this file, copied into the repository under test, does not contain them.
 SECRETS = {"HF_TOKEN": f"hf_FAKE{uuid.uuid4().hex}", "KAGGLE_USERNAME": "fake-kaggle-user",
            "KAGGLE_KEY": f"FAKEKAGGLE{uuid.uuid4().hex}"}
-COMMAND_OUTPUTS: list[str] = []
+# The user name is no secret (and could match ordinary text); the token and the key are.
+SECRET_VALUES = [value.encode() for key, value in SECRETS.items() if key != "KAGGLE_USERNAME"]
 
 
 def run_json(cwd: Path, *args: str) -> dict:
@@ -50,7 +53,7 @@ def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) ->
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **SECRETS}
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, check=False)
-    COMMAND_OUTPUTS.append(result.stdout + result.stderr)
+    assert not any(secret in (result.stdout + result.stderr).encode() for secret in SECRET_VALUES), args
     if check:
         assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result.stdout if stdout_only else result.stdout + result.stderr
@@ -90,9 +93,25 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def assert_no_secret_kept(repo: Path) -> None:
+    """No file, git object or MLflow param or tag of `repo` holds a secret its commands ran with."""
+    files = [path for path in repo.rglob("*") if path.is_file() and ".git" not in path.relative_to(repo).parts]
+    for path in files:
+        content = path.read_bytes()
+        assert not any(secret in content for secret in SECRET_VALUES), path
+    git_objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True,
+                                 check=True).stdout
+    assert not any(secret in git_objects for secret in SECRET_VALUES)
+    if (repo / "mlflow.db").is_file():  # a copy where no stage ran has none
+        for run_ in search(repo, ""):
+            recorded = json.dumps([run_.data.params, run_.data.tags]).encode()
+            assert not any(secret in recorded for secret in SECRET_VALUES)
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A git repository of this project's tracked files, set to the offline profile, reproduced and committed."""
+    """A git repository of this project's tracked files, set to the offline profile, reproduced and committed.
+    Shared by the tests that only read it: none may change it."""
     root = tmp_path_factory.mktemp("repo")
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
     for name in filter(None, tracked.stdout.split("\0")):
@@ -110,6 +129,31 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(root, "git", "add", "-A")
     run(root, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "results")
     return root
+
+
+def copy_of(repo: Path, destination: Path) -> Path:
+    """A copy of the reproduced repository, git history and DVC cache included, to change freely. Its MLflow store
+    starts empty: MLflow records where artifacts go as an absolute path, which a copied store would still point to
+    the original's `mlartifacts/`."""
+    shutil.copytree(repo, destination, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    return destination
+
+
+@pytest.fixture
+def workspace(repo: Path, tmp_path: Path) -> Iterator[Path]:
+    """A copy of the reproduced repository for one test; afterwards, checked for kept secrets."""
+    copy = copy_of(repo, tmp_path / "workspace")
+    yield copy
+    assert_no_secret_kept(copy)
+
+
+@pytest.fixture(scope="module")
+def generate_experiment(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A copy of the repository after `dvc exp run --temp` of `eval.method=generate`, and that command's output."""
+    copy = copy_of(repo, tmp_path_factory.mktemp("generate") / "workspace")
+    output = run(copy, "dvc", "exp", "run", "--temp", "--name", "eval-generate", "-S", "eval.method=generate",
+                 "-S", "eval.max_new_tokens=4")
+    return copy, output
 
 
 def test_full_repro_fine_tunes_well_beyond_the_baseline(repo: Path) -> None:
@@ -208,15 +252,18 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
     assert "Data and pipelines are up to date" in output
 
 
-def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace(repo: Path) -> None:
-    output = run(repo, "dvc", "exp", "run", "--temp", "--name", "eval-generate", "-S", "eval.method=generate",
-                 "-S", "eval.max_new_tokens=4")
+def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace(
+        generate_experiment: tuple[Path, str]) -> None:
+    repo, output = generate_experiment
     assert stages_run(output) == ["baseline", "evaluate"]
     assert run(repo, "git", "status", "--porcelain").strip() == ""
     assert "eval-generate" in run(repo, "dvc", "exp", "show", "--no-pager", "--md")
 
 
-def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(repo: Path) -> None:
+def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(
+        generate_experiment: tuple[Path, str]) -> None:
+    repo, _ = generate_experiment
+    assert_no_secret_kept(repo)
     parent, children = pipeline_group(repo, "eval-generate")
     assert set(children) == {"baseline", "evaluate"}
     assert parent.data.params["eval.method"] == "generate"
@@ -233,7 +280,8 @@ def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(repo: 
     assert list((repo / ".dvc").rglob("mlruns")) == []
 
 
-def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(repo: Path) -> None:
+def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(workspace: Path) -> None:
+    repo = workspace
     output = run(repo, "dvc", "exp", "run", "-S", "lora.r=16")
     assert stages_run(output) == ["train", "evaluate"]
     diff = run_json(repo, "dvc", "metrics", "diff", "--json")
@@ -247,23 +295,23 @@ def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(repo: Path) -> 
     assert children["train"].data.params["lora.r"] == "16"
 
 
-def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(repo: Path) -> None:
+def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspace: Path) -> None:
     """`dvc repro` killed outright during `train`; a run of other params refuses its checkpoint; the next
     `dvc repro` resumes from it and produces the adapter of the uninterrupted run, byte for byte."""
-    # the workspace as reproduced by the fixture, without the experiment above (which DVC also staged in git)
-    run(repo, "git", "reset", "-q", "--hard")
-    run(repo, "dvc", "checkout", "--force", "dvc.yaml")  # the cross-validation's outputs were never made
+    repo = workspace
     uninterrupted = locked_md5(repo, "train", "models/adapter")
     metrics_before = (repo / "metrics" / "train.json").read_text()
     yaml = YAML()
     params = yaml.load(repo / "params.yaml")
-    params["train"]["checkpoint_steps"] = 4  # not a training input: only train re-runs, to the same adapter
+    params["train"]["checkpoint_steps"] = 4  # not a training input: nothing re-runs for it
     yaml.dump(params, repo / "params.yaml")
+    assert stages_run(run(repo, "dvc", "repro")) == []
 
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
            "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **SECRETS}
     env.pop("MLFLOW_TRACKING_URI", None)
-    killed = subprocess.Popen(["dvc", "repro"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+    killed = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env,
+                              stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     saved = repo / "checkpoints"
     deadline = time.monotonic() + 600
@@ -295,7 +343,6 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(repo: P
     steps = json.loads(metrics_before)["global_steps"]
     assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == \
         list(range(13, steps + 1))
-    run(repo, "git", "reset", "-q", "--hard")
 
 
 def set_params(repo: Path, **values: object) -> None:
@@ -308,8 +355,8 @@ def set_params(repo: Path, **values: object) -> None:
     yaml.dump(params, repo / "params.yaml")
 
 
-def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(repo: Path) -> None:
-    run(repo, "git", "reset", "-q", "--hard")
+def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Path) -> None:
+    repo = workspace
     queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "lora.r=4,16", "-S", "train.epochs=1")
     names = re.findall(r"Queued experiment '([^']+)'", queued)
     assert len(names) == 2
@@ -349,8 +396,8 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(repo: Path) -
     assert list((repo / "checkpoints").glob("train-*")) == []  # each finished run removed its own
 
 
-def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(repo: Path) -> None:
-    run(repo, "git", "reset", "-q", "--hard")
+def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: Path) -> None:
+    repo = workspace
     set_params(repo, train__epochs=1)
     output = run(repo, "dvc", "repro", "cv/dvc.yaml")
     folds = [1, 2, 3, 4, 5]
@@ -384,12 +431,11 @@ def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(repo: Path)
         (adapter,) = [o for o in lock[f"train@{fold}-100"]["outs"] if o["path"].endswith("adapter")]
         assert train.data.tags["adapter_dvc_md5"] == adapter["md5"]
     assert "Running stage" not in run(repo, "dvc", "repro", "cv/dvc.yaml")
-    run(repo, "git", "reset", "-q", "--hard")
 
 
-def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(repo: Path, tmp_path: Path) -> None:
+def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace: Path, tmp_path: Path) -> None:
     """A local folder stands in for the gs:// bucket: the same `dvc push`/`dvc pull`, another storage backend."""
-    run(repo, "git", "reset", "-q", "--hard")
+    repo = workspace
     assert "gs (gcsfs" in run(repo, "dvc", "version")  # dvc-gs is installed for the README's GCS remote
     remote = tmp_path / "remote"
     run(repo, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))  # --local: .dvc/config.local, not git
@@ -412,11 +458,12 @@ def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(repo: Pat
         assert (clone / metrics).read_bytes() == (repo / metrics).read_bytes()
     assert "Data and pipelines are up to date" in run(clone, "dvc", "repro")
     assert not (clone / "checkpoints").exists()
-    shutil.rmtree(repo / "checkpoints")
+    assert_no_secret_kept(clone)
 
 
-def test_precision_comparison_reports_the_fp16_overflow_as_diverged(repo: Path, overflowing_model: Path) -> None:
-    output = run(repo, sys.executable, "-m", "medgemma_breakhis.precision_comparison",
+def test_precision_comparison_reports_the_fp16_overflow_as_diverged(workspace: Path, overflowing_model: Path) -> None:
+    repo = workspace
+    output = run(repo, sys.executable, "-m", "tools.precision_comparison",
                  "-S", f"model.id={overflowing_model}", "-S", "train.epochs=1",
                  "-S", "data.synthetic.images_per_patient=2", "--out", "reports/precision.md")
     table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
@@ -434,21 +481,10 @@ def test_precision_comparison_reports_the_fp16_overflow_as_diverged(repo: Path, 
 
 
 def test_no_secret_reaches_mlflow_logs_or_dvc_files(repo: Path) -> None:
-    """Every command above ran with fake HF/Kaggle credentials in its environment."""
-    secrets = [value.encode() for key, value in SECRETS.items() if key != "KAGGLE_USERNAME"]
-    assert len(COMMAND_OUTPUTS) > 10
-    for output in COMMAND_OUTPUTS:
-        assert not any(secret in output.encode() for secret in secrets)
-    files = [path for path in repo.rglob("*") if path.is_file() and ".git" not in path.relative_to(repo).parts]
-    assert repo / "mlflow.db" in files and any("mlartifacts" in path.parts for path in files)
-    for path in files:
-        content = path.read_bytes()
-        assert not any(secret in content for secret in secrets), path
-    git_objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True,
-                                 check=True).stdout
-    assert not any(secret in git_objects for secret in secrets)
+    """The reproduction ran with fake HF/Kaggle credentials in its environment; every other test's copy is checked
+    the same way when it ends, and every command's output as it runs."""
+    assert_no_secret_kept(repo)
+    assert (repo / "mlflow.db").is_file() and any((repo / "mlartifacts").rglob("*.csv"))
     for run_ in search(repo, ""):
-        recorded = json.dumps([run_.data.params, run_.data.tags]).encode()
-        assert not any(secret in recorded for secret in secrets)
-        # so the file scan above covered its artifacts
+        # so the file scan covered its artifacts
         assert Path(run_.info.artifact_uri.removeprefix("file://")).is_relative_to(repo / "mlartifacts")

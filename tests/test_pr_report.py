@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from ruamel.yaml import YAML
 
-from medgemma_breakhis.pr_report import interval_table
+from tools.pr_report import interval_table
 
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
@@ -42,8 +42,8 @@ def two_commits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     repo = tmp_path_factory.mktemp("report-repo")
     for name in ("Makefile", "dvc.yaml", "paths.yaml", "params.yaml", "requirements.txt"):
         shutil.copy2(REPO / name, repo / name)
-    shutil.copytree(REPO / "medgemma_breakhis", repo / "medgemma_breakhis",
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("medgemma_breakhis", "tools"):
+        shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     (repo / "metrics").mkdir()
     git(repo, "init", "-q", "-b", "main")
     subprocess.run([VENV / "bin" / "dvc", "init", "-q"], cwd=repo, check=True)
@@ -61,6 +61,7 @@ def two_commits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return repo, base
 
 
+@pytest.mark.slow  # make, git and the dvc CLI in subprocesses
 def test_report_shows_diffs_and_intervals_side_by_side(two_commits: tuple[Path, str]) -> None:
     repo, base = two_commits
     result = make_report(repo, f"BASE={base}", "PLOTS_URL=https://ci.example/plots")
@@ -78,6 +79,7 @@ def test_report_shows_diffs_and_intervals_side_by_side(two_commits: tuple[Path, 
     assert "[Plots: confusion matrices, ROC, training loss, base vs this change](https://ci.example/plots)" in report
 
 
+@pytest.mark.slow  # make in a subprocess, on the repository the fixture builds with git and dvc
 def test_report_without_base_says_how_to_call_it(two_commits: tuple[Path, str]) -> None:
     result = make_report(two_commits[0])
     assert result.returncode != 0

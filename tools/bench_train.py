@@ -24,13 +24,19 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
-from medgemma_breakhis.bench import pipeline_paths
 from medgemma_breakhis.data import FOLDS_CSV, read_folds, read_split, select_split
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.modeling import device, load_base_model
 from medgemma_breakhis.params import Params, add_override_argument, load_params
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
-from medgemma_breakhis.training import GuardedSFTTrainer, SkippedStepCounter, build_trainer, decoder_tokens_per_example, plan_for
+from medgemma_breakhis.training import (
+    GuardedSFTTrainer,
+    SkippedStepCounter,
+    build_trainer,
+    decoder_tokens_per_example,
+    plan_for,
+)
+from tools.bench import pipeline_paths
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Baseline vs fine-tuned metrics of one DVC experiment, as a table for the terminal.
 
-Run: python -m medgemma_breakhis.reporting <experiment name>
+Run: python -m tools.demo_summary <experiment name>
 """
 
 from __future__ import annotations

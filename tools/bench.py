@@ -3,7 +3,7 @@
 Run: make bench              (params.yaml's model on this machine's GPU, on the test split: `dvc repro split_balance`
                               first)
      make bench OFFLINE=1    (the tiny model on synthetic images, on a CPU)
-     (or: python -m medgemma_breakhis.bench [--synthetic] [-S key=value ...] [--images N])
+     (or: python -m tools.bench [--synthetic] [-S key=value ...] [--images N])
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GPU memory of MedGemma 4B LoRA training per execution setting, and what `auto` picks on common GPUs: the
 estimate `train` plans with, from the model's shapes (no GPU, no download).
 
-Run: make gpu-memory   (or: python -m medgemma_breakhis.gpu_memory [--tokens 298] [--lora-r 8])
+Run: make gpu-memory   (or: python -m tools.gpu_memory [--tokens 298] [--lora-r 8])
 
 Parameter counts are exact: MedGemma 4B's architecture is built on PyTorch's meta device, which allocates nothing.
 The activation estimate is calibrated to peak CUDA memory measured on one H100 (`execution.ACTIVATION_SCALE`).

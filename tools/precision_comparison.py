@@ -2,10 +2,11 @@
 
 Run: make compare-precision              (params.yaml as it is: MedGemma on this machine's GPU)
      make compare-precision OFFLINE=1    (synthetic data and the tiny model, on a CPU)
-     (or: python -m medgemma_breakhis.precision_comparison [-S key=value ...] [--out reports/precision_comparison.md])
+     (or: python -m tools.precision_comparison [-S key=value ...] [--out reports/precision_comparison.md])
 
 Each precision is a temporary DVC experiment run with --force, so every stage runs and is tracked afresh. A run
-that diverges (the fp16 overflow of REFERENCE.md §1) is reported as diverged, with the step, not as a crash.
+that diverges (the fp16 overflow of docs/reference-experiment.md#precision) is reported as diverged, with the step,
+not as a crash.
 """
 
 from __future__ import annotations

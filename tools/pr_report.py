@@ -1,7 +1,7 @@
 """The pull-request report: metrics and params against a base revision, and the accuracies with their intervals.
 
 Run: make report BASE=main
-     (or: python -m medgemma_breakhis.pr_report main [--plots-url URL])
+     (or: python -m tools.pr_report main [--plots-url URL])
 
 The same markdown is posted on every pull request by .github/workflows/pull-request.yml.
 """

@@ -1,4 +1,4 @@
-from medgemma_breakhis.reporting import comparison_table
+from tools.demo_summary import comparison_table
 
 
 def test_comparison_table_from_an_exp_show_row() -> None:

@@ -1,0 +1,129 @@
+"""The repository's layout keeps its promises: each stage's code deps in dvc.yaml and cv/dvc.yaml are exactly the
+code it imports, `train` re-runs only for params that change what is trained, no stage imports a tool, and no
+file points outside the repository."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+from pathlib import Path
+
+import pytest
+from dvc.dependency.param import ParamsDependency
+from dvc.repo import Repo
+
+from medgemma_breakhis.checkpoints import training_params
+from medgemma_breakhis.params import load_params, to_flat_dict
+
+REPO = Path(__file__).resolve().parents[1]
+# Packages of this repository; an import of anything else is a library's.
+PACKAGES = ("medgemma_breakhis", "stages", "tools")
+
+
+def module_file(name: str) -> Path | None:
+    """The repository file of module `name`, or None if it is not one of this repository's modules."""
+    if name.split(".")[0] not in PACKAGES:
+        return None
+    path = REPO.joinpath(*name.split(".")).with_suffix(".py")
+    return path if path.is_file() else None
+
+
+def imported_files(path: Path) -> set[Path]:
+    """This repository's modules that `path` imports anywhere (module level or inside a function)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            # `from package import module` names a module too
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found |= {file for file in map(module_file, names) if file}
+    return found
+
+
+def import_closure(script: Path) -> set[str]:
+    """`script` and every repository module it imports, directly or through another one, relative to the repo."""
+    seen, todo = set(), [script]
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(imported_files(path))
+    return {path.relative_to(REPO).as_posix() for path in seen}
+
+
+def pipeline_stages() -> list:
+    """Every stage of dvc.yaml and cv/dvc.yaml, as DVC resolves them (vars, matrix entries expanded)."""
+    with Repo(str(REPO)) as repo:
+        return list(repo.index.stages)
+
+
+def stage_script(stage) -> Path:
+    """The `stages/<name>.py` script a stage's command runs (`python -m stages.<name> ...`)."""
+    words = stage.cmd.split()
+    assert words[:2] == ["python", "-m"] and words[2].startswith("stages."), stage.cmd
+    return REPO / "stages" / f"{words[2].removeprefix('stages.')}.py"
+
+
+def code_deps(stage) -> set[str]:
+    paths = {Path(dep.fs_path).relative_to(REPO).as_posix() for dep in stage.deps
+             if not isinstance(dep, ParamsDependency)}
+    return {path for path in paths if path.endswith(".py")}
+
+
+STAGES = pipeline_stages()
+
+
+def test_both_pipelines_are_read() -> None:
+    names = {stage.addressing for stage in STAGES}
+    assert {"download", "split_balance", "baseline", "train", "evaluate", "cv/dvc.yaml:summary"} <= names
+    assert any(name.startswith("cv/dvc.yaml:train@") for name in names)
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=lambda stage: stage.addressing)
+def test_code_deps_are_exactly_the_imports(stage) -> None:
+    imports, listed = import_closure(stage_script(stage)), code_deps(stage)
+    assert not imports - listed and not listed - imports, (
+        f"{stage.addressing} in {stage.dvcfile.relpath}: missing code deps {sorted(imports - listed)}, "
+        f"deps it does not import {sorted(listed - imports)}")
+
+
+def test_package_init_files_are_empty() -> None:
+    """The import closure leaves out `__init__.py`: sound only while they hold no code."""
+    for package in PACKAGES:
+        assert (REPO / package / "__init__.py").read_text() == "", package
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "stages").glob("[!_]*.py")), ids=lambda path: path.stem)
+def test_no_stage_imports_a_tool(script: Path) -> None:
+    tools = sorted(path for path in import_closure(script) if path.startswith("tools/"))
+    assert not tools, f"{script.name} imports {tools}: tools are not pipeline code and DVC does not track them"
+
+
+def params_keys(stage, defaults: dict[str, object]) -> set[str]:
+    """A stage's params deps as dotted keys: a whole section stands for each of its keys."""
+    listed = {key for dep in stage.deps if isinstance(dep, ParamsDependency) for key in dep.params}
+    return {key for key in defaults if key in listed or key.split(".")[0] in listed}
+
+
+def test_train_reruns_for_exactly_the_params_that_decide_what_is_trained() -> None:
+    """An execution-only key (in `checkpoints.NOT_FINGERPRINTED`) changes no checkpoint and must re-run nothing."""
+    params = load_params(REPO / "params.yaml")
+    trained = set(training_params(params))
+    trains = [stage for stage in STAGES if stage_script(stage).stem == "train"]
+    assert len(trains) > 1
+    for stage in trains:
+        listed = params_keys(stage, to_flat_dict(params))
+        assert listed == trained, (f"{stage.addressing}: params deps that enter no checkpoint fingerprint (they would "
+                                   f"re-run train for nothing) {sorted(listed - trained)}, fingerprinted keys not "
+                                   f"listed (changing them would not re-run train) {sorted(trained - listed)}")
+
+def test_nothing_refers_outside_the_repository() -> None:
+    """A clone has only its own files: no pointer to notes kept beside the repository."""
+    # Built, so that this file does not match itself.
+    needles = ["REFERENCE" + ".md", ".." + "/shared"]
+    found = subprocess.run(["git", "grep", "-n", "-F", *(f"-e{needle}" for needle in needles)], cwd=REPO,
+                           capture_output=True, text=True, check=False)
+    assert found.returncode == 1, found.stdout  # 1: no match
