@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from medgemma_breakhis.distributed import local_rank, world_size
+from medgemma_breakhis.errors import ExpectedError
 from medgemma_breakhis.params import ModelParams, Precision
 from medgemma_breakhis.tiny_model import TINY_MODEL_ID, build_tiny_gemma3
 
@@ -22,7 +23,7 @@ logger = logging.getLogger(__name__)
 DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ExpectedError, RuntimeError):
     """The model could not be loaded; the message says what to set."""
 
 
