@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from medgemma_breakhis.distributed import local_rank, world_size
 from medgemma_breakhis.errors import ExpectedError
-from medgemma_breakhis.params import ModelParams, Precision
+from medgemma_breakhis.params import LoraParams, ModelParams, ParamsError, Precision
 from medgemma_breakhis.tiny_model import TINY_MODEL_ID, build_tiny_gemma3
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,11 @@ def _hub_error_advice(model_id: str) -> str:
             "filled cache). To run offline without it, use model.id=tiny-gemma3.")
 
 
+def _is_path(model_id: str) -> bool:
+    """Whether `model_id` can only mean a folder: a hub id is `name` or `owner/name`, not ./x, /x, ~/x or a/b/c."""
+    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+
+
 def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
     revision = None if Path(source).is_dir() else params.revision
     target = device()
@@ -118,6 +124,10 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
     elif Path(params.id).is_dir():
         model, processor = _load(params.id, params, dtype)
         resolved = _weights_digest(Path(params.id))
+    elif _is_path(params.id):
+        raise ModelLoadError(f"model.id={params.id!r} is a local path, and no folder is there (from {Path.cwd()}); "
+                             "set model.id to the folder holding the model's config.json and weights, or to a hub id "
+                             "such as google/medgemma-4b-it")
     else:
         try:
             model, processor = _load(params.id, params, dtype)
@@ -136,3 +146,26 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
     )
     logger.info("loaded %s (revision %s) on %s as %s", info.model_id, info.resolved_revision, info.device, info.dtype)
     return model, processor, info
+
+
+def check_lora_targets(params: ModelParams, lora: LoraParams) -> None:
+    """Refuse a `lora.target_modules` that matches no module of the model, from its config alone: in seconds and
+    naming the key, rather than once the weights have loaded (minutes, for MedGemma)."""
+    if params.id == TINY_MODEL_ID:
+        source, revision = str(_tiny_model_folder()), None
+    elif Path(params.id).is_dir():
+        source, revision = params.id, None
+    else:
+        source, revision = params.id, params.revision
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except OSError as err:  # the same failures as loading the weights, so the same advice
+        raise ModelLoadError(f"could not load the config of model {params.id!r} at revision {params.revision!r}: "
+                             f"{err}\n{_hub_error_advice(params.id)}") from err
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    try:
+        get_peft_model(skeleton, LoraConfig(target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    except ValueError as err:
+        raise ParamsError(f"params: lora.target_modules={lora.target_modules!r} matches no module of {params.id} "
+                          f"({err}); expected all-linear, or a regular expression over its module names") from err

@@ -37,7 +37,13 @@ from medgemma_breakhis.checkpoints import (
 )
 from medgemma_breakhis.data import read_split
 from medgemma_breakhis.distributed import is_main_process
-from medgemma_breakhis.modeling import LoadedModelInfo, NonFiniteError, load_base_model, non_finite_advice
+from medgemma_breakhis.modeling import (
+    LoadedModelInfo,
+    NonFiniteError,
+    check_lora_targets,
+    load_base_model,
+    non_finite_advice,
+)
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.scoring import completion_messages, prompt_messages
 from medgemma_breakhis.tracking import log_loaded_model, stage_run, untracked_record
@@ -260,6 +266,7 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
     Either way its MLflow run is marked so, and no adapter is written.
     """
     rows = read_split(train_csv, image_root)
+    check_lora_targets(params.model, params.lora)
     main = is_main_process()
     with stage_run("train", params, train_csv, untracked_record(metrics_path)) if main else nullcontext() as tracked:
         model, processor, info = load_base_model(params.model, params.train.precision)
