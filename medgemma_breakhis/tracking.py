@@ -58,6 +58,14 @@ def shown_uri(uri: str) -> str:
     return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
 
 
+def redacted(text: str, uri: str) -> str:
+    """`text` (an error from the store, which may quote its URL) without the user name or password in `uri`."""
+    parts = urlsplit(uri)
+    for secret in filter(None, (parts.password, parts.username)):
+        text = text.replace(secret, "***")
+    return text
+
+
 def _store_fix(uri: str) -> str:
     if uri.startswith("sqlite:///"):
         return (f"Check that {uri.removeprefix('sqlite:///')} is a writable MLflow database that no other process "
@@ -107,8 +115,8 @@ def check_tracking_store(uri: str) -> None:
                           MLFLOW_HTTP_REQUEST_TIMEOUT=str(STORE_CHECK_TIMEOUT_S)):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # any failure of the store (HTTP, SQL, file system) needs the same advice
-        raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: {err}\n"
-                            f"{_store_fix(uri)}") from err
+        raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
+                            f"{redacted(str(err), uri)}\n{_store_fix(uri)}") from None  # the cause quotes the URI
     logger.debug("tracking store %s checked in %.1f s", shown_uri(uri), time.monotonic() - started)
 
 
@@ -280,9 +288,10 @@ class TrackedStage:
         try:
             call()
         except Exception as err:  # whatever the store raises (SQL, HTTP, disk): the work must not be lost to it
-            logger.warning("could not track %s in MLflow (%s): %s: %s", what, shown_uri(mlflow.get_tracking_uri()),
-                           type(err).__name__, err)
-            self.failures.append(f"{what}: {type(err).__name__}: {err}"[:1000])
+            uri = mlflow.get_tracking_uri()
+            reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
+            logger.warning("could not track %s in MLflow (%s): %s", what, shown_uri(uri), reason)
+            self.failures.append(f"{what}: {reason}"[:1000])
             return False
         return True
 

@@ -53,7 +53,8 @@ def test_paths_leading_outside_are_listed_never_read_or_written(synthetic_root: 
 
 
 def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_root: Path, tmp_path: Path) -> None:
-    unknown_type = "BreaKHis_v1/histology_slides/breast/benign/SOB/unknown_type/SOB_B_X_14-88/100X/SOB_B_X-14-88-100-001.png"
+    unknown_type = ("BreaKHis_v1/histology_slides/breast/benign/SOB/unknown_type/SOB_B_X_14-88/100X/"
+                    "SOB_B_X-14-88-100-001.png")
     off_pattern = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-99/100X/photo.png"
     root = copy_with_rows(synthetic_root, tmp_path / "breakhis", [unknown_type, off_pattern])
     for filename in (unknown_type, off_pattern):
@@ -63,7 +64,8 @@ def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_ro
     with pytest.raises(DataError) as caught:
         prepare_raw_data(DataParams(source="local", path=str(root)), raw, excluded)
     assert f"{root / unknown_type}: no tumour-type folder" in str(caught.value)
-    assert f"{root / off_pattern}: image file name 'photo.png' does not follow the BreakHis pattern" in str(caught.value)
+    assert f"{root / off_pattern}: image file name 'photo.png' does not follow the BreakHis pattern" in str(
+        caught.value)
 
     prepare_raw_data(DataParams(source="local", path=str(root), exclude_invalid=True), raw, excluded)
     assert set(pd.read_csv(excluded)["filename"]) == {unknown_type, off_pattern}
