@@ -109,7 +109,8 @@ def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not
         "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     result = subprocess.run(
         [sys.executable, "-m", "stages.baseline", "--images", str(synthetic_root),
-         "--test", str(split_dir / "test.csv"), "--metrics", "baseline.json", "--predictions", "predictions.csv", "--roc", "roc.csv"],
+         "--test", str(split_dir / "test.csv"), "--metrics", "baseline.json", "--predictions", "predictions.csv",
+         "--roc", "roc.csv"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 1
     assert "MLflow tracking store http://127.0.0.1:9 cannot be used" in result.stderr
