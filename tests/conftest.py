@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -50,3 +54,37 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert max(p.abs().max().item() for p in model.parameters()) < torch.finfo(torch.float16).max / 100
     model.save_pretrained(folder)
     return folder
+
+
+@contextmanager
+def _store_locked(db: Path, when: Callable[[], bool] | None = None) -> Iterator[threading.Event]:
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        while when is not None and not when():
+            if release.wait(0.01):
+                return
+        connection = sqlite3.connect(db, isolation_level=None)
+        connection.execute("BEGIN EXCLUSIVE")
+        taken.set()
+        release.wait()
+        connection.rollback()
+        connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    if when is None:
+        taken.wait(10)
+    try:
+        yield taken
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.fixture
+def lock_store() -> Callable[..., AbstractContextManager[threading.Event]]:
+    """`with lock_store(db, when=None) as taken:` an exclusive lock on the sqlite file `db` from another connection,
+    as a copy in progress or another writer would hold it: taken at once, or as soon as `when()` is true (`taken` is
+    then set); released at the end of the block."""
+    return _store_locked

@@ -7,10 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -51,34 +48,6 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-@contextmanager
-def locked(db: Path, when: Path | None = None) -> Iterator[threading.Event]:
-    """An exclusive lock on the sqlite file `db` from another connection, as a copy or a second writer would hold it:
-    taken at once, or as soon as `when` exists; released at the end of the block."""
-    taken, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        while when is not None and not when.exists():
-            if release.wait(0.01):
-                return
-        connection = sqlite3.connect(db, isolation_level=None)
-        connection.execute("BEGIN EXCLUSIVE")
-        taken.set()
-        release.wait()
-        connection.rollback()
-        connection.close()
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    if when is None:
-        taken.wait(10)
-    try:
-        yield taken
-    finally:
-        release.set()
-        thread.join()
-
-
 def test_dead_http_store_fails_in_seconds_naming_it_without_its_password() -> None:
     started = time.monotonic()
     with pytest.raises(TrackingError, match=r"MLflow tracking store http://127.0.0.1:9 cannot be used") as caught:
@@ -87,7 +56,7 @@ def test_dead_http_store_fails_in_seconds_naming_it_without_its_password() -> No
     assert "s3cret" not in str(caught.value) and "MLFLOW_TRACKING_URI" in str(caught.value)
 
 
-def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_path: Path) -> None:
+def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_path: Path, lock_store) -> None:
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"not a database" * 100)
     with pytest.raises(TrackingError, match=f"sqlite:///{corrupt} cannot be used: DatabaseError: file is not a "
@@ -97,7 +66,8 @@ def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_pat
     store = tmp_path / "mlflow.db"
     check_tracking_store(f"sqlite:///{store}")  # creates it
     started = time.monotonic()
-    with locked(store), pytest.raises(TrackingError, match=f"sqlite:///{store} cannot be used: .*database is locked"):
+    with lock_store(store), pytest.raises(TrackingError,
+                                          match=f"sqlite:///{store} cannot be used: .*database is locked"):
         check_tracking_store(f"sqlite:///{store}")
     assert STORE_CHECK_TIMEOUT_S <= time.monotonic() - started < 15
 
@@ -157,12 +127,12 @@ def test_names_with_quotes_cannot_break_a_search(store: Path, split_dir: Path, t
     assert latest.info.run_id == evaluate.run.info.run_id
 
 
-def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path) -> None:
+def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path, lock_store) -> None:
     history = [{"loss": 3.0 - step, "learning_rate": 0.1, "step": step} for step in (1, 2, 3)]
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     with mlflow.start_run() as run:
         mlflow.log_metrics({"loss": 2.0, "learning_rate": 0.1}, step=1)
-        with locked(store):  # longer than MLflow's 20 s sqlite busy timeout: its async logger drops the batch
+        with lock_store(store):  # longer than MLflow's 20 s sqlite busy timeout: its async logger drops the batch
             mlflow.log_metrics({"loss": 1.0, "learning_rate": 0.1}, step=2, synchronous=False)
             time.sleep(22)
         mlflow.flush_async_logging()
@@ -177,13 +147,14 @@ def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path)
 
 
 def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_look_complete(
-        synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path) -> None:
+        synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store) -> None:
     train_csv = tmp_path / "train.csv"
     pd.read_csv(split_dir / "train.csv").head(4).to_csv(train_csv, index=False)
     params = params_from_dict({"model": {"id": "tiny-gemma3"}, "train": {
         "epochs": 1, "grad_accum_steps": 1, "precision": "fp32", "checkpoint_steps": 2}})
     metrics, adapter, checkpoints = tmp_path / "metrics" / "train.json", tmp_path / "adapter", tmp_path / "checkpoints"
-    with locked(store, when=metrics) as taken:  # from the moment training is over until the stage has returned
+    # from the moment training is over until the stage has returned
+    with lock_store(store, when=metrics.exists) as taken:
         result = run_training(params, synthetic_root, train_csv, adapter, metrics, tmp_path / "loss.csv", checkpoints)
     assert taken.is_set()
     assert result is not None and result.global_steps == 4
