@@ -1,4 +1,4 @@
-# make setup | demo | test | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | report BASE=<rev> | gpu-memory  (README.md)
+# make setup | demo | test | cv | compare-precision [OFFLINE=1] | bench [OFFLINE=1] | report BASE=<rev> | gpu-memory  (README.md)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test compare-precision bench report gpu-memory
+.PHONY: setup demo test cv compare-precision bench report gpu-memory
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest
+
+# The cross-validation (cv/dvc.yaml): joins the DVC project (.dvcignore keeps it out until it has run), then runs.
+cv: setup
+	sed -i.bak '\#^/cv/dvc.yaml$$#d' .dvcignore && rm .dvcignore.bak
+	$(BIN)/dvc repro cv/dvc.yaml
 
 # bf16 vs fp16 with otherwise identical params, compared from MLflow. OFFLINE=1: the embedded offline default.
 compare-precision: setup
