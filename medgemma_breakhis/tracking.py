@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -22,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 from urllib.parse import urlsplit
 
 import mlflow
@@ -76,20 +76,6 @@ def _store_fix(uri: str) -> str:
             "repository's own store, mlflow.db.")
 
 
-@contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
 def _check_sqlite_writable(path: Path) -> None:
     """Take and release the write lock, as MLflow will: a locked, read-only or corrupt file fails here."""
     if not path.exists():
@@ -111,8 +97,10 @@ def check_tracking_store(uri: str) -> None:
     try:
         if uri.startswith("sqlite:///"):
             _check_sqlite_writable(Path(uri.removeprefix("sqlite:///")))
-        with _environment(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                          MLFLOW_HTTP_REQUEST_TIMEOUT=str(STORE_CHECK_TIMEOUT_S)):
+        # MLflow reads these per request; the environment is restored afterwards, so the stage's own requests
+        # keep MLflow's (or the user's) retries
+        with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                          "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)}):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # any failure of the store (HTTP, SQL, file system) needs the same advice
         raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
