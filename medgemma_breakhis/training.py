@@ -326,7 +326,8 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
         atomic_write_text(loss_path, curve.to_csv(index=False))
         with atomic_directory(adapter_dir) as staging:
             save_adapter(trainer, staging)
-        tracked.restore_metrics(trainer.state.log_history)
+        # the steps up to a resumed checkpoint belong to the run that made it, which tracked them
+        tracked.restore_metrics([entry for entry in trainer.state.log_history if entry["step"] > resumed_from_step])
         for path, artifact_path in ((metrics_path, metrics_path.parent.name), (loss_path, loss_path.parent.name),
                                     (adapter_dir / "adapter_config.json", "adapter")):
             tracked.track(f"the artifact {path}", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
