@@ -93,9 +93,14 @@ def _hub_error_advice(model_id: str) -> str:
             "filled cache). To run offline without it, use model.id=tiny-gemma3.")
 
 
-def _is_path(model_id: str) -> bool:
-    """Whether `model_id` can only mean a folder: a hub id is `name` or `owner/name`, not ./x, /x, ~/x or a/b/c."""
-    return model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+def _refuse_missing_folder(model_id: str) -> None:
+    """A `model_id` that can only mean a folder (a hub id is `name` or `owner/name`, never ./x, /x, ~/x or a/b/c)
+    where there is none: said so, rather than sent to the hub and answered with advice about gated models."""
+    is_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+    if is_path and not Path(model_id).is_dir():
+        raise ModelLoadError(f"model.id={model_id!r} is a local path, and no folder is there (from {Path.cwd()}); "
+                             "set model.id to the folder holding the model's config.json and weights, or to a hub id "
+                             "such as google/medgemma-4b-it")
 
 
 def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -117,6 +122,7 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
                                                                       LoadedModelInfo]:
     """Load model and processor through the Auto classes, in the dtype of `precision`, on the GPU if there is one."""
     dtype = DTYPES[precision]
+    _refuse_missing_folder(params.id)
     if params.id == TINY_MODEL_ID:
         folder = _tiny_model_folder()
         model, processor = _load(str(folder), params, dtype)
@@ -124,10 +130,6 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
     elif Path(params.id).is_dir():
         model, processor = _load(params.id, params, dtype)
         resolved = _weights_digest(Path(params.id))
-    elif _is_path(params.id):
-        raise ModelLoadError(f"model.id={params.id!r} is a local path, and no folder is there (from {Path.cwd()}); "
-                             "set model.id to the folder holding the model's config.json and weights, or to a hub id "
-                             "such as google/medgemma-4b-it")
     else:
         try:
             model, processor = _load(params.id, params, dtype)
@@ -151,6 +153,7 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
 def check_lora_targets(params: ModelParams, lora: LoraParams) -> None:
     """Refuse a `lora.target_modules` that matches no module of the model, from its config alone: in seconds and
     naming the key, rather than once the weights have loaded (minutes, for MedGemma)."""
+    _refuse_missing_folder(params.id)
     if params.id == TINY_MODEL_ID:
         source, revision = str(_tiny_model_folder()), None
     elif Path(params.id).is_dir():

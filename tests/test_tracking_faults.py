@@ -176,6 +176,11 @@ def test_lora_target_modules_that_match_nothing_are_refused_before_the_model_loa
     assert not store.exists()  # refused before the stage's run, let alone the model
 
 
-def test_model_id_that_is_a_missing_local_path_says_so(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"model.id='./models/medgemma' is a local path, and no folder is there"):
+def test_model_id_that_is_a_missing_local_path_says_so(split_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    message = r"model.id='./models/medgemma' is a local path, and no folder is there"
+    with pytest.raises(ModelLoadError, match=message):
         load_base_model(ModelParams(id="./models/medgemma"), "fp32")
+    with pytest.raises(ModelLoadError, match=message):  # the stage's first look at the model, before the store's
+        run_training(params_from_dict({"model": {"id": "./models/medgemma"}}), synthetic_root,
+                     split_dir / "train.csv", tmp_path / "adapter", tmp_path / "train.json", tmp_path / "loss.csv",
+                     tmp_path / "checkpoints")
