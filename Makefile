@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup demo test test-fast lint compare-precision bench bench-train report gpu-memory
+.PHONY: help setup demo test test-fast lint cv compare-precision bench bench-train report gpu-memory
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
@@ -38,6 +38,11 @@ test-fast: setup ## the unit tests only (not slow, not e2e), in-process: about a
 lint: setup ## ruff check and ruff format --check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The cross-validation (cv/dvc.yaml): joins the DVC project (.dvcignore keeps it out until it has run), then runs.
+cv: setup ## the cross-validation (cv/dvc.yaml): takes it into the DVC project, then runs it
+	sed -i.bak '\#^/cv/dvc.yaml$$#d' .dvcignore && rm .dvcignore.bak
+	$(BIN)/dvc repro cv/dvc.yaml
 
 # bf16 vs fp16 with otherwise identical params, compared from MLflow. OFFLINE=1: the embedded offline default.
 compare-precision: setup ## bf16 against fp16 fine-tuning, compared from MLflow (OFFLINE=1: tiny model)

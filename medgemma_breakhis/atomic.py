@@ -23,6 +23,7 @@ def atomic_directory(target: Path) -> Iterator[Path]:
         shutil.rmtree(abandoned)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        os.chmod(staging, 0o777 & ~_umask())  # what mkdir would have given; mkdtemp makes folders private
         yield staging
         if target.exists():
             shutil.rmtree(target)

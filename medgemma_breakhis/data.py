@@ -11,15 +11,17 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterable
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_json, atomic_write_text
+from medgemma_breakhis.errors import ExpectedError
 from medgemma_breakhis.labels import CLASS_NAMES, MAGNIFICATIONS, is_malignant, label_from_path, patient_from_path
 from medgemma_breakhis.params import DataParams, SplitParams
+from medgemma_breakhis.repository import in_main_repo
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ IMAGE_MODE = "RGB"
 EXCLUDED_COLUMNS = ("filename", "reason")
 
 
-class DataError(RuntimeError):
+class DataError(ExpectedError, RuntimeError):
     """Input data that is missing, malformed or unreachable; the message names the file and the fix."""
 
 
@@ -65,9 +67,24 @@ def read_folds(path: Path) -> pd.DataFrame:
     return folds
 
 
+def path_problem(filename: str) -> str | None:
+    """Why a Folds.csv `filename` could lead outside the dataset (where it is read) or outside data/raw (where it is
+    written), if it could: Folds.csv comes from a third-party download, and is not trusted to stay inside.
+
+    Checked on the path as written, so that a dataset folder may itself be a symlink to where the images are."""
+    as_posix = PurePosixPath(filename.replace("\\", "/"))
+    if as_posix.is_absolute() or PureWindowsPath(filename).drive:
+        return "absolute path; Folds.csv paths must be relative to the dataset folder"
+    if ".." in as_posix.parts:
+        return "path with '..' segments; Folds.csv paths must stay inside the dataset folder"
+    return None
+
+
 def find_image_root(dataset_root: Path, filenames: Iterable[str]) -> Path:
     """The folder under which Folds.csv's `filename` paths resolve (the Kaggle download adds a BreaKHis_v1/ level)."""
-    first = next(iter(filenames))
+    first = next((f for f in filenames if path_problem(f) is None), None)
+    if first is None:
+        raise DataError("no filename in Folds.csv is a relative path inside the dataset folder")
     tried = [dataset_root / candidate / first for candidate in _IMAGE_ROOT_CANDIDATES]
     for path in tried:
         if path.is_file():
@@ -88,6 +105,8 @@ def check_images_exist(image_root: Path, filenames: Iterable[str]) -> None:
 
 def image_problem(image_root: Path, filename: str) -> str | None:
     """Why the listed image cannot be used (missing, undecodable, wrong mode or size, label against its folder)."""
+    if (unsafe := path_problem(filename)) is not None:
+        return unsafe  # never read, nor written under data/raw
     path = image_root / filename
     if not path.is_file():
         return "missing"
@@ -103,7 +122,8 @@ def image_problem(image_root: Path, filename: str) -> str | None:
         return f"size {size[0]}x{size[1]}, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
     try:
         malignant = is_malignant(label_from_path(filename))
-    except DataError as err:
+        patient_from_path(filename)  # split_balance needs the patient from the file name
+    except ValueError as err:
         return str(err)
     folder = "malignant" if "/malignant/" in filename else "benign" if "/benign/" in filename else None
     if folder != ("malignant" if malignant else "benign"):
@@ -144,6 +164,8 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, excluded_report: Path) -> int:
     """Bring an extracted BreakHis copy into the repository layout, validated; returns the number of images."""
+    if dataset_root.is_file():
+        raise DataError(f"dataset folder {dataset_root} is a file; set data.path to the folder holding {FOLDS_CSV}")
     if not dataset_root.is_dir():
         raise DataError(f"dataset folder {dataset_root} does not exist; "
                         f"set data.path to the folder holding {FOLDS_CSV}")
@@ -190,7 +212,8 @@ def prepare_raw_data(params: DataParams, output_dir: Path, excluded_report: Path
             root = generate_synthetic_breakhis(Path(generated), params.synthetic)
             return import_dataset(root, output_dir, params.exclude_invalid, excluded_report)
     if params.source == "local":
-        return import_dataset(Path(params.path), output_dir, params.exclude_invalid, excluded_report)
+        # from the main repository, like the checkpoints: `dvc exp run --temp/--queue` runs in a copy elsewhere
+        return import_dataset(in_main_repo(Path(params.path)), output_dir, params.exclude_invalid, excluded_report)
     return import_dataset(download_kaggle(params.kaggle_dataset), output_dir, params.exclude_invalid, excluded_report)
 
 

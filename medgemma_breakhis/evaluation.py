@@ -13,13 +13,19 @@ from peft import PeftModel
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
-from medgemma_breakhis.data import read_split
+from medgemma_breakhis.data import DataError, read_split
 from medgemma_breakhis.labels import CLASS_NAMES
 from medgemma_breakhis.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
 from medgemma_breakhis.modeling import NonFiniteError, load_base_model, non_finite_advice
 from medgemma_breakhis.params import Params
 from medgemma_breakhis.scoring import predict_split
-from medgemma_breakhis.tracking import dvc_locked_md5, log_loaded_model, pipeline_children, stage_run
+from medgemma_breakhis.tracking import (
+    dvc_locked_md5,
+    log_loaded_model,
+    pipeline_children,
+    stage_run,
+    untracked_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +73,15 @@ def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path,
     """
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
-    with stage_run(stage, params, test_csv) as run:
+        raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
+    with stage_run(stage, params, test_csv, untracked_record(metrics_path)) as tracked:
         model, processor, info = load_base_model(params.model, params.eval.precision)
-        log_loaded_model(info, precision_ran=f"{info.dtype} weights, inference without autocast")
+        tracked.track("the loaded model's tags",
+                      lambda: log_loaded_model(info, precision_ran=f"{info.dtype} weights, inference without autocast"))
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, adapter_dir)
-            tag_adapter_origin(adapter_dir, run.data.tags["mlflow.parentRunId"])
+            tracked.track("the adapter's DVC hash",
+                          lambda: tag_adapter_origin(adapter_dir, tracked.run.data.tags["mlflow.parentRunId"]))
         try:
             predictions = predict_split(model, processor, rows, image_root, params.eval)
         except NonFiniteError as err:
@@ -83,9 +91,10 @@ def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path,
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc_points(predictions).to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
-        mlflow.log_metrics(headline(metrics))
+        tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics)))
         for path in (metrics_path, predictions_path, roc_path):
-            mlflow.log_artifact(str(path), artifact_path=path.parent.name)
-        log_confusion_matrices(predictions, stage)
+            tracked.track(f"the artifact {path}",
+                          lambda: mlflow.log_artifact(str(path), artifact_path=path.parent.name))
+        tracked.track("the confusion matrices", lambda: log_confusion_matrices(predictions, stage))
     logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

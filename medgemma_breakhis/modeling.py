@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from peft import LoraConfig, get_peft_model
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from medgemma_breakhis.distributed import local_rank, world_size
-from medgemma_breakhis.params import ModelParams, Precision
+from medgemma_breakhis.errors import ExpectedError
 from medgemma_breakhis.medgemma_architecture import RANDOM_MEDGEMMA_ID, random_medgemma_folder
+from medgemma_breakhis.params import LoraParams, ModelParams, ParamsError, Precision
 from medgemma_breakhis.tiny_model import TINY_MODEL_ID, build_tiny_gemma3
 
 logger = logging.getLogger(__name__)
@@ -23,7 +25,7 @@ logger = logging.getLogger(__name__)
 DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(ExpectedError, RuntimeError):
     """The model could not be loaded; the message says what to set."""
 
 
@@ -92,6 +94,16 @@ def _hub_error_advice(model_id: str) -> str:
             "filled cache). To run offline without it, use model.id=tiny-gemma3.")
 
 
+def _refuse_missing_folder(model_id: str) -> None:
+    """A `model_id` that can only mean a folder (a hub id is `name` or `owner/name`, never ./x, /x, ~/x or a/b/c)
+    where there is none: said so, rather than sent to the hub and answered with advice about gated models."""
+    is_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
+    if is_path and not Path(model_id).is_dir():
+        raise ModelLoadError(f"model.id={model_id!r} is a local path, and no folder is there (from {Path.cwd()}); "
+                             "set model.id to the folder holding the model's config.json and weights, or to a hub id "
+                             "such as google/medgemma-4b-it")
+
+
 def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
     revision = None if Path(source).is_dir() else params.revision
     target = device()
@@ -111,6 +123,7 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
                                                                       LoadedModelInfo]:
     """Load model and processor through the Auto classes, in the dtype of `precision`, on the GPU if there is one."""
     dtype = DTYPES[precision]
+    _refuse_missing_folder(params.id)
     if params.id == TINY_MODEL_ID:
         folder = _tiny_model_folder()
         model, processor = _load(str(folder), params, dtype)
@@ -141,3 +154,27 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
     )
     logger.info("loaded %s (revision %s) on %s as %s", info.model_id, info.resolved_revision, info.device, info.dtype)
     return model, processor, info
+
+
+def check_lora_targets(params: ModelParams, lora: LoraParams) -> None:
+    """Refuse a `lora.target_modules` that matches no module of the model, from its config alone: in seconds and
+    naming the key, rather than once the weights have loaded (minutes, for MedGemma)."""
+    _refuse_missing_folder(params.id)
+    if params.id == TINY_MODEL_ID:
+        source, revision = str(_tiny_model_folder()), None
+    elif Path(params.id).is_dir():
+        source, revision = params.id, None
+    else:
+        source, revision = params.id, params.revision
+    try:
+        config = AutoConfig.from_pretrained(source, revision=revision)
+    except OSError as err:  # the same failures as loading the weights, so the same advice
+        raise ModelLoadError(f"could not load the config of model {params.id!r} at revision {params.revision!r}: "
+                             f"{err}\n{_hub_error_advice(params.id)}") from err
+    with torch.device("meta"):  # shapes only: no memory, no weights
+        skeleton = AutoModelForImageTextToText.from_config(config)
+    try:
+        get_peft_model(skeleton, LoraConfig(target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    except ValueError as err:
+        raise ParamsError(f"params: lora.target_modules={lora.target_modules!r} matches no module of {params.id} "
+                          f"({err}); expected all-linear, or a regular expression over its module names") from err

@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from ruamel.yaml import YAML
 
+from medgemma_breakhis.errors import ExpectedError
+
 DataSource = Literal["kaggle", "local", "synthetic"]
 Precision = Literal["bf16", "fp16", "fp32"]
 Balance = Literal["binary", "none"]
@@ -26,7 +28,7 @@ AttnImplementation = Literal["sdpa", "eager"]
 Auto = Literal["auto"]
 
 
-class ParamsError(ValueError):
+class ParamsError(ExpectedError, ValueError):
     """A value in params.yaml that the pipeline cannot run with."""
 
 
@@ -261,7 +263,10 @@ def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ())
     if not path.is_file():
         raise ParamsError(f"params file {path} not found; run from the repository root, where params.yaml lives")
     yaml = YAML(typ="safe")
-    raw = yaml.load(path.read_text(encoding="utf-8")) or {}
+    raw = yaml.load(path.read_text(encoding="utf-8"))
+    if raw is None:  # a file emptied by accident must not silently mean "all defaults"
+        raise ParamsError(f"params file {path} is empty; restore it (`git checkout {path}`), or write `{{}}` in it to "
+                          "run with every default")
     for override in overrides:
         dotted, separator, value = override.partition("=")
         if not separator or "." not in dotted:

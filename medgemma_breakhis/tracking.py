@@ -6,30 +6,106 @@ or one DVC experiment), so the MLflow UI shows an execution as one expandable ro
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import logging
 import os
 import platform
 import resource
 import socket
+import sqlite3
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
+from urllib.parse import urlsplit
 
 import mlflow
 import psutil
 import torch
-from mlflow.entities import Run
+from mlflow.entities import Metric, Run
 from ruamel.yaml import YAML
 
+from medgemma_breakhis.atomic import atomic_write_json
+from medgemma_breakhis.errors import ExpectedError
 from medgemma_breakhis.modeling import LoadedModelInfo
 from medgemma_breakhis.params import Params, to_flat_dict
 from medgemma_breakhis.repository import file_sha256, main_repo_root
 
+logger = logging.getLogger(__name__)
+
 EXPERIMENT_NAME = "medgemma-breakhis"
 # The distributions whose versions decide the numbers; recorded as `version.<name>` tags.
 TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "dvc")
+# The store check before any heavy work: seconds per attempt, and MLflow's HTTP retries (default 7, minutes of
+# backoff) turned off for it, so a dead store is reported within 15 s.
+STORE_CHECK_TIMEOUT_S = 10
+
+
+class TrackingError(ExpectedError):
+    """The MLflow tracking store cannot be used; the message names it and the fix."""
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` without any user name or password in it, for messages and logs."""
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+
+
+def redacted(text: str, uri: str) -> str:
+    """`text` (an error from the store, which may quote its URL) without the user name or password in `uri`."""
+    parts = urlsplit(uri)
+    for secret in filter(None, (parts.password, parts.username)):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _store_fix(uri: str) -> str:
+    if uri.startswith("sqlite:///"):
+        return (f"Check that {uri.removeprefix('sqlite:///')} is a writable MLflow database that no other process "
+                "holds locked (an `mlflow ui` is fine; a copy in progress is not); a corrupt one can be moved aside, "
+                "and MLflow creates a new one.")
+    return ("Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
+            "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use the "
+            "repository's own store, mlflow.db.")
+
+
+def _check_sqlite_writable(path: Path) -> None:
+    """Take and release the write lock, as MLflow will: a locked, read-only or corrupt file fails here."""
+    if not path.exists():
+        if not os.access(path.parent, os.W_OK):
+            raise PermissionError(f"{path.parent} is not writable, so {path.name} cannot be created")
+        return
+    connection = sqlite3.connect(path, timeout=STORE_CHECK_TIMEOUT_S)
+    try:
+        connection.execute("BEGIN IMMEDIATE")
+        connection.rollback()
+    finally:
+        connection.close()
+
+
+def check_tracking_store(uri: str) -> None:
+    """Fail within seconds, naming the store and the fix, if MLflow cannot read and write `uri`: before the hours of
+    work whose results it would record, not after."""
+    started = time.monotonic()
+    try:
+        if uri.startswith("sqlite:///"):
+            _check_sqlite_writable(Path(uri.removeprefix("sqlite:///")))
+        # MLflow reads these per request; the environment is restored afterwards, so the stage's own requests
+        # keep MLflow's (or the user's) retries
+        with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                                          "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)}):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:  # any failure of the store (HTTP, SQL, file system) needs the same advice
+        raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
+                            f"{redacted(str(err), uri)}\n{_store_fix(uri)}") from None  # the cause quotes the URI
+    logger.debug("tracking store %s checked in %.1f s", shown_uri(uri), time.monotonic() - started)
 
 
 def embedded_tracking_uri() -> str:
@@ -53,6 +129,7 @@ def experiment_id() -> str:
     location is relative to the working directory, which for `--temp` runs is a copy DVC deletes afterwards.
     """
     uri = tracking_uri()
+    check_tracking_store(uri)
     mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is not None:
@@ -84,12 +161,23 @@ def pipeline_key() -> str:
     A stage run by hand, outside DVC, is an execution of its own.
     """
     process = _dvc_process() or psutil.Process()
-    return f"{os.environ.get('DVC_EXP_NAME', 'workspace')}:{socket.gethostname()}:{process.pid}:{process.create_time()}"
+    # The experiment's name as a digest: the key is searched for, and a name (any git ref) may hold both quotes,
+    # which an MLflow filter string cannot.
+    experiment = hashlib.sha256(os.environ.get("DVC_EXP_NAME", "workspace").encode()).hexdigest()[:12]
+    return f"{experiment}:{socket.gethostname()}:{process.pid}:{process.create_time()}"
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        # e.g. mlflow installed as mlflow-skinny, or a stage run without dvc: the record says so, the stage goes on
+        return "not installed"
 
 
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
-    versions |= {name: importlib.metadata.version(name) for name in TRACKED_DISTRIBUTIONS}
+    versions |= {name: _installed_version(name) for name in TRACKED_DISTRIBUTIONS}
     versions["cuda"] = torch.version.cuda or "none"
     return versions
 
@@ -165,12 +253,84 @@ def log_peak_memory() -> None:
     mlflow.log_metrics(metrics)
 
 
+def untracked_record(metrics_path: Path) -> Path:
+    """Where a stage lists what it could not write to MLflow: beside its metrics, e.g. metrics/train.untracked.json."""
+    return metrics_path.with_name(f"{metrics_path.stem}.untracked.json")
+
+
+@dataclass
+class TrackedStage:
+    """A stage's MLflow run once its work has started: from then on the store failing costs the record, never the
+    results. What could not be tracked is logged, listed in `record` and, if the store lets it, tagged on the run."""
+
+    run: mlflow.ActiveRun
+    record: Path
+    failures: list[str] = field(default_factory=list)
+
+    def track(self, what: str, call: Callable[[], object], always: bool = False) -> bool:
+        """`call` (an MLflow write); if it fails, a warning, and the stage goes on. Once one write has failed, the
+        others are not attempted (each would wait out the store's timeout again) unless `always`."""
+        if self.failures and not always:
+            self.failures.append(f"{what}: not attempted, the store had failed before")
+            return False
+        try:
+            call()
+        except Exception as err:  # whatever the store raises (SQL, HTTP, disk): the work must not be lost to it
+            uri = mlflow.get_tracking_uri()
+            reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
+            logger.warning("could not track %s in MLflow (%s): %s", what, shown_uri(uri), reason)
+            self.failures.append(f"{what}: {reason}"[:1000])
+            return False
+        return True
+
+    def restore_metrics(self, history: list[dict[str, float]]) -> None:
+        """Log every (metric, step) of `history` (the trainer's log history) that the store does not hold.
+
+        The trainer's MLflow callback logs asynchronously, and MLflow drops a batch that fails with only an ERROR
+        line: what the store lacks at the end is written again here, or reported as not tracked."""
+        def restore() -> None:
+            mlflow.flush_async_logging()
+            client, run_id = mlflow.MlflowClient(), self.run.info.run_id
+            wanted = [(key, value, entry["step"]) for entry in history for key, value in entry.items()
+                      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+            held = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in {k for k, _, _ in wanted}}
+            missing = [Metric(key, float(value), int(time.time() * 1000), step) for key, value, step in wanted
+                       if step not in held[key]]
+            if missing:
+                logger.warning("the MLflow store had dropped %d logged value(s) of run %s (first: %s at step %d); "
+                               "logging them again", len(missing), run_id, missing[0].key, missing[0].step)
+                client.log_batch(run_id, metrics=missing)
+        self.track("the training metrics (loss, learning rate, gradient norm per step)", restore)
+
+    def end(self) -> None:
+        """End the stage's and the pipeline's runs; with anything untracked, write `record` and tag the run
+        `tracking_incomplete`, or end it FAILED where even the tag cannot be written: never FINISHED and unmarked."""
+        marked = True
+        if self.failures:
+            atomic_write_json(self.record, {"tracking_uri": shown_uri(mlflow.get_tracking_uri()),
+                                            "run_id": self.run.info.run_id, "not_tracked": self.failures})
+            logger.warning("%d item(s) could not be tracked in MLflow, listed in %s; the stage's results are written "
+                           "all the same", len(self.failures), self.record)
+            marked = self.track("the tracking_incomplete tag", lambda: mlflow.set_tag(
+                "tracking_incomplete", f"{len(self.failures)} item(s) not tracked, listed in {self.record}"),
+                always=True)
+        else:
+            self.record.unlink(missing_ok=True)  # from an earlier run of the stage
+        status = "FINISHED" if marked else "FAILED"
+        # Ending pops MLflow's active run before writing, so these leave no run active in this process either way.
+        self.track("the end of the stage's run", lambda: mlflow.end_run(status), always=True)
+        self.track("the end of the pipeline's run", mlflow.end_run, always=True)
+
+
 @contextmanager
-def stage_run(stage: str, params: Params, split_csv: Path) -> Iterator[mlflow.ActiveRun]:
+def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iterator[TrackedStage]:
     """A child MLflow run for one stage, under its pipeline execution's parent run.
 
     It carries all resolved params and the origin tags. A failure ends both runs FAILED, an interruption (Ctrl-C,
-    SIGTERM) KILLED, with the reason as a tag.
+    SIGTERM) KILLED, with the reason as a tag. The store is checked before the stage's work (TrackingError); once the
+    work has started, MLflow writes go through `TrackedStage.track`, and ending the runs does too: a store failing
+    then is a warning, listed in `record`. A run whose record is incomplete gets a `tracking_incomplete` tag or, if
+    even that cannot be written, ends FAILED or stays RUNNING: it never looks complete.
     """
     experiment = experiment_id()
     origin = origin_tags()
@@ -184,30 +344,38 @@ def stage_run(stage: str, params: Params, split_csv: Path) -> Iterator[mlflow.Ac
         "model_id": params.model.id,
         "model_revision": params.model.revision,
     }
-    with (mlflow.start_run(run_id=parent),
-          mlflow.start_run(experiment_id=experiment, nested=True, tags=tags,
-                           run_name=f"{stage} (fold {params.split.fold}, {params.split.magnification}X)") as run):
+    mlflow.start_run(run_id=parent)
+    try:
+        run = mlflow.start_run(experiment_id=experiment, nested=True, tags=tags,
+                               run_name=f"{stage} (fold {params.split.fold}, {params.split.magnification}X)")
         mlflow.log_params(to_flat_dict(params))
-        try:
-            yield run
-        except BaseException as err:
-            reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
-            mlflow.set_tag("failure_reason", reason)
-            mlflow.MlflowClient().set_tag(parent, "failure_reason", f"{stage}: {reason}")
-            log_peak_memory()
-            if isinstance(err, KeyboardInterrupt):
-                mlflow.end_run("KILLED")  # this stage's run
-                mlflow.end_run("KILLED")  # the pipeline's
-            raise
-        log_peak_memory()
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    tracked = TrackedStage(run, record)
+    try:
+        yield tracked
+    except BaseException as err:
+        reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
+        tracked.track("the failure reason", lambda: mlflow.set_tag("failure_reason", reason))
+        tracked.track("the failure reason of the pipeline run",
+                      lambda: mlflow.MlflowClient().set_tag(parent, "failure_reason", f"{stage}: {reason}"))
+        tracked.track("the peak memory", log_peak_memory)
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        tracked.track("the end of the stage's run", lambda: mlflow.end_run(status), always=True)
+        tracked.track("the end of the pipeline's run", lambda: mlflow.end_run(status), always=True)
+        raise
+    tracked.track("the peak memory", log_peak_memory)
+    tracked.end()
 
 
 def pipeline_children(parent_run_id: str, stage: str, tags: dict[str, str]) -> list[Run]:
     """The runs of `stage` with `tags` under one pipeline execution's parent run, newest first."""
-    wanted = "".join(f" and tags.{key} = '{value}'" for key, value in tags.items())
-    return mlflow.search_runs(
+    # Only ids and stage names go into the filter string; tag values such as paths may hold any quote.
+    runs = mlflow.search_runs(
         experiment_ids=[experiment_id()],
-        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'{wanted}",
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'",
         order_by=["attributes.start_time DESC"],
         output_format="list",
     )
+    return [run for run in runs if tags.items() <= run.data.tags.items()]

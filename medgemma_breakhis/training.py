@@ -41,10 +41,17 @@ from medgemma_breakhis.checkpoints import (
 from medgemma_breakhis.data import read_split
 from medgemma_breakhis.distributed import is_main_process
 from medgemma_breakhis.execution import ExecutionPlan, model_shape, plan_execution
-from medgemma_breakhis.modeling import LoadedModelInfo, NonFiniteError, device, load_base_model, non_finite_advice
+from medgemma_breakhis.modeling import (
+    LoadedModelInfo,
+    NonFiniteError,
+    check_lora_targets,
+    device,
+    load_base_model,
+    non_finite_advice,
+)
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.scoring import completion_messages, prompt_messages
-from medgemma_breakhis.tracking import log_loaded_model, stage_run
+from medgemma_breakhis.tracking import log_loaded_model, stage_run, untracked_record
 
 logger = logging.getLogger(__name__)
 
@@ -314,8 +321,9 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
     Either way its MLflow run is marked so, and no adapter is written.
     """
     rows = read_split(train_csv, image_root)
+    check_lora_targets(params.model, params.lora)
     main = is_main_process()
-    with stage_run("train", params, train_csv) if main else nullcontext():
+    with stage_run("train", params, train_csv, untracked_record(metrics_path)) if main else nullcontext() as tracked:
         model, processor, info = load_base_model(params.model, params.train.precision)
         fingerprint = training_fingerprint(params, info.resolved_revision, train_csv, image_root, rows["filename"])
         folder = checkpoint_folder(checkpoint_root, fingerprint)
@@ -328,12 +336,12 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             resume_from = last_complete_checkpoint(folder, delete_incomplete=main)
         resumed_from_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0
         if main:
-            log_loaded_model(info, trainer.precision_ran)
-            mlflow.set_tags({"adapter_path": str(adapter_dir), "checkpoint_folder": str(folder),
-                             "resumed_from_step": str(resumed_from_step),
-                             "num_processes": str(trainer.args.world_size),
-                             "distributed_backend": str(trainer.accelerator.state.backend or "none")})
-            mlflow.set_tags({"execution_" + key: str(value) for key, value in asdict(plan).items()})
+            tracked.track("the loaded model's tags", lambda: log_loaded_model(info, trainer.precision_ran))
+            tracked.track("the training tags", lambda: mlflow.set_tags({
+                "adapter_path": str(adapter_dir), "checkpoint_folder": str(folder),
+                "resumed_from_step": str(resumed_from_step), "num_processes": str(trainer.args.world_size),
+                "distributed_backend": str(trainer.accelerator.state.backend or "none"),
+                **{"execution_" + key: str(value) for key, value in asdict(plan).items()}}))
             logger.info("training on %d process(es), %d examples per optimizer step; each process: %s",
                         trainer.args.world_size, params.train.batch_size, plan.describe())
             if resume_from:
@@ -345,9 +353,9 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             with stop.installed():
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except TrainingDivergedError as err:
-            if main:
-                mlflow.log_metric("loss", err.loss, step=err.step)  # the curve shows where it diverged
-                mlflow.set_tag("diverged_at_step", str(err.step))
+            if main:  # the curve shows where it diverged
+                tracked.track("the diverged loss", lambda: mlflow.log_metric("loss", err.loss, step=err.step))
+                tracked.track("the diverged_at_step tag", lambda: mlflow.set_tag("diverged_at_step", str(err.step)))
             raise
         if stop.received:
             step = trainer.state.global_step
@@ -374,16 +382,22 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             "n_images": len(rows),
             "skipped_optimizer_steps": len(skipped.steps),
         })
-        mlflow.log_metric("skipped_optimizer_steps", len(skipped.steps))
-        if skipped.steps:
-            mlflow.set_tag("skipped_optimizer_steps_at", ",".join(map(str, skipped.steps)))
         atomic_write_text(loss_path, curve.to_csv(index=False))
         with atomic_directory(adapter_dir) as staging:
             save_adapter(trainer, staging)
-        mlflow.log_artifact(str(metrics_path), artifact_path=metrics_path.parent.name)
-        mlflow.log_artifact(str(loss_path), artifact_path=loss_path.parent.name)
-        mlflow.log_artifact(str(adapter_dir / "adapter_config.json"), artifact_path="adapter")
-        shutil.rmtree(folder)  # the adapter is saved: its checkpoints have nothing left to resume
+        tracked.track("the skipped optimizer steps", lambda: mlflow.log_metric("skipped_optimizer_steps",
+                                                                               len(skipped.steps)))
+        if skipped.steps:
+            tracked.track("the steps skipped", lambda: mlflow.set_tag("skipped_optimizer_steps_at",
+                                                                       ",".join(map(str, skipped.steps))))
+        # the steps up to a resumed checkpoint belong to the run that made it, which tracked them
+        tracked.restore_metrics([entry for entry in trainer.state.log_history if entry["step"] > resumed_from_step])
+        for path, artifact_path in ((metrics_path, metrics_path.parent.name), (loss_path, loss_path.parent.name),
+                                    (adapter_dir / "adapter_config.json", "adapter")):
+            tracked.track(f"the artifact {path}", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
+    # Only once the adapter is saved and tracking is over, which can no longer fail the stage: before, a failure would
+    # leave the adapter unrecorded by DVC, and the next run would have to train again from step 1.
+    shutil.rmtree(folder)
     logger.info("trained %d steps (resumed after step %d), last logged loss %.4f, adapter in %s; precision that ran: "
                 "%s", result.global_steps, result.resumed_from_step, result.train_loss_last, adapter_dir,
                 result.precision_ran)

@@ -8,6 +8,7 @@ Run: dvc repro baseline
 import argparse
 from pathlib import Path
 
+from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.evaluation import run_evaluation
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
@@ -30,4 +31,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from medgemma_breakhis.cross_validation import write_summary
+from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.signals import interrupt_on_sigterm
@@ -27,4 +28,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

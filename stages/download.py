@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 from medgemma_breakhis.data import prepare_raw_data
+from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.signals import interrupt_on_sigterm
@@ -28,4 +29,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -9,6 +9,7 @@ Run: dvc repro evaluate
 import argparse
 from pathlib import Path
 
+from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.evaluation import run_evaluation
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
@@ -33,4 +34,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from medgemma_breakhis.distributed import run_distributed_if_asked
+from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.repository import in_main_repo
@@ -39,4 +40,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

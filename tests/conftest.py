@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -67,3 +70,37 @@ def stage_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Pa
     previous = signal.getsignal(signal.SIGTERM)
     yield tmp_path
     signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def _store_locked(db: Path, when: Callable[[], bool] | None = None) -> Iterator[threading.Event]:
+    taken, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        while when is not None and not when():
+            if release.wait(0.01):
+                return
+        connection = sqlite3.connect(db, isolation_level=None)
+        connection.execute("BEGIN EXCLUSIVE")
+        taken.set()
+        release.wait()
+        connection.rollback()
+        connection.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    if when is None:
+        taken.wait(10)
+    try:
+        yield taken
+    finally:
+        release.set()
+        thread.join()
+
+
+@pytest.fixture
+def lock_store() -> Callable[..., AbstractContextManager[threading.Event]]:
+    """`with lock_store(db, when=None) as taken:` an exclusive lock on the sqlite file `db` from another connection,
+    as a copy in progress or another writer would hold it: taken at once, or as soon as `when()` is true (`taken` is
+    then set); released at the end of the block."""
+    return _store_locked

@@ -59,6 +59,30 @@ def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) ->
     return result.stdout if stdout_only else result.stdout + result.stderr
 
 
+def clean_in_a_fresh_clone(repo: Path, tmp_path: Path, base: str = "HEAD") -> Path:
+    """Push `repo`'s outputs to a local remote, clone it, and check that the commands of a teammate's (or a
+    reviewer's, against `base`) first minutes exit 0 and print nothing on stderr; returns the clone."""
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    run(repo, "dvc", "remote", "add", "--local", "-f", "-d", "shared", str(remote))  # --local: not in git
+    run(repo, "dvc", "push")
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    run(clone, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
+    run(repo, "dvc", "remote", "remove", "--local", "shared")
+    for command in (("pull",), ("checkout",), ("status",), ("metrics", "show"), ("metrics", "diff", base)):
+        result = subprocess.run(["dvc", *command], cwd=clone, capture_output=True, text=True, timeout=600, check=False,
+                                env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
+                                     f"{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"})
+        assert (result.returncode, result.stderr) == (0, ""), f"dvc {' '.join(command)}: {result.stderr[-3000:]}"
+    return clone
+
+
+def open_cross_validation(repo: Path) -> None:
+    """What `make cv` does before running it: take cv/dvc.yaml into the DVC project (.dvcignore keeps it out)."""
+    ignore = repo / ".dvcignore"
+    ignore.write_text("".join(line for line in ignore.read_text().splitlines(keepends=True)
+                              if line.strip() != "/cv/dvc.yaml"))
+
+
 def mlflow_client(repo: Path) -> mlflow.MlflowClient:
     return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
 
@@ -252,6 +276,34 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
     assert "Data and pipelines are up to date" in output
 
 
+def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next_repro(workspace: Path,
+                                                                                     lock_store) -> None:
+    repo = workspace
+    metrics, record = repo / "metrics" / "train.json", repo / "metrics" / "train.untracked.json"
+    before = metrics.stat().st_mtime_ns
+
+    def trained() -> bool:  # DVC deletes the outputs first; the stage writes train.json once training is over
+        return metrics.exists() and metrics.stat().st_mtime_ns != before
+
+    with lock_store(repo / "mlflow.db", when=trained) as taken:  # from the end of training until dvc is done
+        output = run(repo, "dvc", "repro", "--force", "--single-item", "train")
+    assert taken.is_set()
+    assert stages_run(output) == ["train"]
+    assert "could not track" in output and "database is locked" in output and "Traceback" not in output
+    assert (repo / "models" / "adapter" / "adapter_config.json").is_file()
+    assert not list((repo / "checkpoints").glob("*/checkpoint-*"))
+    not_tracked = read_json(record)
+    *_, parent = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
+    (train,) = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert train.info.run_id == not_tracked["run_id"]
+    assert train.info.status == "RUNNING" and "tracking_incomplete" not in train.data.tags  # not complete-looking
+
+    output = run(repo, "dvc", "repro")  # DVC recorded the adapter: nothing to train again
+    assert stages_run(output) == []
+    record.unlink()  # read; the workspace is as the fixture left it
+    assert run(repo, "git", "status", "--porcelain").strip() == ""
+
+
 def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace(
         generate_experiment: tuple[Path, str]) -> None:
     repo, output = generate_experiment
@@ -396,9 +448,10 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Pa
     assert list((repo / "checkpoints").glob("train-*")) == []  # each finished run removed its own
 
 
-def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: Path) -> None:
+def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: Path, tmp_path: Path) -> None:
     repo = workspace
     set_params(repo, train__epochs=1)
+    open_cross_validation(repo)
     output = run(repo, "dvc", "repro", "cv/dvc.yaml")
     folds = [1, 2, 3, 4, 5]
     for stage in ("split", "baseline", "train", "evaluate"):
@@ -432,6 +485,12 @@ def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: 
         assert train.data.tags["adapter_dvc_md5"] == adapter["md5"]
     assert "Running stage" not in run(repo, "dvc", "repro", "cv/dvc.yaml")
 
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "cross-validation")
+    # once it has run, cv/dvc.yaml's outputs are pulled like the rest
+    clone = clean_in_a_fresh_clone(repo, tmp_path, base="HEAD~1")
+    assert (clone / "cv" / "folds" / "fold3-100x" / "adapter" / "adapter_config.json").is_file()
+
 
 def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace: Path, tmp_path: Path) -> None:
     """A local folder stands in for the gs:// bucket: the same `dvc push`/`dvc pull`, another storage backend."""
@@ -446,10 +505,8 @@ def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace
     run(repo, "dvc", "push")
     assert all(marker not in path.read_bytes() for path in remote.rglob("*") if path.is_file())
 
-    clone = tmp_path / "clone"
-    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
-    run(clone, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
-    run(clone, "dvc", "pull", "--allow-missing")  # the cross-validation pipeline has not been run: nothing to pull
+    # the cross-validation has never run in this history (the commit above was reset away): it is not in the way
+    clone = clean_in_a_fresh_clone(repo, tmp_path)
     for out in ("data/raw", "data/split", "models/adapter"):
         files = sorted(p.relative_to(repo) for p in (repo / out).rglob("*") if p.is_file())
         assert files == sorted(p.relative_to(clone) for p in (clone / out).rglob("*") if p.is_file()), out

@@ -63,13 +63,10 @@ def run_experiment(name: str, precision: str, overrides: list[str]) -> int:
 
 
 def _latest_stage_run(client: mlflow.MlflowClient, experiment: str, dvc_exp_name: str, stage: str) -> Run | None:
-    runs = client.search_runs(
-        [experiment],
-        filter_string=f"tags.dvc_exp_name = '{dvc_exp_name}' and tags.stage = '{stage}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
-    return runs[0] if runs else None
+    # The experiment's name is compared here, not in the filter string: a name may hold any quote.
+    runs = client.search_runs([experiment], filter_string=f"tags.stage = '{stage}'",
+                              order_by=["attributes.start_time DESC"])
+    return next((run for run in runs if run.data.tags.get("dvc_exp_name") == dvc_exp_name), None)
 
 
 def collect_runs(precision: str, dvc_exp_name: str, exit_code: int) -> PrecisionRuns:

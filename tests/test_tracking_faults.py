@@ -1,0 +1,185 @@
+"""A tracking store that is down, locked or slow costs a clear message before the work, and nothing after it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+
+from medgemma_breakhis import tracking
+from medgemma_breakhis.data import FOLDS_CSV, write_split
+from medgemma_breakhis.modeling import ModelLoadError, load_base_model
+from medgemma_breakhis.params import ModelParams, ParamsError, SplitParams, params_from_dict
+from medgemma_breakhis.tracking import (
+    STORE_CHECK_TIMEOUT_S,
+    TrackedStage,
+    TrackingError,
+    check_tracking_store,
+    experiment_id,
+    pipeline_children,
+    stage_run,
+)
+from medgemma_breakhis.training import run_training
+from tools.precision_comparison import _latest_stage_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("split")
+    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
+    return folder
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An embedded store of this test's own, as MLFLOW_TRACKING_URI."""
+    path = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{path}")
+    return path
+
+
+def test_dead_http_store_fails_in_seconds_naming_it_without_its_password() -> None:
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=r"MLflow tracking store http://127.0.0.1:9 cannot be used") as caught:
+        check_tracking_store("http://someone:s3cret@127.0.0.1:9")
+    assert time.monotonic() - started < 15
+    assert "s3cret" not in str(caught.value) and "MLFLOW_TRACKING_URI" in str(caught.value)
+
+
+def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_path: Path, lock_store) -> None:
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"not a database" * 100)
+    with pytest.raises(TrackingError, match=f"sqlite:///{corrupt} cannot be used: DatabaseError: file is not a "
+                                            f"database\nCheck that {corrupt} is a writable MLflow database"):
+        check_tracking_store(f"sqlite:///{corrupt}")
+
+    store = tmp_path / "mlflow.db"
+    check_tracking_store(f"sqlite:///{store}")  # creates it
+    started = time.monotonic()
+    with lock_store(store), pytest.raises(TrackingError,
+                                          match=f"sqlite:///{store} cannot be used: .*database is locked"):
+        check_tracking_store(f"sqlite:///{store}")
+    assert STORE_CHECK_TIMEOUT_S <= time.monotonic() - started < 15
+
+
+def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not_a_traceback(
+        synthetic_root: Path, split_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\n")
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))} | {
+        "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.baseline", "--images", str(synthetic_root),
+         "--test", str(split_dir / "test.csv"), "--metrics", "baseline.json", "--predictions", "predictions.csv",
+         "--roc", "roc.csv"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 1
+    assert "MLflow tracking store http://127.0.0.1:9 cannot be used" in result.stderr
+    assert "Traceback" not in result.stderr and "loaded tiny-gemma3" not in result.stderr
+
+
+def test_expected_errors_are_one_message_without_traceback(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(f"data:\n  source: local\n  path: {tmp_path / 'nowhere'}\n")
+    command = [sys.executable, "-m", "stages.download", "--out", "data/raw", "--excluded", "data/excluded.csv"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert f"dataset folder {tmp_path / 'nowhere'} does not exist; set data.path" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    (tmp_path / "params.yaml").write_text("")
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert "params file params.yaml is empty" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_distribution_not_installed_under_its_name_is_recorded_not_fatal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking, "TRACKED_DISTRIBUTIONS", (*tracking.TRACKED_DISTRIBUTIONS, "no-such-distribution"))
+    versions = tracking.library_versions()
+    assert versions["no-such-distribution"] == "not installed"
+    assert versions["mlflow"] == mlflow.__version__
+
+
+def test_names_with_quotes_cannot_break_a_search(store: Path, split_dir: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "it's-\"mine\""
+    monkeypatch.setenv("DVC_EXP_NAME", name)
+    params = params_from_dict({"model": {"id": "tiny-gemma3"}})
+    adapter = str(tmp_path / "it's" / "adapter")
+    with stage_run("train", params, split_dir / "train.csv", tmp_path / "train.untracked.json") as train:
+        mlflow.set_tag("adapter_path", adapter)
+    with stage_run("evaluate", params, split_dir / "test.csv", tmp_path / "eval.untracked.json") as evaluate:
+        pass
+    parent = train.run.data.tags["mlflow.parentRunId"]
+    assert evaluate.run.data.tags["mlflow.parentRunId"] == parent  # the second stage found its pipeline's run
+    (found,) = pipeline_children(parent, "train", {"adapter_path": adapter})
+    assert found.info.run_id == train.run.info.run_id
+    latest = _latest_stage_run(mlflow.MlflowClient(), experiment_id(), name, "evaluate")
+    assert latest.info.run_id == evaluate.run.info.run_id
+
+
+def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path, lock_store) -> None:
+    history = [{"loss": 3.0 - step, "learning_rate": 0.1, "step": step} for step in (1, 2, 3)]
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    with mlflow.start_run() as run:
+        mlflow.log_metrics({"loss": 2.0, "learning_rate": 0.1}, step=1)
+        with lock_store(store):  # longer than MLflow's 20 s sqlite busy timeout: its async logger drops the batch
+            mlflow.log_metrics({"loss": 1.0, "learning_rate": 0.1}, step=2, synchronous=False)
+            time.sleep(22)
+        mlflow.flush_async_logging()
+        client = mlflow.MlflowClient()
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]  # dropped for good
+        mlflow.log_metrics({"loss": 0.0, "learning_rate": 0.1}, step=3, synchronous=False)
+        tracked = TrackedStage(run, tmp_path / "untracked.json")
+        tracked.restore_metrics(history)
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "learning_rate")) == [1, 2, 3]
+    assert not tracked.failures
+
+
+def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_look_complete(
+        synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store) -> None:
+    train_csv = tmp_path / "train.csv"
+    pd.read_csv(split_dir / "train.csv").head(4).to_csv(train_csv, index=False)
+    params = params_from_dict({"model": {"id": "tiny-gemma3"}, "train": {
+        "epochs": 1, "batch_size": 1, "precision": "fp32", "checkpoint_steps": 2}})
+    metrics, adapter, checkpoints = tmp_path / "metrics" / "train.json", tmp_path / "adapter", tmp_path / "checkpoints"
+    # from the moment training is over until the stage has returned
+    with lock_store(store, when=metrics.exists) as taken:
+        result = run_training(params, synthetic_root, train_csv, adapter, metrics, tmp_path / "loss.csv", checkpoints)
+    assert taken.is_set()
+    assert result is not None and result.global_steps == 4
+    assert (adapter / "adapter_config.json").is_file() and metrics.is_file()
+    assert not list(checkpoints.glob("*/checkpoint-*"))  # deleted once nothing could fail any more
+    record = json.loads((tmp_path / "metrics" / "train.untracked.json").read_text())
+    assert record["not_tracked"] and any("database is locked" in item for item in record["not_tracked"])
+    (run,) = mlflow.MlflowClient().search_runs([experiment_id()], "tags.stage = 'train'")
+    assert run.info.run_id == record["run_id"]
+    assert run.info.status != "FINISHED" or "tracking_incomplete" in run.data.tags
+
+
+def test_lora_target_modules_that_match_nothing_are_refused_before_the_model_loads(
+        synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path) -> None:
+    params = params_from_dict({"model": {"id": "tiny-gemma3"}, "lora": {"target_modules": "no_such_proj"}})
+    with pytest.raises(ParamsError, match=r"lora.target_modules='no_such_proj' matches no module of tiny-gemma3"):
+        run_training(params, synthetic_root, split_dir / "train.csv", tmp_path / "adapter", tmp_path / "train.json",
+                     tmp_path / "loss.csv", tmp_path / "checkpoints")
+    assert not store.exists()  # refused before the stage's run, let alone the model
+
+
+def test_model_id_that_is_a_missing_local_path_says_so(split_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
+    message = r"model.id='./models/medgemma' is a local path, and no folder is there"
+    with pytest.raises(ModelLoadError, match=message):
+        load_base_model(ModelParams(id="./models/medgemma"), "fp32")
+    with pytest.raises(ModelLoadError, match=message):  # the stage's first look at the model, before the store's
+        run_training(params_from_dict({"model": {"id": "./models/medgemma"}}), synthetic_root,
+                     split_dir / "train.csv", tmp_path / "adapter", tmp_path / "train.json", tmp_path / "loss.csv",
+                     tmp_path / "checkpoints")
