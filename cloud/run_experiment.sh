@@ -81,7 +81,9 @@ export MEDGEMMA_CHECKPOINTS_DIR="$BUCKET_DIR/checkpoints"
 log "dvc pull: the inputs the pipeline has in the DVC remote"
 dvc pull --allow-missing dvc.yaml
 log "dvc exp run --name $EXP_NAME ${exp_args[*]}"
-dvc exp run --name "$EXP_NAME" "${exp_args[@]}"
+# dvc dies at once on SIGTERM, which would leave the stage finishing its checkpoint after this script had saved the
+# MLflow store. Ignoring SIGTERM in dvc alone (every stage installs its own handler) makes dvc wait for the stage.
+( trap '' TERM; exec dvc exp run --name "$EXP_NAME" "${exp_args[@]}" )
 log "dvc exp push origin $EXP_NAME: the experiment to git, its outputs to the DVC remote"
 dvc exp push origin "$EXP_NAME"
 log "done: dvc exp pull origin $EXP_NAME, then dvc exp show"
