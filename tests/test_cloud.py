@@ -121,8 +121,8 @@ def job_env(**variables: str) -> dict[str, str]:
 
 @pytest.mark.e2e
 @needs_engine
-def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clone(  # noqa: F811 (the fixture)
-        repo: Path, tmp_path: Path) -> None:
+def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clone(
+        repo: Path, tmp_path: Path) -> None:  # noqa: F811 (repo: the imported fixture)
     origin, remote, bucket = tmp_path / "origin.git", tmp_path / "dvc-remote", tmp_path / "bucket"
     bucket.mkdir()
     run(tmp_path, "git", "clone", "-q", "--bare", str(repo), str(origin))
