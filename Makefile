@@ -66,3 +66,26 @@ report: setup ## the pull-request comment against BASE=<rev>, locally
 # Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
 gpu-memory: setup ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on 80/40/24 GB
 	@$(BIN)/python -m tools.gpu_memory
+
+# Cloud GPU jobs (README: Cloud GPU jobs): each experiment a SkyPilot managed job on a spot GPU. The engine has its
+# own virtual environment and pinned requirements, so the base install does not grow.
+CLOUD_VENV := .venv-cloud
+CLOUD_BIN := $(abspath $(CLOUD_VENV))/bin
+
+.PHONY: cloud-setup cloud-run cloud-sweep
+
+cloud-setup: $(CLOUD_VENV)/.installed ## the cloud engine (SkyPilot) in its own .venv-cloud
+
+$(CLOUD_VENV)/.installed: requirements-cloud.txt
+	$(PYTHON) -m venv $(CLOUD_VENV)
+	$(CLOUD_BIN)/pip install --quiet --disable-pip-version-check -r requirements-cloud.txt
+	touch $@
+
+# make cloud-run ARGS='-S lora.r=16' [GPUS=A100:1] [ON_DEMAND=1]; CLOUD_BUCKET=gs://… and HEAD pushed to origin.
+CLOUD_FLAGS = $(if $(GPUS),--gpus $(GPUS)) $(if $(ON_DEMAND),--on-demand) $(if $(DRY_RUN),--dry-run)
+cloud-run: cloud-setup ## one DVC experiment as a managed cloud GPU job: ARGS='-S lora.r=16'
+	$(CLOUD_BIN)/python cloud/launch.py $(CLOUD_FLAGS) $(ARGS)
+
+# One managed job per value: make cloud-sweep ARGS='-S lora.r=8,16,32' (or ARGS='-S split.fold=1,2,3,4,5').
+cloud-sweep: cloud-setup ## one managed job per value: ARGS='-S lora.r=8,16,32'
+	$(CLOUD_BIN)/python cloud/launch.py --sweep $(CLOUD_FLAGS) $(ARGS)

@@ -7,6 +7,7 @@ With train.num_processes > 1 it starts itself again under `accelerate launch`, o
 """
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     interrupt_on_sigterm()
     params = load_params(overrides=args.overrides)
     run_distributed_if_asked(params.train.num_processes, "stages.train", arguments)
-    run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss, in_main_repo(args.checkpoints))
+    # A cloud job sets MEDGEMMA_CHECKPOINTS_DIR to a bucket mount, so that a preempted job resumes on its next machine
+    # (README: Cloud GPU jobs). Not a param: where checkpoints live does not change what is trained.
+    checkpoints = Path(os.environ.get("MEDGEMMA_CHECKPOINTS_DIR") or args.checkpoints)
+    run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss, in_main_repo(checkpoints))
 
 
 if __name__ == "__main__":
