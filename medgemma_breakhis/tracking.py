@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 import mlflow
 import psutil
 import torch
+from filelock import FileLock, Timeout
 from mlflow.entities import Metric, Run
 from ruamel.yaml import YAML
 
@@ -102,7 +103,7 @@ def check_tracking_store(uri: str) -> None:
         with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                                           "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)}):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as err:  # any failure of the store (HTTP, SQL, file system) needs the same advice
+    except Exception as err:  # noqa: BLE001 - any failure of the store (HTTP, SQL, file system) needs the same advice
         raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
                             f"{redacted(str(err), uri)}\n{_store_fix(uri)}") from None  # the cause quotes the URI
     logger.debug("tracking store %s checked in %.1f s", shown_uri(uri), time.monotonic() - started)
@@ -122,6 +123,25 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
 
 
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """For a sqlite store, a lock file beside it: the stages of DVC's queue workers start together, and two processes
+    creating a new store's tables (or the experiment) at once break each other's schema migration."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = FileLock(f"{uri.removeprefix('sqlite:///')}.lock")
+    try:
+        lock.acquire(timeout=STORE_CHECK_TIMEOUT_S)
+    except Timeout:
+        raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: another process has held "
+                            f"{lock.lock_file} for {STORE_CHECK_TIMEOUT_S} s\n{_store_fix(uri)}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def experiment_id() -> str:
     """The id of the `medgemma-breakhis` experiment, created on first use.
 
@@ -129,13 +149,14 @@ def experiment_id() -> str:
     location is relative to the working directory, which for `--temp` runs is a copy DVC deletes afterwards.
     """
     uri = tracking_uri()
-    check_tracking_store(uri)
-    mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
-    if experiment is not None:
-        return experiment.experiment_id
-    location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
-    return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+    with _first_use_lock(uri):
+        check_tracking_store(uri)
+        mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
+        experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+        if experiment is not None:
+            return experiment.experiment_id
+        location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
+        return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
 
 
 def _git(*args: str) -> str | None:
@@ -275,7 +296,7 @@ class TrackedStage:
             return False
         try:
             call()
-        except Exception as err:  # whatever the store raises (SQL, HTTP, disk): the work must not be lost to it
+        except Exception as err:  # noqa: BLE001 - whatever the store raises (SQL, HTTP, disk): the work must not be lost to it
             uri = mlflow.get_tracking_uri()
             reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
             logger.warning("could not track %s in MLflow (%s): %s", what, shown_uri(uri), reason)

@@ -183,3 +183,17 @@ def test_model_id_that_is_a_missing_local_path_says_so(split_dir: Path, syntheti
         run_training(params_from_dict({"model": {"id": "./models/medgemma"}}), synthetic_root,
                      split_dir / "train.csv", tmp_path / "adapter", tmp_path / "train.json", tmp_path / "loss.csv",
                      tmp_path / "checkpoints")
+
+
+@pytest.mark.slow
+def test_stages_starting_together_on_a_new_store_both_get_the_experiment(tmp_path: Path) -> None:
+    """DVC's queue workers start their stages at once: two processes creating a new sqlite store's tables together
+    broke MLflow's schema migration ("No such index") before the store's first use took a lock."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")} | {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+    code = "from medgemma_breakhis.tracking import experiment_id; print(experiment_id())"
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1
