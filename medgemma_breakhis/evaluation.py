@@ -94,7 +94,7 @@ def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path,
         tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics)))
         for path in (metrics_path, predictions_path, roc_path):
             tracked.track(f"the artifact {path}",
-                          lambda: mlflow.log_artifact(str(path), artifact_path=path.parent.name))
+                          lambda path=path: mlflow.log_artifact(str(path), artifact_path=path.parent.name))
         tracked.track("the confusion matrices", lambda: log_confusion_matrices(predictions, stage))
     logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

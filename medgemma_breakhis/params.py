@@ -123,7 +123,7 @@ class TrainParams(_Section):
     warmup_ratio: float = _key(0.03, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
     max_grad_norm: float = _key(0.3, "a number > 0", lambda v: v > 0.0)
     # The optimisation: examples per optimizer step, all processes together. How each step is executed (the keys
-    # below down to dataloader_workers) never changes what is trained: those keys re-run nothing in DVC and a
+    # below down to compile) never changes what is trained: those keys re-run nothing in DVC and a
     # checkpoint stays valid across them (`checkpoints.NOT_FINGERPRINTED`).
     batch_size: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
     # Examples per forward/backward pass and process; the rest of the batch is gradient accumulation. auto: the
@@ -131,7 +131,8 @@ class TrainParams(_Section):
     micro_batch_size: int | Auto = _key("auto", "auto or an integer from 1 to 1024",
                                         lambda v: v == "auto" or 1 <= v <= 1024)
     gradient_checkpointing: bool | Auto = _key("auto", "auto, true or false")
-    dataloader_workers: int | Auto = _key("auto", "auto or an integer from 0 to 64", lambda v: v == "auto" or 0 <= v <= 64)
+    dataloader_workers: int | Auto = _key("auto", "auto or an integer from 0 to 64",
+                                          lambda v: v == "auto" or 0 <= v <= 64)
     # torch.compile per layer; auto: on a GPU, without gradient checkpointing (the combination measured).
     compile: bool | Auto = _key("auto", "auto, true or false")
     # > 1: data-parallel (DDP) training on that many processes under `accelerate launch`, one per GPU. Each process

@@ -354,8 +354,9 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except TrainingDivergedError as err:
             if main:  # the curve shows where it diverged
-                tracked.track("the diverged loss", lambda: mlflow.log_metric("loss", err.loss, step=err.step))
-                tracked.track("the diverged_at_step tag", lambda: mlflow.set_tag("diverged_at_step", str(err.step)))
+                loss, step = err.loss, err.step
+                tracked.track("the diverged loss", lambda: mlflow.log_metric("loss", loss, step=step))
+                tracked.track("the diverged_at_step tag", lambda: mlflow.set_tag("diverged_at_step", str(step)))
             raise
         if stop.received:
             step = trainer.state.global_step
@@ -394,7 +395,8 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
         tracked.restore_metrics([entry for entry in trainer.state.log_history if entry["step"] > resumed_from_step])
         for path, artifact_path in ((metrics_path, metrics_path.parent.name), (loss_path, loss_path.parent.name),
                                     (adapter_dir / "adapter_config.json", "adapter")):
-            tracked.track(f"the artifact {path}", lambda: mlflow.log_artifact(str(path), artifact_path=artifact_path))
+            tracked.track(f"the artifact {path}", lambda path=path, folder=artifact_path: mlflow.log_artifact(
+                str(path), artifact_path=folder))
     # Only once the adapter is saved and tracking is over, which can no longer fail the stage: before, a failure would
     # leave the adapter unrecorded by DVC, and the next run would have to train again from step 1.
     shutil.rmtree(folder)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tools.gpu_memory import auto_plans, estimates, medgemma_shape, main
 from medgemma_breakhis.medgemma_architecture import TEXT, medgemma_4b_on_meta
+from tools.gpu_memory import auto_plans, estimates, main, medgemma_shape
 
 # keras-hub's gemma3_4b_text preset, an independent count of the same decoder with 64 fewer vocabulary rows.
 KERAS_GEMMA3_4B_TEXT = 3_880_099_328

@@ -37,10 +37,9 @@ def test_repository_params_file_sets_every_key() -> None:
     ({"lora": {"r": 0}}, r"lora.r=0 is not allowed; expected an integer from 1 to 1024"),
     ({"train": {"precision": "fp8"}}, r"train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
     ({"split": {"fold": 9}}, r"split.fold=9 is not allowed; expected one of 1, 2, 3, 4, 5"),
-    ({"train": {"micro_batch_size": 3}}, r"train.micro_batch_size=3 is not allowed with train.batch_size=8 on 1 "
-                                         r"process\(es\); expected auto or a divisor of 8"),
-    ({"train": {"batch_size": 6, "num_processes": 4}}, r"train.batch_size=6 .* expected a multiple of "
-                                                       r"train.num_processes"),
+    ({"train": {"micro_batch_size": 3}},
+     r"train.micro_batch_size=3 is not allowed with train.batch_size=8 on 1 process\(es\); expected auto or a divisor"),
+    ({"train": {"batch_size": 6, "num_processes": 4}}, r"train.batch_size=6 .* expected a multiple of train.num_proc"),
     ({"train": {"compile": "yes"}}, r"train.compile='yes' is not allowed; expected auto, true or false"),
     ({"split": {"magnification": 50}}, r"split.magnification=50 .* one of 40, 100, 200, 400"),
     ({"data": {"source": "s3"}}, r"data.source='s3' .* one of kaggle, local, synthetic"),
