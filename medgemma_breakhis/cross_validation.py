@@ -89,7 +89,7 @@ def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
             **_nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)})}
 
 
-def read_folds(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
+def read_fold_metrics(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
     """Per magnification, the metrics files of the folds `cv` asks for (and only those: stale folds are ignored)."""
     return {magnification: {fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification)
                             for fold in cv.folds}
@@ -97,7 +97,7 @@ def read_folds(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[s
 
 
 def summarise_magnifications(folds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The summary of each magnification's folds (as `read_folds` gives them), keyed e.g. "100x"."""
+    """The summary of each magnification's folds (as `read_fold_metrics` gives them), keyed e.g. "100x"."""
     return {f"{magnification}x": summarise(per_fold) for magnification, per_fold in folds.items()}
 
 
@@ -110,7 +110,7 @@ def _lookup(node: dict[str, Any], dotted: str) -> Any:
     return node
 
 
-def _cell(value: float | None) -> str:
+def _number_cell(value: float | None) -> str:
     if value is None:
         return "n/a"
     return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.3f}"
@@ -125,21 +125,21 @@ def summary_table(folds: dict[int, dict[str, dict[str, Any]]], summary: dict[str
                  "| fold | " + " | ".join(label for label, _, _ in TABLE_COLUMNS) + " |",
                  "|---|" + "---|" * len(TABLE_COLUMNS)]
         for name, files in per_fold.items():
-            cells = [_cell(_lookup(files[file], key)) for _, file, key in TABLE_COLUMNS]
+            cells = [_number_cell(_lookup(files[file], key)) for _, file, key in TABLE_COLUMNS]
             fold = name.removeprefix("fold").split("-")[0]
             lines.append(f"| {fold} | " + " | ".join(cells) + " |")
         stats = [_lookup(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
         lines.append("| mean ± std | " + " | ".join("n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
                                                      for s in stats) + " |")
-        lines.append("| [min, max] | " + " | ".join("n/a" if s is None else f"[{_cell(s['min'])}, {_cell(s['max'])}]"
-                                                     for s in stats) + " |")
+        lines.append("| [min, max] | " + " | ".join(
+            "n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
 
 def write_summary(metrics_dir: Path, cv: CrossValidationParams, summary_path: Path, table_path: Path) -> str:
     """The `cv/dvc.yaml:summary` stage: the summary JSON (a DVC metric) and its markdown table; returns the table."""
-    folds = read_folds(metrics_dir, cv)
+    folds = read_fold_metrics(metrics_dir, cv)
     summary = summarise_magnifications(folds)
     table = summary_table(folds, summary)
     atomic_write_json(summary_path, summary)
