@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.labels import MAGNIFICATIONS
+from medgemma_breakhis.labels import FOLDS, MAGNIFICATIONS
 
 FOLDS_CSV = "Folds.csv"
 FOLDS_COLUMNS = ("fold", "mag", "grp", "filename")
@@ -28,7 +28,7 @@ def read_folds(path: Path) -> pd.DataFrame:
     if missing:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; expected columns {', '.join(FOLDS_COLUMNS)}")
     problems = []
-    for column, allowed in (("fold", {1, 2, 3, 4, 5}), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"})):
+    for column, allowed in (("fold", set(FOLDS)), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"})):
         bad = folds[~folds[column].isin(allowed)]
         if len(bad):
             problems.append(f"column {column} has {len(bad)} value(s) outside {sorted(allowed, key=str)}, first at "

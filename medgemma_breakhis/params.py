@@ -18,6 +18,7 @@ from typing import Any, Literal
 from ruamel.yaml import YAML
 
 from medgemma_breakhis.errors import ExpectedError
+from medgemma_breakhis.labels import FOLDS, MAGNIFICATIONS
 
 DataSource = Literal["kaggle", "local", "synthetic"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -87,11 +88,19 @@ class DataParams(_Section):
                               "Folds.csv when data.source=local")
 
 
+def _listed(values: tuple[int, ...]) -> str:
+    return ", ".join(map(str, values))
+
+
+def _distinct(values: tuple[int, ...]) -> bool:
+    return len(set(values)) == len(values)
+
+
 @dataclass(frozen=True)
 class SplitParams(_Section):
     SECTION = "split"
-    fold: int = _key(1, "one of 1, 2, 3, 4, 5 (the BreakHis folds)", lambda v: 1 <= v <= 5)
-    magnification: int = _key(100, "one of 40, 100, 200, 400", lambda v: v in (40, 100, 200, 400))
+    fold: int = _key(1, f"one of {_listed(FOLDS)} (the BreakHis folds)", lambda v: v in FOLDS)
+    magnification: int = _key(100, f"one of {_listed(MAGNIFICATIONS)}", lambda v: v in MAGNIFICATIONS)
     seed: int = _key(42, "an integer >= 0", lambda v: v >= 0)
     balance: Balance = "binary"
 
@@ -171,20 +180,16 @@ class EvalParams(_Section):
     seed: int = _key(0, "an integer >= 0", lambda v: v >= 0)
 
 
-def _distinct(values: tuple[int, ...]) -> bool:
-    return len(set(values)) == len(values)
-
-
 @dataclass(frozen=True)
 class CrossValidationParams(_Section):
     """What cv/dvc.yaml runs: every fold at every magnification listed (the single-fold pipeline ignores these)."""
 
     SECTION = "cv"
-    folds: tuple[int, ...] = _key((1, 2, 3, 4, 5), "a list of at least two distinct folds from 1 to 5",
-                                  lambda v: len(v) >= 2 and _distinct(v) and all(1 <= f <= 5 for f in v))
-    magnifications: tuple[int, ...] = _key((100,), "a list of distinct magnifications from 40, 100, 200, 400",
+    folds: tuple[int, ...] = _key(FOLDS, f"a list of at least two distinct folds from {FOLDS[0]} to {FOLDS[-1]}",
+                                  lambda v: len(v) >= 2 and _distinct(v) and all(f in FOLDS for f in v))
+    magnifications: tuple[int, ...] = _key((100,), f"a list of distinct magnifications from {_listed(MAGNIFICATIONS)}",
                                            lambda v: len(v) >= 1 and _distinct(v)
-                                           and all(m in (40, 100, 200, 400) for m in v))
+                                           and all(m in MAGNIFICATIONS for m in v))
 
 
 @dataclass(frozen=True)

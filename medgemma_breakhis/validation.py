@@ -13,13 +13,10 @@ from tqdm import tqdm
 
 from medgemma_breakhis.atomic import atomic_write_text
 from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.labels import is_malignant, label_from_path, patient_from_path
+from medgemma_breakhis.labels import IMAGE_MODE, IMAGE_SIZE, is_malignant, label_from_path, patient_from_path
 
 logger = logging.getLogger(__name__)
 
-# Every BreakHis image is a 700x460 RGB PNG (docs/breakhis.md#images).
-IMAGE_SIZE = (700, 460)
-IMAGE_MODE = "RGB"
 EXCLUDED_COLUMNS = ("filename", "reason")
 
 
