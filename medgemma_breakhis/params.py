@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ruamel.yaml import YAML
 
+from medgemma_breakhis.dotted import flatten, set_in
 from medgemma_breakhis.errors import ExpectedError
 from medgemma_breakhis.labels import FOLDS, MAGNIFICATIONS
 
@@ -276,11 +277,7 @@ def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ())
         dotted, separator, value = override.partition("=")
         if not separator or "." not in dotted:
             raise ParamsError(f"override {override!r} is not of the form section.key=value")
-        *sections, key = dotted.split(".")
-        node = raw
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[key] = yaml.load(value)
+        set_in(raw, dotted, yaml.load(value))
     return params_from_dict(raw)
 
 
@@ -292,15 +289,5 @@ def add_override_argument(parser: argparse.ArgumentParser) -> None:
 
 def to_flat_dict(params: Params) -> dict[str, Any]:
     """`{"lora.r": 8, ...}`: the form MLflow and DVC show params in."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                flat[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
-
-    walk(params, "")
-    return flat
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in flatten(dataclasses.asdict(params)).items()}
