@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from medgemma_breakhis import dotted
 from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
 from medgemma_breakhis.params import CrossValidationParams
 
@@ -46,14 +47,11 @@ def read_fold(metrics_dir: Path, fold: int, magnification: int) -> dict[str, Any
     return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name in METRICS_FILES}
 
 
-def _numbers(node: Any, prefix: str = "") -> dict[str, float]:
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     """Every numeric leaf of a metrics file, as dotted keys (as `dvc metrics show` names them)."""
-    if isinstance(node, dict):
-        return {key: value for name, child in node.items() if name not in NOT_AGGREGATED
-                for key, value in _numbers(child, f"{prefix}{name}.").items()}
-    if isinstance(node, (int, float)) and not isinstance(node, bool):
-        return {prefix.rstrip("."): float(node)}
-    return {}
+    return {key: float(value) for key, value in dotted.flatten(metrics).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+            and NOT_AGGREGATED.isdisjoint(key.split("."))}
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -61,17 +59,6 @@ def spread(values: list[float]) -> dict[str, float]:
     array = np.asarray(values, dtype=float)
     return {"mean": float(array.mean()), "std": float(array.std(ddof=1)), "min": float(array.min()),
             "max": float(array.max())}
-
-
-def _nest(flat: dict[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
-    return nested
 
 
 def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -86,10 +73,10 @@ def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
             # e.g. binary.roc_auc, absent where a fold's test set holds a single class: say so, never average less
             raise CrossValidationError(f"{name} has metrics other folds lack: {', '.join(sorted(set(values) - shared))}")
     return {"n_folds": len(folds), "folds": list(folds),
-            **_nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)})}
+            **dotted.nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)})}
 
 
-def read_folds(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
+def read_fold_metrics(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
     """Per magnification, the metrics files of the folds `cv` asks for (and only those: stale folds are ignored)."""
     return {magnification: {fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification)
                             for fold in cv.folds}
@@ -97,20 +84,11 @@ def read_folds(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[s
 
 
 def summarise_magnifications(folds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
-    """The summary of each magnification's folds (as `read_folds` gives them), keyed e.g. "100x"."""
+    """The summary of each magnification's folds (as `read_fold_metrics` gives them), keyed e.g. "100x"."""
     return {f"{magnification}x": summarise(per_fold) for magnification, per_fold in folds.items()}
 
 
-def _lookup(node: dict[str, Any], dotted: str) -> Any:
-    """The value at a dotted key, or None where the metrics lack it (e.g. ROC-AUC under eval.method=generate)."""
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-def _cell(value: float | None) -> str:
+def _number_cell(value: float | None) -> str:
     if value is None:
         return "n/a"
     return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.3f}"
@@ -125,21 +103,21 @@ def summary_table(folds: dict[int, dict[str, dict[str, Any]]], summary: dict[str
                  "| fold | " + " | ".join(label for label, _, _ in TABLE_COLUMNS) + " |",
                  "|---|" + "---|" * len(TABLE_COLUMNS)]
         for name, files in per_fold.items():
-            cells = [_cell(_lookup(files[file], key)) for _, file, key in TABLE_COLUMNS]
+            cells = [_number_cell(dotted.get(files[file], key)) for _, file, key in TABLE_COLUMNS]
             fold = name.removeprefix("fold").split("-")[0]
             lines.append(f"| {fold} | " + " | ".join(cells) + " |")
-        stats = [_lookup(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
+        stats = [dotted.get(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
         lines.append("| mean ± std | " + " | ".join("n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
                                                      for s in stats) + " |")
-        lines.append("| [min, max] | " + " | ".join("n/a" if s is None else f"[{_cell(s['min'])}, {_cell(s['max'])}]"
-                                                     for s in stats) + " |")
+        lines.append("| [min, max] | " + " | ".join(
+            "n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats) + " |")
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 
 
 def write_summary(metrics_dir: Path, cv: CrossValidationParams, summary_path: Path, table_path: Path) -> str:
     """The `cv/dvc.yaml:summary` stage: the summary JSON (a DVC metric) and its markdown table; returns the table."""
-    folds = read_folds(metrics_dir, cv)
+    folds = read_fold_metrics(metrics_dir, cv)
     summary = summarise_magnifications(folds)
     table = summary_table(folds, summary)
     atomic_write_json(summary_path, summary)

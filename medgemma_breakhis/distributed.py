@@ -8,7 +8,6 @@ variables accelerate's launcher (torch.distributed.run) sets; a plain `python` r
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -31,21 +30,15 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _free_port() -> int:
-    # Concurrent distributed runs (DVC queue workers) must not share accelerate's default port 29500.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def accelerate_launch_command(num_processes: int, module: str, arguments: Sequence[str]) -> list[str]:
     """`accelerate launch` of `python -m module arguments` on `num_processes` processes of this machine.
 
     Every launcher setting is given, so no `accelerate config` file is read. Mixed precision is left to the trainer,
-    which sets it from train.precision.
+    which sets it from train.precision. Port 0 makes accelerate pick a free port: concurrent distributed runs (DVC
+    queue workers) must not share its default 29500.
     """
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={num_processes}",
-            "--num_machines=1", f"--main_process_port={_free_port()}", "--mixed_precision=no",
+            "--num_machines=1", "--main_process_port=0", "--mixed_precision=no",
             "--dynamo_backend=no", "--module", module, *arguments]
 
 

@@ -18,6 +18,10 @@ class ExpectedError(Exception):
     """A failure the user can fix; the message names the key, file, store or credential, and the fix."""
 
 
+class DataError(ExpectedError, RuntimeError):
+    """Input data that is missing, malformed or unreachable; the message names the file and the fix."""
+
+
 def run_stage(main: Callable[[], None]) -> None:
     """Run a stage's `main`: an expected error ends it with its message on stderr and exit status 1."""
     try:

@@ -13,12 +13,13 @@ from peft import PeftModel
 from sklearn.metrics import ConfusionMatrixDisplay
 
 from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
-from medgemma_breakhis.data import DataError, read_split
+from medgemma_breakhis.errors import DataError
 from medgemma_breakhis.labels import CLASS_NAMES
 from medgemma_breakhis.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
 from medgemma_breakhis.modeling import NonFiniteError, load_base_model, non_finite_advice
 from medgemma_breakhis.params import Params
 from medgemma_breakhis.scoring import predict_split
+from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import (
     dvc_locked_md5,
     log_loaded_model,

@@ -1,4 +1,5 @@
-"""BreakHis classes, labels and patient ids derived from image paths, and the classification prompt.
+"""BreakHis facts stated once: classes, the malignant rule, folds, magnifications, the image format, labels and
+patient ids derived from image paths, and the classification prompt.
 
 Everything here follows the reference experiment (docs/reference-experiment.md) so that the same Folds.csv gives
 the same labels as the blog's code.
@@ -37,6 +38,10 @@ TUMOR_TYPE_TO_LABEL: dict[str, int] = {
 TUMOR_TYPE_CODES: tuple[str, ...] = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
 
 MAGNIFICATIONS: tuple[int, ...] = (40, 100, 200, 400)
+FOLDS: tuple[int, ...] = (1, 2, 3, 4, 5)
+# Every BreakHis image is a 700x460 RGB PNG (docs/breakhis.md#images): (width, height), as PIL gives sizes.
+IMAGE_SIZE: tuple[int, int] = (700, 460)
+IMAGE_MODE = "RGB"
 
 PROMPT = (
     "Analyze this breast tissue histopathology image and classify it.\n\n"

@@ -15,7 +15,7 @@ import pandas as pd
 from scipy.stats import binned_statistic, bootstrap
 from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
 
-from medgemma_breakhis.labels import CLASS_NAMES, NUM_CLASSES
+from medgemma_breakhis.labels import CLASS_NAMES, NUM_CLASSES, is_malignant
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ PROBABILITY_COLUMNS = [f"prob_{label}" for label in range(NUM_CLASSES)]
 def binary_name(label: int) -> str:
     if label == UNPARSEABLE:
         return "unparseable"
-    return "malignant" if label >= NUM_CLASSES // 2 else "benign"
+    return "malignant" if is_malignant(label) else "benign"
 
 
 def class_name(label: int) -> str:
@@ -74,7 +74,8 @@ def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins
 
 
 def malignant_probability(predictions: pd.DataFrame) -> np.ndarray:
-    return predictions[PROBABILITY_COLUMNS[NUM_CLASSES // 2:]].sum(axis=1).to_numpy()
+    malignant = [column for label, column in enumerate(PROBABILITY_COLUMNS) if is_malignant(label)]
+    return predictions[malignant].sum(axis=1).to_numpy()
 
 
 def roc_points(predictions: pd.DataFrame) -> pd.DataFrame:

@@ -17,7 +17,9 @@ from typing import Any, Literal
 
 from ruamel.yaml import YAML
 
+from medgemma_breakhis.dotted import flatten, set_in
 from medgemma_breakhis.errors import ExpectedError
+from medgemma_breakhis.labels import FOLDS, MAGNIFICATIONS
 
 DataSource = Literal["kaggle", "local", "synthetic"]
 Precision = Literal["bf16", "fp16", "fp32"]
@@ -87,11 +89,19 @@ class DataParams(_Section):
                               "Folds.csv when data.source=local")
 
 
+def _listed(values: tuple[int, ...]) -> str:
+    return ", ".join(map(str, values))
+
+
+def _distinct(values: tuple[int, ...]) -> bool:
+    return len(set(values)) == len(values)
+
+
 @dataclass(frozen=True)
 class SplitParams(_Section):
     SECTION = "split"
-    fold: int = _key(1, "one of 1, 2, 3, 4, 5 (the BreakHis folds)", lambda v: 1 <= v <= 5)
-    magnification: int = _key(100, "one of 40, 100, 200, 400", lambda v: v in (40, 100, 200, 400))
+    fold: int = _key(1, f"one of {_listed(FOLDS)} (the BreakHis folds)", lambda v: v in FOLDS)
+    magnification: int = _key(100, f"one of {_listed(MAGNIFICATIONS)}", lambda v: v in MAGNIFICATIONS)
     seed: int = _key(42, "an integer >= 0", lambda v: v >= 0)
     balance: Balance = "binary"
 
@@ -172,20 +182,16 @@ class EvalParams(_Section):
     seed: int = _key(0, "an integer >= 0", lambda v: v >= 0)
 
 
-def _distinct(values: tuple[int, ...]) -> bool:
-    return len(set(values)) == len(values)
-
-
 @dataclass(frozen=True)
 class CrossValidationParams(_Section):
     """What cv/dvc.yaml runs: every fold at every magnification listed (the single-fold pipeline ignores these)."""
 
     SECTION = "cv"
-    folds: tuple[int, ...] = _key((1, 2, 3, 4, 5), "a list of at least two distinct folds from 1 to 5",
-                                  lambda v: len(v) >= 2 and _distinct(v) and all(1 <= f <= 5 for f in v))
-    magnifications: tuple[int, ...] = _key((100,), "a list of distinct magnifications from 40, 100, 200, 400",
+    folds: tuple[int, ...] = _key(FOLDS, f"a list of at least two distinct folds from {FOLDS[0]} to {FOLDS[-1]}",
+                                  lambda v: len(v) >= 2 and _distinct(v) and all(f in FOLDS for f in v))
+    magnifications: tuple[int, ...] = _key((100,), f"a list of distinct magnifications from {_listed(MAGNIFICATIONS)}",
                                            lambda v: len(v) >= 1 and _distinct(v)
-                                           and all(m in (40, 100, 200, 400) for m in v))
+                                           and all(m in MAGNIFICATIONS for m in v))
 
 
 @dataclass(frozen=True)
@@ -272,11 +278,7 @@ def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ())
         dotted, separator, value = override.partition("=")
         if not separator or "." not in dotted:
             raise ParamsError(f"override {override!r} is not of the form section.key=value")
-        *sections, key = dotted.split(".")
-        node = raw
-        for section in sections:
-            node = node.setdefault(section, {})
-        node[key] = yaml.load(value)
+        set_in(raw, dotted, yaml.load(value))
     return params_from_dict(raw)
 
 
@@ -288,15 +290,5 @@ def add_override_argument(parser: argparse.ArgumentParser) -> None:
 
 def to_flat_dict(params: Params) -> dict[str, Any]:
     """`{"lora.r": 8, ...}`: the form MLflow and DVC show params in."""
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value):
-                walk(value, f"{prefix}{f.name}.")
-            else:
-                flat[f"{prefix}{f.name}"] = list(value) if isinstance(value, tuple) else value
-
-    walk(params, "")
-    return flat
+    return {key: list(value) if isinstance(value, tuple) else value
+            for key, value in flatten(dataclasses.asdict(params)).items()}

@@ -15,11 +15,19 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from medgemma_breakhis.labels import CLASS_NAMES, MAGNIFICATIONS, TUMOR_TYPE_CODES, TUMOR_TYPE_TO_LABEL, is_malignant
+from medgemma_breakhis.labels import (
+    CLASS_NAMES,
+    FOLDS,
+    IMAGE_MODE,
+    IMAGE_SIZE,
+    MAGNIFICATIONS,
+    TUMOR_TYPE_CODES,
+    TUMOR_TYPE_TO_LABEL,
+    is_malignant,
+)
 from medgemma_breakhis.params import SyntheticData
 
-IMAGE_WIDTH, IMAGE_HEIGHT = 700, 460
-NUM_FOLDS = 5
+IMAGE_WIDTH, IMAGE_HEIGHT = IMAGE_SIZE
 YEAR = "14"
 
 # (R, G, B) stain per class: far apart, so that even a 64x64 view separates them.
@@ -66,7 +74,7 @@ def render_image(label: int, patient_shift: np.ndarray, rng: np.random.Generator
         x0, x1 = int(max(cx - radius, 0)), int(min(cx + radius + 1, IMAGE_WIDTH))
         disk = (yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2 <= radius**2
         image[y0:y1, x0:x1][disk] = image[y0:y1, x0:x1][disk] * 0.35
-    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode="RGB")
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode=IMAGE_MODE)
 
 
 def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
@@ -91,9 +99,9 @@ def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
     # Patient-disjoint folds: in fold f the patient with index ≡ f-1 (mod 5) of every class is in test.
     rows = [
         {"fold": fold, "mag": image["mag"],
-         "grp": "test" if image["patient_index"] % NUM_FOLDS == fold - 1 else "train",
+         "grp": "test" if image["patient_index"] % len(FOLDS) == fold - 1 else "train",
          "filename": image["filename"]}
-        for fold in range(1, NUM_FOLDS + 1)
+        for fold in FOLDS
         for image in images
     ]
     pd.DataFrame(rows, columns=["fold", "mag", "grp", "filename"]).to_csv(output_dir / "Folds.csv", index=False)

@@ -38,7 +38,6 @@ from medgemma_breakhis.checkpoints import (
     prepare_checkpoint_folder,
     training_fingerprint,
 )
-from medgemma_breakhis.data import read_split
 from medgemma_breakhis.distributed import is_main_process
 from medgemma_breakhis.execution import ExecutionPlan, model_shape, plan_execution
 from medgemma_breakhis.modeling import (
@@ -51,6 +50,7 @@ from medgemma_breakhis.modeling import (
 )
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.scoring import completion_messages, prompt_messages
+from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import log_loaded_model, stage_run, untracked_record
 
 logger = logging.getLogger(__name__)

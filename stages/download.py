@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from medgemma_breakhis.data import prepare_raw_data
+from medgemma_breakhis.acquisition import prepare_raw_data
 from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params

@@ -7,11 +7,11 @@ Run: dvc repro split_balance   (or: python -m stages.split_balance --folds data/
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.data import write_split
 from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.signals import interrupt_on_sigterm
+from medgemma_breakhis.splits import write_split
 
 
 def main(argv: list[str] | None = None) -> None:

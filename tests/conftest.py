@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
-from medgemma_breakhis.data import FOLDS_CSV
+from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import ModelParams, SyntheticData
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis

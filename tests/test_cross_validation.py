@@ -11,7 +11,7 @@ import pytest
 from medgemma_breakhis.cross_validation import (
     CrossValidationError,
     fold_name,
-    read_folds,
+    read_fold_metrics,
     summarise_magnifications,
     write_summary,
 )
@@ -41,7 +41,7 @@ def test_mean_and_spread_of_every_metric_over_the_folds(tmp_path: Path) -> None:
     for fold, accuracy in ACCURACIES.items():
         write_fold(tmp_path, fold, 100, accuracy)
     write_fold(tmp_path, 4, 100, 0.0)  # a fold no longer in cv.folds: stale, never averaged in
-    summary = summarise_magnifications(read_folds(tmp_path, CrossValidationParams(folds=(1, 2, 3))))["100x"]
+    summary = summarise_magnifications(read_fold_metrics(tmp_path, CrossValidationParams(folds=(1, 2, 3))))["100x"]
     assert summary["n_folds"] == 3 and summary["folds"] == ["fold1-100x", "fold2-100x", "fold3-100x"]
     values = list(ACCURACIES.values())
     assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
@@ -72,14 +72,14 @@ def test_summary_and_table_are_written_per_magnification(tmp_path: Path) -> None
 def test_a_missing_fold_says_how_to_make_it(tmp_path: Path) -> None:
     write_fold(tmp_path, 1, 100, 0.5)
     with pytest.raises(CrossValidationError, match=r"missing .*fold2-100x/data.json.*run `dvc repro cv/dvc.yaml`"):
-        summarise_magnifications(read_folds(tmp_path, CrossValidationParams(folds=(1, 2))))
+        summarise_magnifications(read_fold_metrics(tmp_path, CrossValidationParams(folds=(1, 2))))
 
 
 def test_a_metric_one_fold_lacks_is_an_error_not_a_smaller_average(tmp_path: Path) -> None:
     write_fold(tmp_path, 1, 100, 0.5)
     write_fold(tmp_path, 2, 100, 0.75, roc_auc=False)
     with pytest.raises(CrossValidationError, match="fold1-100x has metrics other folds lack: finetuned.binary.roc_auc"):
-        summarise_magnifications(read_folds(tmp_path, CrossValidationParams(folds=(1, 2))))
+        summarise_magnifications(read_fold_metrics(tmp_path, CrossValidationParams(folds=(1, 2))))
 
 
 def test_a_metric_no_fold_has_is_shown_as_not_available(tmp_path: Path) -> None:

@@ -5,18 +5,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medgemma_breakhis.data import (
-    DataError,
-    find_image_root,
-    import_dataset,
-    read_folds,
-    read_split,
-    select_split,
-    split_summary,
-    write_split,
-)
+from medgemma_breakhis.acquisition import find_image_root, import_dataset
+from medgemma_breakhis.errors import DataError
+from medgemma_breakhis.folds import read_folds
 from medgemma_breakhis.labels import CLASS_NAMES, label_from_path, patient_from_path
 from medgemma_breakhis.params import SplitParams
+from medgemma_breakhis.splits import read_split, select_split, split_summary, write_split
 from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_filename
 
 

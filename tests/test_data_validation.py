@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medgemma_breakhis.data import FOLDS_CSV, DataError, prepare_raw_data, read_folds
+from medgemma_breakhis.acquisition import prepare_raw_data
+from medgemma_breakhis.errors import DataError
+from medgemma_breakhis.folds import FOLDS_CSV, read_folds
 from medgemma_breakhis.params import DataParams
 from stages import download
 

@@ -12,8 +12,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medgemma_breakhis.data import FOLDS_CSV, DataError, prepare_raw_data, write_split
+from medgemma_breakhis.acquisition import prepare_raw_data
+from medgemma_breakhis.errors import DataError
+from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import DataParams, SplitParams
+from medgemma_breakhis.splits import write_split
 
 OUTSIDE_IMAGE = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-77/100X/SOB_B_A-14-77-100-001.png"
 

@@ -1,7 +1,7 @@
-from tools.demo_summary import comparison_table
+from tools.demo_summary import baseline_finetuned_table
 
 
-def test_comparison_table_from_an_exp_show_row() -> None:
+def test_baseline_finetuned_table_from_an_exp_show_row() -> None:
     row = {}
     for stage, accuracy in (("baseline", 0.125), ("finetuned", 0.875)):
         row |= {f"metrics/{stage}.json:eight_class.accuracy": accuracy,
@@ -15,7 +15,7 @@ def test_comparison_table_from_an_exp_show_row() -> None:
                 f"metrics/{stage}.json:patient_level.accuracy": accuracy,
                 f"metrics/{stage}.json:n_images": 32.0}
     row["metrics/finetuned.json:binary.roc_auc"] = 0.9375  # the baseline's is missing: n/a, not a crash
-    lines = comparison_table(row).splitlines()
+    lines = baseline_finetuned_table(row).splitlines()
     assert lines[1].split() == ["8-class", "accuracy", "0.125", "0.875"]
     assert lines[2].split() == ["95%", "interval", "0.00-0.25", "0.75-1.00"]
     assert lines[7].split() == ["binary", "ROC-AUC", "n/a", "0.938"]

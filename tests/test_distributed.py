@@ -13,9 +13,10 @@ import mlflow
 import pandas as pd
 import pytest
 
-from medgemma_breakhis.data import FOLDS_CSV, write_split
 from medgemma_breakhis.distributed import LaunchError, run_distributed_if_asked
+from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import SplitParams
+from medgemma_breakhis.splits import write_split
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,12 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from medgemma_breakhis.data import FOLDS_CSV, read_folds, select_split
 from medgemma_breakhis.execution import ExecutionPlan, estimate_peak_gib, model_shape, plan_execution
+from medgemma_breakhis.folds import FOLDS_CSV, read_folds
 from medgemma_breakhis.medgemma_architecture import IMAGE_TOKENS, VISION, medgemma_4b_on_meta
 from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import LoraParams, ModelParams, SplitParams, TrainParams
+from medgemma_breakhis.splits import select_split
 from medgemma_breakhis.tiny_model import build_processor
 from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example
 

@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
-from medgemma_breakhis.data import FOLDS_CSV, write_split
+from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import SplitParams
+from medgemma_breakhis.splits import write_split
 
 REPO = Path(__file__).resolve().parents[1]
 

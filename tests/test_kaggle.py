@@ -8,7 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from medgemma_breakhis.data import FOLDS_CSV, DataError, prepare_raw_data
+from medgemma_breakhis.acquisition import prepare_raw_data
+from medgemma_breakhis.errors import DataError
+from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import DataParams
 
 

@@ -10,11 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from medgemma_breakhis.data import FOLDS_CSV, write_split
 from medgemma_breakhis.evaluation import run_evaluation
+from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.modeling import NonFiniteError, load_base_model
 from medgemma_breakhis.params import ModelParams, SplitParams, params_from_dict
 from medgemma_breakhis.scoring import score_images
+from medgemma_breakhis.splits import write_split
 from medgemma_breakhis.training import TrainingDivergedError
 from stages import train
 

@@ -14,9 +14,10 @@ import pandas as pd
 import pytest
 
 from medgemma_breakhis import tracking
-from medgemma_breakhis.data import FOLDS_CSV, write_split
+from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.modeling import ModelLoadError, load_base_model
 from medgemma_breakhis.params import ModelParams, ParamsError, SplitParams, params_from_dict
+from medgemma_breakhis.splits import write_split
 from medgemma_breakhis.tracking import (
     STORE_CHECK_TIMEOUT_S,
     TrackedStage,

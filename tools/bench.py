@@ -21,11 +21,12 @@ from peft import LoraConfig, get_peft_model
 from ruamel.yaml import YAML
 from transformers import PreTrainedModel, ProcessorMixin
 
-from medgemma_breakhis.data import FOLDS_CSV, read_folds, read_split, select_split
+from medgemma_breakhis.folds import FOLDS_CSV, read_folds
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import EvalParams, LoraParams, add_override_argument, load_params
 from medgemma_breakhis.scoring import generate_answers, parse_answer, score_images
+from medgemma_breakhis.splits import read_split, select_split
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 
 logger = logging.getLogger(__name__)

@@ -24,10 +24,11 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
-from medgemma_breakhis.data import FOLDS_CSV, read_folds, read_split, select_split
+from medgemma_breakhis.folds import FOLDS_CSV, read_folds
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.modeling import device, load_base_model
 from medgemma_breakhis.params import Params, add_override_argument, load_params
+from medgemma_breakhis.splits import read_split, select_split
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 from medgemma_breakhis.training import (
     GuardedSFTTrainer,

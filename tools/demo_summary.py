@@ -31,7 +31,7 @@ def experiment_metrics(name: str) -> dict[str, Any]:
     raise LookupError(f"no DVC experiment named {name!r}; `dvc exp show` lists them")
 
 
-def _cell(row: dict[str, Any], key: str) -> str:
+def _exp_show_cell(row: dict[str, Any], key: str) -> str:
     if key.endswith("_ci95"):
         return f"{row[key + '_low']:.2f}-{row[key + '_high']:.2f}"
     if key.endswith("n_images"):
@@ -39,10 +39,10 @@ def _cell(row: dict[str, Any], key: str) -> str:
     return "n/a" if row.get(key) is None else f"{row[key]:.3f}"
 
 
-def comparison_table(row: dict[str, Any]) -> str:
+def baseline_finetuned_table(row: dict[str, Any]) -> str:
     lines = [f"{'metric':<24}{'baseline':>10}{'fine-tuned':>12}"]
     for label, key in ROWS:
-        cells = [_cell(row, f"metrics/{name}.json:{key}") for name in ("baseline", "finetuned")]
+        cells = [_exp_show_cell(row, f"metrics/{name}.json:{key}") for name in ("baseline", "finetuned")]
         lines.append(f"{label:<24}{cells[0]:>10}  {cells[1]:>10}")
     return "\n".join(lines)
 
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("experiment", help="a DVC experiment name, as `dvc exp show` lists it")
     args = parser.parse_args()
     print(f"Experiment {args.experiment}: test-set metrics")
-    print(comparison_table(experiment_metrics(args.experiment)))
+    print(baseline_finetuned_table(experiment_metrics(args.experiment)))
 
 
 if __name__ == "__main__":

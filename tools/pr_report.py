@@ -32,7 +32,7 @@ def evaluation_metrics_files(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
     return [path for stage in EVALUATION_STAGES for entry in stages[stage]["metrics"] for path in entry]
 
 
-def evaluation_metrics(rev: str | None) -> dict[str, dict[str, Any] | None]:
+def evaluation_metrics_at(rev: str | None) -> dict[str, dict[str, Any] | None]:
     """Each evaluation metrics file at `rev` (None: the workspace); None where the revision does not have it."""
     found: dict[str, dict[str, Any] | None] = {}
     for path in evaluation_metrics_files():
@@ -79,7 +79,7 @@ def pr_report(base: str, plots_url: str | None = None) -> str:
         f"## Metrics against `{base}`",
         dvc_markdown("metrics", base),
         "### Accuracy with 95% intervals (bootstrap over patients)",
-        interval_table(evaluation_metrics(base), evaluation_metrics(None)),
+        interval_table(evaluation_metrics_at(base), evaluation_metrics_at(None)),
         ("Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals "
         "mean the change may be noise; they are not a test."),
         f"## Params against `{base}`",

@@ -132,7 +132,7 @@ def summary_column(runs: PrecisionRuns) -> dict[str, str]:
     return column
 
 
-def comparison_table(columns: list[PrecisionRuns]) -> str:
+def precision_table(columns: list[PrecisionRuns]) -> str:
     """A markdown table, one column per precision."""
     cells = [summary_column(runs) for runs in columns]
     lines = ["| | " + " | ".join(runs.precision for runs in columns) + " |",
@@ -159,7 +159,7 @@ def main() -> None:
     for precision in PRECISIONS:
         name = f"precision-{stamp}-{precision}"
         columns.append(collect_runs(precision, name, run_experiment(name, precision, args.overrides)))
-    table = comparison_table(columns)
+    table = precision_table(columns)
     overrides = " ".join(f"-S {o}" for o in args.overrides) or "none"
     report = "\n\n".join([f"# bf16 vs fp16 ({stamp})", f"Other params: params.yaml, overrides: {overrides}",
                           table, *notes]) + "\n"
