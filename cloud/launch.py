@@ -93,16 +93,19 @@ def secrets_for(params_yaml: str, overrides: list[str], environ: dict[str, str])
     """The secrets to hand to the job, from `environ`; fails on the first one the params need that is not set."""
     for name in needed_secrets(params_yaml, overrides):
         if not environ.get(name):
-            fix = ("accept MedGemma's terms on huggingface.co and `export HF_TOKEN=…`" if name == "HF_TOKEN"
-                   else "`export KAGGLE_USERNAME=… KAGGLE_KEY=…` (Kaggle → Settings → API)")
-            raise LaunchError(f"{name} is not set, and the experiment needs it ({' '.join(overrides) or 'params.yaml'}):"
-                              f" {fix}")
+            fix = (
+                "accept MedGemma's terms on huggingface.co and `export HF_TOKEN=…`"
+                if name == "HF_TOKEN"
+                else "`export KAGGLE_USERNAME=… KAGGLE_KEY=…` (Kaggle → Settings → API)"
+            )
+            raise LaunchError(
+                f"{name} is not set, and the experiment needs it ({' '.join(overrides) or 'params.yaml'}): {fix}"
+            )
     names = (*HF_SECRETS, *KAGGLE_SECRETS, *OPTIONAL_SECRETS)
     return {name: environ[name] for name in names if environ.get(name)}
 
 
-def task_config(envs: dict[str, str], secrets: dict[str, str], gpus: str | None = None,
-                on_demand: bool = False) -> Any:
+def task_config(envs: dict[str, str], secrets: dict[str, str], gpus: str | None = None, on_demand: bool = False) -> Any:
     """cloud/task.yaml with one job's variables and secrets filled in, validated by SkyPilot's own loader."""
     import sky  # the optional install: only what launches or validates needs it
 
@@ -129,8 +132,10 @@ def pushed_commit() -> tuple[str, str]:
     """(origin's URL, HEAD) once HEAD is committed and on origin: the job runs the commit, not this working tree."""
     url = git("remote", "get-url", "origin")
     if not url:
-        raise LaunchError("this repository has no `origin` remote: the job clones the commit from it and pushes the "
-                          "experiment back; `git remote add origin <url>`")
+        raise LaunchError(
+            "this repository has no `origin` remote: the job clones the commit from it and pushes the "
+            "experiment back; `git remote add origin <url>`"
+        )
     if git("status", "--porcelain", "--untracked-files=no"):
         raise LaunchError("uncommitted changes: the job runs a commit; commit them and push, or stash them")
     head = git("rev-parse", "HEAD")
@@ -149,8 +154,15 @@ def experiment_names(count: int, prefix: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a `dvc exp run -S` override; with --sweep, comma-separated values make one job each")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a `dvc exp run -S` override; with --sweep, comma-separated values make one job each",
+    )
     parser.add_argument("--sweep", action="store_true", help="one job per value (per combination of values)")
     parser.add_argument("--name", help="experiment name (a sweep appends -1, -2, …); default cloud-<date>-<time>")
     parser.add_argument("--gpus", help="SkyPilot accelerators instead of the task's L4:1, e.g. A100:1 or H100:1")
@@ -165,16 +177,23 @@ def main(argv: list[str] | None = None) -> None:
             raise LaunchError("several values for one key make several jobs: use make cloud-sweep (--sweep)")
         bucket = os.environ.get("CLOUD_BUCKET", "")
         if not bucket.startswith("gs://"):
-            raise LaunchError("CLOUD_BUCKET is not set to a gs:// bucket: create one (README: Cloud GPU jobs) and "
-                              "`export CLOUD_BUCKET=gs://<bucket>/medgemma-breakhis`")
+            raise LaunchError(
+                "CLOUD_BUCKET is not set to a gs:// bucket: create one (README: Cloud GPU jobs) and "
+                "`export CLOUD_BUCKET=gs://<bucket>/medgemma-breakhis`"
+            )
         url, commit = pushed_commit()
         params_yaml = git("show", f"{commit}:params.yaml")
         tasks = []
         for name, overrides in zip(experiment_names(len(jobs), args.name), jobs):
-            envs = {"REPO_URL": url, "REPO_COMMIT": commit, "EXP_NAME": name, "BUCKET": bucket,
-                    "EXP_ARGS": shlex.join(arg for override in overrides for arg in ("-S", override)),
-                    "DVC_REMOTE": os.environ.get("CLOUD_DVC_REMOTE", ""),
-                    "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", "")}
+            envs = {
+                "REPO_URL": url,
+                "REPO_COMMIT": commit,
+                "EXP_NAME": name,
+                "BUCKET": bucket,
+                "EXP_ARGS": shlex.join(arg for override in overrides for arg in ("-S", override)),
+                "DVC_REMOTE": os.environ.get("CLOUD_DVC_REMOTE", ""),
+                "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", ""),
+            }
             secrets = secrets_for(params_yaml, overrides, dict(os.environ))
             tasks.append((name, task_config(envs, secrets, args.gpus, args.on_demand), secrets))
     except LaunchError as err:
@@ -184,8 +203,13 @@ def main(argv: list[str] | None = None) -> None:
 
     for name, task, secrets in tasks:
         resources = ", ".join(map(str, task.resources))
-        logger.info("%s: %s on %s, secrets %s", name, task.envs["EXP_ARGS"] or "(params.yaml)", resources,
-                    ", ".join(secrets) or "none")
+        logger.info(
+            "%s: %s on %s, secrets %s",
+            name,
+            task.envs["EXP_ARGS"] or "(params.yaml)",
+            resources,
+            ", ".join(secrets) or "none",
+        )
         if args.dry_run:
             continue
         sky.stream_and_get(sky.jobs.launch(task, name=name))

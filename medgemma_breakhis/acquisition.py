@@ -54,8 +54,9 @@ def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, 
     if dataset_root.is_file():
         raise DataError(f"dataset folder {dataset_root} is a file; set data.path to the folder holding {FOLDS_CSV}")
     if not dataset_root.is_dir():
-        raise DataError(f"dataset folder {dataset_root} does not exist; "
-                        f"set data.path to the folder holding {FOLDS_CSV}")
+        raise DataError(
+            f"dataset folder {dataset_root} does not exist; set data.path to the folder holding {FOLDS_CSV}"
+        )
     folds = read_folds(dataset_root / FOLDS_CSV)
     image_root = find_image_root(dataset_root, folds["filename"])
     kept = validate_images(folds, image_root, exclude_invalid, excluded_report)
@@ -74,9 +75,11 @@ def _kaggle_credentials_hint() -> str:
     from kagglehub.config import get_kaggle_credentials
 
     found = "were found" if get_kaggle_credentials() is not None else "were NOT found"
-    return (f"Kaggle credentials {found}. Set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put "
-            "kaggle.json in ~/.kaggle/ (see https://www.kaggle.com/settings → API), and check network access. "
-            "To run offline, use data.source=synthetic, or data.source=local with data.path set.")
+    return (
+        f"Kaggle credentials {found}. Set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put "
+        "kaggle.json in ~/.kaggle/ (see https://www.kaggle.com/settings → API), and check network access. "
+        "To run offline, use data.source=synthetic, or data.source=local with data.path set."
+    )
 
 
 def download_kaggle(handle: str) -> Path:

@@ -37,8 +37,15 @@ FOLDER_PREFIX = "train-"
 TRAINING_SECTIONS = ("model", "lora", "train")
 # How and when a step is executed does not change what is trained (`execution`): a checkpoint stays valid across
 # these, and they are the train keys that dvc.yaml leaves out of the `train` stage's params.
-NOT_FINGERPRINTED = frozenset({"train.checkpoint_steps", "train.micro_batch_size", "train.gradient_checkpointing",
-                               "train.dataloader_workers", "train.compile"})
+NOT_FINGERPRINTED = frozenset(
+    {
+        "train.checkpoint_steps",
+        "train.micro_batch_size",
+        "train.gradient_checkpointing",
+        "train.dataloader_workers",
+        "train.compile",
+    }
+)
 # Code outside this repository that decides what a checkpoint holds and how it is read back.
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate")
 _PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -65,8 +72,9 @@ class Fingerprint:
             theirs = getattr(checkpoint, component)
             for key in sorted(set(ours) | set(theirs)):
                 if ours.get(key) != theirs.get(key):
-                    lines.append(f"{component} {key}: {_short(theirs.get(key))} in the checkpoint, "
-                                 f"{_short(ours.get(key))} now")
+                    lines.append(
+                        f"{component} {key}: {_short(theirs.get(key))} in the checkpoint, {_short(ours.get(key))} now"
+                    )
         return lines
 
     @classmethod
@@ -104,12 +112,16 @@ def loaded_code() -> dict[str, str]:
 def training_params(params: Params) -> dict[str, Any]:
     """The params that decide what is trained, by dotted key: exactly the ones `train` lists as params deps in
     dvc.yaml and cv/dvc.yaml (a test holds them equal), so a key left out here re-runs nothing."""
-    return {key: value for key, value in to_flat_dict(params).items()
-            if key.split(".")[0] in TRAINING_SECTIONS and key not in NOT_FINGERPRINTED}
+    return {
+        key: value
+        for key, value in to_flat_dict(params).items()
+        if key.split(".")[0] in TRAINING_SECTIONS and key not in NOT_FINGERPRINTED
+    }
 
 
-def training_fingerprint(params: Params, resolved_model_revision: str, train_csv: Path, image_root: Path,
-                         filenames: Iterable[str]) -> Fingerprint:
+def training_fingerprint(
+    params: Params, resolved_model_revision: str, train_csv: Path, image_root: Path, filenames: Iterable[str]
+) -> Fingerprint:
     return Fingerprint(
         params=training_params(params),
         model={"resolved_revision": resolved_model_revision},
@@ -142,11 +154,13 @@ def report_other_folders(root: Path, fingerprint: Fingerprint) -> None:
             continue
         try:
             reason = "made under different inputs:\n    " + "\n    ".join(
-                fingerprint.differences(Fingerprint.load(folder / MANIFEST)))
+                fingerprint.differences(Fingerprint.load(folder / MANIFEST))
+            )
         except (FileNotFoundError, json.JSONDecodeError, TypeError) as err:
             reason = f"its {MANIFEST} cannot be read ({err}), so what it was made under is unknown"
-        logger.warning("not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)",
-                       folder, reason)
+        logger.warning(
+            "not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)", folder, reason
+        )
 
 
 def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:

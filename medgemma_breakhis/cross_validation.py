@@ -49,38 +49,54 @@ def read_fold(metrics_dir: Path, fold: int, magnification: int) -> dict[str, Any
 
 def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     """Every numeric leaf of a metrics file, as dotted keys (as `dvc metrics show` names them)."""
-    return {key: float(value) for key, value in dotted.flatten(metrics).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-            and NOT_AGGREGATED.isdisjoint(key.split("."))}
+    return {
+        key: float(value)
+        for key, value in dotted.flatten(metrics).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and NOT_AGGREGATED.isdisjoint(key.split("."))
+    }
 
 
 def spread(values: list[float]) -> dict[str, float]:
     """Mean, sample standard deviation, smallest and largest value over folds."""
     array = np.asarray(values, dtype=float)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)), "min": float(array.min()),
-            "max": float(array.max())}
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)),
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
 
 
 def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Mean and spread over `folds` (name -> its metrics files) of every metric that every fold has."""
     if len(folds) < 2:
         raise CrossValidationError(f"a spread needs at least two folds, got {len(folds)}")
-    per_fold = {name: {f"{file}.{key}": value for file, content in files.items()
-                       for key, value in _numbers(content).items()} for name, files in folds.items()}
+    per_fold = {
+        name: {f"{file}.{key}": value for file, content in files.items() for key, value in _numbers(content).items()}
+        for name, files in folds.items()
+    }
     shared = set.intersection(*(set(values) for values in per_fold.values()))
     for name, values in per_fold.items():
         if set(values) - shared:
             # e.g. binary.roc_auc, absent where a fold's test set holds a single class: say so, never average less
-            raise CrossValidationError(f"{name} has metrics other folds lack: {', '.join(sorted(set(values) - shared))}")
-    return {"n_folds": len(folds), "folds": list(folds),
-            **dotted.nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)})}
+            raise CrossValidationError(
+                f"{name} has metrics other folds lack: {', '.join(sorted(set(values) - shared))}"
+            )
+    return {
+        "n_folds": len(folds),
+        "folds": list(folds),
+        **dotted.nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)}),
+    }
 
 
 def read_fold_metrics(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
     """Per magnification, the metrics files of the folds `cv` asks for (and only those: stale folds are ignored)."""
-    return {magnification: {fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification)
-                            for fold in cv.folds}
-            for magnification in cv.magnifications}
+    return {
+        magnification: {
+            fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification) for fold in cv.folds
+        }
+        for magnification in cv.magnifications
+    }
 
 
 def summarise_magnifications(folds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
@@ -99,18 +115,26 @@ def summary_table(folds: dict[int, dict[str, dict[str, Any]]], summary: dict[str
     sections = []
     for magnification, per_fold in folds.items():
         aggregated = summary[f"{magnification}x"]
-        lines = [f"### {magnification}X, {aggregated['n_folds']} folds",
-                 "| fold | " + " | ".join(label for label, _, _ in TABLE_COLUMNS) + " |",
-                 "|---|" + "---|" * len(TABLE_COLUMNS)]
+        lines = [
+            f"### {magnification}X, {aggregated['n_folds']} folds",
+            "| fold | " + " | ".join(label for label, _, _ in TABLE_COLUMNS) + " |",
+            "|---|" + "---|" * len(TABLE_COLUMNS),
+        ]
         for name, files in per_fold.items():
             cells = [_number_cell(dotted.get(files[file], key)) for _, file, key in TABLE_COLUMNS]
             fold = name.removeprefix("fold").split("-")[0]
             lines.append(f"| {fold} | " + " | ".join(cells) + " |")
         stats = [dotted.get(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
-        lines.append("| mean ± std | " + " | ".join("n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}"
-                                                     for s in stats) + " |")
-        lines.append("| [min, max] | " + " | ".join(
-            "n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats) + " |")
+        lines.append(
+            "| mean ± std | "
+            + " | ".join("n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}" for s in stats)
+            + " |"
+        )
+        lines.append(
+            "| [min, max] | "
+            + " | ".join("n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats)
+            + " |"
+        )
         sections.append("\n".join(lines))
     return "\n\n".join(sections) + "\n"
 

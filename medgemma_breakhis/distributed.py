@@ -37,9 +37,20 @@ def accelerate_launch_command(num_processes: int, module: str, arguments: Sequen
     which sets it from train.precision. Port 0 makes accelerate pick a free port: concurrent distributed runs (DVC
     queue workers) must not share its default 29500.
     """
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={num_processes}",
-            "--num_machines=1", "--main_process_port=0", "--mixed_precision=no",
-            "--dynamo_backend=no", "--module", module, *arguments]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        f"--num_processes={num_processes}",
+        "--num_machines=1",
+        "--main_process_port=0",
+        "--mixed_precision=no",
+        "--dynamo_backend=no",
+        "--module",
+        module,
+        *arguments,
+    ]
 
 
 def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequence[str]) -> None:
@@ -51,8 +62,10 @@ def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequenc
     launched = world_size()
     if launched > 1 or "LOCAL_RANK" in os.environ:
         if launched != num_processes:
-            raise LaunchError(f"launched on {launched} processes but train.num_processes={num_processes}; set "
-                              f"-S train.num_processes={launched} so the params record what ran")
+            raise LaunchError(
+                f"launched on {launched} processes but train.num_processes={num_processes}; set "
+                f"-S train.num_processes={launched} so the params record what ran"
+            )
         return
     if num_processes > 1:
         _exec(accelerate_launch_command(num_processes, module, arguments))

@@ -35,8 +35,9 @@ def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[
     """Counts of true (rows) against predicted (columns) classes, every class shown even when absent."""
     figure = Figure(figsize=(2 + 0.9 * len(names), 1.5 + 0.9 * len(names)), layout="constrained")
     axes = figure.subplots()
-    ConfusionMatrixDisplay.from_predictions(truth, predicted, labels=names, ax=axes, colorbar=False,
-                                            xticks_rotation="vertical")
+    ConfusionMatrixDisplay.from_predictions(
+        truth, predicted, labels=names, ax=axes, colorbar=False, xticks_rotation="vertical"
+    )
     axes.set_title(title)
     return figure
 
@@ -44,12 +45,21 @@ def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[
 def log_confusion_matrices(predictions: pd.DataFrame, stage: str) -> None:
     # An unparseable answer gets its own column rather than vanishing from the matrix.
     extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []
-    mlflow.log_figure(confusion_matrix_figure(predictions["true_class"], predictions["predicted_class"],
-                                              [*CLASS_NAMES, *extra], f"{stage}: 8 classes"),
-                      "confusion_matrix_eight_class.png")
-    mlflow.log_figure(confusion_matrix_figure(predictions["true_binary"], predictions["predicted_binary"],
-                                              ["benign", "malignant", *extra], f"{stage}: benign / malignant"),
-                      "confusion_matrix_binary.png")
+    mlflow.log_figure(
+        confusion_matrix_figure(
+            predictions["true_class"], predictions["predicted_class"], [*CLASS_NAMES, *extra], f"{stage}: 8 classes"
+        ),
+        "confusion_matrix_eight_class.png",
+    )
+    mlflow.log_figure(
+        confusion_matrix_figure(
+            predictions["true_binary"],
+            predictions["predicted_binary"],
+            ["benign", "malignant", *extra],
+            f"{stage}: benign / malignant",
+        ),
+        "confusion_matrix_binary.png",
+    )
 
 
 def tag_adapter_origin(adapter_dir: Path, parent_run_id: str) -> None:
@@ -65,8 +75,16 @@ def tag_adapter_origin(adapter_dir: Path, parent_run_id: str) -> None:
             mlflow.MlflowClient().set_tag(train_run.info.run_id, "adapter_dvc_md5", md5)
 
 
-def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path, metrics_path: Path,
-                   predictions_path: Path, roc_path: Path, adapter_dir: Path | None = None) -> dict[str, Any]:
+def run_evaluation(
+    params: Params,
+    stage: str,
+    image_root: Path,
+    test_csv: Path,
+    metrics_path: Path,
+    predictions_path: Path,
+    roc_path: Path,
+    adapter_dir: Path | None = None,
+) -> dict[str, Any]:
     """Predict the test split, and write the metrics JSON, the per-image predictions and the ROC curve points.
 
     With `adapter_dir`, the adapter is applied unmerged: merging LoRA into bf16 weights shifts logits enough to flip
@@ -77,25 +95,31 @@ def run_evaluation(params: Params, stage: str, image_root: Path, test_csv: Path,
         raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
     with stage_run(stage, params, test_csv, untracked_record(metrics_path)) as tracked:
         model, processor, info = load_base_model(params.model, params.eval.precision)
-        tracked.track("the loaded model's tags",
-                      lambda: log_loaded_model(info, precision_ran=f"{info.dtype} weights, inference without autocast"))
+        tracked.track(
+            "the loaded model's tags",
+            lambda: log_loaded_model(info, precision_ran=f"{info.dtype} weights, inference without autocast"),
+        )
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, adapter_dir)
-            tracked.track("the adapter's DVC hash",
-                          lambda: tag_adapter_origin(adapter_dir, tracked.run.data.tags["mlflow.parentRunId"]))
+            tracked.track(
+                "the adapter's DVC hash",
+                lambda: tag_adapter_origin(adapter_dir, tracked.run.data.tags["mlflow.parentRunId"]),
+            )
         try:
             predictions = predict_split(model, processor, rows, image_root, params.eval)
         except NonFiniteError as err:
-            raise NonFiniteError(f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}") \
-                from err
+            raise NonFiniteError(
+                f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}"
+            ) from err
         metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc_points(predictions).to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
         tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics)))
         for path in (metrics_path, predictions_path, roc_path):
-            tracked.track(f"the artifact {path}",
-                          lambda path=path: mlflow.log_artifact(str(path), artifact_path=path.parent.name))
+            tracked.track(
+                f"the artifact {path}", lambda path=path: mlflow.log_artifact(str(path), artifact_path=path.parent.name)
+            )
         tracked.track("the confusion matrices", lambda: log_confusion_matrices(predictions, stage))
     logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

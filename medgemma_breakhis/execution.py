@@ -53,15 +53,21 @@ class ExecutionPlan:
     memory_budget_gib: float | None = None
 
     def describe(self) -> str:
-        fits = (f", estimated peak {self.estimated_peak_gib:.1f} GiB of a {self.memory_budget_gib:.1f} GiB budget"
-                if self.estimated_peak_gib is not None and self.memory_budget_gib is not None else "")
-        return (f"micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps, gradient "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.dataloader_workers} dataloader "
-                f"workers, torch.compile {'on' if self.compile else 'off'}{fits}")
+        fits = (
+            f", estimated peak {self.estimated_peak_gib:.1f} GiB of a {self.memory_budget_gib:.1f} GiB budget"
+            if self.estimated_peak_gib is not None and self.memory_budget_gib is not None
+            else ""
+        )
+        return (
+            f"micro-batch {self.micro_batch_size} x {self.grad_accum_steps} accumulation steps, gradient "
+            f"checkpointing {'on' if self.gradient_checkpointing else 'off'}, {self.dataloader_workers} dataloader "
+            f"workers, torch.compile {'on' if self.compile else 'off'}{fits}"
+        )
 
 
-def activation_elements_per_token(hidden: int, intermediate: int, attention_width: int, kv_width: int,
-                                  gated: bool) -> int:
+def activation_elements_per_token(
+    hidden: int, intermediate: int, attention_width: int, kv_width: int, gated: bool
+) -> int:
     """Values autograd keeps per token and layer for the backward pass, LoRA on every linear layer.
 
     Attention: the block input and its norm, q, k, v (and q/k after their norms in Gemma), the attention output
@@ -93,51 +99,81 @@ class ModelShape:
     def of(cls, config: PretrainedConfig, parameters: int, weight_bytes: int, lora_parameters: int) -> ModelShape:
         text, vision = config.text_config, config.vision_config
         return cls(
-            parameters=parameters, weight_bytes=weight_bytes, lora_parameters=lora_parameters,
-            text={"hidden": text.hidden_size, "intermediate": text.intermediate_size,
-                  "layers": text.num_hidden_layers, "attention": text.num_attention_heads * text.head_dim,
-                  "kv": text.num_key_value_heads * text.head_dim},
-            vision={"hidden": vision.hidden_size, "intermediate": vision.intermediate_size,
-                    "layers": vision.num_hidden_layers, "image_size": vision.image_size,
-                    "patch_size": vision.patch_size},
+            parameters=parameters,
+            weight_bytes=weight_bytes,
+            lora_parameters=lora_parameters,
+            text={
+                "hidden": text.hidden_size,
+                "intermediate": text.intermediate_size,
+                "layers": text.num_hidden_layers,
+                "attention": text.num_attention_heads * text.head_dim,
+                "kv": text.num_key_value_heads * text.head_dim,
+            },
+            vision={
+                "hidden": vision.hidden_size,
+                "intermediate": vision.intermediate_size,
+                "layers": vision.num_hidden_layers,
+                "image_size": vision.image_size,
+                "patch_size": vision.patch_size,
+            },
         )
 
 
 def lora_parameter_count(model: nn.Module, r: int) -> int:
     """Parameters LoRA adds with `target_modules=all-linear`: r x (in + out) on every linear layer but the LM head."""
     output = model.get_output_embeddings()
-    return sum(r * (m.in_features + m.out_features) for m in model.modules()
-               if isinstance(m, nn.Linear) and m is not output)
+    return sum(
+        r * (m.in_features + m.out_features) for m in model.modules() if isinstance(m, nn.Linear) and m is not output
+    )
 
 
 def model_shape(model: nn.Module, lora_r: int) -> ModelShape:
     parameters = list({id(p): p for p in model.parameters()}.values())
-    return ModelShape.of(model.config, sum(p.numel() for p in parameters),
-                         sum(p.numel() * p.element_size() for p in parameters), lora_parameter_count(model, lora_r))
+    return ModelShape.of(
+        model.config,
+        sum(p.numel() for p in parameters),
+        sum(p.numel() * p.element_size() for p in parameters),
+        lora_parameter_count(model, lora_r),
+    )
 
 
-def estimate_peak_gib(shape: ModelShape, micro_batch_size: int, gradient_checkpointing: bool,
-                      decoder_tokens: int, activation_bytes: int = 2, compiled: bool = False) -> dict[str, float]:
+def estimate_peak_gib(
+    shape: ModelShape,
+    micro_batch_size: int,
+    gradient_checkpointing: bool,
+    decoder_tokens: int,
+    activation_bytes: int = 2,
+    compiled: bool = False,
+) -> dict[str, float]:
     """Estimated peak memory of one training step, by component (GiB).
 
     trl computes the loss through a chunked LM head, so no float32 logits over the whole vocabulary are kept.
     """
     text, vision = shape.text, shape.vision
     per_text_layer = decoder_tokens * activation_elements_per_token(
-        text["hidden"], text["intermediate"], text["attention"], text["kv"], gated=True)
+        text["hidden"], text["intermediate"], text["attention"], text["kv"], gated=True
+    )
     per_vision_layer = shape.patches * activation_elements_per_token(
-        vision["hidden"], vision["intermediate"], vision["hidden"], vision["hidden"], gated=False)
+        vision["hidden"], vision["intermediate"], vision["hidden"], vision["hidden"], gated=False
+    )
     if gradient_checkpointing:
         # each layer keeps only its input; one layer's activations exist again while it is recomputed
-        kept = (text["layers"] * decoder_tokens * text["hidden"] + vision["layers"] * shape.patches * vision["hidden"]
-                + max(per_text_layer, per_vision_layer))
+        kept = (
+            text["layers"] * decoder_tokens * text["hidden"]
+            + vision["layers"] * shape.patches * vision["hidden"]
+            + max(per_text_layer, per_vision_layer)
+        )
     else:
         kept = text["layers"] * per_text_layer + vision["layers"] * per_vision_layer
     return {
         "weights": shape.weight_bytes / GIB,
         # LoRA weights in float32 (peft upcasts them), their gradients and AdamW's two moments
         "lora + optimizer": shape.lora_parameters * 4 * 4 / GIB,
-        "activations": micro_batch_size * kept * activation_bytes * ACTIVATION_SCALE[gradient_checkpointing, compiled] / GIB,
+        "activations": micro_batch_size
+        * kept
+        * activation_bytes
+        * ACTIVATION_SCALE[gradient_checkpointing, compiled]
+        / GIB,
         "overhead": OVERHEAD_GIB,
     }
 
@@ -148,8 +184,9 @@ def step_seconds(per_process_batch: int, micro_batch_size: int, gradient_checkpo
     Used to rank settings; on another GPU the ranking holds where the host-side cost dominates as it does here."""
     pass_cost, example_cost = STEP_COST[compiled]
     passes = per_process_batch // micro_batch_size
-    return passes * (pass_cost + example_cost * micro_batch_size) * (
-        CHECKPOINTING_COST if gradient_checkpointing else 1.0)
+    return (
+        passes * (pass_cost + example_cost * micro_batch_size) * (CHECKPOINTING_COST if gradient_checkpointing else 1.0)
+    )
 
 
 def device_memory_gib(device: torch.device) -> float:
@@ -174,15 +211,24 @@ def resolve_compile(setting: bool | str, gradient_checkpointing: bool, device: t
     return device.type == "cuda" and not gradient_checkpointing
 
 
-def plan_execution(train: TrainParams, shape: ModelShape, decoder_tokens: int, device: torch.device,
-                   activation_bytes: int = 2, memory_gib: float | None = None) -> ExecutionPlan:
+def plan_execution(
+    train: TrainParams,
+    shape: ModelShape,
+    decoder_tokens: int,
+    device: torch.device,
+    activation_bytes: int = 2,
+    memory_gib: float | None = None,
+) -> ExecutionPlan:
     """Resolve `auto` in the execution keys: of the settings the params allow, the fastest by the step-time model
     whose estimated peak fits `MEMORY_FRACTION` of the device's memory, or of `memory_gib` (or, if none fits, the
     smallest)."""
     per_process = train.batch_size // train.num_processes
-    micro_sizes = ([train.micro_batch_size] if train.micro_batch_size != "auto"
-                   else [m for m in range(per_process, 0, -1) if per_process % m == 0])
-    checkpointing = ([train.gradient_checkpointing] if train.gradient_checkpointing != "auto" else [False, True])
+    micro_sizes = (
+        [train.micro_batch_size]
+        if train.micro_batch_size != "auto"
+        else [m for m in range(per_process, 0, -1) if per_process % m == 0]
+    )
+    checkpointing = [train.gradient_checkpointing] if train.gradient_checkpointing != "auto" else [False, True]
     workers = default_workers(device) if train.dataloader_workers == "auto" else train.dataloader_workers
     budget = MEMORY_FRACTION * (memory_gib if memory_gib is not None else device_memory_gib(device))
     candidates: list[tuple[float, float, int, bool]] = []
@@ -194,8 +240,9 @@ def plan_execution(train: TrainParams, shape: ModelShape, decoder_tokens: int, d
     fitting = sorted(c for c in candidates if c[1] <= budget)
     _, peak, micro, ckpt = fitting[0] if fitting else min(candidates, key=lambda c: c[1])
     if not fitting:
-        logger.warning("no execution setting is estimated to fit %.1f GiB; trying the smallest (%.1f GiB)", budget,
-                       peak)
-    return ExecutionPlan(micro, per_process // micro, ckpt, workers, resolve_compile(train.compile, ckpt, device), peak,
-                         budget)
-
+        logger.warning(
+            "no execution setting is estimated to fit %.1f GiB; trying the smallest (%.1f GiB)", budget, peak
+        )
+    return ExecutionPlan(
+        micro, per_process // micro, ckpt, workers, resolve_compile(train.compile, ckpt, device), peak, budget
+    )

@@ -31,12 +31,15 @@ def read_folds(path: Path) -> pd.DataFrame:
     for column, allowed in (("fold", set(FOLDS)), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"})):
         bad = folds[~folds[column].isin(allowed)]
         if len(bad):
-            problems.append(f"column {column} has {len(bad)} value(s) outside {sorted(allowed, key=str)}, first at "
-                            f"row {bad.index[0] + 2}: {bad[column].tolist()[0]!r}")
+            problems.append(
+                f"column {column} has {len(bad)} value(s) outside {sorted(allowed, key=str)}, first at "
+                f"row {bad.index[0] + 2}: {bad[column].tolist()[0]!r}"
+            )
     empty = folds["filename"].isna() | (folds["filename"].astype(str).str.strip() == "")
     if empty.any():
-        problems.append(f"column filename is empty in {int(empty.sum())} row(s), "
-                        f"first at row {folds.index[empty][0] + 2}")
+        problems.append(
+            f"column filename is empty in {int(empty.sum())} row(s), first at row {folds.index[empty][0] + 2}"
+        )
     if problems:
         raise DataError(f"{path} is malformed: " + "; ".join(problems))
     return folds

@@ -70,9 +70,7 @@ def label_from_path(filename: str) -> int:
     for part in parts:
         if part in TUMOR_TYPE_TO_LABEL:
             return TUMOR_TYPE_TO_LABEL[part]
-    raise ValueError(
-        f"no tumour-type folder ({', '.join(TUMOR_TYPE_TO_LABEL)}) in image path {filename!r}"
-    )
+    raise ValueError(f"no tumour-type folder ({', '.join(TUMOR_TYPE_TO_LABEL)}) in image path {filename!r}")
 
 
 def patient_from_path(filename: str) -> str:

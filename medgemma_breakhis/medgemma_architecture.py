@@ -27,14 +27,30 @@ logger = logging.getLogger(__name__)
 RANDOM_MEDGEMMA_ID = "medgemma-4b-random"
 # google/medgemma-4b-it is Gemma 3 4B (its model card); these are Gemma 3 4B's published shapes. The text decoder
 # without its 64 extra vocabulary rows has 3,880,099,328 parameters, as keras-hub's gemma3_4b_text preset says.
-TEXT = {"vocab_size": 262_208, "hidden_size": 2560, "intermediate_size": 10_240, "num_hidden_layers": 34,
-        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "query_pre_attn_scalar": 256,
-        "sliding_window": 1024, "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0,
-                                                                       "rope_theta": 1_000_000.0},
-                                                    "sliding_attention": {"rope_type": "default",
-                                                                          "rope_theta": 10_000.0}}}
-VISION = {"hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
-          "image_size": 896, "patch_size": 14, "vision_use_head": False}
+TEXT = {
+    "vocab_size": 262_208,
+    "hidden_size": 2560,
+    "intermediate_size": 10_240,
+    "num_hidden_layers": 34,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "query_pre_attn_scalar": 256,
+    "sliding_window": 1024,
+    "rope_parameters": {
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    },
+}
+VISION = {
+    "hidden_size": 1152,
+    "intermediate_size": 4304,
+    "num_hidden_layers": 27,
+    "num_attention_heads": 16,
+    "image_size": 896,
+    "patch_size": 14,
+    "vision_use_head": False,
+}
 IMAGE_TOKENS = 256  # each image reaches the decoder as 256 tokens (model card)
 SEED = 0
 # Bumped whenever the recipe changes, so a cached build of an older recipe is never loaded.
@@ -44,8 +60,12 @@ DIGEST_FILE = "weights_digest.txt"
 
 def medgemma_4b_config(**token_ids: int) -> Gemma3Config:
     """Gemma 3 4B's configuration; `token_ids` are the image token indices of the tokenizer in use."""
-    return Gemma3Config(text_config=Gemma3TextConfig(**TEXT), vision_config=SiglipVisionConfig(**VISION),
-                        mm_tokens_per_image=IMAGE_TOKENS, **token_ids)
+    return Gemma3Config(
+        text_config=Gemma3TextConfig(**TEXT),
+        vision_config=SiglipVisionConfig(**VISION),
+        mm_tokens_per_image=IMAGE_TOKENS,
+        **token_ids,
+    )
 
 
 def medgemma_4b_on_meta() -> Gemma3ForConditionalGeneration:

@@ -34,8 +34,9 @@ def class_name(label: int) -> str:
     return "unparseable" if label == UNPARSEABLE else CLASS_NAMES[label]
 
 
-def predictions_frame(rows: pd.DataFrame, predicted: np.ndarray, probabilities: np.ndarray | None = None,
-                      answers: list[str] | None = None) -> pd.DataFrame:
+def predictions_frame(
+    rows: pd.DataFrame, predicted: np.ndarray, probabilities: np.ndarray | None = None, answers: list[str] | None = None
+) -> pd.DataFrame:
     """One row per image: its file, patient, true and predicted class (number and name, 8-class and binary), and the
     probability of each class (scoring) or the generated answer (generation)."""
     frame = rows[["filename", "patient", "label"]].reset_index(drop=True)
@@ -57,9 +58,16 @@ def patient_bootstrap_ci(correct: np.ndarray, patients: np.ndarray, resamples: i
     hits, images = per_patient.sum().to_numpy(), per_patient.count().to_numpy()
     if len(hits) < 2:
         raise ValueError("a patient bootstrap needs at least two patients in the test set")
-    result = bootstrap((hits, images), lambda h, n, axis: h.sum(axis=axis) / n.sum(axis=axis), paired=True,
-                       vectorized=True, n_resamples=resamples, confidence_level=0.95, method="percentile",
-                       rng=np.random.default_rng(seed))
+    result = bootstrap(
+        (hits, images),
+        lambda h, n, axis: h.sum(axis=axis) / n.sum(axis=axis),
+        paired=True,
+        vectorized=True,
+        n_resamples=resamples,
+        confidence_level=0.95,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
@@ -86,8 +94,9 @@ def roc_points(predictions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"false_positive_rate": fpr, "true_positive_rate": tpr})
 
 
-def _accuracy_with_ci(truth: pd.Series, predicted: pd.Series, patients: pd.Series, resamples: int,
-                      seed: int) -> dict[str, float]:
+def _accuracy_with_ci(
+    truth: pd.Series, predicted: pd.Series, patients: pd.Series, resamples: int, seed: int
+) -> dict[str, float]:
     correct = (truth == predicted).to_numpy()
     low, high = patient_bootstrap_ci(correct, patients.to_numpy(), resamples, seed)
     return {"accuracy": float(correct.mean()), "accuracy_ci95_low": low, "accuracy_ci95_high": high}
@@ -103,20 +112,30 @@ def evaluation_metrics(predictions: pd.DataFrame, resamples: int, seed: int) -> 
     """
     labels, predicted, patients = predictions["label"], predictions["predicted"], predictions["patient"]
     precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=list(range(NUM_CLASSES)), zero_division=0)
+        labels, predicted, labels=list(range(NUM_CLASSES)), zero_division=0
+    )
     eight_class = {
         **_accuracy_with_ci(labels, predicted, patients, resamples, seed),
-        "f1_weighted": float(f1_score(labels, predicted, labels=list(range(NUM_CLASSES)), average="weighted",
-                                      zero_division=0)),
-        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-                             "support": int(support[i])} for i, name in enumerate(CLASS_NAMES)},
+        "f1_weighted": float(
+            f1_score(labels, predicted, labels=list(range(NUM_CLASSES)), average="weighted", zero_division=0)
+        ),
+        "per_class": {
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
+            for i, name in enumerate(CLASS_NAMES)
+        },
     }
     true_binary, predicted_binary = predictions["true_binary"], predictions["predicted_binary"]
     binary = {
         **_accuracy_with_ci(true_binary, predicted_binary, patients, resamples, seed),
         # labels=["malignant"]: an unparseable answer is a missed malignant, never a third class that breaks F1
-        "f1_malignant": float(f1_score(true_binary, predicted_binary, labels=["malignant"], average="macro",
-                                       zero_division=0)),
+        "f1_malignant": float(
+            f1_score(true_binary, predicted_binary, labels=["malignant"], average="macro", zero_division=0)
+        ),
     }
     if PROBABILITY_COLUMNS[0] in predictions:
         probabilities = predictions[PROBABILITY_COLUMNS].to_numpy()
@@ -125,9 +144,13 @@ def evaluation_metrics(predictions: pd.DataFrame, resamples: int, seed: int) -> 
         else:
             logger.warning("binary.roc_auc is left out: the test set holds only %s images", true_binary.iloc[0])
         eight_class["expected_calibration_error"] = expected_calibration_error(
-            (labels == predicted).to_numpy(), probabilities.max(axis=1))
-    per_patient = predictions.assign(binary_hit=true_binary == predicted_binary, hit=labels == predicted) \
-        .groupby("patient")[["binary_hit", "hit"]].mean()
+            (labels == predicted).to_numpy(), probabilities.max(axis=1)
+        )
+    per_patient = (
+        predictions.assign(binary_hit=true_binary == predicted_binary, hit=labels == predicted)
+        .groupby("patient")[["binary_hit", "hit"]]
+        .mean()
+    )
     return {
         "eight_class": eight_class,
         "binary": binary,

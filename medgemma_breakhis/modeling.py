@@ -36,8 +36,10 @@ class NonFiniteError(FloatingPointError):
 def non_finite_advice(precision: Precision, param: str) -> str:
     """What to change when values stop being finite at `precision` (set by the params key `param`)."""
     if precision == "fp16":
-        return (f"float16 overflows past 65,504, as Gemma 3 activations do (transformers#36822): "
-                f"set {param}=bf16, which has float32's range")
+        return (
+            f"float16 overflows past 65,504, as Gemma 3 activations do (transformers#36822): "
+            f"set {param}=bf16, which has float32's range"
+        )
     return "the values diverged: lower train.learning_rate or train.max_grad_norm, and check the data"
 
 
@@ -89,9 +91,11 @@ def _hub_error_advice(model_id: str) -> str:
     from huggingface_hub import get_token
 
     token = "a Hugging Face token was found" if get_token() else "no Hugging Face token was found"
-    return (f"{token}. {model_id} may be gated: accept its terms on https://huggingface.co/{model_id} with your "
-            "account, then set HF_TOKEN or run `hf auth login`, and check network access (or HF_HUB_OFFLINE with a "
-            "filled cache). To run offline without it, use model.id=tiny-gemma3.")
+    return (
+        f"{token}. {model_id} may be gated: accept its terms on https://huggingface.co/{model_id} with your "
+        "account, then set HF_TOKEN or run `hf auth login`, and check network access (or HF_HUB_OFFLINE with a "
+        "filled cache). To run offline without it, use model.id=tiny-gemma3."
+    )
 
 
 def _refuse_missing_folder(model_id: str) -> None:
@@ -99,9 +103,11 @@ def _refuse_missing_folder(model_id: str) -> None:
     where there is none: said so, rather than sent to the hub and answered with advice about gated models."""
     is_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
     if is_path and not Path(model_id).is_dir():
-        raise ModelLoadError(f"model.id={model_id!r} is a local path, and no folder is there (from {Path.cwd()}); "
-                             "set model.id to the folder holding the model's config.json and weights, or to a hub id "
-                             "such as google/medgemma-4b-it")
+        raise ModelLoadError(
+            f"model.id={model_id!r} is a local path, and no folder is there (from {Path.cwd()}); "
+            "set model.id to the folder holding the model's config.json and weights, or to a hub id "
+            "such as google/medgemma-4b-it"
+        )
 
 
 def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
@@ -119,8 +125,9 @@ def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrai
     return model, processor
 
 
-def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrainedModel, ProcessorMixin,
-                                                                      LoadedModelInfo]:
+def load_base_model(
+    params: ModelParams, precision: Precision
+) -> tuple[PreTrainedModel, ProcessorMixin, LoadedModelInfo]:
     """Load model and processor through the Auto classes, in the dtype of `precision`, on the GPU if there is one."""
     dtype = DTYPES[precision]
     _refuse_missing_folder(params.id)
@@ -131,8 +138,9 @@ def load_base_model(params: ModelParams, precision: Precision) -> tuple[PreTrain
     elif params.id == RANDOM_MEDGEMMA_ID:
         folder, resolved = random_medgemma_folder(_weights_digest)
         model, processor = _load(str(folder), params, dtype)
-        logger.warning("%s has random weights: its figures are for timing and memory only, never results",
-                       RANDOM_MEDGEMMA_ID)
+        logger.warning(
+            "%s has random weights: its figures are for timing and memory only, never results", RANDOM_MEDGEMMA_ID
+        )
     elif Path(params.id).is_dir():
         model, processor = _load(params.id, params, dtype)
         resolved = _weights_digest(Path(params.id))
@@ -169,12 +177,16 @@ def check_lora_targets(params: ModelParams, lora: LoraParams) -> None:
     try:
         config = AutoConfig.from_pretrained(source, revision=revision)
     except OSError as err:  # the same failures as loading the weights, so the same advice
-        raise ModelLoadError(f"could not load the config of model {params.id!r} at revision {params.revision!r}: "
-                             f"{err}\n{_hub_error_advice(params.id)}") from err
+        raise ModelLoadError(
+            f"could not load the config of model {params.id!r} at revision {params.revision!r}: "
+            f"{err}\n{_hub_error_advice(params.id)}"
+        ) from err
     with torch.device("meta"):  # shapes only: no memory, no weights
         skeleton = AutoModelForImageTextToText.from_config(config)
     try:
         get_peft_model(skeleton, LoraConfig(target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     except ValueError as err:
-        raise ParamsError(f"params: lora.target_modules={lora.target_modules!r} matches no module of {params.id} "
-                          f"({err}); expected all-linear, or a regular expression over its module names") from err
+        raise ParamsError(
+            f"params: lora.target_modules={lora.target_modules!r} matches no module of {params.id} "
+            f"({err}); expected all-linear, or a regular expression over its module names"
+        ) from err

@@ -73,8 +73,9 @@ class SyntheticData(_Section):
 class DataParams(_Section):
     SECTION = "data"
     source: DataSource = "kaggle"
-    kaggle_dataset: str = _key("ambarish/breakhis", "a Kaggle handle of the form owner/dataset",
-                               lambda v: v.count("/") == 1)
+    kaggle_dataset: str = _key(
+        "ambarish/breakhis", "a Kaggle handle of the form owner/dataset", lambda v: v.count("/") == 1
+    )
     path: str | None = _key(None, "a string (a folder) or null")
     # false: any listed image that is missing, does not decode, or is not a 700x460 RGB image under the right
     # benign/malignant folder stops `download` with the full list. true: such images are left out, and listed with
@@ -85,8 +86,10 @@ class DataParams(_Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.source == "local" and not self.path:
-            raise ParamsError(f"params: data.path={self.path!r} is not allowed; expected the folder that holds "
-                              "Folds.csv when data.source=local")
+            raise ParamsError(
+                f"params: data.path={self.path!r} is not allowed; expected the folder that holds "
+                "Folds.csv when data.source=local"
+            )
 
 
 def _listed(values: tuple[int, ...]) -> str:
@@ -109,7 +112,9 @@ class SplitParams(_Section):
 @dataclass(frozen=True)
 class ModelParams(_Section):
     SECTION = "model"
-    id: str = _key("google/medgemma-4b-it", "a hub id, a local path, tiny-gemma3 or medgemma-4b-random", lambda v: bool(v.strip()))
+    id: str = _key(
+        "google/medgemma-4b-it", "a hub id, a local path, tiny-gemma3 or medgemma-4b-random", lambda v: bool(v.strip())
+    )
     revision: str = _key("main", "a branch, tag or commit", lambda v: bool(v.strip()))
     attn_implementation: AttnImplementation = "sdpa"
 
@@ -120,8 +125,7 @@ class LoraParams(_Section):
     r: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
     alpha: int = _key(16, "an integer >= 1", lambda v: v >= 1)
     dropout: float = _key(0.1, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
-    target_modules: str = _key("all-linear", "a peft target_modules string, e.g. all-linear",
-                               lambda v: bool(v.strip()))
+    target_modules: str = _key("all-linear", "a peft target_modules string, e.g. all-linear", lambda v: bool(v.strip()))
 
 
 @dataclass(frozen=True)
@@ -138,11 +142,13 @@ class TrainParams(_Section):
     batch_size: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
     # Examples per forward/backward pass and process; the rest of the batch is gradient accumulation. auto: the
     # fastest setting whose estimated memory fits this GPU (`execution.plan_execution`).
-    micro_batch_size: int | Auto = _key("auto", "auto or an integer from 1 to 1024",
-                                        lambda v: v == "auto" or 1 <= v <= 1024)
+    micro_batch_size: int | Auto = _key(
+        "auto", "auto or an integer from 1 to 1024", lambda v: v == "auto" or 1 <= v <= 1024
+    )
     gradient_checkpointing: bool | Auto = _key("auto", "auto, true or false")
-    dataloader_workers: int | Auto = _key("auto", "auto or an integer from 0 to 64",
-                                          lambda v: v == "auto" or 0 <= v <= 64)
+    dataloader_workers: int | Auto = _key(
+        "auto", "auto or an integer from 0 to 64", lambda v: v == "auto" or 0 <= v <= 64
+    )
     # torch.compile per layer; auto: on a GPU, without gradient checkpointing (the combination measured).
     compile: bool | Auto = _key("auto", "auto, true or false")
     # > 1: data-parallel (DDP) training on that many processes under `accelerate launch`, one per GPU. Each process
@@ -160,13 +166,17 @@ class TrainParams(_Section):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.batch_size % self.num_processes:
-            raise ParamsError(f"params: train.batch_size={self.batch_size} is not allowed with train.num_processes="
-                              f"{self.num_processes}; expected a multiple of train.num_processes")
+            raise ParamsError(
+                f"params: train.batch_size={self.batch_size} is not allowed with train.num_processes="
+                f"{self.num_processes}; expected a multiple of train.num_processes"
+            )
         per_process = self.batch_size // self.num_processes
         if self.micro_batch_size != "auto" and per_process % self.micro_batch_size:
-            raise ParamsError(f"params: train.micro_batch_size={self.micro_batch_size} is not allowed with "
-                              f"train.batch_size={self.batch_size} on {self.num_processes} process(es); expected auto "
-                              f"or a divisor of {per_process}, the examples per step and process")
+            raise ParamsError(
+                f"params: train.micro_batch_size={self.micro_batch_size} is not allowed with "
+                f"train.batch_size={self.batch_size} on {self.num_processes} process(es); expected auto "
+                f"or a divisor of {per_process}, the examples per step and process"
+            )
 
 
 @dataclass(frozen=True)
@@ -187,11 +197,16 @@ class CrossValidationParams(_Section):
     """What cv/dvc.yaml runs: every fold at every magnification listed (the single-fold pipeline ignores these)."""
 
     SECTION = "cv"
-    folds: tuple[int, ...] = _key(FOLDS, f"a list of at least two distinct folds from {FOLDS[0]} to {FOLDS[-1]}",
-                                  lambda v: len(v) >= 2 and _distinct(v) and all(f in FOLDS for f in v))
-    magnifications: tuple[int, ...] = _key((100,), f"a list of distinct magnifications from {_listed(MAGNIFICATIONS)}",
-                                           lambda v: len(v) >= 1 and _distinct(v)
-                                           and all(m in MAGNIFICATIONS for m in v))
+    folds: tuple[int, ...] = _key(
+        FOLDS,
+        f"a list of at least two distinct folds from {FOLDS[0]} to {FOLDS[-1]}",
+        lambda v: len(v) >= 2 and _distinct(v) and all(f in FOLDS for f in v),
+    )
+    magnifications: tuple[int, ...] = _key(
+        (100,),
+        f"a list of distinct magnifications from {_listed(MAGNIFICATIONS)}",
+        lambda v: len(v) >= 1 and _distinct(v) and all(m in MAGNIFICATIONS for m in v),
+    )
 
 
 @dataclass(frozen=True)
@@ -212,8 +227,9 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"a list of values, each {_describe(typing.get_args(tp)[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            type(None): "null"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false", type(None): "null"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -272,8 +288,10 @@ def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ())
     yaml = YAML(typ="safe")
     raw = yaml.load(path.read_text(encoding="utf-8"))
     if raw is None:  # a file emptied by accident must not silently mean "all defaults"
-        raise ParamsError(f"params file {path} is empty; restore it (`git checkout {path}`), or write `{{}}` in it to "
-                          "run with every default")
+        raise ParamsError(
+            f"params file {path} is empty; restore it (`git checkout {path}`), or write `{{}}` in it to "
+            "run with every default"
+        )
     for override in overrides:
         dotted, separator, value = override.partition("=")
         if not separator or "." not in dotted:
@@ -284,11 +302,20 @@ def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ())
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:
     """`-S section.key=value`, repeatable, as for `dvc exp run -S`: applied to params.yaml before validation."""
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a param of params.yaml, as `dvc exp run -S` does")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param of params.yaml, as `dvc exp run -S` does",
+    )
 
 
 def to_flat_dict(params: Params) -> dict[str, Any]:
     """`{"lora.r": 8, ...}`: the form MLflow and DVC show params in."""
-    return {key: list(value) if isinstance(value, tuple) else value
-            for key, value in flatten(dataclasses.asdict(params)).items()}
+    return {
+        key: list(value) if isinstance(value, tuple) else value
+        for key, value in flatten(dataclasses.asdict(params)).items()
+    }

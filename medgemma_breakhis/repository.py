@@ -14,7 +14,7 @@ def main_repo_root() -> Path:
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
     parts = root.parts
     for index in range(len(parts) - len(_DVC_EXPERIMENT_COPIES) + 1):
-        if parts[index:index + len(_DVC_EXPERIMENT_COPIES)] == _DVC_EXPERIMENT_COPIES:
+        if parts[index : index + len(_DVC_EXPERIMENT_COPIES)] == _DVC_EXPERIMENT_COPIES:
             return Path(*parts[:index])
     return root
 

@@ -45,8 +45,9 @@ def answer_token_ids(processor: ProcessorMixin) -> list[int]:
     """Id of the first completion token for each answer "0".."7", tokenised as the trainer tokenises completions."""
     ids = []
     for label in range(NUM_CLASSES):
-        example = apply_chat_template({"prompt": prompt_messages(), "completion": completion_messages(label)},
-                                      processor)
+        example = apply_chat_template(
+            {"prompt": prompt_messages(), "completion": completion_messages(label)}, processor
+        )
         tokens = processor.tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
         if not tokens or processor.tokenizer.decode(tokens[:1]).strip() != str(label):
             raise ValueError(f"answer {label} is not a single leading token in completion {example['completion']!r}")
@@ -61,8 +62,9 @@ def _load_rgb(path: Path) -> Image.Image:
         return image.convert("RGB")
 
 
-def _batch_inputs(processor: ProcessorMixin, text: str, image_paths: list[Path], device: torch.device,
-                  dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _batch_inputs(
+    processor: ProcessorMixin, text: str, image_paths: list[Path], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     inputs = processor(
         text=[text] * len(image_paths),
         images=[[_load_rgb(p)] for p in image_paths],
@@ -76,15 +78,16 @@ def _batch_inputs(processor: ProcessorMixin, text: str, image_paths: list[Path],
 
 
 @torch.inference_mode()
-def score_images(model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path],
-                 batch_size: int) -> np.ndarray:
+def score_images(
+    model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path], batch_size: int
+) -> np.ndarray:
     """Probabilities (n_images x 8) of each answer, from the logits of the first answer token."""
     model.eval()
     text = prompt_text(processor)
     answer_ids = torch.tensor(answer_token_ids(processor))
     probabilities = []
     for start in tqdm(range(0, len(image_paths), batch_size), desc="scoring", unit="batch"):
-        batch_paths = image_paths[start:start + batch_size]
+        batch_paths = image_paths[start : start + batch_size]
         inputs = _batch_inputs(processor, text, batch_paths, model.device, model.dtype)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
         answer_logits = logits.float()[:, answer_ids.to(logits.device)]
@@ -103,8 +106,9 @@ def parse_answer(text: str) -> int:
 
 
 @torch.inference_mode()
-def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path], batch_size: int,
-                     max_new_tokens: int) -> list[str]:
+def generate_answers(
+    model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path], batch_size: int, max_new_tokens: int
+) -> list[str]:
     """The reference's evaluation: greedy generation of up to `max_new_tokens`, decoded without special tokens."""
     model.eval()
     text = prompt_text(processor)
@@ -113,15 +117,21 @@ def generate_answers(model: PreTrainedModel, processor: ProcessorMixin, image_pa
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     answers = []
     for start in tqdm(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
-        inputs = _batch_inputs(processor, text, image_paths[start:start + batch_size], model.device, model.dtype)
-        output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids,
-                                pad_token_id=tokenizer.pad_token_id)
-        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        inputs = _batch_inputs(processor, text, image_paths[start : start + batch_size], model.device, model.dtype)
+        output = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     return answers
 
 
-def predict_split(model: PreTrainedModel, processor: ProcessorMixin, rows: pd.DataFrame, image_root: Path,
-                  settings: EvalParams) -> pd.DataFrame:
+def predict_split(
+    model: PreTrainedModel, processor: ProcessorMixin, rows: pd.DataFrame, image_root: Path, settings: EvalParams
+) -> pd.DataFrame:
     """Per-image predictions of a split (see `metrics.predictions_frame`) by `settings.method`."""
     paths = [image_root / f for f in rows["filename"]]
     if settings.method == "score":

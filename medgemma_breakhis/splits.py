@@ -23,12 +23,14 @@ SPLIT_COLUMNS = ("filename", "label", "class_name", "patient")
 
 def _with_labels(rows: pd.DataFrame) -> pd.DataFrame:
     labels = rows["filename"].map(label_from_path)
-    return pd.DataFrame({
-        "filename": rows["filename"].to_numpy(),
-        "label": labels.to_numpy(),
-        "class_name": labels.map(lambda label: CLASS_NAMES[label]).to_numpy(),
-        "patient": rows["filename"].map(patient_from_path).to_numpy(),
-    })
+    return pd.DataFrame(
+        {
+            "filename": rows["filename"].to_numpy(),
+            "label": labels.to_numpy(),
+            "class_name": labels.map(lambda label: CLASS_NAMES[label]).to_numpy(),
+            "patient": rows["filename"].map(patient_from_path).to_numpy(),
+        }
+    )
 
 
 def _balance_binary(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
@@ -69,9 +71,11 @@ def check_patient_disjoint(train: pd.DataFrame, test: pd.DataFrame, where: str) 
     for patient in leaked:
         for group, rows in (("train", train), ("test", test)):
             lines += [f"patient {patient}, {group}: {f}" for f in rows.loc[rows["patient"] == patient, "filename"]]
-    raise DataError(f"{len(leaked)} patient(s) are in both train and test of {where}: {', '.join(leaked)}. "
-                    "BreakHis folds are patient-disjoint, so Folds.csv is damaged or not the official one; "
-                    "the offending images:\n  " + "\n  ".join(lines))
+    raise DataError(
+        f"{len(leaked)} patient(s) are in both train and test of {where}: {', '.join(leaked)}. "
+        "BreakHis folds are patient-disjoint, so Folds.csv is damaged or not the official one; "
+        "the offending images:\n  " + "\n  ".join(lines)
+    )
 
 
 def split_summary(subsets: dict[str, pd.DataFrame]) -> dict[str, dict]:
@@ -82,11 +86,18 @@ def split_summary(subsets: dict[str, pd.DataFrame]) -> dict[str, dict]:
         summary[group] = {
             "images": len(rows),
             "patients": int(rows["patient"].nunique()),
-            "images_per_patient": {"min": int(per_patient.min()), "median": float(per_patient.median()),
-                                   "max": int(per_patient.max())},
-            "per_class": {name: {"images": int((rows["class_name"] == name).sum()),
-                                 "patients": int(rows.loc[rows["class_name"] == name, "patient"].nunique())}
-                          for name in CLASS_NAMES},
+            "images_per_patient": {
+                "min": int(per_patient.min()),
+                "median": float(per_patient.median()),
+                "max": int(per_patient.max()),
+            },
+            "per_class": {
+                name: {
+                    "images": int((rows["class_name"] == name).sum()),
+                    "patients": int(rows.loc[rows["class_name"] == name, "patient"].nunique()),
+                }
+                for name in CLASS_NAMES
+            },
         }
     return summary
 
@@ -100,8 +111,13 @@ def write_split(folds_csv: Path, split: SplitParams, output_dir: Path, summary_p
     summary = split_summary(subsets)
     atomic_write_json(summary_path, summary)
     for group, figures in summary.items():
-        logger.info("%s: %d images, %d patients, per class %s", group, figures["images"], figures["patients"],
-                    {name: counts["images"] for name, counts in figures["per_class"].items()})
+        logger.info(
+            "%s: %d images, %d patients, per class %s",
+            group,
+            figures["images"],
+            figures["patients"],
+            {name: counts["images"] for name, counts in figures["per_class"].items()},
+        )
     return subsets
 
 

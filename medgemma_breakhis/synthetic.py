@@ -33,8 +33,14 @@ YEAR = "14"
 # (R, G, B) stain per class: far apart, so that even a 64x64 view separates them.
 _STAIN = np.array(
     [
-        (236, 160, 200), (150, 80, 160), (240, 200, 120), (120, 170, 230),
-        (200, 90, 90), (90, 160, 110), (170, 170, 170), (240, 120, 40),
+        (236, 160, 200),
+        (150, 80, 160),
+        (240, 200, 120),
+        (120, 170, 230),
+        (200, 90, 90),
+        (90, 160, 110),
+        (170, 170, 170),
+        (240, 120, 40),
     ],
     dtype=np.float32,
 )
@@ -49,8 +55,9 @@ def synthetic_patient_id(label: int, index: int) -> str:
 def synthetic_filename(label: int, patient: str, magnification: int, seq: int) -> str:
     """A path relative to the dataset root, in the real Folds.csv pattern (docs/breakhis.md#file-names)."""
     tumor_type = next(t for t, lbl in TUMOR_TYPE_TO_LABEL.items() if lbl == label)
-    side, side_code, code = ("malignant", "M", TUMOR_TYPE_CODES[label]) if is_malignant(label) else (
-        "benign", "B", TUMOR_TYPE_CODES[label])
+    side, side_code, code = (
+        ("malignant", "M", TUMOR_TYPE_CODES[label]) if is_malignant(label) else ("benign", "B", TUMOR_TYPE_CODES[label])
+    )
     return (
         f"BreaKHis_v1/histology_slides/breast/{side}/SOB/{tumor_type}/SOB_{side_code}_{code}_{YEAR}-{patient}/"
         f"{magnification}X/SOB_{side_code}_{code}-{YEAR}-{patient}-{magnification}-{seq:03d}.png"
@@ -87,9 +94,15 @@ def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
             patient_shift = rng.normal(0, 8, size=3)
             for magnification in MAGNIFICATIONS:
                 for seq in range(1, images_per_patient(label, spec.images_per_patient) + 1):
-                    images.append({"filename": synthetic_filename(label, patient, magnification, seq),
-                                   "mag": magnification, "patient_index": index, "label": label,
-                                   "patient_shift": patient_shift})
+                    images.append(
+                        {
+                            "filename": synthetic_filename(label, patient, magnification, seq),
+                            "mag": magnification,
+                            "patient_index": index,
+                            "label": label,
+                            "patient_shift": patient_shift,
+                        }
+                    )
 
     for image in tqdm(images, desc="synthetic images", unit="img"):
         path = output_dir / image["filename"]
@@ -98,9 +111,12 @@ def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
 
     # Patient-disjoint folds: in fold f the patient with index ≡ f-1 (mod 5) of every class is in test.
     rows = [
-        {"fold": fold, "mag": image["mag"],
-         "grp": "test" if image["patient_index"] % len(FOLDS) == fold - 1 else "train",
-         "filename": image["filename"]}
+        {
+            "fold": fold,
+            "mag": image["mag"],
+            "grp": "test" if image["patient_index"] % len(FOLDS) == fold - 1 else "train",
+            "filename": image["filename"],
+        }
         for fold in FOLDS
         for image in images
     ]

@@ -85,8 +85,10 @@ def build_processor(image_size: int, image_tokens: int) -> Gemma3Processor:
 
 def image_token_ids(tokenizer: GemmaTokenizer) -> dict[str, int]:
     """The config's `boi_token_index`, `eoi_token_index` and `image_token_index` for this tokenizer."""
-    return {f"{name.removesuffix('_token')}_token_index": tokenizer.convert_tokens_to_ids(token)
-            for name, token in _IMAGE_TOKENS.items()}
+    return {
+        f"{name.removesuffix('_token')}_token_index": tokenizer.convert_tokens_to_ids(token)
+        for name, token in _IMAGE_TOKENS.items()
+    }
 
 
 def set_generation_stops(model: Gemma3ForConditionalGeneration, tokenizer: GemmaTokenizer) -> None:
@@ -123,8 +125,12 @@ def build_tiny_gemma3(output_dir: Path) -> Path:
         image_size=IMAGE_SIZE,
         patch_size=PATCH_SIZE,
     )
-    config = Gemma3Config(text_config=text_config, vision_config=vision_config, mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
-                          **image_token_ids(tokenizer))
+    config = Gemma3Config(
+        text_config=text_config,
+        vision_config=vision_config,
+        mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
+        **image_token_ids(tokenizer),
+    )
 
     torch.manual_seed(SEED)
     model = Gemma3ForConditionalGeneration(config)

@@ -69,12 +69,16 @@ def redacted(text: str, uri: str) -> str:
 
 def _store_fix(uri: str) -> str:
     if uri.startswith("sqlite:///"):
-        return (f"Check that {uri.removeprefix('sqlite:///')} is a writable MLflow database that no other process "
-                "holds locked (an `mlflow ui` is fine; a copy in progress is not); a corrupt one can be moved aside, "
-                "and MLflow creates a new one.")
-    return ("Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
-            "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use the "
-            "repository's own store, mlflow.db.")
+        return (
+            f"Check that {uri.removeprefix('sqlite:///')} is a writable MLflow database that no other process "
+            "holds locked (an `mlflow ui` is fine; a copy in progress is not); a corrupt one can be moved aside, "
+            "and MLflow creates a new one."
+        )
+    return (
+        "Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
+        "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use the "
+        "repository's own store, mlflow.db."
+    )
 
 
 def _check_sqlite_writable(path: Path) -> None:
@@ -100,12 +104,16 @@ def check_tracking_store(uri: str) -> None:
             _check_sqlite_writable(Path(uri.removeprefix("sqlite:///")))
         # MLflow reads these per request; the environment is restored afterwards, so the stage's own requests
         # keep MLflow's (or the user's) retries
-        with mock.patch.dict(os.environ, {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                                          "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)}):
+        with mock.patch.dict(
+            os.environ,
+            {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)},
+        ):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure of the store (HTTP, SQL, file system) needs the same advice
-        raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
-                            f"{redacted(str(err), uri)}\n{_store_fix(uri)}") from None  # the cause quotes the URI
+        raise TrackingError(
+            f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
+            f"{redacted(str(err), uri)}\n{_store_fix(uri)}"
+        ) from None  # the cause quotes the URI
     logger.debug("tracking store %s checked in %.1f s", shown_uri(uri), time.monotonic() - started)
 
 
@@ -134,8 +142,10 @@ def _first_use_lock(uri: str) -> Iterator[None]:
     try:
         lock.acquire(timeout=STORE_CHECK_TIMEOUT_S)
     except Timeout:
-        raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: another process has held "
-                            f"{lock.lock_file} for {STORE_CHECK_TIMEOUT_S} s\n{_store_fix(uri)}") from None
+        raise TrackingError(
+            f"MLflow tracking store {shown_uri(uri)} cannot be used: another process has held "
+            f"{lock.lock_file} for {STORE_CHECK_TIMEOUT_S} s\n{_store_fix(uri)}"
+        ) from None
     try:
         yield
     finally:
@@ -254,13 +264,15 @@ def _pipeline_run(experiment: str, origin: dict[str, str], params: Params) -> st
 
 def log_loaded_model(info: LoadedModelInfo, precision_ran: str) -> None:
     """Tags of what was actually loaded and how it computed: never the requested precision, the one that ran."""
-    mlflow.set_tags({
-        "model_resolved_revision": info.resolved_revision,
-        "device": info.device,
-        "device_name": device_name(),
-        "weights_dtype": info.dtype,
-        "precision_ran": precision_ran,
-    })
+    mlflow.set_tags(
+        {
+            "model_resolved_revision": info.resolved_revision,
+            "device": info.device,
+            "device_name": device_name(),
+            "weights_dtype": info.dtype,
+            "precision_ran": precision_ran,
+        }
+    )
 
 
 def log_peak_memory() -> None:
@@ -269,8 +281,9 @@ def log_peak_memory() -> None:
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     metrics = {"peak_process_rss_gib": peak_rss / 2**30}
     if torch.cuda.is_available():
-        metrics["peak_cuda_memory_allocated_gib"] = sum(
-            torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count())) / 2**30
+        metrics["peak_cuda_memory_allocated_gib"] = (
+            sum(torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count())) / 2**30
+        )
     mlflow.log_metrics(metrics)
 
 
@@ -309,18 +322,33 @@ class TrackedStage:
 
         The trainer's MLflow callback logs asynchronously, and MLflow drops a batch that fails with only an ERROR
         line: what the store lacks at the end is written again here, or reported as not tracked."""
+
         def restore() -> None:
             mlflow.flush_async_logging()
             client, run_id = mlflow.MlflowClient(), self.run.info.run_id
-            wanted = [(key, value, entry["step"]) for entry in history for key, value in entry.items()
-                      if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)]
+            wanted = [
+                (key, value, entry["step"])
+                for entry in history
+                for key, value in entry.items()
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+            ]
             held = {key: {m.step for m in client.get_metric_history(run_id, key)} for key in {k for k, _, _ in wanted}}
-            missing = [Metric(key, float(value), int(time.time() * 1000), step) for key, value, step in wanted
-                       if step not in held[key]]
+            missing = [
+                Metric(key, float(value), int(time.time() * 1000), step)
+                for key, value, step in wanted
+                if step not in held[key]
+            ]
             if missing:
-                logger.warning("the MLflow store had dropped %d logged value(s) of run %s (first: %s at step %d); "
-                               "logging them again", len(missing), run_id, missing[0].key, missing[0].step)
+                logger.warning(
+                    "the MLflow store had dropped %d logged value(s) of run %s (first: %s at step %d); "
+                    "logging them again",
+                    len(missing),
+                    run_id,
+                    missing[0].key,
+                    missing[0].step,
+                )
                 client.log_batch(run_id, metrics=missing)
+
         self.track("the training metrics (loss, learning rate, gradient norm per step)", restore)
 
     def end(self) -> None:
@@ -328,13 +356,26 @@ class TrackedStage:
         `tracking_incomplete`, or end it FAILED where even the tag cannot be written: never FINISHED and unmarked."""
         marked = True
         if self.failures:
-            atomic_write_json(self.record, {"tracking_uri": shown_uri(mlflow.get_tracking_uri()),
-                                            "run_id": self.run.info.run_id, "not_tracked": self.failures})
-            logger.warning("%d item(s) could not be tracked in MLflow, listed in %s; the stage's results are written "
-                           "all the same", len(self.failures), self.record)
-            marked = self.track("the tracking_incomplete tag", lambda: mlflow.set_tag(
-                "tracking_incomplete", f"{len(self.failures)} item(s) not tracked, listed in {self.record}"),
-                always=True)
+            atomic_write_json(
+                self.record,
+                {
+                    "tracking_uri": shown_uri(mlflow.get_tracking_uri()),
+                    "run_id": self.run.info.run_id,
+                    "not_tracked": self.failures,
+                },
+            )
+            logger.warning(
+                "%d item(s) could not be tracked in MLflow, listed in %s; the stage's results are written all the same",
+                len(self.failures),
+                self.record,
+            )
+            marked = self.track(
+                "the tracking_incomplete tag",
+                lambda: mlflow.set_tag(
+                    "tracking_incomplete", f"{len(self.failures)} item(s) not tracked, listed in {self.record}"
+                ),
+                always=True,
+            )
         else:
             self.record.unlink(missing_ok=True)  # from an earlier run of the stage
         status = "FINISHED" if marked else "FAILED"
@@ -367,8 +408,12 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
     }
     mlflow.start_run(run_id=parent)
     try:
-        run = mlflow.start_run(experiment_id=experiment, nested=True, tags=tags,
-                               run_name=f"{stage} (fold {params.split.fold}, {params.split.magnification}X)")
+        run = mlflow.start_run(
+            experiment_id=experiment,
+            nested=True,
+            tags=tags,
+            run_name=f"{stage} (fold {params.split.fold}, {params.split.magnification}X)",
+        )
         mlflow.log_params(to_flat_dict(params))
     except BaseException:
         mlflow.end_run("FAILED")
@@ -379,8 +424,10 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
         tracked.track("the failure reason", lambda: mlflow.set_tag("failure_reason", reason))
-        tracked.track("the failure reason of the pipeline run",
-                      lambda: mlflow.MlflowClient().set_tag(parent, "failure_reason", f"{stage}: {reason}"))
+        tracked.track(
+            "the failure reason of the pipeline run",
+            lambda: mlflow.MlflowClient().set_tag(parent, "failure_reason", f"{stage}: {reason}"),
+        )
         tracked.track("the peak memory", log_peak_memory)
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         tracked.track("the end of the stage's run", lambda: mlflow.end_run(status), always=True)

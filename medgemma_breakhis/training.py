@@ -148,11 +148,13 @@ class StopOnSignal(TrainerCallback):
         if self.received is not None:
             raise KeyboardInterrupt(f"{name} received again: stopped without saving a checkpoint")
         self.received = name
-        logger.warning("%s received: finishing this optimizer step, saving a checkpoint, then stopping "
-                       "(send it again to stop at once, without a checkpoint)", name)
+        logger.warning(
+            "%s received: finishing this optimizer step, saving a checkpoint, then stopping "
+            "(send it again to stop at once, without a checkpoint)",
+            name,
+        )
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         # A signal may reach the processes of a distributed run at different steps: all stop at the same one.
         if not _all_processes_agree(self.received is None, args.device):
             control.should_save = True
@@ -167,12 +169,13 @@ class SkippedStepCounter(TrainerCallback):
         self.trainer = trainer
         self.steps: list[int] = []
 
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.trainer.accelerator.optimizer_step_was_skipped:
             self.steps.append(state.global_step)
-            logger.warning("optimizer step %d skipped: the fp16 loss scaler found non-finite gradients and lowered "
-                           "its scale", state.global_step)
+            logger.warning(
+                "optimizer step %d skipped: the fp16 loss scaler found non-finite gradients and lowered its scale",
+                state.global_step,
+            )
 
 
 def compile_layers(model: torch.nn.Module) -> int:
@@ -188,11 +191,13 @@ def compile_layers(model: torch.nn.Module) -> int:
 def build_sft_dataset(rows: pd.DataFrame, image_root: Path) -> datasets.Dataset:
     """Prompt-completion examples (trl's format): SFTTrainer then masks the prompt and trains on the answer only."""
     prompt = prompt_messages()
-    table = datasets.Dataset.from_dict({
-        "images": [[str(image_root / f)] for f in rows["filename"]],
-        "prompt": [prompt] * len(rows),
-        "completion": [completion_messages(int(label)) for label in rows["label"]],
-    })
+    table = datasets.Dataset.from_dict(
+        {
+            "images": [[str(image_root / f)] for f in rows["filename"]],
+            "prompt": [prompt] * len(rows),
+            "completion": [completion_messages(int(label)) for label in rows["label"]],
+        }
+    )
     # Decoded lazily per batch by the collator, so the whole image set never sits in memory.
     return table.cast_column("images", datasets.List(datasets.Image(mode="RGB")))
 
@@ -210,20 +215,34 @@ def decoder_tokens_per_example(processor: ProcessorMixin) -> int:
     """Tokens the decoder sees per training example: the templated prompt with its image tokens, and the answer."""
     example = apply_chat_template({"prompt": prompt_messages(), "completion": completion_messages(0)}, processor)
     blank = Image.new("RGB", (1, 1))  # any image: the processor gives every image the same number of tokens
-    return len(processor(text=example["prompt"] + example["completion"], images=[blank],
-                         add_special_tokens=False)["input_ids"][0])
+    return len(
+        processor(text=example["prompt"] + example["completion"], images=[blank], add_special_tokens=False)[
+            "input_ids"
+        ][0]
+    )
 
 
 def plan_for(model: PreTrainedModel, processor: ProcessorMixin, lora: LoraParams, train: TrainParams) -> ExecutionPlan:
     """The execution plan of `train` for this model on this process's device (see `execution.plan_execution`)."""
     activation_bytes = 4 if train.precision == "fp32" else 2
-    return plan_execution(train, model_shape(model, lora.r), decoder_tokens_per_example(processor), device(),
-                          activation_bytes)
+    return plan_execution(
+        train, model_shape(model, lora.r), decoder_tokens_per_example(processor), device(), activation_bytes
+    )
 
 
-def build_trainer(*, model: PreTrainedModel, processor: ProcessorMixin, info: LoadedModelInfo, lora: LoraParams,
-                  train: TrainParams, plan: ExecutionPlan, rows: pd.DataFrame, image_root: Path, output_dir: Path,
-                  config_overrides: dict[str, Any] | None = None) -> GuardedSFTTrainer:
+def build_trainer(
+    *,
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    info: LoadedModelInfo,
+    lora: LoraParams,
+    train: TrainParams,
+    plan: ExecutionPlan,
+    rows: pd.DataFrame,
+    image_root: Path,
+    output_dir: Path,
+    config_overrides: dict[str, Any] | None = None,
+) -> GuardedSFTTrainer:
     """A trainer for a LoRA adapter on `model`, executed as `plan` says, checkpointing every
     `train.checkpoint_steps` into `output_dir`. `config_overrides` replace SFTConfig arguments (for benchmarks)."""
     on_cuda = torch.cuda.is_available()
@@ -284,12 +303,14 @@ def build_trainer(*, model: PreTrainedModel, processor: ProcessorMixin, info: Lo
 def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
     """Loss, learning rate and gradient norm per logged optimizer step, from the trainer's log history."""
     logged = [entry for entry in log_history if "loss" in entry]
-    return pd.DataFrame({
-        "step": [entry["step"] for entry in logged],
-        "loss": [entry["loss"] for entry in logged],
-        "learning_rate": [entry["learning_rate"] for entry in logged],
-        "grad_norm": [entry.get("grad_norm") for entry in logged],
-    })
+    return pd.DataFrame(
+        {
+            "step": [entry["step"] for entry in logged],
+            "loss": [entry["loss"] for entry in logged],
+            "learning_rate": [entry["learning_rate"] for entry in logged],
+            "grad_norm": [entry.get("grad_norm") for entry in logged],
+        }
+    )
 
 
 def save_adapter(trainer: SFTTrainer, folder: Path) -> None:
@@ -311,8 +332,15 @@ def save_adapter(trainer: SFTTrainer, folder: Path) -> None:
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
 
 
-def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir: Path, metrics_path: Path,
-                 loss_path: Path, checkpoint_root: Path) -> TrainResult | None:
+def run_training(
+    params: Params,
+    image_root: Path,
+    train_csv: Path,
+    adapter_dir: Path,
+    metrics_path: Path,
+    loss_path: Path,
+    checkpoint_root: Path,
+) -> TrainResult | None:
     """The `train` stage: fine-tune, save the adapter, write a training summary and the loss curve, track it all in
     MLflow. Returns the result in the main process, None in the others of a distributed run.
 
@@ -328,8 +356,17 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
         fingerprint = training_fingerprint(params, info.resolved_revision, train_csv, image_root, rows["filename"])
         folder = checkpoint_folder(checkpoint_root, fingerprint)
         plan = plan_for(model, processor, params.lora, params.train)
-        trainer = build_trainer(model=model, processor=processor, info=info, lora=params.lora, train=params.train,
-                                plan=plan, rows=rows, image_root=image_root, output_dir=folder)
+        trainer = build_trainer(
+            model=model,
+            processor=processor,
+            info=info,
+            lora=params.lora,
+            train=params.train,
+            plan=plan,
+            rows=rows,
+            image_root=image_root,
+            output_dir=folder,
+        )
         with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
             if main:
                 prepare_checkpoint_folder(checkpoint_root, fingerprint)
@@ -337,13 +374,25 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
         resumed_from_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0
         if main:
             tracked.track("the loaded model's tags", lambda: log_loaded_model(info, trainer.precision_ran))
-            tracked.track("the training tags", lambda: mlflow.set_tags({
-                "adapter_path": str(adapter_dir), "checkpoint_folder": str(folder),
-                "resumed_from_step": str(resumed_from_step), "num_processes": str(trainer.args.world_size),
-                "distributed_backend": str(trainer.accelerator.state.backend or "none"),
-                **{"execution_" + key: str(value) for key, value in asdict(plan).items()}}))
-            logger.info("training on %d process(es), %d examples per optimizer step; each process: %s",
-                        trainer.args.world_size, params.train.batch_size, plan.describe())
+            tracked.track(
+                "the training tags",
+                lambda: mlflow.set_tags(
+                    {
+                        "adapter_path": str(adapter_dir),
+                        "checkpoint_folder": str(folder),
+                        "resumed_from_step": str(resumed_from_step),
+                        "num_processes": str(trainer.args.world_size),
+                        "distributed_backend": str(trainer.accelerator.state.backend or "none"),
+                        **{"execution_" + key: str(value) for key, value in asdict(plan).items()},
+                    }
+                ),
+            )
+            logger.info(
+                "training on %d process(es), %d examples per optimizer step; each process: %s",
+                trainer.args.world_size,
+                params.train.batch_size,
+                plan.describe(),
+            )
             if resume_from:
                 logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed_from_step)
         stop, skipped = StopOnSignal(), SkippedStepCounter(trainer)
@@ -363,7 +412,8 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             raise TrainingInterrupted(
                 f"{stop.received}: training stopped at optimizer step {step} of {trainer.state.max_steps} and saved "
                 f"{folder / f'{PREFIX_CHECKPOINT_DIR}-{step}'}; run `dvc repro` (or this stage) again to resume "
-                "from it")
+                "from it"
+            )
         if not main:
             return None
         curve = loss_curve(trainer.state.log_history)
@@ -376,31 +426,47 @@ def run_training(params: Params, image_root: Path, train_csv: Path, adapter_dir:
             train_loss_mean=float(curve["loss"].mean()),
             train_loss_last=float(curve["loss"].iloc[-1]),
         )
-        atomic_write_json(metrics_path, {
-            "train_loss_mean": result.train_loss_mean,
-            "train_loss_last": result.train_loss_last,
-            "global_steps": result.global_steps,
-            "n_images": len(rows),
-            "skipped_optimizer_steps": len(skipped.steps),
-        })
+        atomic_write_json(
+            metrics_path,
+            {
+                "train_loss_mean": result.train_loss_mean,
+                "train_loss_last": result.train_loss_last,
+                "global_steps": result.global_steps,
+                "n_images": len(rows),
+                "skipped_optimizer_steps": len(skipped.steps),
+            },
+        )
         atomic_write_text(loss_path, curve.to_csv(index=False))
         with atomic_directory(adapter_dir) as staging:
             save_adapter(trainer, staging)
-        tracked.track("the skipped optimizer steps", lambda: mlflow.log_metric("skipped_optimizer_steps",
-                                                                               len(skipped.steps)))
+        tracked.track(
+            "the skipped optimizer steps", lambda: mlflow.log_metric("skipped_optimizer_steps", len(skipped.steps))
+        )
         if skipped.steps:
-            tracked.track("the steps skipped", lambda: mlflow.set_tag("skipped_optimizer_steps_at",
-                                                                       ",".join(map(str, skipped.steps))))
+            tracked.track(
+                "the steps skipped",
+                lambda: mlflow.set_tag("skipped_optimizer_steps_at", ",".join(map(str, skipped.steps))),
+            )
         # the steps up to a resumed checkpoint belong to the run that made it, which tracked them
         tracked.restore_metrics([entry for entry in trainer.state.log_history if entry["step"] > resumed_from_step])
-        for path, artifact_path in ((metrics_path, metrics_path.parent.name), (loss_path, loss_path.parent.name),
-                                    (adapter_dir / "adapter_config.json", "adapter")):
-            tracked.track(f"the artifact {path}", lambda path=path, folder=artifact_path: mlflow.log_artifact(
-                str(path), artifact_path=folder))
+        for path, artifact_path in (
+            (metrics_path, metrics_path.parent.name),
+            (loss_path, loss_path.parent.name),
+            (adapter_dir / "adapter_config.json", "adapter"),
+        ):
+            tracked.track(
+                f"the artifact {path}",
+                lambda path=path, folder=artifact_path: mlflow.log_artifact(str(path), artifact_path=folder),
+            )
     # Only once the adapter is saved and tracking is over, which can no longer fail the stage: before, a failure would
     # leave the adapter unrecorded by DVC, and the next run would have to train again from step 1.
     shutil.rmtree(folder)
-    logger.info("trained %d steps (resumed after step %d), last logged loss %.4f, adapter in %s; precision that ran: "
-                "%s", result.global_steps, result.resumed_from_step, result.train_loss_last, adapter_dir,
-                result.precision_ran)
+    logger.info(
+        "trained %d steps (resumed after step %d), last logged loss %.4f, adapter in %s; precision that ran: %s",
+        result.global_steps,
+        result.resumed_from_step,
+        result.train_loss_last,
+        adapter_dir,
+        result.precision_ran,
+    )
     return result

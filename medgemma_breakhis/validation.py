@@ -57,28 +57,40 @@ def image_problem(image_root: Path, filename: str) -> str | None:
         return str(err)
     folder = "malignant" if "/malignant/" in filename else "benign" if "/benign/" in filename else None
     if folder != ("malignant" if malignant else "benign"):
-        return (f"its tumour type is {'malignant' if malignant else 'benign'} but it is under "
-                f"{'/' + folder + '/' if folder else 'neither /benign/ nor /malignant/'}")
+        return (
+            f"its tumour type is {'malignant' if malignant else 'benign'} but it is under "
+            f"{'/' + folder + '/' if folder else 'neither /benign/ nor /malignant/'}"
+        )
     return None
 
 
-def validate_images(folds: pd.DataFrame, image_root: Path, exclude_invalid: bool,
-                    excluded_report: Path) -> pd.DataFrame:
+def validate_images(
+    folds: pd.DataFrame, image_root: Path, exclude_invalid: bool, excluded_report: Path
+) -> pd.DataFrame:
     """Check every listed image; return the Folds.csv rows to keep and write the excluded-images report.
 
     Without `exclude_invalid`, any problem stops the stage with the whole list, not the first one.
     """
     filenames = list(dict.fromkeys(folds["filename"]))
-    problems = {f: problem for f in tqdm(filenames, desc="validating images", unit="img")
-                if (problem := image_problem(image_root, f)) is not None}
+    problems = {
+        f: problem
+        for f in tqdm(filenames, desc="validating images", unit="img")
+        if (problem := image_problem(image_root, f)) is not None
+    }
     if problems and not exclude_invalid:
         listing = "\n  ".join(f"{image_root / f}: {reason}" for f, reason in problems.items())
-        raise DataError(f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:\n  {listing}\n"
-                        "Fix or re-download them, or set data.exclude_invalid=true to leave them out "
-                        f"(they are then listed in {excluded_report}).")
+        raise DataError(
+            f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:\n  {listing}\n"
+            "Fix or re-download them, or set data.exclude_invalid=true to leave them out "
+            f"(they are then listed in {excluded_report})."
+        )
     excluded = pd.DataFrame(list(problems.items()), columns=list(EXCLUDED_COLUMNS))
     atomic_write_text(excluded_report, excluded.to_csv(index=False))
     if problems:
-        logger.warning("left out %d of %d images (data.exclude_invalid=true); listed in %s", len(problems),
-                       len(filenames), excluded_report)
+        logger.warning(
+            "left out %d of %d images (data.exclude_invalid=true); listed in %s",
+            len(problems),
+            len(filenames),
+            excluded_report,
+        )
     return folds[~folds["filename"].isin(problems)]

@@ -17,8 +17,12 @@ from medgemma_breakhis.signals import interrupt_on_sigterm
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder to fill: Folds.csv and the images")
-    parser.add_argument("--excluded", type=Path, required=True,
-                        help="CSV listing the images left out by data.exclude_invalid, with the reason")
+    parser.add_argument(
+        "--excluded",
+        type=Path,
+        required=True,
+        help="CSV listing the images left out by data.exclude_invalid, with the reason",
+    )
     add_override_argument(parser)
     args = parser.parse_args(argv)
     configure_logging()

@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     interrupt_on_sigterm()
     params = load_params(overrides=args.overrides)
-    run_evaluation(params, "evaluate", args.images, args.test, args.metrics, args.predictions, args.roc,
-                   adapter_dir=args.adapter)
+    run_evaluation(
+        params, "evaluate", args.images, args.test, args.metrics, args.predictions, args.roc, adapter_dir=args.adapter
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--folds", type=Path, required=True, help="the dataset's Folds.csv")
     parser.add_argument("--out", type=Path, required=True, help="folder for train.csv and test.csv")
-    parser.add_argument("--summary", type=Path, required=True,
-                        help="data summary JSON to write: images and patients per split and class")
+    parser.add_argument(
+        "--summary",
+        type=Path,
+        required=True,
+        help="data summary JSON to write: images and patients per split and class",
+    )
     add_override_argument(parser)
     args = parser.parse_args(argv)
     configure_logging()

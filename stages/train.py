@@ -27,9 +27,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="folder for the LoRA adapter")
     parser.add_argument("--metrics", type=Path, required=True, help="training summary JSON to write")
     parser.add_argument("--loss", type=Path, required=True, help="loss curve CSV to write")
-    parser.add_argument("--checkpoints", type=Path, required=True,
-                        help="checkpoint root; a relative path is taken from the main repository's root, so DVC "
-                             "experiment copies share it")
+    parser.add_argument(
+        "--checkpoints",
+        type=Path,
+        required=True,
+        help="checkpoint root; a relative path is taken from the main repository's root, so DVC "
+        "experiment copies share it",
+    )
     add_override_argument(parser)
     arguments = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(arguments)

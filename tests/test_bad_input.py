@@ -25,8 +25,9 @@ def test_kaggle_without_network_or_credentials_says_what_to_set(tmp_path: Path, 
 
 def test_local_source_missing_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'} does not exist; set data.path"):
-        prepare_raw_data(DataParams(source="local", path=str(tmp_path / "nowhere")), tmp_path / "raw",
-                         tmp_path / "excluded.csv")
+        prepare_raw_data(
+            DataParams(source="local", path=str(tmp_path / "nowhere")), tmp_path / "raw", tmp_path / "excluded.csv"
+        )
 
 
 def test_gated_model_without_token_says_what_to_set(monkeypatch, tmp_path: Path) -> None:
@@ -37,12 +38,15 @@ def test_gated_model_without_token_says_what_to_set(monkeypatch, tmp_path: Path)
         load_base_model(ModelParams(), "bf16")
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("lora:\n  r: 0\n", "lora.r=0 is not allowed"),
-    ("train:\n  precision: fp8\n", "train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
-    ("split:\n  fold: 9\n", "split.fold=9 is not allowed"),
-    ("unknown_section: 1\n", "unknown key unknown_section"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("lora:\n  r: 0\n", "lora.r=0 is not allowed"),
+        ("train:\n  precision: fp8\n", "train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
+        ("split:\n  fold: 9\n", "split.fold=9 is not allowed"),
+        ("unknown_section: 1\n", "unknown key unknown_section"),
+    ],
+)
 def test_stage_refuses_bad_params_before_any_work(stage_folder: Path, override: str, message: str) -> None:
     (stage_folder / "params.yaml").write_text(override)
     with pytest.raises(ParamsError, match=re.escape(message)):

@@ -15,10 +15,27 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.slow  # loads, warms up and times both methods on the tiny model
 def test_bench_prints_images_per_second_of_both_methods_and_their_ratio() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tools.bench", "--synthetic", "--images", "8",
-         "-S", "model.id=tiny-gemma3", "-S", "data.synthetic.images_per_patient=1", "-S", "eval.batch_size=4",
-         "-S", "eval.max_new_tokens=6"],
-        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "tools.bench",
+            "--synthetic",
+            "--images",
+            "8",
+            "-S",
+            "model.id=tiny-gemma3",
+            "-S",
+            "data.synthetic.images_per_patient=1",
+            "-S",
+            "eval.batch_size=4",
+            "-S",
+            "eval.max_new_tokens=6",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()

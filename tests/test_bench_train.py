@@ -6,22 +6,47 @@ import pytest
 
 from tools import bench_train
 
-FIELDS = ("model", "execution", "decoder tokens per example", "warm-up steps (first calls, compilation)",
-          "seconds per optimizer step", "examples/s", "data pipeline alone, examples/s", "peak memory (GiB)",
-          "launches per example", "FLOPs per example", "MFU", "optimizer steps skipped (fp16 loss scaler)",
-          "reference run (766 images x 5 epochs = 480 steps)")
+FIELDS = (
+    "model",
+    "execution",
+    "decoder tokens per example",
+    "warm-up steps (first calls, compilation)",
+    "seconds per optimizer step",
+    "examples/s",
+    "data pipeline alone, examples/s",
+    "peak memory (GiB)",
+    "launches per example",
+    "FLOPs per example",
+    "MFU",
+    "optimizer steps skipped (fp16 loss scaler)",
+    "reference run (766 images x 5 epochs = 480 steps)",
+)
 
 
 @pytest.mark.slow
 def test_bench_train_prints_every_figure(capsys: pytest.CaptureFixture[str]) -> None:
-    bench_train.main(["--synthetic", "--warmup", "1", "--steps", "2", "-S", "data.source=synthetic",
-                      "-S", "model.id=tiny-gemma3", "-S", "data.synthetic.images_per_patient=1"])
-    report = capsys.readouterr().out.splitlines()[-len(FIELDS):]  # after the trainer's own log lines
+    bench_train.main(
+        [
+            "--synthetic",
+            "--warmup",
+            "1",
+            "--steps",
+            "2",
+            "-S",
+            "data.source=synthetic",
+            "-S",
+            "model.id=tiny-gemma3",
+            "-S",
+            "data.synthetic.images_per_patient=1",
+        ]
+    )
+    report = capsys.readouterr().out.splitlines()[-len(FIELDS) :]  # after the trainer's own log lines
     rows = {name.strip(): value.strip() for name, value in (line.split("  ", 1) for line in report)}
     assert tuple(rows) == FIELDS
     assert rows["model"] == "tiny-gemma3 on cpu, train.precision=bf16"
-    assert rows["execution"].startswith("micro-batch 8 x 1 accumulation steps, gradient checkpointing off, "
-                                        "0 dataloader workers, torch.compile off")
+    assert rows["execution"].startswith(
+        "micro-batch 8 x 1 accumulation steps, gradient checkpointing off, 0 dataloader workers, torch.compile off"
+    )
     assert float(rows["seconds per optimizer step"]) > 0
     assert float(rows["examples/s"]) == pytest.approx(8 / float(rows["seconds per optimizer step"]), rel=0.01)
     assert float(rows["data pipeline alone, examples/s"]) > 0

@@ -21,9 +21,12 @@ from medgemma_breakhis.params import params_from_dict
 
 
 def fingerprint(**params: object) -> Fingerprint:
-    return Fingerprint(params={"lora.r": 8, "train.epochs": 5, **params}, model={"resolved_revision": "sha256:aa"},
-                       data={"train_split": "sha256:" + "1" * 64, "images": "sha256:" + "2" * 64},
-                       code={"medgemma_breakhis/training.py": "sha256:" + "3" * 64, "version.torch": "2.13.0"})
+    return Fingerprint(
+        params={"lora.r": 8, "train.epochs": 5, **params},
+        model={"resolved_revision": "sha256:aa"},
+        data={"train_split": "sha256:" + "1" * 64, "images": "sha256:" + "2" * 64},
+        code={"medgemma_breakhis/training.py": "sha256:" + "3" * 64, "version.torch": "2.13.0"},
+    )
 
 
 def checkpoint(folder: Path, step: int, state: str | None) -> Path:
@@ -37,9 +40,12 @@ def checkpoint(folder: Path, step: int, state: str | None) -> Path:
 
 def test_differences_name_every_changed_input_with_both_values() -> None:
     ours = fingerprint(**{"lora.r": 16})
-    theirs = Fingerprint(params={"lora.r": 8, "train.epochs": 5}, model=ours.model,
-                         data={**ours.data, "train_split": "sha256:" + "9" * 64},
-                         code={**ours.code, "version.torch": "2.12.0"})
+    theirs = Fingerprint(
+        params={"lora.r": 8, "train.epochs": 5},
+        model=ours.model,
+        data={**ours.data, "train_split": "sha256:" + "9" * 64},
+        code={**ours.code, "version.torch": "2.12.0"},
+    )
     assert ours.differences(theirs) == [
         "params lora.r: 8 in the checkpoint, 16 now",
         "data train_split: sha256:999999999999 in the checkpoint, sha256:111111111111 now",
@@ -59,8 +65,10 @@ def test_other_inputs_get_their_own_folder_and_are_reported_not_resumed(tmp_path
     assert folder == checkpoint_folder(tmp_path, ours) != stale
     assert Fingerprint.load(folder / MANIFEST) == ours
     assert last_complete_checkpoint(folder, delete_incomplete=True) is None
-    assert f"not resuming the checkpoints in {stale}: made under different inputs:\n" \
-           "    params lora.r: 8 in the checkpoint, 16 now" in caplog.text
+    assert (
+        f"not resuming the checkpoints in {stale}: made under different inputs:\n"
+        "    params lora.r: 8 in the checkpoint, 16 now" in caplog.text
+    )
     assert f"{tmp_path / 'train-0000000000000000'}: its {MANIFEST} cannot be read" in caplog.text
     assert (stale / "checkpoint-40").is_dir()  # another experiment's: left alone
 
@@ -78,7 +86,8 @@ def test_the_last_complete_checkpoint_is_resumed_and_interrupted_saves_are_delet
 
 
 def test_fingerprint_covers_training_params_data_and_code_but_not_checkpoint_frequency(
-        tmp_path: Path, synthetic_root: Path) -> None:
+    tmp_path: Path, synthetic_root: Path
+) -> None:
     files = sorted(p.relative_to(synthetic_root).as_posix() for p in synthetic_root.rglob("*-100-*.png"))[:3]
     (tmp_path / "train.csv").write_text("filename\n" + "\n".join(files) + "\n")
 

@@ -24,7 +24,9 @@ from test_pipeline_e2e import SECRETS, repo, run, run_json  # noqa: F401 (repo: 
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD_PYTHON = REPO / ".venv-cloud" / "bin" / "python"
-needs_engine = pytest.mark.skipif(not CLOUD_PYTHON.exists(), reason="the cloud engine is not installed: make cloud-setup")
+needs_engine = pytest.mark.skipif(
+    not CLOUD_PYTHON.exists(), reason="the cloud engine is not installed: make cloud-setup"
+)
 
 
 def yaml_load(text: str) -> dict:
@@ -41,11 +43,16 @@ def load_launcher():
 def test_a_sweep_is_one_job_per_combination_of_values() -> None:
     launch = load_launcher()
     assert launch.expand_sweep(["lora.r=8,16", "split.fold=1,2"]) == [
-        ["lora.r=8", "split.fold=1"], ["lora.r=8", "split.fold=2"],
-        ["lora.r=16", "split.fold=1"], ["lora.r=16", "split.fold=2"]]
+        ["lora.r=8", "split.fold=1"],
+        ["lora.r=8", "split.fold=2"],
+        ["lora.r=16", "split.fold=1"],
+        ["lora.r=16", "split.fold=2"],
+    ]
     # a list value is one value, as in DVC's own sweep syntax
     assert launch.expand_sweep(["cv.magnifications=[40,100],[200]"]) == [
-        ["cv.magnifications=[40,100]"], ["cv.magnifications=[200]"]]
+        ["cv.magnifications=[40,100]"],
+        ["cv.magnifications=[200]"],
+    ]
     assert launch.experiment_names(2, "lr-sweep") == ["lr-sweep-1", "lr-sweep-2"]
 
 
@@ -61,11 +68,19 @@ def test_the_launcher_asks_only_for_the_credentials_the_params_need_and_names_a_
 
 
 def test_the_run_script_names_a_missing_variable_and_stops(tmp_path: Path) -> None:
-    result = subprocess.run(["bash", str(REPO / "cloud" / "run_experiment.sh")], cwd=tmp_path, capture_output=True,
-                            text=True, env={"PATH": os.environ["PATH"], "BUCKET_DIR": str(tmp_path)}, check=False)
+    result = subprocess.run(
+        ["bash", str(REPO / "cloud" / "run_experiment.sh")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "BUCKET_DIR": str(tmp_path)},
+        check=False,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == "[cloud job] error: EXP_NAME is not set: set it to the DVC experiment's name " \
-                                    "(cloud/launch.py does)"
+    assert (
+        result.stderr.strip() == "[cloud job] error: EXP_NAME is not set: set it to the DVC experiment's name "
+        "(cloud/launch.py does)"
+    )
 
 
 VALIDATE = """
@@ -91,11 +106,22 @@ print(json.dumps({
 @needs_engine
 @pytest.mark.parametrize(("gpus", "on_demand"), [(None, False), ("H100:1", True)])
 def test_the_task_file_validates_with_skypilot_s_own_loader(gpus: str | None, on_demand: bool) -> None:
-    envs = {"REPO_URL": "https://github.com/example/medgemma-breakhis.git", "REPO_COMMIT": "0123abcd" * 5,
-            "EXP_NAME": "cloud-20261125-120000", "EXP_ARGS": "-S lora.r=16", "BUCKET": "gs://example-bucket/medgemma"}
+    envs = {
+        "REPO_URL": "https://github.com/example/medgemma-breakhis.git",
+        "REPO_COMMIT": "0123abcd" * 5,
+        "EXP_NAME": "cloud-20261125-120000",
+        "EXP_ARGS": "-S lora.r=16",
+        "BUCKET": "gs://example-bucket/medgemma",
+    }
     secrets = {"HF_TOKEN": SECRETS["HF_TOKEN"], "KAGGLE_USERNAME": "user", "KAGGLE_KEY": SECRETS["KAGGLE_KEY"]}
-    result = subprocess.run([str(CLOUD_PYTHON), "-c", VALIDATE, json.dumps([envs, secrets, gpus, on_demand])],
-                            cwd=REPO, capture_output=True, text=True, check=False, timeout=120)
+    result = subprocess.run(
+        [str(CLOUD_PYTHON), "-c", VALIDATE, json.dumps([envs, secrets, gpus, on_demand])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     task = json.loads(result.stdout.splitlines()[-1])
     assert "Environment variable 'REPO_URL' is None" in task["unfilled"]  # nothing launches half-filled
@@ -115,14 +141,19 @@ def test_the_task_file_validates_with_skypilot_s_own_loader(gpus: str | None, on
 def job_env(**variables: str) -> dict[str, str]:
     """The job's environment: the task's variables and secrets; the ready virtual environment for the install."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
-    return env | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-                  "PYTHONUNBUFFERED": "1", "JOB_VENV": str(Path(sys.executable).parent.parent), **SECRETS, **variables}
+    return env | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "JOB_VENV": str(Path(sys.executable).parent.parent),
+        **SECRETS,
+        **variables,
+    }
 
 
 @pytest.mark.e2e
 @needs_engine
-def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clone(
-        repo: Path, tmp_path: Path) -> None:  # noqa: F811 (repo: the imported fixture)
+def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clone(repo: Path, tmp_path: Path) -> None:  # noqa: F811 (repo: the imported fixture)
     origin, remote, bucket = tmp_path / "origin.git", tmp_path / "dvc-remote", tmp_path / "bucket"
     bucket.mkdir()
     run(tmp_path, "git", "clone", "-q", "--bare", str(repo), str(origin))
@@ -133,9 +164,19 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     commit = run(repo, "git", "rev-parse", "HEAD").strip()
 
     # The launcher checks the commit is on origin and builds one validated task per value; --dry-run launches none.
-    launched = run(repo, "env", "CLOUD_BUCKET=gs://example-bucket/medgemma", str(CLOUD_PYTHON), "cloud/launch.py",
-                   "--dry-run", "--sweep", "--name", "grid",
-                   "-S", "lora.r=4,16")
+    launched = run(
+        repo,
+        "env",
+        "CLOUD_BUCKET=gs://example-bucket/medgemma",
+        str(CLOUD_PYTHON),
+        "cloud/launch.py",
+        "--dry-run",
+        "--sweep",
+        "--name",
+        "grid",
+        "-S",
+        "lora.r=4,16",
+    )
     assert "grid-1: -S lora.r=4 on" in launched and "grid-2: -S lora.r=16 on" in launched
 
     logs: list[Path] = []
@@ -146,10 +187,17 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
         run(tmp_path, "git", "clone", "-q", str(origin), str(machine))
         run(machine, "git", "checkout", "-q", commit)
         logs.append(tmp_path / f"{machine.name}.log")
-        env = job_env(EXP_NAME=name, EXP_ARGS=" ".join(args), BUCKET_DIR=str(bucket), REPO_COMMIT=commit,
-                      DVC_REMOTE=str(remote))
-        return subprocess.Popen(["bash", "cloud/run_experiment.sh"], cwd=machine, env=env, stdout=logs[-1].open("w"),
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        env = job_env(
+            EXP_NAME=name, EXP_ARGS=" ".join(args), BUCKET_DIR=str(bucket), REPO_COMMIT=commit, DVC_REMOTE=str(remote)
+        )
+        return subprocess.Popen(
+            ["bash", "cloud/run_experiment.sh"],
+            cwd=machine,
+            env=env,
+            stdout=logs[-1].open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     first = job("cloud-r4", "-S", "lora.r=4", "-S", "train.epochs=1")
     assert first.wait(timeout=900) == 0, logs[-1].read_text()[-4000:]
@@ -185,8 +233,9 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
 
     # Without a team server the runs of both attempts are in one MLflow store on the bucket.
     client = mlflow.MlflowClient(f"sqlite:///{bucket / 'mlflow' / 'cloud-r16' / 'mlflow.db'}")
-    trains = client.search_runs(["1"], "tags.stage = 'train' and tags.dvc_exp_name = 'cloud-r16'",
-                                order_by=["attributes.start_time ASC"])
+    trains = client.search_runs(
+        ["1"], "tags.stage = 'train' and tags.dvc_exp_name = 'cloud-r16'", order_by=["attributes.start_time ASC"]
+    )
     assert [train.info.status for train in trains] == ["KILLED", "FINISHED"]
     assert trains[1].data.tags["resumed_from_step"] == str(step)
     assert trains[1].data.params["lora.r"] == "16"
@@ -203,8 +252,13 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     for name in ("cloud-r4", "cloud-r16"):
         run(user, "dvc", "exp", "pull", "origin", name)
     shown = run_json(user, "dvc", "exp", "show", "--json")
-    experiments = {rev["name"]: rev["data"] for commit_ in shown for exp in commit_.get("experiments") or []
-                   for rev in exp["revs"] if rev.get("name")}
+    experiments = {
+        rev["name"]: rev["data"]
+        for commit_ in shown
+        for exp in commit_.get("experiments") or []
+        for rev in exp["revs"]
+        if rev.get("name")
+    }
     assert set(experiments) == {"cloud-r4", "cloud-r16"}
     train_rows = len(pd.read_csv(repo / "data" / "split" / "train.csv"))
     for name, rank in (("cloud-r4", 4), ("cloud-r16", 16)):
@@ -221,8 +275,12 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     assert (user / ".dvc" / "cache" / "files" / "md5" / adapter[:2] / adapter[2:]).is_file()
 
     secrets = [value.encode() for key, value in SECRETS.items() if key != "KAGGLE_USERNAME"]
-    git_objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=origin,
-                                 capture_output=True, check=True).stdout
-    for content in [git_objects, *(log.read_bytes() for log in logs),
-                    *(path.read_bytes() for path in bucket.rglob("*") if path.is_file())]:
+    git_objects = subprocess.run(
+        ["git", "cat-file", "--batch-all-objects", "--batch"], cwd=origin, capture_output=True, check=True
+    ).stdout
+    for content in [
+        git_objects,
+        *(log.read_bytes() for log in logs),
+        *(path.read_bytes() for path in bucket.rglob("*") if path.is_file()),
+    ]:
         assert not any(secret in content for secret in secrets)

@@ -26,11 +26,17 @@ def write_fold(metrics_dir: Path, fold: int, magnification: int, accuracy: float
     binary = {"accuracy": accuracy + 0.25, **({"roc_auc": accuracy} if roc_auc else {})}
     files = {
         "data": {"test": {"images": 30 + fold, "patients": 8}},
-        "baseline": {"eight_class": {"accuracy": 0.125, "f1_weighted": 0.1, "per_class": {"a": {"f1": 0.3}}},
-                     "binary": {"accuracy": 0.5}, "patient_level": {"accuracy": 0.5}},
-        "finetuned": {"eight_class": {"accuracy": accuracy, "f1_weighted": accuracy - 0.1,
-                                      "per_class": {"a": {"f1": 0.9}}},
-                      "binary": binary, "patient_level": {"accuracy": accuracy}, "n_images": 30 + fold},
+        "baseline": {
+            "eight_class": {"accuracy": 0.125, "f1_weighted": 0.1, "per_class": {"a": {"f1": 0.3}}},
+            "binary": {"accuracy": 0.5},
+            "patient_level": {"accuracy": 0.5},
+        },
+        "finetuned": {
+            "eight_class": {"accuracy": accuracy, "f1_weighted": accuracy - 0.1, "per_class": {"a": {"f1": 0.9}}},
+            "binary": binary,
+            "patient_level": {"accuracy": accuracy},
+            "n_images": 30 + fold,
+        },
         "train": {"train_loss_last": 1.0 / fold, "global_steps": 80},
     }
     for name, content in files.items():
@@ -45,7 +51,8 @@ def test_mean_and_spread_of_every_metric_over_the_folds(tmp_path: Path) -> None:
     assert summary["n_folds"] == 3 and summary["folds"] == ["fold1-100x", "fold2-100x", "fold3-100x"]
     values = list(ACCURACIES.values())
     assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
-        {"mean": statistics.mean(values), "std": statistics.stdev(values), "min": 0.5, "max": 0.75})
+        {"mean": statistics.mean(values), "std": statistics.stdev(values), "min": 0.5, "max": 0.75}
+    )
     assert summary["finetuned"]["binary"]["roc_auc"]["mean"] == pytest.approx(statistics.mean(values))
     assert summary["train"]["train_loss_last"]["max"] == 1.0
     assert summary["data"]["test"]["images"] == pytest.approx({"mean": 32.0, "std": 1.0, "min": 31.0, "max": 33.0})
@@ -86,8 +93,9 @@ def test_a_metric_no_fold_has_is_shown_as_not_available(tmp_path: Path) -> None:
     """eval.method=generate has no probabilities, so no ROC-AUC in any fold: the table says so instead of failing."""
     for fold, accuracy in ACCURACIES.items():
         write_fold(tmp_path / "metrics", fold, 100, accuracy, roc_auc=False)
-    table = write_summary(tmp_path / "metrics", CrossValidationParams(folds=(1, 2, 3)), tmp_path / "summary.json",
-                          tmp_path / "summary.md")
+    table = write_summary(
+        tmp_path / "metrics", CrossValidationParams(folds=(1, 2, 3)), tmp_path / "summary.json", tmp_path / "summary.md"
+    )
     rows = [row.split(" | ") for row in table.splitlines()[3:]]
     assert [row[7] for row in rows] == ["n/a"] * 5  # the binary ROC-AUC column, folds and aggregates
     assert "roc_auc" not in json.loads((tmp_path / "summary.json").read_text())["100x"]["finetuned"]["binary"]

@@ -25,8 +25,13 @@ def reference_selection(folds: pd.DataFrame, fold: int, mag: int, seed: int) -> 
         benign = part[part["filename"].str.contains("benign")]
         malignant = part[part["filename"].str.contains("malignant")]
         n = min(len(benign), len(malignant))
-        out.append(list(pd.concat([benign.sample(n=n, random_state=seed),
-                                   malignant.sample(n=n, random_state=seed)])["filename"].values))
+        out.append(
+            list(
+                pd.concat([benign.sample(n=n, random_state=seed), malignant.sample(n=n, random_state=seed)])[
+                    "filename"
+                ].values
+            )
+        )
     return out[0], out[1]
 
 
@@ -34,14 +39,24 @@ def hand_made_folds() -> pd.DataFrame:
     """Two folds, two magnifications, imbalanced, rows deliberately not sorted by class."""
     rows = []
     for fold in (1, 2):
-        for label, patients, images in ((4, ("11", "12", "13"), 5), (0, ("21", "22"), 3), (6, ("31",), 4),
-                                        (2, ("41", "42"), 2)):
+        for label, patients, images in (
+            (4, ("11", "12", "13"), 5),
+            (0, ("21", "22"), 3),
+            (6, ("31",), 4),
+            (2, ("41", "42"), 2),
+        ):
             for p_index, patient in enumerate(patients):
                 group = "test" if (p_index + fold) % 2 == 0 else "train"
                 for mag in (100, 40):
                     for seq in range(1, images + 1):
-                        rows.append({"fold": fold, "mag": mag, "grp": group,
-                                     "filename": synthetic_filename(label, patient, mag, seq)})
+                        rows.append(
+                            {
+                                "fold": fold,
+                                "mag": mag,
+                                "grp": group,
+                                "filename": synthetic_filename(label, patient, mag, seq),
+                            }
+                        )
     return pd.DataFrame(rows)
 
 
@@ -81,14 +96,18 @@ def test_patient_in_train_and_test_is_refused_with_every_image_of_it() -> None:
     folds = hand_made_folds()
     train = folds[(folds["fold"] == 1) & (folds["mag"] == 100) & (folds["grp"] == "train")]
     leaked_patients = train["filename"].map(patient_from_path).unique()[:2]
-    moved = train[train["filename"].map(patient_from_path).isin(leaked_patients)].groupby(
-        train["filename"].map(patient_from_path)).head(1)  # one image of each of two patients moved to test
+    moved = (
+        train[train["filename"].map(patient_from_path).isin(leaked_patients)]
+        .groupby(train["filename"].map(patient_from_path))
+        .head(1)
+    )  # one image of each of two patients moved to test
     leaky = pd.concat([folds.drop(moved.index), moved.assign(grp="test")])
     with pytest.raises(DataError) as caught:
         select_split(leaky, SplitParams(balance="none"))
     message = str(caught.value)
-    assert message.startswith(f"2 patient(s) are in both train and test of fold 1 at 100X: "
-                              f"{', '.join(sorted(leaked_patients))}.")
+    assert message.startswith(
+        f"2 patient(s) are in both train and test of fold 1 at 100X: {', '.join(sorted(leaked_patients))}."
+    )
     for patient in leaked_patients:
         images = train[train["filename"].map(patient_from_path) == patient]["filename"]
         for filename in images:
@@ -187,8 +206,12 @@ def test_synthetic_layout_is_breakhis(synthetic_root: Path, synthetic_folds: pd.
 
 def test_synthetic_classes_differ_in_pixels(synthetic_root: Path, synthetic_folds: pd.DataFrame) -> None:
     """Mean colour alone separates the classes: the offline run has something real to learn."""
-    first_per_class = synthetic_folds.drop_duplicates("filename").assign(
-        label=lambda f: f["filename"].map(label_from_path)).groupby("label")["filename"].first()
+    first_per_class = (
+        synthetic_folds.drop_duplicates("filename")
+        .assign(label=lambda f: f["filename"].map(label_from_path))
+        .groupby("label")["filename"]
+        .first()
+    )
     means = [np.asarray(Image.open(synthetic_root / f)).reshape(-1, 3).mean(axis=0) for f in first_per_class]
-    distances = [np.linalg.norm(a - b) for i, a in enumerate(means) for b in means[i + 1:]]
+    distances = [np.linalg.norm(a - b) for i, a in enumerate(means) for b in means[i + 1 :]]
     assert min(distances) > 20

@@ -16,8 +16,9 @@ from medgemma_breakhis.folds import FOLDS_CSV, read_folds
 from medgemma_breakhis.params import DataParams
 from stages import download
 
-MISLABELLED = "BreaKHis_v1/histology_slides/breast/benign/SOB/ductal_carcinoma/SOB_B_DC_14-999/100X/" \
-              "SOB_B_DC-14-999-100-001.png"
+MISLABELLED = (
+    "BreaKHis_v1/histology_slides/breast/benign/SOB/ductal_carcinoma/SOB_B_DC_14-999/100X/SOB_B_DC-14-999-100-001.png"
+)
 
 
 def _replace(path: Path, write) -> None:
@@ -44,8 +45,11 @@ def bad_copy(synthetic_root: Path, tmp_path: Path) -> tuple[Path, dict[str, str]
     with (root / FOLDS_CSV).open("a") as stream:
         stream.write(f"1,100,train,{MISLABELLED}\n")
     return root, {
-        corrupt: "does not decode", truncated: "does not decode", small: "size 100x100, expected 700x460",
-        grey: "mode L, expected RGB", missing: "missing",
+        corrupt: "does not decode",
+        truncated: "does not decode",
+        small: "size 100x100, expected 700x460",
+        grey: "mode L, expected RGB",
+        missing: "missing",
         MISLABELLED: "its tumour type is malignant but it is under /benign/",
     }
 

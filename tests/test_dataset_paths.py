@@ -56,8 +56,9 @@ def test_paths_leading_outside_are_listed_never_read_or_written(synthetic_root: 
 
 
 def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_root: Path, tmp_path: Path) -> None:
-    unknown_type = ("BreaKHis_v1/histology_slides/breast/benign/SOB/unknown_type/SOB_B_X_14-88/100X/"
-                    "SOB_B_X-14-88-100-001.png")
+    unknown_type = (
+        "BreaKHis_v1/histology_slides/breast/benign/SOB/unknown_type/SOB_B_X_14-88/100X/SOB_B_X-14-88-100-001.png"
+    )
     off_pattern = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-99/100X/photo.png"
     root = copy_with_rows(synthetic_root, tmp_path / "breakhis", [unknown_type, off_pattern])
     for filename in (unknown_type, off_pattern):
@@ -68,7 +69,8 @@ def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_ro
         prepare_raw_data(DataParams(source="local", path=str(root)), raw, excluded)
     assert f"{root / unknown_type}: no tumour-type folder" in str(caught.value)
     assert f"{root / off_pattern}: image file name 'photo.png' does not follow the BreakHis pattern" in str(
-        caught.value)
+        caught.value
+    )
 
     prepare_raw_data(DataParams(source="local", path=str(root), exclude_invalid=True), raw, excluded)
     assert set(pd.read_csv(excluded)["filename"]) == {unknown_type, off_pattern}
@@ -76,8 +78,9 @@ def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_ro
     assert len(subsets["train"]) > 0
 
 
-def test_relative_data_path_is_taken_from_the_main_repository(synthetic_root: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_relative_data_path_is_taken_from_the_main_repository(
+    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # `dvc exp run --temp/--queue` runs the stage in a copy under .dvc/tmp/exps; data.path is the user's, relative to
     # the repository
     (tmp_path / "breakhis").symlink_to(synthetic_root)
@@ -91,17 +94,21 @@ def test_relative_data_path_is_taken_from_the_main_repository(synthetic_root: Pa
 
 def test_data_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
     (tmp_path / "Folds.csv").write_text("fold,mag,grp,filename\n")
-    with pytest.raises(DataError, match=f"dataset folder {tmp_path / 'Folds.csv'} is a file; set data.path to the "
-                                        "folder holding Folds.csv"):
-        prepare_raw_data(DataParams(source="local", path=str(tmp_path / "Folds.csv")), tmp_path / "raw",
-                         tmp_path / "excluded.csv")
+    with pytest.raises(
+        DataError,
+        match=f"dataset folder {tmp_path / 'Folds.csv'} is a file; set data.path to the folder holding Folds.csv",
+    ):
+        prepare_raw_data(
+            DataParams(source="local", path=str(tmp_path / "Folds.csv")), tmp_path / "raw", tmp_path / "excluded.csv"
+        )
 
 
 def test_output_folders_get_the_umask_mode_not_private(synthetic_root: Path, tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:
-        prepare_raw_data(DataParams(source="local", path=str(synthetic_root)), tmp_path / "raw",
-                         tmp_path / "excluded.csv")
+        prepare_raw_data(
+            DataParams(source="local", path=str(synthetic_root)), tmp_path / "raw", tmp_path / "excluded.csv"
+        )
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "raw").stat().st_mode) == 0o755

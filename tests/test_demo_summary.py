@@ -4,16 +4,18 @@ from tools.demo_summary import baseline_finetuned_table
 def test_baseline_finetuned_table_from_an_exp_show_row() -> None:
     row = {}
     for stage, accuracy in (("baseline", 0.125), ("finetuned", 0.875)):
-        row |= {f"metrics/{stage}.json:eight_class.accuracy": accuracy,
-                f"metrics/{stage}.json:eight_class.f1_weighted": accuracy - 0.1,
-                f"metrics/{stage}.json:binary.accuracy": accuracy + 0.1,
-                f"metrics/{stage}.json:binary.f1_malignant": accuracy + 0.05,
-                f"metrics/{stage}.json:eight_class.accuracy_ci95_low": accuracy - 0.125,
-                f"metrics/{stage}.json:eight_class.accuracy_ci95_high": accuracy + 0.125,
-                f"metrics/{stage}.json:binary.accuracy_ci95_low": accuracy,
-                f"metrics/{stage}.json:binary.accuracy_ci95_high": accuracy + 0.125,
-                f"metrics/{stage}.json:patient_level.accuracy": accuracy,
-                f"metrics/{stage}.json:n_images": 32.0}
+        row |= {
+            f"metrics/{stage}.json:eight_class.accuracy": accuracy,
+            f"metrics/{stage}.json:eight_class.f1_weighted": accuracy - 0.1,
+            f"metrics/{stage}.json:binary.accuracy": accuracy + 0.1,
+            f"metrics/{stage}.json:binary.f1_malignant": accuracy + 0.05,
+            f"metrics/{stage}.json:eight_class.accuracy_ci95_low": accuracy - 0.125,
+            f"metrics/{stage}.json:eight_class.accuracy_ci95_high": accuracy + 0.125,
+            f"metrics/{stage}.json:binary.accuracy_ci95_low": accuracy,
+            f"metrics/{stage}.json:binary.accuracy_ci95_high": accuracy + 0.125,
+            f"metrics/{stage}.json:patient_level.accuracy": accuracy,
+            f"metrics/{stage}.json:n_images": 32.0,
+        }
     row["metrics/finetuned.json:binary.roc_auc"] = 0.9375  # the baseline's is missing: n/a, not a crash
     lines = baseline_finetuned_table(row).splitlines()
     assert lines[1].split() == ["8-class", "accuracy", "0.125", "0.875"]

@@ -25,13 +25,35 @@ REPO = Path(__file__).resolve().parents[1]
 def test_two_processes_train_one_adapter_tracked_once(synthetic_root: Path, tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  num_processes: 2\n")
     write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DVC_"))} | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))} | {
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "stages.train", "--images", str(synthetic_root), "--train", "split/train.csv",
-         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
-         "--checkpoints", "checkpoints"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+        [
+            sys.executable,
+            "-m",
+            "stages.train",
+            "--images",
+            str(synthetic_root),
+            "--train",
+            "split/train.csv",
+            "--adapter",
+            "models/adapter",
+            "--metrics",
+            "metrics/train.json",
+            "--loss",
+            "plots/train_loss.csv",
+            "--checkpoints",
+            "checkpoints",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "training on 2 process(es), 8 examples per optimizer step; each process: micro-batch 4 x 1" in result.stderr
     assert result.stderr.count("loaded tiny-gemma3") == 2  # one model per process
@@ -52,7 +74,8 @@ def test_two_processes_train_one_adapter_tracked_once(synthetic_root: Path, tmp_
 def test_a_launch_on_other_processes_than_the_params_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
-    with pytest.raises(LaunchError, match="launched on 4 processes but train.num_processes=2; set "
-                                          "-S train.num_processes=4"):
+    with pytest.raises(
+        LaunchError, match="launched on 4 processes but train.num_processes=2; set -S train.num_processes=4"
+    ):
         run_distributed_if_asked(2, "stages.train", [])
     run_distributed_if_asked(4, "stages.train", [])  # agrees: carries on in this process

@@ -45,8 +45,14 @@ def test_architecture_exact_model_has_medgemma_4b_size_and_inputs(medgemma_shape
 
 # Peak CUDA memory allocated (GiB) by `make bench-train` on one H100 80GB, medgemma-4b-random, 298 decoder tokens,
 # bf16, LoRA r=8 all-linear, fused AdamW (README: GPU guide): (micro-batch, checkpointing, compiled) -> GiB.
-MEASURED_PEAK_GIB = {(1, True, False): 9.12, (8, True, False): 13.90, (4, False, False): 40.31,
-                     (8, False, False): 71.99, (8, False, True): 64.34, (2, False, True): 22.55}
+MEASURED_PEAK_GIB = {
+    (1, True, False): 9.12,
+    (8, True, False): 13.90,
+    (4, False, False): 40.31,
+    (8, False, False): 71.99,
+    (8, False, True): 64.34,
+    (2, False, True): 22.55,
+}
 
 
 @pytest.mark.parametrize(("setting", "measured"), MEASURED_PEAK_GIB.items())
@@ -56,11 +62,14 @@ def test_memory_estimate_within_ten_percent_of_the_h100(medgemma_shape, setting,
     assert estimate == pytest.approx(measured, rel=0.10)
 
 
-@pytest.mark.parametrize(("gpu_gib", "expected"), [
-    (79.2, (8, 1, False, True)),   # H100 80GB: the fastest measured setting
-    (39.4, (2, 4, False, True)),   # A100 40GB
-    (22.0, (8, 1, True, False)),   # L4 24GB
-])
+@pytest.mark.parametrize(
+    ("gpu_gib", "expected"),
+    [
+        (79.2, (8, 1, False, True)),  # H100 80GB: the fastest measured setting
+        (39.4, (2, 4, False, True)),  # A100 40GB
+        (22.0, (8, 1, True, False)),  # L4 24GB
+    ],
+)
 def test_auto_picks_the_fastest_setting_that_fits(medgemma_shape, gpu_gib, expected) -> None:
     plan = plan_execution(TrainParams(), medgemma_shape, 298, torch.device("cuda"), memory_gib=gpu_gib)
     assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.compile) == expected
@@ -71,8 +80,13 @@ def test_auto_picks_the_fastest_setting_that_fits(medgemma_shape, gpu_gib, expec
 def test_explicit_settings_are_kept(medgemma_shape) -> None:
     train = TrainParams(micro_batch_size=2, gradient_checkpointing=True, dataloader_workers=3, compile=False)
     plan = plan_execution(train, medgemma_shape, 298, torch.device("cuda"), memory_gib=80)
-    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.dataloader_workers,
-            plan.compile) == (2, 4, True, 3, False)
+    assert (
+        plan.micro_batch_size,
+        plan.grad_accum_steps,
+        plan.gradient_checkpointing,
+        plan.dataloader_workers,
+        plan.compile,
+    ) == (2, 4, True, 3, False)
 
 
 class FirstStepGradients(TrainerCallback):
@@ -84,18 +98,31 @@ class FirstStepGradients(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
         if not self.gradients:
             # the tiny model's SigLIP pooling head is adapted but unused (MedGemma has none): it has no gradient
-            self.gradients = {name: p.grad.detach().clone() for name, p in model.named_parameters()
-                              if p.requires_grad and p.grad is not None}
+            self.gradients = {
+                name: p.grad.detach().clone()
+                for name, p in model.named_parameters()
+                if p.requires_grad and p.grad is not None
+            }
 
 
 def first_step(rows: pd.DataFrame, image_root: Path, micro_batch_size: int, tmp_path: Path):
     model, processor, info = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
     train = TrainParams(precision="fp32", micro_batch_size=micro_batch_size)
-    plan = ExecutionPlan(micro_batch_size, train.batch_size // micro_batch_size, gradient_checkpointing=False,
-                         dataloader_workers=0)
-    trainer = build_trainer(model=model, processor=processor, info=info, lora=LoraParams(dropout=0.0), train=train,
-                            plan=plan, rows=rows, image_root=image_root, output_dir=tmp_path / str(micro_batch_size),
-                            config_overrides={"max_steps": 1, "save_strategy": "no", "report_to": []})
+    plan = ExecutionPlan(
+        micro_batch_size, train.batch_size // micro_batch_size, gradient_checkpointing=False, dataloader_workers=0
+    )
+    trainer = build_trainer(
+        model=model,
+        processor=processor,
+        info=info,
+        lora=LoraParams(dropout=0.0),
+        train=train,
+        plan=plan,
+        rows=rows,
+        image_root=image_root,
+        output_dir=tmp_path / str(micro_batch_size),
+        config_overrides={"max_steps": 1, "save_strategy": "no", "report_to": []},
+    )
     gradients = FirstStepGradients()
     trainer.add_callback(gradients)
     trainer.train()

@@ -15,7 +15,8 @@ def test_parameter_counts_are_medgemma_4b() -> None:
     shape = medgemma_shape(lora_r=8)
     model = medgemma_4b_on_meta()
     assert sum(p.numel() for p in model.model.language_model.parameters()) == (
-        KERAS_GEMMA3_4B_TEXT + 64 * TEXT["hidden_size"])
+        KERAS_GEMMA3_4B_TEXT + 64 * TEXT["hidden_size"]
+    )
     assert shape.parameters == sum(p.numel() for p in model.parameters())
     # r=8 on every linear layer of both towers (34 decoder layers x 7, 27 vision layers x 6), none on lm_head
     assert 0.004 < shape.lora_parameters / shape.parameters < 0.005

@@ -38,21 +38,42 @@ def test_a_failed_write_leaves_the_previous_output_and_no_partial_files(tmp_path
 
 
 def _stage(cwd: Path, synthetic_root: Path, log: Path) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("MLFLOW_", "DVC_"))} | {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))} | {
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+    }
     return subprocess.Popen(
-        [sys.executable, "-m", "stages.train", "--images", str(synthetic_root), "--train", "split/train.csv",
-         "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
-         "--checkpoints", "checkpoints"],
-        cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+        [
+            sys.executable,
+            "-m",
+            "stages.train",
+            "--images",
+            str(synthetic_root),
+            "--train",
+            "split/train.csv",
+            "--adapter",
+            "models/adapter",
+            "--metrics",
+            "metrics/train.json",
+            "--loss",
+            "plots/train_loss.csv",
+            "--checkpoints",
+            "checkpoints",
+        ],
+        cwd=cwd,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.slow  # a signal to a training process: a subprocess
 def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resumes(
-        synthetic_root: Path, tmp_path: Path) -> None:
+    synthetic_root: Path, tmp_path: Path
+) -> None:
     # Checkpoints only far apart: the one found afterwards can only come from the signal.
-    (tmp_path / "params.yaml").write_text(
-        "model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  checkpoint_steps: 1000\n")
+    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  checkpoint_steps: 1000\n")
     write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
     steps = len(pd.read_csv(tmp_path / "split" / "train.csv")) // 8  # batch 1 x 8 accumulated, one epoch
     log = tmp_path / "first.log"
@@ -66,8 +87,10 @@ def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resume
     assert "SIGTERM received: finishing this optimizer step, saving a checkpoint, then stopping" in output
     (checkpoint,) = (tmp_path / "checkpoints").glob("train-*/checkpoint-*")
     step = int(checkpoint.name.split("-")[1])
-    assert f"TrainingInterrupted: SIGTERM: training stopped at optimizer step {step} of {steps} and saved {checkpoint}" \
-           in output
+    assert (
+        f"TrainingInterrupted: SIGTERM: training stopped at optimizer step {step} of {steps} and saved {checkpoint}"
+        in output
+    )
     assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "models").exists() and not (tmp_path / "metrics").exists()
 

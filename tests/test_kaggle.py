@@ -25,8 +25,9 @@ def kaggle_cache(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory)
     return root
 
 
-def test_kaggle_download_is_imported_from_the_cache_without_a_second_copy(kaggle_cache: Path, tmp_path: Path,
-                                                                          monkeypatch) -> None:
+def test_kaggle_download_is_imported_from_the_cache_without_a_second_copy(
+    kaggle_cache: Path, tmp_path: Path, monkeypatch
+) -> None:
     calls = []
 
     def dataset_download(handle: str, **kwargs) -> str:
@@ -50,7 +51,10 @@ def test_kaggle_network_failure_says_what_to_check(tmp_path: Path, monkeypatch) 
     monkeypatch.setattr("kagglehub.dataset_download", dataset_download)
     monkeypatch.setenv("KAGGLE_USERNAME", "someone")
     monkeypatch.setenv("KAGGLE_KEY", "0123456789abcdef")
-    with pytest.raises(DataError, match=r"(?s)'ambarish/breakhis' failed: Failed to resolve 'www.kaggle.com'.*"
-                                        r"Kaggle credentials were found.*check network access"):
+    with pytest.raises(
+        DataError,
+        match=r"(?s)'ambarish/breakhis' failed: Failed to resolve 'www.kaggle.com'.*"
+        r"Kaggle credentials were found.*check network access",
+    ):
         prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw", tmp_path / "excluded.csv")
     assert not (tmp_path / "raw").exists()

@@ -2,15 +2,24 @@ import pytest
 
 from medgemma_breakhis.labels import CLASS_NAMES, PROMPT, is_malignant, label_from_path, patient_from_path
 
-REAL_EXAMPLE = ("BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-22549AB/100X/"
-                "SOB_B_A-14-22549AB-100-001.png")
+REAL_EXAMPLE = (
+    "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-22549AB/100X/SOB_B_A-14-22549AB-100-001.png"
+)
 
 
-@pytest.mark.parametrize(("folder", "label"), [
-    ("benign/SOB/adenosis", 0), ("benign/SOB/fibroadenoma", 1), ("benign/SOB/phyllodes_tumor", 2),
-    ("benign/SOB/tubular_adenoma", 3), ("malignant/SOB/ductal_carcinoma", 4), ("malignant/SOB/lobular_carcinoma", 5),
-    ("malignant/SOB/mucinous_carcinoma", 6), ("malignant/SOB/papillary_carcinoma", 7),
-])
+@pytest.mark.parametrize(
+    ("folder", "label"),
+    [
+        ("benign/SOB/adenosis", 0),
+        ("benign/SOB/fibroadenoma", 1),
+        ("benign/SOB/phyllodes_tumor", 2),
+        ("benign/SOB/tubular_adenoma", 3),
+        ("malignant/SOB/ductal_carcinoma", 4),
+        ("malignant/SOB/lobular_carcinoma", 5),
+        ("malignant/SOB/mucinous_carcinoma", 6),
+        ("malignant/SOB/papillary_carcinoma", 7),
+    ],
+)
 def test_label_from_tumour_folder(folder: str, label: int) -> None:
     path = f"BreaKHis_v1/histology_slides/breast/{folder}/SOB_X_14-1/100X/SOB_X-14-1-100-001.png"
     assert label_from_path(path) == label

@@ -80,8 +80,11 @@ def stage_script(stage) -> Path:
 
 
 def code_deps(stage) -> set[str]:
-    paths = {Path(dep.fs_path).relative_to(PIPELINES).as_posix() for dep in stage.deps
-             if not isinstance(dep, ParamsDependency)}
+    paths = {
+        Path(dep.fs_path).relative_to(PIPELINES).as_posix()
+        for dep in stage.deps
+        if not isinstance(dep, ParamsDependency)
+    }
     return {path for path in paths if path.endswith(".py")}
 
 
@@ -105,7 +108,8 @@ def test_code_deps_are_exactly_the_imports(stage) -> None:
     imports, listed = import_closure(stage_script(stage)), code_deps(stage)
     assert not imports - listed and not listed - imports, (
         f"{address(stage)}: missing code deps {sorted(imports - listed)}, "
-        f"deps it does not import {sorted(listed - imports)}")
+        f"deps it does not import {sorted(listed - imports)}"
+    )
 
 
 def test_package_init_files_are_empty() -> None:
@@ -134,15 +138,22 @@ def test_train_reruns_for_exactly_the_params_that_decide_what_is_trained() -> No
     assert len(trains) > 1
     for stage in trains:
         listed = params_keys(stage, to_flat_dict(params))
-        assert listed == trained, (f"{address(stage)}: params deps that enter no checkpoint fingerprint (they would "
-                                   f"re-run train for nothing) {sorted(listed - trained)}, fingerprinted keys not "
-                                   f"listed (changing them would not re-run train) {sorted(trained - listed)}")
+        assert listed == trained, (
+            f"{address(stage)}: params deps that enter no checkpoint fingerprint (they would "
+            f"re-run train for nothing) {sorted(listed - trained)}, fingerprinted keys not "
+            f"listed (changing them would not re-run train) {sorted(trained - listed)}"
+        )
 
 
 def test_nothing_refers_outside_the_repository() -> None:
     """A clone has only its own files: no pointer to notes kept beside the repository."""
     # Built, so that this file does not match itself.
     needles = ["REFERENCE" + ".md", ".." + "/shared"]
-    found = subprocess.run(["git", "grep", "-n", "-F", *(f"-e{needle}" for needle in needles)], cwd=REPO,
-                           capture_output=True, text=True, check=False)
+    found = subprocess.run(
+        ["git", "grep", "-n", "-F", *(f"-e{needle}" for needle in needles)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert found.returncode == 1, found.stdout  # 1: no match

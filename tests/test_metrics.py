@@ -19,8 +19,7 @@ from medgemma_breakhis.scoring import parse_answer
 
 
 def rows(labels: list[int], patients: list[str]) -> pd.DataFrame:
-    return pd.DataFrame({"filename": [f"img{i}.png" for i in range(len(labels))], "patient": patients,
-                         "label": labels})
+    return pd.DataFrame({"filename": [f"img{i}.png" for i in range(len(labels))], "patient": patients, "label": labels})
 
 
 def one_hot(predicted: list[int], confidence: float = 0.9) -> np.ndarray:
@@ -85,8 +84,14 @@ def test_unparseable_answers_are_counted_wrong_and_never_become_a_class() -> Non
     predicted = np.array([parse_answer(a) for a in answers])
     assert predicted.tolist() == [4, 0, UNPARSEABLE, UNPARSEABLE, UNPARSEABLE, 7]
     table = predictions_frame(rows([4, 0, 5, 1, 6, 7], ["a", "a", "b", "b", "c", "c"]), predicted, answers=answers)
-    assert table["predicted_binary"].tolist() == ["malignant", "benign", "unparseable", "unparseable",
-                                                  "unparseable", "malignant"]
+    assert table["predicted_binary"].tolist() == [
+        "malignant",
+        "benign",
+        "unparseable",
+        "unparseable",
+        "unparseable",
+        "malignant",
+    ]
     metrics = evaluation_metrics(table, resamples=500, seed=0)
     assert metrics["n_unparseable"] == 3
     assert metrics["eight_class"]["accuracy"] == pytest.approx(3 / 6)

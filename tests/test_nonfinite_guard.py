@@ -27,8 +27,9 @@ def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return folder
 
 
-def test_scoring_refuses_non_finite_logits_in_fp16_only(overflowing_model: Path, synthetic_root: Path,
-                                                        split_dir: Path) -> None:
+def test_scoring_refuses_non_finite_logits_in_fp16_only(
+    overflowing_model: Path, synthetic_root: Path, split_dir: Path
+) -> None:
     images = [synthetic_root / f for f in pd.read_csv(split_dir / "test.csv")["filename"][:2]]
     model, processor, _ = load_base_model(ModelParams(id=str(overflowing_model)), "bf16")
     assert torch.isfinite(torch.from_numpy(score_images(model, processor, images, batch_size=2))).all()
@@ -38,14 +39,22 @@ def test_scoring_refuses_non_finite_logits_in_fp16_only(overflowing_model: Path,
 
 
 @pytest.mark.slow  # the whole baseline stage, with its MLflow store
-def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(overflowing_model: Path, synthetic_root: Path,
-                                                             split_dir: Path, tmp_path: Path, monkeypatch) -> None:
+def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(
+    overflowing_model: Path, synthetic_root: Path, split_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     params = params_from_dict({"model": {"id": str(overflowing_model)}, "eval": {"precision": "fp16"}})
     with pytest.raises(NonFiniteError, match=r"baseline: non-finite logits .* set eval.precision=bf16"):
-        run_evaluation(params, "baseline", synthetic_root, split_dir / "test.csv", tmp_path / "baseline.json",
-                       tmp_path / "predictions.csv", tmp_path / "roc.csv")
+        run_evaluation(
+            params,
+            "baseline",
+            synthetic_root,
+            split_dir / "test.csv",
+            tmp_path / "baseline.json",
+            tmp_path / "predictions.csv",
+            tmp_path / "roc.csv",
+        )
     assert not any((tmp_path / name).exists() for name in ("baseline.json", "predictions.csv", "roc.csv"))
     (run,) = mlflow.MlflowClient(store).search_runs(["1"], "tags.stage = 'baseline'")
     assert run.info.status == "FAILED"
@@ -54,13 +63,28 @@ def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(overflowing_model: 
 
 @pytest.mark.slow  # the whole train stage, with its MLflow store
 def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapter(
-        overflowing_model: Path, synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_folder: Path) -> None:
+    overflowing_model: Path, synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_folder: Path
+) -> None:
     (tmp_path / "params.yaml").write_text(
-        f"model:\n  id: {overflowing_model}\ntrain:\n  precision: fp16\n  epochs: 1\n")
+        f"model:\n  id: {overflowing_model}\ntrain:\n  precision: fp16\n  epochs: 1\n"
+    )
     with pytest.raises(TrainingDivergedError) as diverged:
-        train.main(["--images", str(synthetic_root), "--train", str(split_dir / "train.csv"),
-                    "--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv",
-                    "--checkpoints", "checkpoints"])
+        train.main(
+            [
+                "--images",
+                str(synthetic_root),
+                "--train",
+                str(split_dir / "train.csv"),
+                "--adapter",
+                "models/adapter",
+                "--metrics",
+                "metrics/train.json",
+                "--loss",
+                "plots/train_loss.csv",
+                "--checkpoints",
+                "checkpoints",
+            ]
+        )
     message = str(diverged.value)
     assert message.startswith("training loss is nan at optimizer step 1 of ")
     assert "with train.precision=fp16 (float16 base weights, no autocast" in message

@@ -9,13 +9,30 @@ REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
 def test_repository_defaults_are_the_reference_experiment() -> None:
     flat = to_flat_dict(load_params(REPO_PARAMS))
-    assert flat | {
-        "data.source": "kaggle", "data.kaggle_dataset": "ambarish/breakhis", "split.fold": 1,
-        "split.magnification": 100, "split.seed": 42, "split.balance": "binary", "model.id": "google/medgemma-4b-it",
-        "lora.r": 8, "lora.alpha": 16, "lora.dropout": 0.1, "lora.target_modules": "all-linear", "train.epochs": 5,
-        "train.learning_rate": 5e-4, "train.lr_scheduler": "cosine", "train.warmup_ratio": 0.03,
-        "train.max_grad_norm": 0.3, "train.batch_size": 8, "train.precision": "bf16",
-    } == flat
+    assert (
+        flat
+        | {
+            "data.source": "kaggle",
+            "data.kaggle_dataset": "ambarish/breakhis",
+            "split.fold": 1,
+            "split.magnification": 100,
+            "split.seed": 42,
+            "split.balance": "binary",
+            "model.id": "google/medgemma-4b-it",
+            "lora.r": 8,
+            "lora.alpha": 16,
+            "lora.dropout": 0.1,
+            "lora.target_modules": "all-linear",
+            "train.epochs": 5,
+            "train.learning_rate": 5e-4,
+            "train.lr_scheduler": "cosine",
+            "train.warmup_ratio": 0.03,
+            "train.max_grad_norm": 0.3,
+            "train.batch_size": 8,
+            "train.precision": "bf16",
+        }
+        == flat
+    )
 
 
 def test_repository_params_file_sets_every_key() -> None:
@@ -33,24 +50,32 @@ def test_repository_params_file_sets_every_key() -> None:
     assert written == set(to_flat_dict(load_params(REPO_PARAMS)))
 
 
-@pytest.mark.parametrize(("raw", "message"), [
-    ({"lora": {"r": 0}}, r"lora.r=0 is not allowed; expected an integer from 1 to 1024"),
-    ({"train": {"precision": "fp8"}}, r"train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
-    ({"split": {"fold": 9}}, r"split.fold=9 is not allowed; expected one of 1, 2, 3, 4, 5"),
-    ({"train": {"micro_batch_size": 3}},
-     r"train.micro_batch_size=3 is not allowed with train.batch_size=8 on 1 process\(es\); expected auto or a divisor"),
-    ({"train": {"batch_size": 6, "num_processes": 4}}, r"train.batch_size=6 .* expected a multiple of train.num_proc"),
-    ({"train": {"compile": "yes"}}, r"train.compile='yes' is not allowed; expected auto, true or false"),
-    ({"split": {"magnification": 50}}, r"split.magnification=50 .* one of 40, 100, 200, 400"),
-    ({"data": {"source": "s3"}}, r"data.source='s3' .* one of kaggle, local, synthetic"),
-    ({"data": {"source": "local"}}, r"data.path=None .* the folder that holds Folds.csv"),
-    ({"lora": {"rank": 8}}, r"unknown key lora.rank; allowed keys here: lora.alpha, lora.dropout, lora.r"),
-    ({"trian": {}}, r"unknown key trian"),
-    ({"train": {"learning_rate": "fast"}}, r"train.learning_rate='fast' is not allowed; expected a number"),
-    ({"train": {"epochs": 2.5}}, r"train.epochs=2.5 is not allowed; expected an integer"),
-    ({"train": {"gradient_checkpointing": "yes"}}, r"expected auto, true or false"),
-    ({"lora": 8}, r"lora must be a mapping"),
-])
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"lora": {"r": 0}}, r"lora.r=0 is not allowed; expected an integer from 1 to 1024"),
+        ({"train": {"precision": "fp8"}}, r"train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
+        ({"split": {"fold": 9}}, r"split.fold=9 is not allowed; expected one of 1, 2, 3, 4, 5"),
+        (
+            {"train": {"micro_batch_size": 3}},
+            r"train.micro_batch_size=3 is not allowed with train.batch_size=8 on 1 process\(es\); expected auto or a divisor",
+        ),
+        (
+            {"train": {"batch_size": 6, "num_processes": 4}},
+            r"train.batch_size=6 .* expected a multiple of train.num_proc",
+        ),
+        ({"train": {"compile": "yes"}}, r"train.compile='yes' is not allowed; expected auto, true or false"),
+        ({"split": {"magnification": 50}}, r"split.magnification=50 .* one of 40, 100, 200, 400"),
+        ({"data": {"source": "s3"}}, r"data.source='s3' .* one of kaggle, local, synthetic"),
+        ({"data": {"source": "local"}}, r"data.path=None .* the folder that holds Folds.csv"),
+        ({"lora": {"rank": 8}}, r"unknown key lora.rank; allowed keys here: lora.alpha, lora.dropout, lora.r"),
+        ({"trian": {}}, r"unknown key trian"),
+        ({"train": {"learning_rate": "fast"}}, r"train.learning_rate='fast' is not allowed; expected a number"),
+        ({"train": {"epochs": 2.5}}, r"train.epochs=2.5 is not allowed; expected an integer"),
+        ({"train": {"gradient_checkpointing": "yes"}}, r"expected auto, true or false"),
+        ({"lora": 8}, r"lora must be a mapping"),
+    ],
+)
 def test_invalid_params_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
         params_from_dict(raw)
@@ -92,7 +117,9 @@ def _schema_fields() -> list[tuple[str, object, dict]]:
     return leaves
 
 
-@pytest.mark.parametrize(("key", "default", "metadata"), _schema_fields(), ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    ("key", "default", "metadata"), _schema_fields(), ids=lambda v: v if isinstance(v, str) else ""
+)
 def test_every_key_rejects_a_wrong_type_naming_key_value_and_allowed_range(key: str, default, metadata: dict) -> None:
     wrong = "not-a-number" if isinstance(default, (int, float)) else 12345  # bools are ints: "not-a-number" too
     section, _, name = key.rpartition(".")

@@ -36,8 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "split_balance", "baseline", "train", "evaluate")
 # Recognisable fake credentials in every command's environment; none may show up in anything the runs leave.
 # Made at random so that this file, copied into the repository under test, does not contain them.
-SECRETS = {"HF_TOKEN": f"hf_FAKE{uuid.uuid4().hex}", "KAGGLE_USERNAME": "fake-kaggle-user",
-           "KAGGLE_KEY": f"FAKEKAGGLE{uuid.uuid4().hex}"}
+SECRETS = {
+    "HF_TOKEN": f"hf_FAKE{uuid.uuid4().hex}",
+    "KAGGLE_USERNAME": "fake-kaggle-user",
+    "KAGGLE_KEY": f"FAKEKAGGLE{uuid.uuid4().hex}",
+}
 # The user name is no secret (and could match ordinary text); the token and the key are.
 SECRET_VALUES = [value.encode() for key, value in SECRETS.items() if key != "KAGGLE_USERNAME"]
 
@@ -49,8 +52,13 @@ def run_json(cwd: Path, *args: str) -> dict:
 
 
 def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **SECRETS}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        **SECRETS,
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert not any(secret in (result.stdout + result.stderr).encode() for secret in SECRET_VALUES), args
@@ -69,9 +77,19 @@ def clean_in_a_fresh_clone(repo: Path, tmp_path: Path, base: str = "HEAD") -> Pa
     run(clone, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
     run(repo, "dvc", "remote", "remove", "--local", "shared")
     for command in (("pull",), ("checkout",), ("status",), ("metrics", "show"), ("metrics", "diff", base)):
-        result = subprocess.run(["dvc", *command], cwd=clone, capture_output=True, text=True, timeout=600, check=False,
-                                env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}"
-                                     f"{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"})
+        result = subprocess.run(
+            ["dvc", *command],
+            cwd=clone,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                "DVC_NO_ANALYTICS": "1",
+            },
+        )
         assert (result.returncode, result.stderr) == (0, ""), f"dvc {' '.join(command)}: {result.stderr[-3000:]}"
     return clone
 
@@ -79,8 +97,9 @@ def clean_in_a_fresh_clone(repo: Path, tmp_path: Path, base: str = "HEAD") -> Pa
 def open_cross_validation(repo: Path) -> None:
     """What `make cv` does before running it: take cv/dvc.yaml into the DVC project (.dvcignore keeps it out)."""
     ignore = repo / ".dvcignore"
-    ignore.write_text("".join(line for line in ignore.read_text().splitlines(keepends=True)
-                              if line.strip() != "/cv/dvc.yaml"))
+    ignore.write_text(
+        "".join(line for line in ignore.read_text().splitlines(keepends=True) if line.strip() != "/cv/dvc.yaml")
+    )
 
 
 def mlflow_client(repo: Path) -> mlflow.MlflowClient:
@@ -123,8 +142,9 @@ def assert_no_secret_kept(repo: Path) -> None:
     for path in files:
         content = path.read_bytes()
         assert not any(secret in content for secret in SECRET_VALUES), path
-    git_objects = subprocess.run(["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True,
-                                 check=True).stdout
+    git_objects = subprocess.run(
+        ["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True, check=True
+    ).stdout
     assert not any(secret in git_objects for secret in SECRET_VALUES)
     if (repo / "mlflow.db").is_file():  # a copy where no stage ran has none
         for run_ in search(repo, ""):
@@ -175,8 +195,19 @@ def workspace(repo: Path, tmp_path: Path) -> Iterator[Path]:
 def generate_experiment(repo: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A copy of the repository after `dvc exp run --temp` of `eval.method=generate`, and that command's output."""
     copy = copy_of(repo, tmp_path_factory.mktemp("generate") / "workspace")
-    output = run(copy, "dvc", "exp", "run", "--temp", "--name", "eval-generate", "-S", "eval.method=generate",
-                 "-S", "eval.max_new_tokens=4")
+    output = run(
+        copy,
+        "dvc",
+        "exp",
+        "run",
+        "--temp",
+        "--name",
+        "eval-generate",
+        "-S",
+        "eval.method=generate",
+        "-S",
+        "eval.max_new_tokens=4",
+    )
     return copy, output
 
 
@@ -184,10 +215,21 @@ def test_full_repro_fine_tunes_well_beyond_the_baseline(repo: Path) -> None:
     baseline = read_json(repo / "metrics" / "baseline.json")
     finetuned = read_json(repo / "metrics" / "finetuned.json")
     assert set(finetuned) == {"eight_class", "binary", "patient_level", "n_images", "n_unparseable"}
-    assert set(finetuned["eight_class"]) == {"accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "f1_weighted",
-                                             "per_class", "expected_calibration_error"}
-    assert set(finetuned["binary"]) == {"accuracy", "accuracy_ci95_low", "accuracy_ci95_high", "f1_malignant",
-                                        "roc_auc"}
+    assert set(finetuned["eight_class"]) == {
+        "accuracy",
+        "accuracy_ci95_low",
+        "accuracy_ci95_high",
+        "f1_weighted",
+        "per_class",
+        "expected_calibration_error",
+    }
+    assert set(finetuned["binary"]) == {
+        "accuracy",
+        "accuracy_ci95_low",
+        "accuracy_ci95_high",
+        "f1_malignant",
+        "roc_auc",
+    }
     assert set(finetuned["patient_level"]) == {"accuracy", "eight_class_accuracy", "n_patients"}
     assert finetuned["n_images"] == baseline["n_images"] > 0
     assert finetuned["n_unparseable"] == 0
@@ -202,14 +244,17 @@ def test_full_repro_fine_tunes_well_beyond_the_baseline(repo: Path) -> None:
         predictions = pd.read_csv(repo / "predictions" / f"{name}.csv")
         assert len(predictions) == finetuned["n_images"]
         assert (predictions["predicted_class"] == predictions["true_class"]).mean() == pytest.approx(
-            read_json(repo / "metrics" / f"{name}.json")["eight_class"]["accuracy"])
+            read_json(repo / "metrics" / f"{name}.json")["eight_class"]["accuracy"]
+        )
     assert (repo / "models" / "adapter" / "adapter_config.json").is_file()
     assert (repo / "mlflow.db").is_file()
 
 
 def test_plots_render_confusion_matrices_roc_and_loss(repo: Path) -> None:
     plots = run_json(repo, "dvc", "plots", "show", "--json")["data"]
-    expected = {f"confusion_{kind}_{stage}" for kind in ("eight_class", "binary") for stage in ("baseline", "finetuned")}
+    expected = {
+        f"confusion_{kind}_{stage}" for kind in ("eight_class", "binary") for stage in ("baseline", "finetuned")
+    }
     assert expected | {"roc_malignant", "training_loss"} <= set(plots)
     for plot_id in expected | {"roc_malignant", "training_loss"}:
         assert plots[plot_id][0]["content"]["data"]["values"], plot_id
@@ -228,8 +273,11 @@ def test_one_repro_is_one_mlflow_parent_run_with_a_child_per_stage(repo: Path) -
 def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> None:
     _, children = pipeline_group(repo, "workspace")
     expected_params = {key: str(value) for key, value in to_flat_dict(load_params(repo / "params.yaml")).items()}
-    split = {"train": repo / "data" / "split" / "train.csv", "baseline": repo / "data" / "split" / "test.csv",
-             "evaluate": repo / "data" / "split" / "test.csv"}
+    split = {
+        "train": repo / "data" / "split" / "train.csv",
+        "baseline": repo / "data" / "split" / "test.csv",
+        "evaluate": repo / "data" / "split" / "test.csv",
+    }
     client = mlflow_client(repo)
     reproduced_commit = run(repo, "git", "rev-parse", "HEAD~1").strip()  # the fixture committed the results after
     for stage, run_ in children.items():
@@ -263,7 +311,12 @@ def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> Non
         assert run_.data.metrics["binary_f1_malignant"] == metrics["binary"]["f1_malignant"]
         assert run_.data.tags["precision_ran"] == "bfloat16 weights, inference without autocast"
         assert {a.path for a in client.list_artifacts(run_.info.run_id)} == {
-            "metrics", "predictions", "plots", "confusion_matrix_eight_class.png", "confusion_matrix_binary.png"}
+            "metrics",
+            "predictions",
+            "plots",
+            "confusion_matrix_eight_class.png",
+            "confusion_matrix_binary.png",
+        }
         assert [a.path for a in client.list_artifacts(run_.info.run_id, "metrics")] == [f"metrics/{metrics_file}"]
         assert run_.data.metrics["eight_class_accuracy_ci95_low"] == metrics["eight_class"]["accuracy_ci95_low"]
     assert children["evaluate"].data.tags["adapter_dvc_md5"] == adapter_md5
@@ -276,8 +329,9 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
     assert "Data and pipelines are up to date" in output
 
 
-def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next_repro(workspace: Path,
-                                                                                     lock_store) -> None:
+def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next_repro(
+    workspace: Path, lock_store
+) -> None:
     repo = workspace
     metrics, record = repo / "metrics" / "train.json", repo / "metrics" / "train.untracked.json"
     before = metrics.stat().st_mtime_ns
@@ -306,7 +360,8 @@ def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next
 
 
 def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace(
-        generate_experiment: tuple[Path, str]) -> None:
+    generate_experiment: tuple[Path, str],
+) -> None:
     repo, output = generate_experiment
     assert stages_run(output) == ["baseline", "evaluate"]
     assert run(repo, "git", "status", "--porcelain").strip() == ""
@@ -314,7 +369,8 @@ def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace
 
 
 def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(
-        generate_experiment: tuple[Path, str]) -> None:
+    generate_experiment: tuple[Path, str],
+) -> None:
     repo, _ = generate_experiment
     assert_no_secret_kept(repo)
     parent, children = pipeline_group(repo, "eval-generate")
@@ -360,12 +416,22 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspa
     yaml.dump(params, repo / "params.yaml")
     assert stages_run(run(repo, "dvc", "repro")) == []
 
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", **SECRETS}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        **SECRETS,
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
-    killed = subprocess.Popen(["dvc", "repro", "--force", "--single-item", "train"], cwd=repo, env=env,
-                              stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "train"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     saved = repo / "checkpoints"
     deadline = time.monotonic() + 600
     while not list(saved.glob("train-*/checkpoint-12/trainer_state.json")) and time.monotonic() < deadline:
@@ -377,8 +443,10 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspa
     assert not (repo / "models" / "adapter").exists()
 
     other = run(repo, "dvc", "exp", "run", "--temp", "-S", "lora.r=4", "-S", "train.epochs=1")
-    assert f"not resuming the checkpoints in {folder}: made under different inputs:\n" \
-           "    params lora.r: 8 in the checkpoint, 4 now\n    params train.epochs: 5 in the checkpoint, 1 now" in other
+    assert (
+        f"not resuming the checkpoints in {folder}: made under different inputs:\n"
+        "    params lora.r: 8 in the checkpoint, 4 now\n    params train.epochs: 5 in the checkpoint, 1 now" in other
+    )
     assert "resuming from" not in other
     assert (folder / "checkpoint-12").is_dir()
 
@@ -394,8 +462,9 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspa
     (train,) = search(repo, f"tags.mlflow.parentRunId = '{latest.info.run_id}'")  # the resumed `dvc repro`
     assert train.data.tags["resumed_from_step"] == "12"
     steps = json.loads(metrics_before)["global_steps"]
-    assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == \
-        list(range(13, steps + 1))
+    assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == list(
+        range(13, steps + 1)
+    )
 
 
 def set_params(repo: Path, **values: object) -> None:
@@ -413,17 +482,31 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Pa
     queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "lora.r=4,16", "-S", "train.epochs=1")
     names = re.findall(r"Queued experiment '([^']+)'", queued)
     assert len(names) == 2
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **SECRETS}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        **SECRETS,
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     # the workers are daemons that outlive `queue start` (and would hold a captured stdout open): poll the queue
-    subprocess.run(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL, check=True, timeout=60)
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=60,
+    )
     deadline = time.monotonic() + 900
     while True:
         status = run(repo, "dvc", "queue", "status")  # rows: task, name, created, status
-        rows = {parts[1]: parts[-1] for parts in map(str.split, status.splitlines())
-                if len(parts) > 2 and parts[1] in names}
+        rows = {
+            parts[1]: parts[-1] for parts in map(str.split, status.splitlines()) if len(parts) > 2 and parts[1] in names
+        }
         done = len(rows) == len(names) and set(rows.values()) <= {"Success", "Failed"}
         if done or time.monotonic() > deadline:
             break
@@ -433,8 +516,13 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Pa
     assert rows == dict.fromkeys(names, "Success"), status
 
     shown = run_json(repo, "dvc", "exp", "show", "--json")
-    experiments = {rev["name"]: rev["data"] for commit in shown for exp in commit.get("experiments") or []
-                   for rev in exp["revs"] if rev.get("name") in names}
+    experiments = {
+        rev["name"]: rev["data"]
+        for commit in shown
+        for exp in commit.get("experiments") or []
+        for rev in exp["revs"]
+        if rev.get("name") in names
+    }
     ranks = {name: data["params"]["params.yaml"]["data"]["lora"]["r"] for name, data in experiments.items()}
     assert sorted(ranks.values()) == [4, 16]
     for name, data in experiments.items():
@@ -465,11 +553,17 @@ def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: 
     summary = read_json(repo / "cv" / "summary.json")["100x"]
     assert summary["n_folds"] == 5
     assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
-        {"mean": statistics.mean(accuracies), "std": statistics.stdev(accuracies), "min": min(accuracies),
-         "max": max(accuracies)})
-    test_sets = [set(pd.read_csv(repo / "cv" / "folds" / f"fold{fold}-100x" / "split" / "test.csv")["patient"])
-                 for fold in folds]
-    assert all(not a & b for i, a in enumerate(test_sets) for b in test_sets[i + 1:])  # each patient tested once
+        {
+            "mean": statistics.mean(accuracies),
+            "std": statistics.stdev(accuracies),
+            "min": min(accuracies),
+            "max": max(accuracies),
+        }
+    )
+    test_sets = [
+        set(pd.read_csv(repo / "cv" / "folds" / f"fold{fold}-100x" / "split" / "test.csv")["patient"]) for fold in folds
+    ]
+    assert all(not a & b for i, a in enumerate(test_sets) for b in test_sets[i + 1 :])  # each patient tested once
     table = (repo / "cv" / "summary.md").read_text().splitlines()
     assert [row.split("|")[1].strip() for row in table[3:]] == ["1", "2", "3", "4", "5", "mean ± std", "[min, max]"]
     (workspace,) = run_json(repo, "dvc", "metrics", "show", "--json").values()
@@ -521,15 +615,31 @@ def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace
 
 def test_precision_comparison_reports_the_fp16_overflow_as_diverged(workspace: Path, overflowing_model: Path) -> None:
     repo = workspace
-    output = run(repo, sys.executable, "-m", "tools.precision_comparison",
-                 "-S", f"model.id={overflowing_model}", "-S", "train.epochs=1",
-                 "-S", "data.synthetic.images_per_patient=2", "--out", "reports/precision.md")
-    table = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
-             for line in (repo / "reports" / "precision.md").read_text().splitlines() if line.startswith("| ")}
+    output = run(
+        repo,
+        sys.executable,
+        "-m",
+        "tools.precision_comparison",
+        "-S",
+        f"model.id={overflowing_model}",
+        "-S",
+        "train.epochs=1",
+        "-S",
+        "data.synthetic.images_per_patient=2",
+        "--out",
+        "reports/precision.md",
+    )
+    table = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
+        for line in (repo / "reports" / "precision.md").read_text().splitlines()
+        if line.startswith("| ")
+    }
     assert table[""] == ["bf16", "fp16"]
     assert table["training"] == ["finished", "diverged at step 1 (non-finite loss)"]
     assert table["precision that ran"] == [
-        "bfloat16 base weights + bf16 autocast", "float16 base weights, no autocast (fp16 mixed precision needs a GPU)"]
+        "bfloat16 base weights + bf16 autocast",
+        "float16 base weights, no autocast (fp16 mixed precision needs a GPU)",
+    ]
     assert table["non-finite loss steps"] == ["0", "1"]
     assert table["peak CUDA memory allocated (GiB)"] == ["n/a (ran on CPU)"] * 2
     assert float(table["test 8-class accuracy"][0]) >= 0

@@ -21,20 +21,34 @@ VENV = Path(sys.executable).parent.parent
 
 def metrics(accuracy: float, low: float, high: float) -> dict:
     section = {"accuracy": accuracy, "accuracy_ci95_low": low, "accuracy_ci95_high": high}
-    return {"eight_class": {**section, "f1_weighted": accuracy}, "binary": {**section, "f1_malignant": accuracy},
-            "n_images": 40}
+    return {
+        "eight_class": {**section, "f1_weighted": accuracy},
+        "binary": {**section, "f1_malignant": accuracy},
+        "n_images": 40,
+    }
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args], cwd=repo,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def make_report(repo: Path, *arguments: str) -> subprocess.CompletedProcess:
     # The test's own environment stands in for `make setup`: `-o` keeps make from reinstalling it.
-    return subprocess.run(["make", "-s", "report", f"VENV={VENV}", "-o", f"{VENV}/.installed", *arguments],
-                          cwd=repo, capture_output=True, text=True, timeout=300, check=False,
-                          env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    return subprocess.run(
+        ["make", "-s", "report", f"VENV={VENV}", "-o", f"{VENV}/.installed", *arguments],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "DVC_NO_ANALYTICS": "1"},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +85,13 @@ def test_report_shows_diffs_and_intervals_side_by_side(two_commits: tuple[Path, 
     assert "| metrics/finetuned.json | eight_class.accuracy | 0.5 | 0.875 | 0.375 |" in report
     assert "| metrics/finetuned.json | binary.accuracy_ci95_low | 0.375 | 0.75 | 0.375 |" in report
     assert "metrics/baseline.json" not in report.split("### Accuracy")[0]  # unchanged: not in the diff
-    assert ("| metrics/finetuned.json | 8-class accuracy | 0.500 [0.375, 0.625] | 0.875 [0.750, 1.000] "
-            "| no: unlikely to be noise |") in report
-    assert ("| metrics/baseline.json | binary accuracy | 0.250 [0.125, 0.375] | 0.250 [0.125, 0.375] "
-            "| unchanged |") in report
+    assert (
+        "| metrics/finetuned.json | 8-class accuracy | 0.500 [0.375, 0.625] | 0.875 [0.750, 1.000] "
+        "| no: unlikely to be noise |"
+    ) in report
+    assert (
+        "| metrics/baseline.json | binary accuracy | 0.250 [0.125, 0.375] | 0.250 [0.125, 0.375] | unchanged |"
+    ) in report
     assert "| params.yaml | lora.r | 8 | 16 |" in report
     assert "[Plots: confusion matrices, ROC, training loss, base vs this change](https://ci.example/plots)" in report
 
@@ -91,5 +108,7 @@ def test_interval_table_marks_overlap_and_missing_files() -> None:
     head = {"metrics/finetuned.json": metrics(0.6, 0.4, 0.8), "metrics/baseline.json": metrics(0.2, 0.1, 0.3)}
     rows = interval_table(base, head).splitlines()
     assert rows[2] == "| metrics/baseline.json | 8-class accuracy | no such file | 0.200 [0.100, 0.300] | n/a |"
-    assert rows[4] == ("| metrics/finetuned.json | 8-class accuracy | 0.500 [0.300, 0.700] | 0.600 [0.400, 0.800] "
-                       "| yes: could be noise |")
+    assert rows[4] == (
+        "| metrics/finetuned.json | 8-class accuracy | 0.500 [0.300, 0.700] | 0.600 [0.400, 0.800] "
+        "| yes: could be noise |"
+    )

@@ -59,29 +59,55 @@ def test_dead_http_store_fails_in_seconds_naming_it_without_its_password() -> No
 def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_path: Path, lock_store) -> None:
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"not a database" * 100)
-    with pytest.raises(TrackingError, match=f"sqlite:///{corrupt} cannot be used: DatabaseError: file is not a "
-                                            f"database\nCheck that {corrupt} is a writable MLflow database"):
+    with pytest.raises(
+        TrackingError,
+        match=f"sqlite:///{corrupt} cannot be used: DatabaseError: file is not a "
+        f"database\nCheck that {corrupt} is a writable MLflow database",
+    ):
         check_tracking_store(f"sqlite:///{corrupt}")
 
     store = tmp_path / "mlflow.db"
     check_tracking_store(f"sqlite:///{store}")  # creates it
     started = time.monotonic()
-    with lock_store(store), pytest.raises(TrackingError,
-                                          match=f"sqlite:///{store} cannot be used: .*database is locked"):
+    with (
+        lock_store(store),
+        pytest.raises(TrackingError, match=f"sqlite:///{store} cannot be used: .*database is locked"),
+    ):
         check_tracking_store(f"sqlite:///{store}")
     assert STORE_CHECK_TIMEOUT_S <= time.monotonic() - started < 15
 
 
 def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not_a_traceback(
-        synthetic_root: Path, split_dir: Path, tmp_path: Path) -> None:
+    synthetic_root: Path, split_dir: Path, tmp_path: Path
+) -> None:
     (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\n")
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))} | {
-        "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
+        "PYTHONPATH": str(REPO),
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
+    }
     result = subprocess.run(
-        [sys.executable, "-m", "stages.baseline", "--images", str(synthetic_root),
-         "--test", str(split_dir / "test.csv"), "--metrics", "baseline.json", "--predictions", "predictions.csv",
-         "--roc", "roc.csv"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+        [
+            sys.executable,
+            "-m",
+            "stages.baseline",
+            "--images",
+            str(synthetic_root),
+            "--test",
+            str(split_dir / "test.csv"),
+            "--metrics",
+            "baseline.json",
+            "--predictions",
+            "predictions.csv",
+            "--roc",
+            "roc.csv",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert result.returncode == 1
     assert "MLflow tracking store http://127.0.0.1:9 cannot be used" in result.stderr
     assert "Traceback" not in result.stderr and "loaded tiny-gemma3" not in result.stderr
@@ -109,9 +135,10 @@ def test_a_distribution_not_installed_under_its_name_is_recorded_not_fatal(monke
     assert versions["mlflow"] == mlflow.__version__
 
 
-def test_names_with_quotes_cannot_break_a_search(store: Path, split_dir: Path, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    name = "it's-\"mine\""
+def test_names_with_quotes_cannot_break_a_search(
+    store: Path, split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = 'it\'s-"mine"'
     monkeypatch.setenv("DVC_EXP_NAME", name)
     params = params_from_dict({"model": {"id": "tiny-gemma3"}})
     adapter = str(tmp_path / "it's" / "adapter")
@@ -147,11 +174,16 @@ def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path,
 
 
 def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_look_complete(
-        synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store) -> None:
+    synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store
+) -> None:
     train_csv = tmp_path / "train.csv"
     pd.read_csv(split_dir / "train.csv").head(4).to_csv(train_csv, index=False)
-    params = params_from_dict({"model": {"id": "tiny-gemma3"}, "train": {
-        "epochs": 1, "batch_size": 1, "precision": "fp32", "checkpoint_steps": 2}})
+    params = params_from_dict(
+        {
+            "model": {"id": "tiny-gemma3"},
+            "train": {"epochs": 1, "batch_size": 1, "precision": "fp32", "checkpoint_steps": 2},
+        }
+    )
     metrics, adapter, checkpoints = tmp_path / "metrics" / "train.json", tmp_path / "adapter", tmp_path / "checkpoints"
     # from the moment training is over until the stage has returned
     with lock_store(store, when=metrics.exists) as taken:
@@ -168,11 +200,19 @@ def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_l
 
 
 def test_lora_target_modules_that_match_nothing_are_refused_before_the_model_loads(
-        synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path) -> None:
+    synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path
+) -> None:
     params = params_from_dict({"model": {"id": "tiny-gemma3"}, "lora": {"target_modules": "no_such_proj"}})
     with pytest.raises(ParamsError, match=r"lora.target_modules='no_such_proj' matches no module of tiny-gemma3"):
-        run_training(params, synthetic_root, split_dir / "train.csv", tmp_path / "adapter", tmp_path / "train.json",
-                     tmp_path / "loss.csv", tmp_path / "checkpoints")
+        run_training(
+            params,
+            synthetic_root,
+            split_dir / "train.csv",
+            tmp_path / "adapter",
+            tmp_path / "train.json",
+            tmp_path / "loss.csv",
+            tmp_path / "checkpoints",
+        )
     assert not store.exists()  # refused before the stage's run, let alone the model
 
 
@@ -181,9 +221,15 @@ def test_model_id_that_is_a_missing_local_path_says_so(split_dir: Path, syntheti
     with pytest.raises(ModelLoadError, match=message):
         load_base_model(ModelParams(id="./models/medgemma"), "fp32")
     with pytest.raises(ModelLoadError, match=message):  # the stage's first look at the model, before the store's
-        run_training(params_from_dict({"model": {"id": "./models/medgemma"}}), synthetic_root,
-                     split_dir / "train.csv", tmp_path / "adapter", tmp_path / "train.json", tmp_path / "loss.csv",
-                     tmp_path / "checkpoints")
+        run_training(
+            params_from_dict({"model": {"id": "./models/medgemma"}}),
+            synthetic_root,
+            split_dir / "train.csv",
+            tmp_path / "adapter",
+            tmp_path / "train.json",
+            tmp_path / "loss.csv",
+            tmp_path / "checkpoints",
+        )
 
 
 @pytest.mark.slow
@@ -191,10 +237,21 @@ def test_stages_starting_together_on_a_new_store_both_get_the_experiment(tmp_pat
     """DVC's queue workers start their stages at once: two processes creating a new sqlite store's tables together
     broke MLflow's schema migration ("No such index") before the store's first use took a lock."""
     env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")} | {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "PYTHONPATH": str(REPO)}
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "PYTHONPATH": str(REPO),
+    }
     code = "from medgemma_breakhis.tracking import experiment_id; print(experiment_id())"
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     outputs = [process.communicate(timeout=120) for process in processes]
     assert [process.returncode for process in processes] == [0, 0, 0], [err[-2000:] for _, err in outputs]
     assert len({out.strip() for out, _ in outputs}) == 1

@@ -24,8 +24,9 @@ PLAN = ExecutionPlan(micro_batch_size=1, grad_accum_steps=1, gradient_checkpoint
 @pytest.fixture(scope="module")
 def rows(synthetic_folds: pd.DataFrame) -> pd.DataFrame:
     """A benign and a malignant training image of fold 1 at 100X."""
-    train = synthetic_folds[(synthetic_folds["fold"] == 1) & (synthetic_folds["mag"] == 100)
-                            & (synthetic_folds["grp"] == "train")]
+    train = synthetic_folds[
+        (synthetic_folds["fold"] == 1) & (synthetic_folds["mag"] == 100) & (synthetic_folds["grp"] == "train")
+    ]
     files = list(train["filename"].iloc[[0, -1]])
     return pd.DataFrame({"filename": files, "label": [label_from_path(f) for f in files]})
 
@@ -33,8 +34,17 @@ def rows(synthetic_folds: pd.DataFrame) -> pd.DataFrame:
 def trainer_for(rows: pd.DataFrame, image_root: Path, output_dir: Path) -> GuardedSFTTrainer:
     """A trainer on a freshly loaded tiny model (LoRA changes the model it wraps: it cannot share one)."""
     model, processor, info = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
-    trainer = build_trainer(model=model, processor=processor, info=info, lora=LoraParams(), train=TRAIN, plan=PLAN,
-                            rows=rows, image_root=image_root, output_dir=output_dir)
+    trainer = build_trainer(
+        model=model,
+        processor=processor,
+        info=info,
+        lora=LoraParams(),
+        train=TRAIN,
+        plan=PLAN,
+        rows=rows,
+        image_root=image_root,
+        output_dir=output_dir,
+    )
     trainer.remove_callback(MLflowCallback)  # tracking is the stage's business, tested with it
     return trainer
 
@@ -51,8 +61,9 @@ def test_a_batch_supervises_the_answer_only(rows: pd.DataFrame, synthetic_root: 
         assert input_ids[-3:].tolist() == answer
 
 
-def test_two_steps_change_the_adapter_only_and_save_it_byte_for_byte(rows: pd.DataFrame, synthetic_root: Path,
-                                                                      tmp_path: Path) -> None:
+def test_two_steps_change_the_adapter_only_and_save_it_byte_for_byte(
+    rows: pd.DataFrame, synthetic_root: Path, tmp_path: Path
+) -> None:
     saved = []
     for attempt in ("first", "second"):
         trainer = trainer_for(rows, synthetic_root, tmp_path / attempt / "checkpoints")

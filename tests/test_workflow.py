@@ -52,5 +52,7 @@ def test_token_is_read_only_but_for_the_comment_which_forks_skip(workflow: dict[
 
 
 def test_one_run_per_pull_request(workflow: dict[str, Any]) -> None:
-    assert workflow["concurrency"] == {"group": "pull-request-${{ github.event.pull_request.number }}",
-                                       "cancel-in-progress": True}
+    assert workflow["concurrency"] == {
+        "group": "pull-request-${{ github.event.pull_request.number }}",
+        "cancel-in-progress": True,
+    }

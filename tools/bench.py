@@ -47,15 +47,17 @@ def _timed(work: Callable[[], object]) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
-def benchmark(model: PreTrainedModel, processor: ProcessorMixin, images: list[Path],
-              settings: EvalParams) -> dict[str, float]:
+def benchmark(
+    model: PreTrainedModel, processor: ProcessorMixin, images: list[Path], settings: EvalParams
+) -> dict[str, float]:
     """Seconds for each method over `images`, after one untimed warm-up batch of each; and how often they agree."""
-    warm_up = images[:settings.batch_size]
+    warm_up = images[: settings.batch_size]
     score_images(model, processor, warm_up, settings.batch_size)
     generate_answers(model, processor, warm_up, settings.batch_size, settings.max_new_tokens)
     probabilities, score_seconds = _timed(lambda: score_images(model, processor, images, settings.batch_size))
     answers, generate_seconds = _timed(
-        lambda: generate_answers(model, processor, images, settings.batch_size, settings.max_new_tokens))
+        lambda: generate_answers(model, processor, images, settings.batch_size, settings.max_new_tokens)
+    )
     parsed = np.array([parse_answer(a) for a in answers])
     return {
         "score_seconds": score_seconds,
@@ -65,13 +67,19 @@ def benchmark(model: PreTrainedModel, processor: ProcessorMixin, images: list[Pa
     }
 
 
-def merge_comparison(model: PreTrainedModel, processor: ProcessorMixin, images: list[Path], settings: EvalParams,
-                     lora: LoraParams) -> dict[str, float]:
+def merge_comparison(
+    model: PreTrainedModel, processor: ProcessorMixin, images: list[Path], settings: EvalParams, lora: LoraParams
+) -> dict[str, float]:
     """`score` with a LoRA adapter applied unmerged (as `evaluate` does) against the same adapter merged into the base
     weights: seconds of each, and how far the answer probabilities move. The adapter is random (peft's
     init_lora_weights=False), so it changes the outputs as a trained one does."""
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules, init_lora_weights=False,
-                        task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=lora.target_modules,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
     torch.manual_seed(0)
     adapted = get_peft_model(model, config)
     unmerged, unmerged_seconds = _timed(lambda: score_images(adapted, processor, images, settings.batch_size))
@@ -86,22 +94,30 @@ def merge_comparison(model: PreTrainedModel, processor: ProcessorMixin, images: 
 
 
 def merge_report(result: dict[str, float], n_images: int) -> str:
-    return (f"LoRA unmerged: {n_images / result['unmerged_seconds']:.2f} images/s, merged: "
-            f"{n_images / result['merged_seconds']:.2f} images/s; merging moved answer probabilities by up to "
-            f"{result['max_probability_change']:.4f} and kept {result['argmax_agreement']:.0%} of the predicted classes")
+    return (
+        f"LoRA unmerged: {n_images / result['unmerged_seconds']:.2f} images/s, merged: "
+        f"{n_images / result['merged_seconds']:.2f} images/s; merging moved answer probabilities by up to "
+        f"{result['max_probability_change']:.4f} and kept {result['argmax_agreement']:.0%} of the predicted classes"
+    )
 
 
 def report(result: dict[str, float], n_images: int, settings: EvalParams, model_id: str, device: str) -> str:
     score_rate, generate_rate = n_images / result["score_seconds"], n_images / result["generate_seconds"]
-    return "\n".join([
-        (f"{model_id} on {device}, {n_images} images, batch size {settings.batch_size}, "
-        f"generate max_new_tokens {settings.max_new_tokens}"),
-        f"{'method':<10}{'seconds':>10}{'images/s':>12}",
-        f"{'score':<10}{result['score_seconds']:>10.2f}{score_rate:>12.2f}",
-        f"{'generate':<10}{result['generate_seconds']:>10.2f}{generate_rate:>12.2f}",
-        (f"score is {score_rate / generate_rate:.1f}x the images/s of generate; the two agree on "
-        f"{result['agreement']:.0%} of images; generate left {result['unparseable']} unparseable"),
-    ])
+    return "\n".join(
+        [
+            (
+                f"{model_id} on {device}, {n_images} images, batch size {settings.batch_size}, "
+                f"generate max_new_tokens {settings.max_new_tokens}"
+            ),
+            f"{'method':<10}{'seconds':>10}{'images/s':>12}",
+            f"{'score':<10}{result['score_seconds']:>10.2f}{score_rate:>12.2f}",
+            f"{'generate':<10}{result['generate_seconds']:>10.2f}{generate_rate:>12.2f}",
+            (
+                f"score is {score_rate / generate_rate:.1f}x the images/s of generate; the two agree on "
+                f"{result['agreement']:.0%} of images; generate left {result['unparseable']} unparseable"
+            ),
+        ]
+    )
 
 
 def main() -> None:
@@ -109,8 +125,9 @@ def main() -> None:
     add_override_argument(parser)
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of data/ (offline)")
     parser.add_argument("--images", type=int, default=64, help="how many test images to time (default 64)")
-    parser.add_argument("--merge", action="store_true",
-                        help="also time `score` with a (random) LoRA adapter unmerged against merged")
+    parser.add_argument(
+        "--merge", action="store_true", help="also time `score` with a (random) LoRA adapter unmerged against merged"
+    )
     args = parser.parse_args()
     configure_logging()
     params = load_params(overrides=args.overrides)
@@ -122,7 +139,7 @@ def main() -> None:
             paths = pipeline_paths()
             image_root = Path(paths["raw_dir"])
             test = read_split(Path(paths["split_dir"]) / "test.csv", image_root)
-        images = [image_root / f for f in test["filename"][:args.images]]
+        images = [image_root / f for f in test["filename"][: args.images]]
         model, processor, info = load_base_model(params.model, params.eval.precision)
         result = benchmark(model, processor, images, params.eval)
         print(report(result, len(images), params.eval, params.model.id, info.device))

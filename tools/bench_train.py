@@ -165,7 +165,7 @@ def measure(trainer: GuardedSFTTrainer, warmup: int, steps: int, batch_size: int
     for callback in (clock, profiled, skipped):
         trainer.add_callback(callback)
     trainer.train()
-    timed = clock.ends[warmup - 1:warmup + steps]
+    timed = clock.ends[warmup - 1 : warmup + steps]
     seconds_per_step = (timed[-1] - timed[0]) / steps
     warmup_seconds = timed[0] - clock.started
     memory = peak_memory_gib()  # before the FLOP count, which runs one example without checkpointing
@@ -207,8 +207,10 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
         ("FLOPs per example", f"{m.flops_per_example / 1e12:.4g} TFLOP (forward + backward, no recomputation)"),
         ("MFU", mfu),
         ("optimizer steps skipped (fp16 loss scaler)", ", ".join(map(str, m.skipped_steps)) or "none"),
-        (f"reference run ({REFERENCE_TRAIN_IMAGES} images x {params.train.epochs} epochs = {steps} steps)",
-         f"{(m.warmup_seconds + (steps - m.warmup_steps) * m.seconds_per_step) / 60:.1f} min projected"),
+        (
+            f"reference run ({REFERENCE_TRAIN_IMAGES} images x {params.train.epochs} epochs = {steps} steps)",
+            f"{(m.warmup_seconds + (steps - m.warmup_steps) * m.seconds_per_step) / 60:.1f} min projected",
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
@@ -238,8 +240,15 @@ def main(argv: list[str] | None = None) -> None:
         model, processor, info = load_base_model(params.model, params.train.precision)
         plan = plan_for(model, processor, params.lora, params.train)
         trainer = build_trainer(
-            model=model, processor=processor, info=info, lora=params.lora, train=params.train, plan=plan, rows=rows,
-            image_root=image_root, output_dir=Path(scratch) / "out",
+            model=model,
+            processor=processor,
+            info=info,
+            lora=params.lora,
+            train=params.train,
+            plan=plan,
+            rows=rows,
+            image_root=image_root,
+            output_dir=Path(scratch) / "out",
             # the steps measured, one more profiled; nothing saved or tracked
             config_overrides={"max_steps": args.warmup + args.steps + 1, "save_strategy": "no", "report_to": []},
         )

@@ -67,25 +67,37 @@ def interval_table(base: dict[str, dict[str, Any]], head: dict[str, dict[str, An
     lines = ["| metrics file | metric | base | this change | 95% intervals overlap |", "|---|---|---|---|---|"]
     for path in sorted(set(base) | set(head)):
         for label, section in INTERVAL_METRICS:
-            lines.append(f"| {path} | {label} | {_interval(base.get(path), section)} | "
-                         f"{_interval(head.get(path), section)} | {_overlap(base.get(path), head.get(path), section)} |")
+            lines.append(
+                f"| {path} | {label} | {_interval(base.get(path), section)} | "
+                f"{_interval(head.get(path), section)} | {_overlap(base.get(path), head.get(path), section)} |"
+            )
     return "\n".join(lines)
 
 
 def pr_report(base: str, plots_url: str | None = None) -> str:
-    plots = (f"[Plots: confusion matrices, ROC, training loss, base vs this change]({plots_url})" if plots_url
-             else f"Plots: run `dvc plots diff {base}` and open `dvc_plots/index.html`.")
-    return "\n\n".join([
-        f"## Metrics against `{base}`",
-        dvc_markdown("metrics", base),
-        "### Accuracy with 95% intervals (bootstrap over patients)",
-        interval_table(evaluation_metrics_at(base), evaluation_metrics_at(None)),
-        ("Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals "
-        "mean the change may be noise; they are not a test."),
-        f"## Params against `{base}`",
-        dvc_markdown("params", base),
-        plots,
-    ]) + "\n"
+    plots = (
+        f"[Plots: confusion matrices, ROC, training loss, base vs this change]({plots_url})"
+        if plots_url
+        else f"Plots: run `dvc plots diff {base}` and open `dvc_plots/index.html`."
+    )
+    return (
+        "\n\n".join(
+            [
+                f"## Metrics against `{base}`",
+                dvc_markdown("metrics", base),
+                "### Accuracy with 95% intervals (bootstrap over patients)",
+                interval_table(evaluation_metrics_at(base), evaluation_metrics_at(None)),
+                (
+                    "Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals "
+                    "mean the change may be noise; they are not a test."
+                ),
+                f"## Params against `{base}`",
+                dvc_markdown("params", base),
+                plots,
+            ]
+        )
+        + "\n"
+    )
 
 
 def main() -> None:

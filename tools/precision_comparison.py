@@ -36,8 +36,10 @@ EVAL_METRICS = (
     ("binary accuracy", "binary_accuracy"),
     ("binary F1 (malignant)", "binary_f1_malignant"),
 )
-CPU_NOTE = ("No GPU here: fp16 mixed precision needs CUDA, so the fp16 experiment trains float16 base weights "
-            "without autocast, and its 'precision that ran' row says so.")
+CPU_NOTE = (
+    "No GPU here: fp16 mixed precision needs CUDA, so the fp16 experiment trains float16 base weights "
+    "without autocast, and its 'precision that ran' row says so."
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +66,9 @@ def run_experiment(name: str, precision: str, overrides: list[str]) -> int:
 
 def _latest_stage_run(client: mlflow.MlflowClient, experiment: str, dvc_exp_name: str, stage: str) -> Run | None:
     # The experiment's name is compared here, not in the filter string: a name may hold any quote.
-    runs = client.search_runs([experiment], filter_string=f"tags.stage = '{stage}'",
-                              order_by=["attributes.start_time DESC"])
+    runs = client.search_runs(
+        [experiment], filter_string=f"tags.stage = '{stage}'", order_by=["attributes.start_time DESC"]
+    )
     return next((run for run in runs if run.data.tags.get("dvc_exp_name") == dvc_exp_name), None)
 
 
@@ -74,12 +77,19 @@ def collect_runs(precision: str, dvc_exp_name: str, exit_code: int) -> Precision
     train = _latest_stage_run(client, experiment, dvc_exp_name, "train")
     history = {
         key: [m.value for m in sorted(client.get_metric_history(train.info.run_id, key), key=lambda m: m.step)]
-        if train else []
+        if train
+        else []
         for key in ("loss", "grad_norm")
     }
-    return PrecisionRuns(precision, dvc_exp_name, exit_code, train,
-                         _latest_stage_run(client, experiment, dvc_exp_name, "evaluate"),
-                         history["loss"], history["grad_norm"])
+    return PrecisionRuns(
+        precision,
+        dvc_exp_name,
+        exit_code,
+        train,
+        _latest_stage_run(client, experiment, dvc_exp_name, "evaluate"),
+        history["loss"],
+        history["grad_norm"],
+    )
 
 
 def _training_outcome(runs: PrecisionRuns) -> str:
@@ -109,8 +119,11 @@ def summary_column(runs: PrecisionRuns) -> dict[str, str]:
     train_metrics = runs.train.data.metrics if runs.train else {}
     train_tags = runs.train.data.tags if runs.train else {}
     eval_metrics = runs.evaluate.data.metrics if runs.evaluate and runs.evaluate.info.status == "FINISHED" else {}
-    wall = (runs.train.info.end_time - runs.train.info.start_time) / 1000 if runs.train and runs.train.info.end_time \
+    wall = (
+        (runs.train.info.end_time - runs.train.info.start_time) / 1000
+        if runs.train and runs.train.info.end_time
         else None
+    )
     column = {
         "DVC experiment": runs.experiment,
         "training": _training_outcome(runs),
@@ -124,7 +137,8 @@ def summary_column(runs: PrecisionRuns) -> dict[str, str]:
         "trainer runtime (s)": _number(train_metrics.get("train_runtime"), 1),
         "train stage wall time (s)": _number(wall, 1),
         "peak process RSS (GiB)": _number(train_metrics.get("peak_process_rss_gib"), 2),
-        "peak CUDA memory allocated (GiB)": "n/a (ran on CPU)" if train_tags.get("device") == "cpu"
+        "peak CUDA memory allocated (GiB)": "n/a (ran on CPU)"
+        if train_tags.get("device") == "cpu"
         else _number(train_metrics.get("peak_cuda_memory_allocated_gib"), 2),
     }
     for label, key in EVAL_METRICS:
@@ -135,18 +149,25 @@ def summary_column(runs: PrecisionRuns) -> dict[str, str]:
 def precision_table(columns: list[PrecisionRuns]) -> str:
     """A markdown table, one column per precision."""
     cells = [summary_column(runs) for runs in columns]
-    lines = ["| | " + " | ".join(runs.precision for runs in columns) + " |",
-             "|---|" + "---|" * len(columns)]
+    lines = ["| | " + " | ".join(runs.precision for runs in columns) + " |", "|---|" + "---|" * len(columns)]
     lines += [f"| {label} | " + " | ".join(column[label] for column in cells) + " |" for label in cells[0]]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-S", "--set-param", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params override for both experiments, as for `dvc exp run -S`")
-    parser.add_argument("--out", type=Path, default=Path("reports/precision_comparison.md"),
-                        help="where to save the table (markdown)")
+    parser.add_argument(
+        "-S",
+        "--set-param",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params override for both experiments, as for `dvc exp run -S`",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("reports/precision_comparison.md"), help="where to save the table (markdown)"
+    )
     args = parser.parse_args()
     configure_logging()
     if any(override.startswith("train.precision=") for override in args.overrides):
@@ -161,8 +182,10 @@ def main() -> None:
         columns.append(collect_runs(precision, name, run_experiment(name, precision, args.overrides)))
     table = precision_table(columns)
     overrides = " ".join(f"-S {o}" for o in args.overrides) or "none"
-    report = "\n\n".join([f"# bf16 vs fp16 ({stamp})", f"Other params: params.yaml, overrides: {overrides}",
-                          table, *notes]) + "\n"
+    report = (
+        "\n\n".join([f"# bf16 vs fp16 ({stamp})", f"Other params: params.yaml, overrides: {overrides}", table, *notes])
+        + "\n"
+    )
     atomic_write_text(args.out, report)
     print(report)
     print(f"saved to {args.out}")
