@@ -56,6 +56,7 @@ def test_dead_http_store_fails_in_seconds_naming_it_without_its_password() -> No
     assert "s3cret" not in str(caught.value) and "MLFLOW_TRACKING_URI" in str(caught.value)
 
 
+@pytest.mark.slow  # trains, or waits out the store's timeouts
 def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_path: Path, lock_store) -> None:
     corrupt = tmp_path / "corrupt.db"
     corrupt.write_bytes(b"not a database" * 100)
@@ -77,6 +78,7 @@ def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_pat
     assert STORE_CHECK_TIMEOUT_S <= time.monotonic() - started < 15
 
 
+@pytest.mark.slow  # trains, or waits out the store's timeouts
 def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not_a_traceback(
     synthetic_root: Path, split_dir: Path, tmp_path: Path
 ) -> None:
@@ -154,6 +156,7 @@ def test_names_with_quotes_cannot_break_a_search(
     assert latest.info.run_id == evaluate.run.info.run_id
 
 
+@pytest.mark.slow  # trains, or waits out the store's timeouts
 def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path, lock_store) -> None:
     history = [{"loss": 3.0 - step, "learning_rate": 0.1, "step": step} for step in (1, 2, 3)]
     mlflow.set_tracking_uri(f"sqlite:///{store}")
@@ -173,6 +176,7 @@ def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path,
     assert not tracked.failures
 
 
+@pytest.mark.slow  # trains, or waits out the store's timeouts
 def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_look_complete(
     synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store
 ) -> None:
