@@ -25,6 +25,7 @@ from mlflow.entities import Run
 
 from medgemma_breakhis.atomic import atomic_write_text
 from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.params import add_override_argument
 from medgemma_breakhis.tracking import experiment_id
 
 logger = logging.getLogger(__name__)
@@ -156,15 +157,7 @@ def precision_table(columns: list[PrecisionRuns]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "-S",
-        "--set-param",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a params override for both experiments, as for `dvc exp run -S`",
-    )
+    add_override_argument(parser)  # applied to both experiments
     parser.add_argument(
         "--out", type=Path, default=Path("reports/precision_comparison.md"), help="where to save the table (markdown)"
     )
