@@ -23,8 +23,10 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import torch
+from dvc_task.proc.process import ProcessInfo
 from mlflow.entities import Run
 from ruamel.yaml import YAML
 
@@ -477,6 +479,26 @@ def set_params(repo: Path, **values: object) -> None:
     yaml.dump(params, repo / "params.yaml")
 
 
+def stop_queue_workers(repo: Path, env: dict[str, str]) -> None:
+    """Stops the queue's workers and waits for them to exit.
+
+    An idle worker stays up for a minute, pinging itself through files in the queue's broker folder; the secrets
+    scan that follows the test would race those files (one vanished between listing and reading, in CI).
+    """
+    celery = repo / ".dvc" / "tmp" / "exps" / "celery"
+    pids = [ProcessInfo.load(str(path)).pid for path in celery.glob("dvc-exp-worker-*.json")]
+    assert pids, "no queue worker was recorded"
+    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, check=True, timeout=60)
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=120)
+    assert not alive, f"queue workers still running after dvc queue stop: {alive}"
+
+
 def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Path) -> None:
     repo = workspace
     queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "lora.r=4,16", "-S", "train.epochs=1")
@@ -513,6 +535,7 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Pa
         time.sleep(2)
     for name in names:
         run(repo, "dvc", "queue", "logs", name)  # kept for the secrets scan below
+    stop_queue_workers(repo, env)
     assert rows == dict.fromkeys(names, "Success"), status
 
     shown = run_json(repo, "dvc", "exp", "show", "--json")
