@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from medgemma_breakhis import dotted
 from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
@@ -115,27 +116,21 @@ def summary_table(folds: dict[int, dict[str, dict[str, Any]]], summary: dict[str
     sections = []
     for magnification, per_fold in folds.items():
         aggregated = summary[f"{magnification}x"]
-        lines = [
-            f"### {magnification}X, {aggregated['n_folds']} folds",
-            "| fold | " + " | ".join(label for label, _, _ in TABLE_COLUMNS) + " |",
-            "|---|" + "---|" * len(TABLE_COLUMNS),
-        ]
-        for name, files in per_fold.items():
-            cells = [_number_cell(dotted.get(files[file], key)) for _, file, key in TABLE_COLUMNS]
-            fold = name.removeprefix("fold").split("-")[0]
-            lines.append(f"| {fold} | " + " | ".join(cells) + " |")
+        rows = {
+            name.removeprefix("fold").split("-")[0]: [
+                _number_cell(dotted.get(files[file], key)) for _, file, key in TABLE_COLUMNS
+            ]
+            for name, files in per_fold.items()
+        }
         stats = [dotted.get(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
-        lines.append(
-            "| mean ± std | "
-            + " | ".join("n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}" for s in stats)
-            + " |"
-        )
-        lines.append(
-            "| [min, max] | "
-            + " | ".join("n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats)
-            + " |"
-        )
-        sections.append("\n".join(lines))
+        rows["mean ± std"] = ["n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}" for s in stats]
+        rows["[min, max]"] = [
+            "n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats
+        ]
+        table = pd.DataFrame.from_dict(rows, orient="index", columns=[label for label, _, _ in TABLE_COLUMNS])
+        # numparse off: tabulate would otherwise reformat the cells' fixed decimals
+        markdown = table.rename_axis("fold").to_markdown(disable_numparse=True)
+        sections.append(f"### {magnification}X, {aggregated['n_folds']} folds\n{markdown}")
     return "\n\n".join(sections) + "\n"
 
 

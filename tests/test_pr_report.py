@@ -106,9 +106,13 @@ def test_report_without_base_says_how_to_call_it(two_commits: tuple[Path, str]) 
 def test_interval_table_marks_overlap_and_missing_files() -> None:
     base = {"metrics/finetuned.json": metrics(0.5, 0.3, 0.7), "metrics/baseline.json": None}
     head = {"metrics/finetuned.json": metrics(0.6, 0.4, 0.8), "metrics/baseline.json": metrics(0.2, 0.1, 0.3)}
-    rows = interval_table(base, head).splitlines()
-    assert rows[2] == "| metrics/baseline.json | 8-class accuracy | no such file | 0.200 [0.100, 0.300] | n/a |"
-    assert rows[4] == (
-        "| metrics/finetuned.json | 8-class accuracy | 0.500 [0.300, 0.700] | 0.600 [0.400, 0.800] "
-        "| yes: could be noise |"
-    )
+    rows = [[cell.strip() for cell in line.split("|")[1:-1]] for line in interval_table(base, head).splitlines()]
+    assert rows[0] == ["metrics file", "metric", "base", "this change", "95% intervals overlap"]
+    assert rows[2] == ["metrics/baseline.json", "8-class accuracy", "no such file", "0.200 [0.100, 0.300]", "n/a"]
+    assert rows[4] == [
+        "metrics/finetuned.json",
+        "8-class accuracy",
+        "0.500 [0.300, 0.700]",
+        "0.600 [0.400, 0.800]",
+        "yes: could be noise",
+    ]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dvc.api
+import pandas as pd
 from ruamel.yaml import YAML
 
 INTERVAL_METRICS = (("8-class accuracy", "eight_class"), ("binary accuracy", "binary"))
@@ -64,14 +65,18 @@ def _overlap(base: dict[str, Any] | None, head: dict[str, Any] | None, section: 
 
 
 def interval_table(base: dict[str, dict[str, Any]], head: dict[str, dict[str, Any]]) -> str:
-    lines = ["| metrics file | metric | base | this change | 95% intervals overlap |", "|---|---|---|---|---|"]
-    for path in sorted(set(base) | set(head)):
-        for label, section in INTERVAL_METRICS:
-            lines.append(
-                f"| {path} | {label} | {_interval(base.get(path), section)} | "
-                f"{_interval(head.get(path), section)} | {_overlap(base.get(path), head.get(path), section)} |"
-            )
-    return "\n".join(lines)
+    rows = [
+        {
+            "metrics file": path,
+            "metric": label,
+            "base": _interval(base.get(path), section),
+            "this change": _interval(head.get(path), section),
+            "95% intervals overlap": _overlap(base.get(path), head.get(path), section),
+        }
+        for path in sorted(set(base) | set(head))
+        for label, section in INTERVAL_METRICS
+    ]
+    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
 def pr_report(base: str, plots_url: str | None = None) -> str:

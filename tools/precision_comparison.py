@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import torch
 from mlflow.entities import Run
 
@@ -149,10 +150,8 @@ def summary_column(runs: PrecisionRuns) -> dict[str, str]:
 
 def precision_table(columns: list[PrecisionRuns]) -> str:
     """A markdown table, one column per precision."""
-    cells = [summary_column(runs) for runs in columns]
-    lines = ["| | " + " | ".join(runs.precision for runs in columns) + " |", "|---|" + "---|" * len(columns)]
-    lines += [f"| {label} | " + " | ".join(column[label] for column in cells) + " |" for label in cells[0]]
-    return "\n".join(lines)
+    table = pd.DataFrame({runs.precision: summary_column(runs) for runs in columns})
+    return table.to_markdown(disable_numparse=True)
 
 
 def main() -> None:
