@@ -10,9 +10,7 @@ from pathlib import Path
 
 from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.evaluation import run_evaluation
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument, load_params
-from medgemma_breakhis.signals import interrupt_on_sigterm
+from medgemma_breakhis.stage import start_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -22,11 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
     parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
-    add_override_argument(parser)
-    args = parser.parse_args(argv)
-    configure_logging()
-    interrupt_on_sigterm()
-    params = load_params(overrides=args.overrides)
+    args, params = start_stage(parser, argv)
     run_evaluation(params, "baseline", args.images, args.test, args.metrics, args.predictions, args.roc)
 
 

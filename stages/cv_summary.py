@@ -9,9 +9,7 @@ from pathlib import Path
 
 from medgemma_breakhis.cross_validation import write_summary
 from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument, load_params
-from medgemma_breakhis.signals import interrupt_on_sigterm
+from medgemma_breakhis.stage import start_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,11 +17,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="folder of the per-fold metrics folders")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON to write (mean, std, min, max)")
     parser.add_argument("--table", type=Path, required=True, help="markdown table to write, one row per fold")
-    add_override_argument(parser)
-    args = parser.parse_args(argv)
-    configure_logging()
-    interrupt_on_sigterm()
-    params = load_params(overrides=args.overrides)
+    args, params = start_stage(parser, argv)
     print(write_summary(args.metrics, params.cv, args.out, args.table), end="")
 
 

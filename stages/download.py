@@ -9,9 +9,7 @@ from pathlib import Path
 
 from medgemma_breakhis.acquisition import prepare_raw_data
 from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument, load_params
-from medgemma_breakhis.signals import interrupt_on_sigterm
+from medgemma_breakhis.stage import start_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,11 +21,7 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="CSV listing the images left out by data.exclude_invalid, with the reason",
     )
-    add_override_argument(parser)
-    args = parser.parse_args(argv)
-    configure_logging()
-    interrupt_on_sigterm()
-    params = load_params(overrides=args.overrides)
+    args, params = start_stage(parser, argv)
     count = prepare_raw_data(params.data, args.out, args.excluded)
     logging.getLogger(__name__).info("%s: %d images from source %s", args.out, count, params.data.source)
 

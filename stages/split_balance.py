@@ -8,10 +8,8 @@ import argparse
 from pathlib import Path
 
 from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument, load_params
-from medgemma_breakhis.signals import interrupt_on_sigterm
 from medgemma_breakhis.splits import write_split
+from medgemma_breakhis.stage import start_stage
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,11 +22,7 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="data summary JSON to write: images and patients per split and class",
     )
-    add_override_argument(parser)
-    args = parser.parse_args(argv)
-    configure_logging()
-    interrupt_on_sigterm()
-    params = load_params(overrides=args.overrides)
+    args, params = start_stage(parser, argv)
     write_split(args.folds, params.split, args.out, args.summary)
 
 

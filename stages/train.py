@@ -13,10 +13,8 @@ from pathlib import Path
 
 from medgemma_breakhis.distributed import run_distributed_if_asked
 from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument, load_params
 from medgemma_breakhis.repository import in_main_repo
-from medgemma_breakhis.signals import interrupt_on_sigterm
+from medgemma_breakhis.stage import start_stage
 from medgemma_breakhis.training import run_training
 
 
@@ -34,12 +32,8 @@ def main(argv: list[str] | None = None) -> None:
         help="checkpoint root; a relative path is taken from the main repository's root, so DVC "
         "experiment copies share it",
     )
-    add_override_argument(parser)
     arguments = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(arguments)
-    configure_logging()
-    interrupt_on_sigterm()
-    params = load_params(overrides=args.overrides)
+    args, params = start_stage(parser, arguments)
     run_distributed_if_asked(params.train.num_processes, "stages.train", arguments)
     # A cloud job sets MEDGEMMA_CHECKPOINTS_DIR to a bucket mount, so that a preempted job resumes on its next machine
     # (README: Cloud GPU jobs). Not a param: where checkpoints live does not change what is trained.
