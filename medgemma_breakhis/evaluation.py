@@ -78,6 +78,7 @@ def tag_adapter_origin(adapter_dir: Path, parent_run_id: str) -> None:
 def run_evaluation(
     params: Params,
     stage: str,
+    *,
     image_root: Path,
     test_csv: Path,
     metrics_path: Path,

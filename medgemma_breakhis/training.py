@@ -334,6 +334,7 @@ def save_adapter(trainer: SFTTrainer, folder: Path) -> None:
 
 def run_training(
     params: Params,
+    *,
     image_root: Path,
     train_csv: Path,
     adapter_dir: Path,

@@ -21,7 +21,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
     parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
     args, params = start_stage(parser, argv)
-    run_evaluation(params, "baseline", args.images, args.test, args.metrics, args.predictions, args.roc)
+    run_evaluation(
+        params,
+        "baseline",
+        image_root=args.images,
+        test_csv=args.test,
+        metrics_path=args.metrics,
+        predictions_path=args.predictions,
+        roc_path=args.roc,
+    )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
     args, params = start_stage(parser, argv)
     run_evaluation(
-        params, "evaluate", args.images, args.test, args.metrics, args.predictions, args.roc, adapter_dir=args.adapter
+        params,
+        "evaluate",
+        image_root=args.images,
+        test_csv=args.test,
+        metrics_path=args.metrics,
+        predictions_path=args.predictions,
+        roc_path=args.roc,
+        adapter_dir=args.adapter,
     )
 
 

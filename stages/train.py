@@ -38,7 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     # A cloud job sets MEDGEMMA_CHECKPOINTS_DIR to a bucket mount, so that a preempted job resumes on its next machine
     # (README: Cloud GPU jobs). Not a param: where checkpoints live does not change what is trained.
     checkpoints = Path(os.environ.get("MEDGEMMA_CHECKPOINTS_DIR") or args.checkpoints)
-    run_training(params, args.images, args.train, args.adapter, args.metrics, args.loss, in_main_repo(checkpoints))
+    run_training(
+        params,
+        image_root=args.images,
+        train_csv=args.train,
+        adapter_dir=args.adapter,
+        metrics_path=args.metrics,
+        loss_path=args.loss,
+        checkpoint_root=in_main_repo(checkpoints),
+    )
 
 
 if __name__ == "__main__":

@@ -49,11 +49,11 @@ def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(
         run_evaluation(
             params,
             "baseline",
-            synthetic_root,
-            split_dir / "test.csv",
-            tmp_path / "baseline.json",
-            tmp_path / "predictions.csv",
-            tmp_path / "roc.csv",
+            image_root=synthetic_root,
+            test_csv=split_dir / "test.csv",
+            metrics_path=tmp_path / "baseline.json",
+            predictions_path=tmp_path / "predictions.csv",
+            roc_path=tmp_path / "roc.csv",
         )
     assert not any((tmp_path / name).exists() for name in ("baseline.json", "predictions.csv", "roc.csv"))
     (run,) = mlflow.MlflowClient(store).search_runs(["1"], "tags.stage = 'baseline'")

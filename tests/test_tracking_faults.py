@@ -191,7 +191,15 @@ def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_l
     metrics, adapter, checkpoints = tmp_path / "metrics" / "train.json", tmp_path / "adapter", tmp_path / "checkpoints"
     # from the moment training is over until the stage has returned
     with lock_store(store, when=metrics.exists) as taken:
-        result = run_training(params, synthetic_root, train_csv, adapter, metrics, tmp_path / "loss.csv", checkpoints)
+        result = run_training(
+            params,
+            image_root=synthetic_root,
+            train_csv=train_csv,
+            adapter_dir=adapter,
+            metrics_path=metrics,
+            loss_path=tmp_path / "loss.csv",
+            checkpoint_root=checkpoints,
+        )
     assert taken.is_set()
     assert result is not None and result.global_steps == 4
     assert (adapter / "adapter_config.json").is_file() and metrics.is_file()
@@ -210,12 +218,12 @@ def test_lora_target_modules_that_match_nothing_are_refused_before_the_model_loa
     with pytest.raises(ParamsError, match=r"lora.target_modules='no_such_proj' matches no module of tiny-gemma3"):
         run_training(
             params,
-            synthetic_root,
-            split_dir / "train.csv",
-            tmp_path / "adapter",
-            tmp_path / "train.json",
-            tmp_path / "loss.csv",
-            tmp_path / "checkpoints",
+            image_root=synthetic_root,
+            train_csv=split_dir / "train.csv",
+            adapter_dir=tmp_path / "adapter",
+            metrics_path=tmp_path / "train.json",
+            loss_path=tmp_path / "loss.csv",
+            checkpoint_root=tmp_path / "checkpoints",
         )
     assert not store.exists()  # refused before the stage's run, let alone the model
 
@@ -227,12 +235,12 @@ def test_model_id_that_is_a_missing_local_path_says_so(split_dir: Path, syntheti
     with pytest.raises(ModelLoadError, match=message):  # the stage's first look at the model, before the store's
         run_training(
             params_from_dict({"model": {"id": "./models/medgemma"}}),
-            synthetic_root,
-            split_dir / "train.csv",
-            tmp_path / "adapter",
-            tmp_path / "train.json",
-            tmp_path / "loss.csv",
-            tmp_path / "checkpoints",
+            image_root=synthetic_root,
+            train_csv=split_dir / "train.csv",
+            adapter_dir=tmp_path / "adapter",
+            metrics_path=tmp_path / "train.json",
+            loss_path=tmp_path / "loss.csv",
+            checkpoint_root=tmp_path / "checkpoints",
         )
 
 
