@@ -58,6 +58,29 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def train_argv(synthetic_root: Path) -> Callable[[Path | str], list[str]]:
+    """The `train` stage's arguments for a training split over the synthetic images, the outputs placed as dvc.yaml
+    places them, relative to the stage's working folder."""
+
+    def argv(train_csv: Path | str) -> list[str]:
+        return [
+            *("--images", str(synthetic_root), "--train", str(train_csv)),
+            *("--adapter", "models/adapter", "--metrics", "metrics/train.json", "--loss", "plots/train_loss.csv"),
+            *("--checkpoints", "checkpoints"),
+        ]
+
+    return argv
+
+
+@pytest.fixture(scope="session")
+def stage_env() -> dict[str, str]:
+    """The environment of a stage run as a subprocess: this repository importable, offline, and no MLflow or DVC
+    setting inherited from the shell that runs the tests."""
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))}
+    return inherited | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "HF_HUB_OFFLINE": "1"}
+
+
 @pytest.fixture
 def stage_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """`tmp_path` as the working folder of a stage called in-process (`stages.<name>.main([...])`), with its own MLflow

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -18,37 +18,17 @@ from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import SplitParams
 from medgemma_breakhis.splits import write_split
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.mark.slow  # two training processes under accelerate launch
-def test_two_processes_train_one_adapter_tracked_once(synthetic_root: Path, tmp_path: Path) -> None:
+def test_two_processes_train_one_adapter_tracked_once(
+    synthetic_root: Path, tmp_path: Path, train_argv: Callable[[str], list[str]], stage_env: dict[str, str]
+) -> None:
     (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  num_processes: 2\n")
     write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))} | {
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-    }
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "stages.train",
-            "--images",
-            str(synthetic_root),
-            "--train",
-            "split/train.csv",
-            "--adapter",
-            "models/adapter",
-            "--metrics",
-            "metrics/train.json",
-            "--loss",
-            "plots/train_loss.csv",
-            "--checkpoints",
-            "checkpoints",
-        ],
+        [sys.executable, "-m", "stages.train", *train_argv("split/train.csv")],
         cwd=tmp_path,
-        env=env,
+        env=stage_env,
         capture_output=True,
         text=True,
         timeout=600,

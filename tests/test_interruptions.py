@@ -3,11 +3,11 @@ a checkpoint and the next run resumes from it."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -18,8 +18,6 @@ from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
 from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import SplitParams
 from medgemma_breakhis.splits import write_split
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_a_failed_write_leaves_the_previous_output_and_no_partial_files(tmp_path: Path) -> None:
@@ -37,47 +35,21 @@ def test_a_failed_write_leaves_the_previous_output_and_no_partial_files(tmp_path
     assert (tmp_path / "metrics.json").stat().st_mode & 0o044 == 0o044  # readable like any file, not mkstemp's 0600
 
 
-def _stage(cwd: Path, synthetic_root: Path, log: Path) -> subprocess.Popen:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))} | {
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-    }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "stages.train",
-            "--images",
-            str(synthetic_root),
-            "--train",
-            "split/train.csv",
-            "--adapter",
-            "models/adapter",
-            "--metrics",
-            "metrics/train.json",
-            "--loss",
-            "plots/train_loss.csv",
-            "--checkpoints",
-            "checkpoints",
-        ],
-        cwd=cwd,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+def _stage(cwd: Path, argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "stages.train", *argv]
+    return subprocess.Popen(command, cwd=cwd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow  # a signal to a training process: a subprocess
 def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resumes(
-    synthetic_root: Path, tmp_path: Path
+    synthetic_root: Path, tmp_path: Path, train_argv: Callable[[str], list[str]], stage_env: dict[str, str]
 ) -> None:
     # Checkpoints only far apart: the one found afterwards can only come from the signal.
     (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  checkpoint_steps: 1000\n")
     write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
-    steps = len(pd.read_csv(tmp_path / "split" / "train.csv")) // 8  # batch 1 x 8 accumulated, one epoch
+    steps = len(pd.read_csv(tmp_path / "split" / "train.csv")) // 8  # 8 examples per optimizer step, one epoch
     log = tmp_path / "first.log"
-    stage = _stage(tmp_path, synthetic_root, log)
+    stage = _stage(tmp_path, train_argv("split/train.csv"), stage_env, log)
     deadline = time.monotonic() + 300
     while "'loss'" not in log.read_text() and stage.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)  # until the first optimizer step is logged
@@ -100,7 +72,7 @@ def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resume
     assert interrupted.data.tags["failure_reason"].startswith("TrainingInterrupted: SIGTERM")
     assert client.get_run(interrupted.data.tags["mlflow.parentRunId"]).info.status == "KILLED"
 
-    stage = _stage(tmp_path, synthetic_root, tmp_path / "second.log")
+    stage = _stage(tmp_path, train_argv("split/train.csv"), stage_env, tmp_path / "second.log")
     assert stage.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()[-3000:]
     assert f"resuming from {checkpoint}: optimizer steps 1-{step} are done" in (tmp_path / "second.log").read_text()
     assert (tmp_path / "models" / "adapter" / "adapter_model.safetensors").is_file()

@@ -3,6 +3,7 @@ model, is caught in training and in scoring."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -63,28 +64,17 @@ def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(
 
 @pytest.mark.slow  # the whole train stage, with its MLflow store
 def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapter(
-    overflowing_model: Path, synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_folder: Path
+    overflowing_model: Path,
+    split_dir: Path,
+    tmp_path: Path,
+    stage_folder: Path,
+    train_argv: Callable[[Path], list[str]],
 ) -> None:
     (tmp_path / "params.yaml").write_text(
         f"model:\n  id: {overflowing_model}\ntrain:\n  precision: fp16\n  epochs: 1\n"
     )
     with pytest.raises(TrainingDivergedError) as diverged:
-        train.main(
-            [
-                "--images",
-                str(synthetic_root),
-                "--train",
-                str(split_dir / "train.csv"),
-                "--adapter",
-                "models/adapter",
-                "--metrics",
-                "metrics/train.json",
-                "--loss",
-                "plots/train_loss.csv",
-                "--checkpoints",
-                "checkpoints",
-            ]
-        )
+        train.main(train_argv(split_dir / "train.csv"))
     message = str(diverged.value)
     assert message.startswith("training loss is nan at optimizer step 1 of ")
     assert "with train.precision=fp16 (float16 base weights, no autocast" in message

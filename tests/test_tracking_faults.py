@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -29,8 +28,6 @@ from medgemma_breakhis.tracking import (
 )
 from medgemma_breakhis.training import run_training
 from tools.precision_comparison import _latest_stage_run
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +77,10 @@ def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_pat
 
 @pytest.mark.slow  # trains, or waits out the store's timeouts
 def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not_a_traceback(
-    synthetic_root: Path, split_dir: Path, tmp_path: Path
+    synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_env: dict[str, str]
 ) -> None:
     (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\n")
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MLFLOW_", "DVC_"))} | {
-        "PYTHONPATH": str(REPO),
-        "MLFLOW_TRACKING_URI": "http://127.0.0.1:9",
-    }
+    env = stage_env | {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     result = subprocess.run(
         [
             sys.executable,
@@ -115,17 +109,20 @@ def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not
     assert "Traceback" not in result.stderr and "loaded tiny-gemma3" not in result.stderr
 
 
-def test_expected_errors_are_one_message_without_traceback(tmp_path: Path) -> None:
+def test_expected_errors_are_one_message_without_traceback(tmp_path: Path, stage_env: dict[str, str]) -> None:
     (tmp_path / "params.yaml").write_text(f"data:\n  source: local\n  path: {tmp_path / 'nowhere'}\n")
     command = [sys.executable, "-m", "stages.download", "--out", "data/raw", "--excluded", "data/excluded.csv"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        command, cwd=tmp_path, env=stage_env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 1
     assert f"dataset folder {tmp_path / 'nowhere'} does not exist; set data.path" in result.stderr
     assert "Traceback" not in result.stderr
 
     (tmp_path / "params.yaml").write_text("")
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        command, cwd=tmp_path, env=stage_env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert result.returncode == 1
     assert "params file params.yaml is empty" in result.stderr and "Traceback" not in result.stderr
 
@@ -245,13 +242,12 @@ def test_model_id_that_is_a_missing_local_path_says_so(split_dir: Path, syntheti
 
 
 @pytest.mark.slow
-def test_stages_starting_together_on_a_new_store_both_get_the_experiment(tmp_path: Path) -> None:
+def test_stages_starting_together_on_a_new_store_both_get_the_experiment(
+    tmp_path: Path, stage_env: dict[str, str]
+) -> None:
     """DVC's queue workers start their stages at once: two processes creating a new sqlite store's tables together
     broke MLflow's schema migration ("No such index") before the store's first use took a lock."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")} | {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "PYTHONPATH": str(REPO),
-    }
+    env = stage_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     code = "from medgemma_breakhis.tracking import experiment_id; print(experiment_id())"
     processes = [
         subprocess.Popen(
