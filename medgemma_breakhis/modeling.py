@@ -1,32 +1,38 @@
-"""Loading the base model and processor (MedGemma from the hub, a local copy, or the tiny offline model)."""
+"""Loading the base model and processor (MedGemma from the hub, a local copy, or a built-in model), and the checks
+that refuse, in seconds and before any weights load, a model that cannot be trained or scored as the params say."""
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PreTrainedModel, ProcessorMixin
+from transformers import (
+    AutoConfig,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+)
 
 from medgemma_breakhis.distributed import local_rank, world_size
-from medgemma_breakhis.errors import ExpectedError
-from medgemma_breakhis.medgemma_architecture import RANDOM_MEDGEMMA_ID, random_medgemma_folder
+from medgemma_breakhis.model_source import (
+    RANDOM_MEDGEMMA_ID,
+    ModelLoadError,
+    ModelSource,
+    recorded_revision,
+    require_gpu_for,
+    resolve,
+)
 from medgemma_breakhis.params import LoraParams, ModelParams, ParamsError, Precision
-from medgemma_breakhis.tiny_model import TINY_MODEL_ID, build_tiny_gemma3
 
 logger = logging.getLogger(__name__)
 
 DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class ModelLoadError(ExpectedError, RuntimeError):
-    """The model could not be loaded; the message says what to set."""
+# Where transformers looks for a processor's chat template, for the message when there is none.
+CHAT_TEMPLATE_FILES = "chat_template.jinja, chat_template.json or the chat_template of tokenizer_config.json"
 
 
 class NonFiniteError(FloatingPointError):
@@ -59,34 +65,6 @@ def device() -> torch.device:
     return torch.device(f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu")
 
 
-def _weights_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for weights in sorted(folder.glob("*.safetensors")):
-        with weights.open("rb") as stream:  # file_digest reads in 256 KiB chunks: a local MedGemma copy is 8 GB
-            digest.update(hashlib.file_digest(stream, "sha256").digest())
-    return f"sha256:{digest.hexdigest()[:16]}"
-
-
-def _tiny_model_folder() -> Path:
-    """The tiny model, built afresh and kept in a folder named by its digest.
-
-    peft writes the base model's folder into the adapter's files: a folder that depends only on the model's content
-    keeps the adapter byte-identical between runs, so DVC sees the same hash. Built beside it and renamed into place,
-    so concurrent stages (DVC's queue workers, distributed ranks) never see a half-written model.
-    """
-    parent = Path(tempfile.gettempdir())
-    staging = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL_ID}.partial-", dir=parent))
-    try:
-        build_tiny_gemma3(staging)
-        folder = parent / f"{TINY_MODEL_ID}-{_weights_digest(staging).removeprefix('sha256:')}"
-        if not folder.exists():
-            with contextlib.suppress(OSError):  # another process renamed its identical build into place first
-                staging.rename(folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
 def _hub_error_advice(model_id: str) -> str:
     from huggingface_hub import get_token
 
@@ -98,31 +76,62 @@ def _hub_error_advice(model_id: str) -> str:
     )
 
 
-def _refuse_missing_folder(model_id: str) -> None:
-    """A `model_id` that can only mean a folder (a hub id is `name` or `owner/name`, never ./x, /x, ~/x or a/b/c)
-    where there is none: said so, rather than sent to the hub and answered with advice about gated models."""
-    is_path = model_id.startswith((".", "/", "~")) or model_id.count("/") > 1 or "\\" in model_id
-    if is_path and not Path(model_id).is_dir():
+def _from_source(source: ModelSource, what: str, load):
+    """`load(location, revision)`, with a hub failure (transformers turns HTTP, gating and offline failures into
+    OSError) reported as a ModelLoadError that says what to set."""
+    try:
+        return load(source.location, source.revision)
+    except OSError as err:
+        if source.kind != "hub":
+            raise ModelLoadError(
+                f"could not load the {what} of model {source.model_id!r} from {source.location}: {err}"
+            ) from err
         raise ModelLoadError(
-            f"model.id={model_id!r} is a local path, and no folder is there (from {Path.cwd()}); "
-            "set model.id to the folder holding the model's config.json and weights, or to a hub id "
-            "such as google/medgemma-4b-it"
-        )
+            f"could not load the {what} of model {source.model_id!r} at revision {source.revision!r}: {err}\n"
+            f"{_hub_error_advice(source.model_id)}"
+        ) from err
 
 
-def _load(source: str, params: ModelParams, dtype: torch.dtype) -> tuple[PreTrainedModel, ProcessorMixin]:
-    revision = None if Path(source).is_dir() else params.revision
-    target = device()
-    model = AutoModelForImageTextToText.from_pretrained(
-        source,
-        revision=revision,
-        dtype=dtype,
-        attn_implementation=params.attn_implementation,
-        # one process: spread over the GPUs there are; one of several (DDP): a whole copy on its own GPU
-        device_map=None if target.type != "cuda" else "auto" if world_size() == 1 else {"": target.index},
+def model_config(params: ModelParams) -> PretrainedConfig:
+    """The model's config, without its weights (a built-in model is built without them)."""
+    source = resolve(params.id, params.revision, weights=False)
+    return _from_source(source, "config", lambda path, revision: AutoConfig.from_pretrained(path, revision=revision))
+
+
+def model_on_meta(config: PretrainedConfig) -> PreTrainedModel:
+    """The model of `config` on PyTorch's meta device: every parameter's shape, no memory, no weights."""
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config)
+
+
+def _load_processor(source: ModelSource) -> ProcessorMixin:
+    processor = _from_source(
+        source, "processor", lambda path, revision: AutoProcessor.from_pretrained(path, revision=revision)
     )
-    processor = AutoProcessor.from_pretrained(source, revision=revision)
-    return model, processor
+    if processor.chat_template is None:
+        # A model saved with an older transformers keeps its template only in tokenizer_config.json, which the
+        # tokenizer reads and the processor does not.
+        processor.chat_template = getattr(processor.tokenizer, "chat_template", None)
+    if processor.chat_template is None:
+        raise ModelLoadError(
+            f"model {source.model_id!r} has no chat template ({CHAT_TEMPLATE_FILES} in {source.location}), and the "
+            "prompt is written in it: add the template of the model's chat format to the model's folder"
+        )
+    return processor
+
+
+def load_processor(params: ModelParams) -> ProcessorMixin:
+    """The model's processor, with its chat template (which the prompt is written in), without the weights."""
+    return _load_processor(resolve(params.id, params.revision, weights=False))
+
+
+def check_model(params: ModelParams, lora: LoraParams | None = None) -> None:
+    """Refuse, in seconds and before any weights load, a model that cannot be used as the params say: not loadable
+    here, without a chat template, or (with `lora`) with `lora.target_modules` matching none of its modules."""
+    require_gpu_for(params.id)
+    load_processor(params)
+    if lora is not None:
+        check_lora_targets(params, lora)
 
 
 def load_base_model(
@@ -130,29 +139,26 @@ def load_base_model(
 ) -> tuple[PreTrainedModel, ProcessorMixin, LoadedModelInfo]:
     """Load model and processor through the Auto classes, in the dtype of `precision`, on the GPU if there is one."""
     dtype = DTYPES[precision]
-    _refuse_missing_folder(params.id)
-    if params.id == TINY_MODEL_ID:
-        folder = _tiny_model_folder()
-        model, processor = _load(str(folder), params, dtype)
-        resolved = _weights_digest(folder)
-    elif params.id == RANDOM_MEDGEMMA_ID:
-        folder, resolved = random_medgemma_folder(_weights_digest)
-        model, processor = _load(str(folder), params, dtype)
+    source = resolve(params.id, params.revision)
+    target = device()
+    model = _from_source(
+        source,
+        "weights",
+        lambda path, revision: AutoModelForImageTextToText.from_pretrained(
+            path,
+            revision=revision,
+            dtype=dtype,
+            attn_implementation=params.attn_implementation,
+            # one process: spread over the GPUs there are; one of several (DDP): a whole copy on its own GPU
+            device_map=None if target.type != "cuda" else "auto" if world_size() == 1 else {"": target.index},
+        ),
+    )
+    processor = _load_processor(source)
+    resolved = recorded_revision(source, getattr(model.config, "_commit_hash", None))
+    if params.id == RANDOM_MEDGEMMA_ID:
         logger.warning(
             "%s has random weights: its figures are for timing and memory only, never results", RANDOM_MEDGEMMA_ID
         )
-    elif Path(params.id).is_dir():
-        model, processor = _load(params.id, params, dtype)
-        resolved = _weights_digest(Path(params.id))
-    else:
-        try:
-            model, processor = _load(params.id, params, dtype)
-        except OSError as err:  # transformers turns hub HTTP, gating and offline failures into OSError
-            raise ModelLoadError(
-                f"could not load model {params.id!r} at revision {params.revision!r}: {err}\n"
-                f"{_hub_error_advice(params.id)}"
-            ) from err
-        resolved = getattr(model.config, "_commit_hash", None) or "unknown"
     info = LoadedModelInfo(
         model_id=params.id,
         requested_revision=params.revision,
@@ -167,22 +173,7 @@ def load_base_model(
 def check_lora_targets(params: ModelParams, lora: LoraParams) -> None:
     """Refuse a `lora.target_modules` that matches no module of the model, from its config alone: in seconds and
     naming the key, rather than once the weights have loaded (minutes, for MedGemma)."""
-    _refuse_missing_folder(params.id)
-    if params.id == TINY_MODEL_ID:
-        source, revision = str(_tiny_model_folder()), None
-    elif Path(params.id).is_dir():
-        source, revision = params.id, None
-    else:
-        source, revision = params.id, params.revision
-    try:
-        config = AutoConfig.from_pretrained(source, revision=revision)
-    except OSError as err:  # the same failures as loading the weights, so the same advice
-        raise ModelLoadError(
-            f"could not load the config of model {params.id!r} at revision {params.revision!r}: "
-            f"{err}\n{_hub_error_advice(params.id)}"
-        ) from err
-    with torch.device("meta"):  # shapes only: no memory, no weights
-        skeleton = AutoModelForImageTextToText.from_config(config)
+    skeleton = model_on_meta(model_config(params))
     try:
         get_peft_model(skeleton, LoraConfig(target_modules=lora.target_modules, task_type="CAUSAL_LM"))
     except ValueError as err:

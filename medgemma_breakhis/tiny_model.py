@@ -9,6 +9,7 @@ code path. The pitfalls it avoids are listed in docs/design.md#the-tiny-model.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from transformers import (
     Gemma3Processor,
     Gemma3TextConfig,
     GemmaTokenizer,
+    PreTrainedTokenizerBase,
     SiglipVisionConfig,
 )
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -26,10 +28,7 @@ from trl.chat_template_utils import gemma3_chat_template
 
 from medgemma_breakhis.labels import CLASS_NAMES, PROMPT
 
-TINY_MODEL_ID = "tiny-gemma3"
-
 IMAGE_SIZE = 64
-PATCH_SIZE = 8
 MM_TOKENS_PER_IMAGE = 16  # must be a square: the projector average-pools patches to sqrt x sqrt tokens
 SEED = 0
 
@@ -65,11 +64,15 @@ def train_tokenizer(vocab_size: int) -> GemmaTokenizer:
     )
 
 
-def build_processor(image_size: int, image_tokens: int) -> Gemma3Processor:
+def build_processor(
+    image_size: int, image_tokens: int, tokenizer: PreTrainedTokenizerBase | None = None
+) -> Gemma3Processor:
     """A Gemma 3 processor with its chat template: images resized to `image_size` and expanded into `image_tokens`
-    soft tokens, as MedGemma's processor does (mean and std 0.5), over a small tokenizer trained here."""
-    tokenizer = train_tokenizer(vocab_size=512)
-    tokenizer.chat_template = gemma3_chat_template
+    soft tokens, as MedGemma's processor does (mean and std 0.5), over `tokenizer` (Gemma 3's own, with its chat
+    template) or else a small tokenizer trained here, with Gemma 3's chat template as trl ships it."""
+    if tokenizer is None:
+        tokenizer = train_tokenizer(vocab_size=512)
+        tokenizer.chat_template = gemma3_chat_template
     image_processor = Gemma3ImageProcessorPil(
         size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
@@ -83,7 +86,7 @@ def build_processor(image_size: int, image_tokens: int) -> Gemma3Processor:
     )
 
 
-def image_token_ids(tokenizer: GemmaTokenizer) -> dict[str, int]:
+def image_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """The config's `boi_token_index`, `eoi_token_index` and `image_token_index` for this tokenizer."""
     return {
         f"{name.removesuffix('_token')}_token_index": tokenizer.convert_tokens_to_ids(token)
@@ -91,16 +94,22 @@ def image_token_ids(tokenizer: GemmaTokenizer) -> dict[str, int]:
     }
 
 
-def set_generation_stops(model: Gemma3ForConditionalGeneration, tokenizer: GemmaTokenizer) -> None:
+def set_generation_stops(model: Gemma3ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
     """As in Gemma 3's own generation config: stop at <eos> or at the end of the model's turn."""
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    # Gemma 3's own tokenizer names <end_of_turn> its eos: listed once
+    model.generation_config.eos_token_id = list(
+        dict.fromkeys([tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")])
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
 
 
-def build_tiny_gemma3(output_dir: Path) -> Path:
-    """Build, initialise deterministically and save a tiny Gemma 3 model and processor into `output_dir`."""
-    processor = build_processor(IMAGE_SIZE, MM_TOKENS_PER_IMAGE)
+def build_tiny_gemma3(output_dir: Path, processor: Gemma3Processor | None = None) -> Path:
+    """Build, initialise deterministically and save a tiny Gemma 3 model and processor into `output_dir`: with the
+    small processor of `build_processor`, or with `processor` (its vocabulary, image size and image tokens)."""
+    processor = processor or build_processor(IMAGE_SIZE, MM_TOKENS_PER_IMAGE)
     tokenizer = processor.tokenizer
+    image_size = processor.image_processor.size["height"]
+    image_tokens = processor.image_seq_length
 
     text_config = Gemma3TextConfig(
         vocab_size=len(tokenizer),
@@ -122,13 +131,14 @@ def build_tiny_gemma3(output_dir: Path) -> Path:
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH_SIZE,
+        image_size=image_size,
+        # the projector average-pools 2x2 patches into each image token
+        patch_size=image_size // (2 * math.isqrt(image_tokens)),
     )
     config = Gemma3Config(
         text_config=text_config,
         vision_config=vision_config,
-        mm_tokens_per_image=MM_TOKENS_PER_IMAGE,
+        mm_tokens_per_image=image_tokens,
         **image_token_ids(tokenizer),
     )
 

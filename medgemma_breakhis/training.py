@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ from typing import Any
 
 import datasets
 import mlflow
+import numpy as np
 import pandas as pd
 import torch
 from peft import LoraConfig
@@ -29,7 +31,7 @@ from transformers import (
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import SFTConfig, SFTTrainer
-from trl.data_utils import apply_chat_template
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_json, atomic_write_text
 from medgemma_breakhis.checkpoints import (
@@ -43,7 +45,7 @@ from medgemma_breakhis.execution import ExecutionPlan, model_shape, plan_executi
 from medgemma_breakhis.modeling import (
     LoadedModelInfo,
     NonFiniteError,
-    check_lora_targets,
+    check_model,
     device,
     load_base_model,
     non_finite_advice,
@@ -178,6 +180,60 @@ class SkippedStepCounter(TrainerCallback):
             )
 
 
+class StepTimes(TrainerCallback):
+    """Where the time of `trainer.train` goes: the optimizer steps themselves, the time between two steps (logging),
+    checkpoint saves, and epoch boundaries (the dataloader's workers start again). Logged with the run as `time_*`
+    metrics, from which `make rehearse` projects the reference run's time from a short one."""
+
+    def __init__(self) -> None:
+        self.steps: list[float] = []
+        self.between_steps: list[float] = []
+        self.saves: list[float] = []
+        self.epoch_boundaries: list[float] = []
+        self._began = self._ended = self._saved = 0.0
+        self._new_epoch = False
+
+    @staticmethod
+    def _now() -> float:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU's queued work belongs to the step that queued it
+        return time.perf_counter()
+
+    def on_epoch_begin(self, *args: Any, **kwargs: Any) -> None:
+        self._new_epoch = True
+
+    def on_step_begin(self, *args: Any, **kwargs: Any) -> None:
+        self._began = self._now()
+        if self._ended:  # not the first step
+            gap = self._began - max(self._ended, self._saved)
+            (self.epoch_boundaries if self._new_epoch else self.between_steps).append(gap)
+        self._new_epoch = False
+
+    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+        self._ended = self._now()
+        self.steps.append(self._ended - self._began)
+
+    def on_save(self, *args: Any, **kwargs: Any) -> None:
+        self._saved = self._now()
+        self.saves.append(self._saved - self._ended)
+
+    def metrics(self) -> dict[str, float]:
+        """Seconds: the first step (compilation included) on its own, medians of the others and of the time between
+        steps, means of saves and epoch boundaries; those there were none of are left out."""
+        parts = {
+            "time_first_step_s": self.steps[:1],
+            "time_step_median_s": self.steps[1:],
+            "time_between_steps_median_s": self.between_steps,
+            "time_checkpoint_save_mean_s": self.saves,
+            "time_epoch_boundary_mean_s": self.epoch_boundaries,
+        }
+        return {
+            name: float(np.median(values) if "median" in name else np.mean(values))
+            for name, values in parts.items()
+            if values
+        }
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder and vision-encoder layer, LoRA included: one graph per layer instead of some
     fifteen small kernels per adapted linear layer. Per layer, not the whole model, so the 61 layers share two or three
@@ -212,14 +268,12 @@ def mixed_precision_mode(precision: str, on_cuda: bool) -> dict[str, bool]:
 
 
 def decoder_tokens_per_example(processor: ProcessorMixin) -> int:
-    """Tokens the decoder sees per training example: the templated prompt with its image tokens, and the answer."""
-    example = apply_chat_template({"prompt": prompt_messages(), "completion": completion_messages(0)}, processor)
+    """Tokens the decoder sees per training example, counted by the trainer's own collator: the templated prompt with
+    its image tokens, and the answer, each tokenised as trl tokenises them (apart, then joined)."""
+    collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
     blank = Image.new("RGB", (1, 1))  # any image: the processor gives every image the same number of tokens
-    return len(
-        processor(text=example["prompt"] + example["completion"], images=[blank], add_special_tokens=False)[
-            "input_ids"
-        ][0]
-    )
+    example = {"images": [blank], "prompt": prompt_messages(), "completion": completion_messages(0)}
+    return int(collator([example])["attention_mask"].sum())
 
 
 def plan_for(model: PreTrainedModel, processor: ProcessorMixin, lora: LoraParams, train: TrainParams) -> ExecutionPlan:
@@ -350,10 +404,12 @@ def run_training(
     Either way its MLflow run is marked so, and no adapter is written.
     """
     rows = read_split(train_csv, image_root)
-    check_lora_targets(params.model, params.lora)
+    check_model(params.model, params.lora)
     main = is_main_process()
     with stage_run("train", params, train_csv, untracked_record(metrics_path)) if main else nullcontext() as tracked:
+        started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.train.precision)
+        load_seconds = time.perf_counter() - started
         fingerprint = training_fingerprint(params, info.resolved_revision, train_csv, image_root, rows["filename"])
         folder = checkpoint_folder(checkpoint_root, fingerprint)
         plan = plan_for(model, processor, params.lora, params.train)
@@ -396,9 +452,9 @@ def run_training(
             )
             if resume_from:
                 logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed_from_step)
-        stop, skipped = StopOnSignal(), SkippedStepCounter(trainer)
-        trainer.add_callback(stop)
-        trainer.add_callback(skipped)
+        stop, skipped, times = StopOnSignal(), SkippedStepCounter(trainer), StepTimes()
+        for callback in (stop, skipped, times):
+            trainer.add_callback(callback)
         try:
             with stop.installed():
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -442,6 +498,9 @@ def run_training(
             save_adapter(trainer, staging)
         tracked.track(
             "the skipped optimizer steps", lambda: mlflow.log_metric("skipped_optimizer_steps", len(skipped.steps))
+        )
+        tracked.track(
+            "where the time went", lambda: mlflow.log_metrics({"time_model_load_s": load_seconds, **times.metrics()})
         )
         if skipped.steps:
             tracked.track(

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small synthetic dataset and tiny models (one that overflows in fp16), all built locally."""
+"""Shared fixtures: a small synthetic dataset, tiny models (one that overflows in fp16, one with Gemma 3's real
+vocabulary), MedGemma's processor, all built locally."""
 
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from medgemma_breakhis.folds import FOLDS_CSV
+from medgemma_breakhis.gemma3_tokenizer import TokenizerMissing, verified_tokenizer_folder
 from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import ModelParams, SyntheticData
+from medgemma_breakhis.params import ModelParams, SplitParams, SyntheticData
+from medgemma_breakhis.splits import write_split
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 from medgemma_breakhis.tiny_model import build_tiny_gemma3
 
@@ -34,9 +37,42 @@ def synthetic_folds(synthetic_root: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="session")
+def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default split (fold 1, 100X, binary balance) of the synthetic set: train.csv, test.csv, summary.json."""
+    folder = tmp_path_factory.mktemp("split")
+    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     """(model, processor, info) of the tiny random Gemma 3, in fp32 so comparisons are exact."""
     return load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer() -> Path:
+    """The folder of Gemma 3's real tokenizer (`make tokenizer`); without it, the test is skipped with the reason."""
+    try:
+        return verified_tokenizer_folder()
+    except TokenizerMissing as missing:
+        pytest.skip(str(missing))
+
+
+@pytest.fixture(scope="session")
+def medgemma_processor(gemma3_tokenizer: Path):
+    """MedGemma's processor: Gemma 3's tokenizer and chat template, 896x896 images as 256 image tokens."""
+    from medgemma_breakhis.medgemma_architecture import medgemma_processor
+
+    return medgemma_processor()
+
+
+@pytest.fixture(scope="session")
+def real_vocabulary_model(medgemma_processor, tmp_path_factory: pytest.TempPathFactory):
+    """(model, processor, info) of a tiny random Gemma 3 with MedGemma's processor (Gemma 3's 262,145-token vocabulary,
+    896x896 images, 256 image tokens), saved and loaded back as a local folder, in fp32."""
+    folder = build_tiny_gemma3(tmp_path_factory.mktemp("real-vocabulary-gemma3"), medgemma_processor)
+    return load_base_model(ModelParams(id=str(folder)), "fp32")
 
 
 # Scaling the first MLP's input projections makes its activations exceed float16's 65,504 while every weight stays

@@ -12,20 +12,11 @@ import pytest
 import torch
 
 from medgemma_breakhis.evaluation import run_evaluation
-from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.modeling import NonFiniteError, load_base_model
-from medgemma_breakhis.params import ModelParams, SplitParams, params_from_dict
+from medgemma_breakhis.params import ModelParams, params_from_dict
 from medgemma_breakhis.scoring import score_images
-from medgemma_breakhis.splits import write_split
 from medgemma_breakhis.training import TrainingDivergedError
 from stages import train
-
-
-@pytest.fixture(scope="module")
-def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("split")
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
-    return folder
 
 
 def test_scoring_refuses_non_finite_logits_in_fp16_only(

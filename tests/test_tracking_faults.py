@@ -13,10 +13,8 @@ import pandas as pd
 import pytest
 
 from medgemma_breakhis import tracking
-from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.modeling import ModelLoadError, load_base_model
-from medgemma_breakhis.params import ModelParams, ParamsError, SplitParams, params_from_dict
-from medgemma_breakhis.splits import write_split
+from medgemma_breakhis.params import ModelParams, ParamsError, params_from_dict
 from medgemma_breakhis.tracking import (
     STORE_CHECK_TIMEOUT_S,
     TrackedStage,
@@ -28,13 +26,6 @@ from medgemma_breakhis.tracking import (
 )
 from medgemma_breakhis.training import run_training
 from tools.precision_comparison import _latest_stage_run
-
-
-@pytest.fixture(scope="module")
-def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("split")
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
-    return folder
 
 
 @pytest.fixture

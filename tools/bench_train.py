@@ -1,10 +1,12 @@
-"""What one optimizer step of `train` costs: the real set-up (model, LoRA, trainer, collator, data) run for a few
-steps after a warm-up, and the reference run's time projected from it.
+"""What one optimizer step of `train` costs: the real set-up (model, LoRA, trainer, collator, data) run for a warm-up
+and then at least 20 timed steps, their median and spread, and the reference run's time projected from them.
 
 Run: make bench-train              (params.yaml's model on this machine's GPU, on the train split)
      make bench-train OFFLINE=1    (tiny-gemma3 on synthetic images, on a CPU)
      (or: python -m tools.bench_train [--synthetic] [-S key=value ...] [--steps N] [--warmup N])
-Timing a MedGemma-sized run without the gated weights: -S model.id=medgemma-4b-random --synthetic.
+Timing a MedGemma-sized run without the gated weights: -S model.id=medgemma-4b-random --synthetic (`make tokenizer`
+first). The projection covers training steps only; `make rehearse` times the whole `train` stage (model load,
+checkpoints, logging, epoch boundaries) and the other stages.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import resource
 import tempfile
 import time
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -42,15 +46,26 @@ from tools.bench import pipeline_paths
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
-# Images in the reference run's training split (fold 1, 100x, benign/malignant balanced, the Kaggle data).
+# Images in the reference run's training and test splits (fold 1, 100x, benign/malignant balanced, the Kaggle data).
 REFERENCE_TRAIN_IMAGES = 766
-# Dense bf16/fp16 tensor-core peak of the GPUs whose MFU is reported (vendor datasheets, without sparsity).
-PEAK_FLOPS = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12}
+REFERENCE_TEST_IMAGES = 522
+# Dense bf16/fp16 tensor-core peak of the GPUs whose MFU is reported: NVIDIA's datasheets give them "with sparsity",
+# twice the dense figure. By a pattern over torch's device name, the most specific first: "NVIDIA H100 80GB HBM3" is
+# the SXM H100, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" the others.
+PEAK_FLOPS = (
+    (r"H100 NVL", "H100 NVL", 835.5e12),
+    (r"H100 PCIe", "H100 PCIe", 756.5e12),
+    (r"H100", "H100 SXM", 989.5e12),
+    (r"H200 NVL", "H200 NVL", 835.5e12),
+    (r"H200", "H200 SXM", 989.5e12),
+    (r"A100", "A100", 312e12),
+    (r"\bL4\b", "L4", 121e12),  # not the L40 or L40S
+)
 
 
-def peak_flops(device_name: str) -> float | None:
-    """The GPU's dense 16-bit peak, by the first (most specific) name it contains; None for a CPU or unknown GPU."""
-    return next((flops for name, flops in PEAK_FLOPS.items() if name in device_name), None)
+def peak_flops(device_name: str) -> tuple[str, float] | None:
+    """The GPU's name and dense 16-bit peak FLOP/s; None for a CPU or a GPU not listed."""
+    return next(((name, flops) for pattern, name, flops in PEAK_FLOPS if re.search(pattern, device_name)), None)
 
 
 def _addmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
@@ -113,32 +128,37 @@ class ProfileStep(TrainerCallback):
 
 @dataclass(frozen=True)
 class Measurement:
-    seconds_per_step: float
+    step_seconds: list[float]  # of each timed step
     warmup_steps: int
-    warmup_seconds: float
+    measured_seconds: float  # from the start of training to the end of the last timed step, warm-up included
     examples_per_step: int
     data_examples_per_second: float
     flops_per_example: float
+    flops_micro_batch: int
+    flops_recomputation: bool
     launches_per_example: dict[str, float]
     peak_memory_gib: dict[str, float]
     skipped_steps: list[int]
 
+    @property
+    def median_seconds(self) -> float:
+        return float(np.median(self.step_seconds))
+
 
 def flops_per_example(trainer: GuardedSFTTrainer) -> float:
-    """Model FLOPs of one example's forward and backward pass (torch's FLOP counter; no recomputation counted)."""
-    model = trainer.model
-    example = trainer.data_collator([trainer.train_dataset[0]])
-    checkpointing = model.is_gradient_checkpointing
-    if checkpointing:
-        model.gradient_checkpointing_disable()
-    model.train()
+    """FLOPs of one micro-batch's forward and backward pass, as the trainer runs it, per example (torch's FLOP
+    counter): per micro-batch, because some costs are shared by its examples, such as trl's LM head, computed in
+    chunks of 256 rows over the few supervised tokens of the whole micro-batch. The backward pass computes activation
+    gradients through every layer, weight gradients only for LoRA's: frozen weights get none. Under gradient
+    checkpointing, the recomputed forward is counted too."""
+    micro_batch = trainer.args.per_device_train_batch_size
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(micro_batch)])
+    trainer.model.train()
     counter = _flop_counter()
     with counter, trainer.autocast_smart_context_manager():
-        trainer.compute_loss(model, trainer._prepare_inputs(example)).backward()
-    model.zero_grad(set_to_none=True)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return float(counter.get_total_flops())
+        trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)).backward()
+    trainer.model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / micro_batch
 
 
 def data_examples_per_second(trainer: GuardedSFTTrainer) -> float:
@@ -165,18 +185,18 @@ def measure(trainer: GuardedSFTTrainer, warmup: int, steps: int, batch_size: int
     for callback in (clock, profiled, skipped):
         trainer.add_callback(callback)
     trainer.train()
-    timed = clock.ends[warmup - 1 : warmup + steps]
-    seconds_per_step = (timed[-1] - timed[0]) / steps
-    warmup_seconds = timed[0] - clock.started
-    memory = peak_memory_gib()  # before the FLOP count, which runs one example without checkpointing
+    marks = [clock.started, *clock.ends]  # marks[k]: the end of optimizer step k
+    memory = peak_memory_gib()  # before the FLOP count
     launches = {name: count / batch_size for name, count in profiled.counts().items()}
     return Measurement(
-        seconds_per_step=seconds_per_step,
+        step_seconds=np.diff(marks[warmup : warmup + steps + 1]).tolist(),
         warmup_steps=warmup,
-        warmup_seconds=warmup_seconds,
+        measured_seconds=marks[warmup + steps] - marks[0],
         examples_per_step=batch_size,
         data_examples_per_second=data_examples_per_second(trainer),
         flops_per_example=flops_per_example(trainer),
+        flops_micro_batch=trainer.args.per_device_train_batch_size,
+        flops_recomputation=trainer.model.is_gradient_checkpointing,
         launches_per_example=launches,
         peak_memory_gib=memory,
         skipped_steps=skipped.steps,
@@ -188,28 +208,49 @@ def reference_steps(params: Params) -> int:
     return params.train.epochs * math.ceil(REFERENCE_TRAIN_IMAGES / params.train.batch_size)
 
 
+def projected_seconds(m: Measurement, steps: int) -> float:
+    """Seconds of `steps` optimizer steps: the steps measured as they ran (warm-up and compilation included), the
+    rest at the median."""
+    return m.measured_seconds + (steps - m.warmup_steps - len(m.step_seconds)) * m.median_seconds
+
+
+def spread(seconds: list[float]) -> str:
+    q1, q3 = np.percentile(seconds, [25, 75])
+    return f"interquartile {q1:.3f}-{q3:.3f}, min {min(seconds):.3f}, max {max(seconds):.3f}, {len(seconds)} steps"
+
+
 def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_tokens: int) -> str:
-    examples_per_second = m.examples_per_step / m.seconds_per_step
+    examples_per_second = m.examples_per_step / m.median_seconds
     peak = peak_flops(device_name)
-    mfu = f"{m.flops_per_example * examples_per_second / peak:.1%}" if peak else "n/a (peak FLOP/s not known here)"
+    counted = (
+        f"a micro-batch of {m.flops_micro_batch}: forward + activation gradients, weight gradients for LoRA only"
+        + (", + the forward recomputed by gradient checkpointing" if m.flops_recomputation else "")
+    )
+    utilisation = "HFU (recomputation counted)" if m.flops_recomputation else "MFU"
+    mfu = (
+        f"{m.flops_per_example * examples_per_second / peak[1]:.1%} of {peak[1] / 1e12:.1f} TFLOP/s ({peak[0]}, dense "
+        "16-bit)"
+        if peak
+        else "n/a (peak FLOP/s not known here)"
+    )
     steps = reference_steps(params)
     launches = ", ".join(f"{count:,.0f} {name}" for name, count in m.launches_per_example.items())
     rows = [
         ("model", f"{params.model.id} on {device_name}, train.precision={params.train.precision}"),
         ("execution", plan),
         ("decoder tokens per example", f"{decoder_tokens}"),
-        ("warm-up steps (first calls, compilation)", f"{m.warmup_seconds:.1f} s"),
-        ("seconds per optimizer step", f"{m.seconds_per_step:.3f}"),
+        ("warm-up (first calls, compilation)", f"{m.warmup_steps} steps"),
+        ("seconds per optimizer step", f"median {m.median_seconds:.3f} ({spread(m.step_seconds)})"),
         ("examples/s", f"{examples_per_second:.2f}"),
         ("data pipeline alone, examples/s", f"{m.data_examples_per_second:.1f}"),
         ("peak memory (GiB)", ", ".join(f"{name} {gib:.2f}" for name, gib in m.peak_memory_gib.items())),
         ("launches per example", launches),
-        ("FLOPs per example", f"{m.flops_per_example / 1e12:.4g} TFLOP (forward + backward, no recomputation)"),
-        ("MFU", mfu),
+        ("FLOPs per example", f"{m.flops_per_example / 1e12:.4g} TFLOP (over {counted})"),
+        (utilisation, mfu),
         ("optimizer steps skipped (fp16 loss scaler)", ", ".join(map(str, m.skipped_steps)) or "none"),
         (
             f"reference run ({REFERENCE_TRAIN_IMAGES} images x {params.train.epochs} epochs = {steps} steps)",
-            f"{(m.warmup_seconds + (steps - m.warmup_steps) * m.seconds_per_step) / 60:.1f} min projected",
+            f"{projected_seconds(m, steps) / 60:.1f} min projected (training steps only)",
         ),
     ]
     width = max(len(name) for name, _ in rows)
@@ -231,8 +272,10 @@ def main(argv: list[str] | None = None) -> None:
     add_override_argument(parser)
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of data/ (offline)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first (default 2)")
-    parser.add_argument("--steps", type=int, default=4, help="timed optimizer steps (default 4)")
+    parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps (default 20)")
     args = parser.parse_args(argv)
+    if args.warmup < 0 or args.steps < 1:
+        parser.error("--warmup must be 0 or more and --steps 1 or more")
     configure_logging()
     params = load_params(overrides=args.overrides)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:

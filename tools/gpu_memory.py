@@ -1,10 +1,12 @@
 """GPU memory of MedGemma 4B LoRA training per execution setting, and what `auto` picks on common GPUs: the
-estimate `train` plans with, from the model's shapes (no GPU, no download).
+estimate `train` plans with, from the model's shapes and its processor's tokens per example (no GPU, no weights).
 
-Run: make gpu-memory   (or: python -m tools.gpu_memory [--tokens 298] [--lora-r 8])
+Run: make gpu-memory   (or: python -m tools.gpu_memory [--model ID] [--tokens N] [--lora-r 8])
 
-Parameter counts are exact: MedGemma 4B's architecture is built on PyTorch's meta device, which allocates nothing.
-The activation estimate is calibrated to peak CUDA memory measured on one H100 (`execution.ACTIVATION_SCALE`).
+The model is `medgemma-4b-random` by default: MedGemma 4B's architecture and processor, Gemma 3's tokenizer
+included (`make tokenizer`). Parameter counts are exact: the architecture is built on PyTorch's meta device, which
+allocates nothing. The activation estimate is calibrated to peak CUDA memory measured on one H100
+(`execution.ACTIVATION_SCALE`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,11 @@ import pandas as pd
 import torch
 
 from medgemma_breakhis.execution import ModelShape, estimate_peak_gib, model_shape, plan_execution
-from medgemma_breakhis.medgemma_architecture import medgemma_4b_on_meta
-from medgemma_breakhis.params import LoraParams, TrainParams
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.model_source import RANDOM_MEDGEMMA_ID
+from medgemma_breakhis.modeling import load_processor, model_config, model_on_meta
+from medgemma_breakhis.params import LoraParams, ModelParams, TrainParams
+from medgemma_breakhis.training import decoder_tokens_per_example
 
 # (micro-batch, gradient checkpointing, torch.compile) of the table
 SETTINGS = (
@@ -32,12 +37,12 @@ SETTINGS = (
     (8, False, False),
 )
 # Memory of common GPUs as torch reports it (GiB)
-GPUS = {"H100 / H200 80GB": 79.2, "A100 40GB": 39.4, "L4 24GB": 22.0}
+GPUS = {"H200 141GB": 139.0, "H100 80GB": 79.2, "A100 40GB": 39.4, "L4 24GB": 22.0}
 
 
-def medgemma_shape(lora_r: int) -> ModelShape:
-    """MedGemma 4B's shapes with bf16 weights, as `train` loads them."""
-    shape = model_shape(medgemma_4b_on_meta(), lora_r)
+def bf16_shape(model: ModelParams, lora_r: int) -> ModelShape:
+    """The model's shapes with bf16 weights, as `train` loads them."""
+    shape = model_shape(model_on_meta(model_config(model)), lora_r)
     return dataclasses.replace(shape, weight_bytes=2 * shape.parameters)
 
 
@@ -75,23 +80,26 @@ def auto_plans(shape: ModelShape, tokens: int) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=RANDOM_MEDGEMMA_ID, help=f"a model.id (default {RANDOM_MEDGEMMA_ID})")
     parser.add_argument(
         "--tokens",
         type=int,
-        default=298,
-        help="decoder tokens per example: 256 image tokens + the prompt, template and answer",
+        help="decoder tokens per example (default: counted with the model's processor, as the trainer counts them)",
     )
     parser.add_argument("--lora-r", type=int, default=LoraParams().r)
     args = parser.parse_args(argv)
-    shape = medgemma_shape(args.lora_r)
+    configure_logging()
+    model = ModelParams(id=args.model)
+    shape = bf16_shape(model, args.lora_r)
+    tokens = args.tokens or decoder_tokens_per_example(load_processor(model))
     print(f"Parameters: {shape.parameters:,} (LoRA r={args.lora_r} all-linear adds {shape.lora_parameters:,})")
     print(
-        f"Estimated peak GPU memory (GiB) of one bf16 training step, {args.tokens} decoder tokens and "
+        f"Estimated peak GPU memory (GiB) of one bf16 training step of {args.model}, {tokens} decoder tokens and "
         f"{shape.patches} vision-tower patches per example, fused AdamW:"
     )
-    print(estimates(shape, args.tokens).to_markdown(index=False, floatfmt=".1f"))
+    print(estimates(shape, tokens).to_markdown(index=False, floatfmt=".1f"))
     print("\nWhat train.micro_batch_size/gradient_checkpointing/compile=auto pick at the default batch of 8:")
-    print(auto_plans(shape, args.tokens).to_markdown(index=False, floatfmt=".1f"))
+    print(auto_plans(shape, tokens).to_markdown(index=False, floatfmt=".1f"))
 
 
 if __name__ == "__main__":
