@@ -15,6 +15,7 @@ import pandas as pd
 
 from medgemma_breakhis import dotted
 from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
+from medgemma_breakhis.errors import ExpectedError
 from medgemma_breakhis.params import CrossValidationParams
 
 METRICS_FILES = ("data", "baseline", "finetuned", "train")
@@ -32,8 +33,8 @@ TABLE_COLUMNS = (
 )
 
 
-class CrossValidationError(RuntimeError):
-    """A fold's metrics are missing or disagree in shape with the others."""
+class CrossValidationError(ExpectedError, RuntimeError):
+    """A fold's metrics are missing or disagree in shape with the others; the message says which and what to run."""
 
 
 def fold_name(fold: int, magnification: int) -> str:

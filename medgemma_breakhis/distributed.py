@@ -12,9 +12,11 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+from medgemma_breakhis.errors import ExpectedError
 
-class LaunchError(RuntimeError):
-    """The processes that were launched are not the ones the params ask for."""
+
+class ProcessCountError(ExpectedError, RuntimeError):
+    """The processes that were launched are not as many as the params ask for."""
 
 
 def world_size() -> int:
@@ -62,7 +64,7 @@ def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequenc
     launched = world_size()
     if launched > 1 or "LOCAL_RANK" in os.environ:
         if launched != num_processes:
-            raise LaunchError(
+            raise ProcessCountError(
                 f"launched on {launched} processes but train.num_processes={num_processes}; set "
                 f"-S train.num_processes={launched} so the params record what ran"
             )

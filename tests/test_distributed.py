@@ -13,7 +13,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from medgemma_breakhis.distributed import LaunchError, run_distributed_if_asked
+from medgemma_breakhis.distributed import ProcessCountError, run_distributed_if_asked
 from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import SplitParams
 from medgemma_breakhis.splits import write_split
@@ -55,7 +55,7 @@ def test_a_launch_on_other_processes_than_the_params_is_refused(monkeypatch) -> 
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(
-        LaunchError, match="launched on 4 processes but train.num_processes=2; set -S train.num_processes=4"
+        ProcessCountError, match="launched on 4 processes but train.num_processes=2; set -S train.num_processes=4"
     ):
         run_distributed_if_asked(2, "stages.train", [])
     run_distributed_if_asked(4, "stages.train", [])  # agrees: carries on in this process
