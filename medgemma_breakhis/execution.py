@@ -211,6 +211,25 @@ def resolve_compile(setting: bool | str, gradient_checkpointing: bool, device: t
     return device.type == "cuda" and not gradient_checkpointing
 
 
+def dataloader_workers(train: TrainParams, device: torch.device) -> int:
+    return default_workers(device) if train.dataloader_workers == "auto" else train.dataloader_workers
+
+
+def explicit_plan(train: TrainParams, device: torch.device) -> ExecutionPlan | None:
+    """The plan when the params fix the micro-batch and checkpointing: nothing to estimate, so nothing read from the
+    model's shapes, which works for any image-text-to-text model. None when either is `auto`."""
+    if train.micro_batch_size == "auto" or train.gradient_checkpointing == "auto":
+        return None
+    checkpointing = bool(train.gradient_checkpointing)
+    return ExecutionPlan(
+        train.micro_batch_size,
+        train.batch_size // train.num_processes // train.micro_batch_size,
+        checkpointing,
+        dataloader_workers(train, device),
+        resolve_compile(train.compile, checkpointing, device),
+    )
+
+
 def plan_execution(
     train: TrainParams,
     shape: ModelShape,
@@ -229,7 +248,7 @@ def plan_execution(
         else [m for m in range(per_process, 0, -1) if per_process % m == 0]
     )
     checkpointing = [train.gradient_checkpointing] if train.gradient_checkpointing != "auto" else [False, True]
-    workers = default_workers(device) if train.dataloader_workers == "auto" else train.dataloader_workers
+    workers = dataloader_workers(train, device)
     budget = MEMORY_FRACTION * (memory_gib if memory_gib is not None else device_memory_gib(device))
     candidates: list[tuple[float, float, int, bool]] = []
     for micro in micro_sizes:

@@ -41,7 +41,7 @@ from medgemma_breakhis.checkpoints import (
     training_fingerprint,
 )
 from medgemma_breakhis.distributed import is_main_process
-from medgemma_breakhis.execution import ExecutionPlan, model_shape, plan_execution
+from medgemma_breakhis.execution import ExecutionPlan, explicit_plan, model_shape, plan_execution
 from medgemma_breakhis.modeling import (
     LoadedModelInfo,
     NonFiniteError,
@@ -277,7 +277,10 @@ def decoder_tokens_per_example(processor: ProcessorMixin) -> int:
 
 
 def plan_for(model: PreTrainedModel, processor: ProcessorMixin, lora: LoraParams, train: TrainParams) -> ExecutionPlan:
-    """The execution plan of `train` for this model on this process's device (see `execution.plan_execution`)."""
+    """The execution plan of `train` for this model on this process's device. The memory estimate behind `auto`
+    (`execution.plan_execution`) reads Gemma 3's shapes; settings given explicitly need none of it."""
+    if (plan := explicit_plan(train, device())) is not None:
+        return plan
     activation_bytes = 4 if train.precision == "fp32" else 2
     return plan_execution(
         train, model_shape(model, lora.r), decoder_tokens_per_example(processor), device(), activation_bytes

@@ -18,7 +18,7 @@ from medgemma_breakhis.medgemma_architecture import IMAGE_TOKENS, medgemma_4b_co
 from medgemma_breakhis.modeling import load_base_model, model_on_meta
 from medgemma_breakhis.params import LoraParams, ModelParams, SplitParams, TrainParams
 from medgemma_breakhis.splits import select_split
-from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example
+from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example, plan_for
 
 # The parameter count of google/medgemma-4b-it, as loaded on the H100 on which the README's figures were measured.
 MEDGEMMA_4B_PARAMETERS = 4_300_079_472
@@ -90,6 +90,20 @@ def test_explicit_settings_are_kept(medgemma_shape) -> None:
         plan.dataloader_workers,
         plan.compile,
     ) == (2, 4, True, 3, False)
+
+
+def test_explicit_settings_need_nothing_of_the_model() -> None:
+    """Only `auto` estimates memory from Gemma 3's shapes: given explicitly, the settings plan any model, here one that
+    has no config at all."""
+    train = TrainParams(micro_batch_size=4, gradient_checkpointing=False, dataloader_workers=0, compile=False)
+    plan = plan_for(torch.nn.Linear(2, 2), processor=None, lora=LoraParams(), train=train)
+    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.compile) == (
+        4,
+        2,
+        False,
+        False,
+    )
+    assert plan.estimated_peak_gib is None
 
 
 class FirstStepGradients(TrainerCallback):
