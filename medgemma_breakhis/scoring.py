@@ -41,20 +41,28 @@ def prompt_text(processor: ProcessorMixin) -> str:
     return apply_chat_template({"prompt": prompt_messages(), "completion": completion_messages(0)}, processor)["prompt"]
 
 
+def completion_tokens(processor: ProcessorMixin, label: int) -> list[int]:
+    """The model's turn answering `label`, as the chat template writes it and the trainer tokenises it."""
+    example = apply_chat_template({"prompt": prompt_messages(), "completion": completion_messages(label)}, processor)
+    return processor.tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+
+
 def answer_token_ids(processor: ProcessorMixin) -> list[int]:
     """Id of the first completion token for each answer "0".."7", tokenised as the trainer tokenises completions."""
     ids = []
     for label in range(NUM_CLASSES):
-        example = apply_chat_template(
-            {"prompt": prompt_messages(), "completion": completion_messages(label)}, processor
-        )
-        tokens = processor.tokenizer(example["completion"], add_special_tokens=False)["input_ids"]
+        tokens = completion_tokens(processor, label)
         if not tokens or processor.tokenizer.decode(tokens[:1]).strip() != str(label):
-            raise ValueError(f"answer {label} is not a single leading token in completion {example['completion']!r}")
+            raise ValueError(f"answer {label} is not a single leading token of its completion {tokens}")
         ids.append(tokens[0])
     if len(set(ids)) != NUM_CLASSES:
         raise ValueError(f"answer tokens are not distinct: {ids}")
     return ids
+
+
+def end_of_turn_id(processor: ProcessorMixin) -> int:
+    """The token the processor's chat template ends the model's turn with: the one after the answer."""
+    return completion_tokens(processor, 0)[1]
 
 
 def _load_rgb(path: Path) -> Image.Image:
@@ -113,8 +121,9 @@ def generate_answers(
     model.eval()
     text = prompt_text(processor)
     tokenizer = processor.tokenizer
-    # Stop at <end_of_turn> as well as <eos>: a model fine-tuned by the Trainer may end its turn without an <eos>.
-    stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    # Stop at the end of the model's turn as well as <eos>: a model fine-tuned by the Trainer learnt to end its turn as
+    # its chat template does (Gemma 3: <end_of_turn>), which need not be an <eos>.
+    stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(processor)]))
     answers = []
     for start in tqdm(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
         inputs = _batch_inputs(processor, text, image_paths[start : start + batch_size], model.device, model.dtype)

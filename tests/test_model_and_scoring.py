@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from medgemma_breakhis.labels import NUM_CLASSES
-from medgemma_breakhis.scoring import answer_token_ids, generate_answers, parse_answer, prompt_text, score_images
+from medgemma_breakhis.scoring import (
+    answer_token_ids,
+    end_of_turn_id,
+    generate_answers,
+    parse_answer,
+    prompt_text,
+    score_images,
+)
 from medgemma_breakhis.tiny_model import MM_TOKENS_PER_IMAGE, build_tiny_gemma3
 
 
@@ -43,6 +50,7 @@ def test_answer_tokens_are_the_eight_digits(tiny_model) -> None:
     assert len(set(ids)) == NUM_CLASSES
     assert [processor.tokenizer.decode([i]) for i in ids] == [str(d) for d in range(NUM_CLASSES)]
     assert prompt_text(processor).endswith("<start_of_turn>model\n")
+    assert end_of_turn_id(processor) == processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")
 
 
 def test_scores_are_probabilities_and_batching_does_not_change_them(tiny_model, synthetic_root: Path) -> None:
