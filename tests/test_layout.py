@@ -8,6 +8,7 @@ import ast
 import shutil
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -59,42 +60,56 @@ def import_closure(script: Path) -> set[str]:
 # The pipeline files, read in a bare DVC project of their own: the repository's .dvcignore keeps cv/dvc.yaml out of
 # its project until the cross-validation first runs.
 PIPELINE_FILES = ("dvc.yaml", "cv/dvc.yaml", "paths.yaml", "params.yaml")
-PIPELINES = Path(tempfile.mkdtemp(prefix="pipelines-"))
 
 
-def pipeline_stages() -> list:
-    """Every stage of dvc.yaml and cv/dvc.yaml, as DVC resolves them (vars, matrix entries expanded)."""
-    Repo.init(str(PIPELINES), no_scm=True)
-    for name in PIPELINE_FILES:
-        (PIPELINES / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / name, PIPELINES / name)
-    with Repo(str(PIPELINES)) as repo:
-        return list(repo.index.stages)
+@dataclass(frozen=True)
+class Stage:
+    """What these tests read of a stage, as DVC resolves it (vars and matrix entries expanded)."""
+
+    address: str  # how `dvc` names it from the repository root: `train`, `cv/dvc.yaml:train@fold1-100`
+    cmd: str
+    code_deps: frozenset[str]
+    params: frozenset[str]  # params deps, a whole section by its name
 
 
-def stage_script(stage) -> Path:
+def pipeline_stages() -> list[Stage]:
+    """Every stage of dvc.yaml and cv/dvc.yaml, read by DVC in a temporary project removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="pipelines-") as folder:
+        root = Path(folder)
+        Repo.init(str(root), no_scm=True)
+        for name in PIPELINE_FILES:
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(REPO / name, root / name)
+        with Repo(str(root)) as repo:
+            stages = []
+            for stage in repo.index.stages:
+                dvcfile = Path(stage.dvcfile.path).relative_to(root).as_posix()
+                deps = [Path(dep.fs_path).relative_to(root).as_posix() for dep in stage.deps]
+                stages.append(
+                    Stage(
+                        address=stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}",
+                        cmd=stage.cmd,
+                        code_deps=frozenset(path for path in deps if path.endswith(".py")),
+                        params=frozenset(
+                            key for dep in stage.deps if isinstance(dep, ParamsDependency) for key in dep.params
+                        ),
+                    )
+                )
+            return stages
+
+
+def stage_script(stage: Stage) -> Path:
     """The `stages/<name>.py` script a stage's command runs (`python -m stages.<name> ...`)."""
     words = stage.cmd.split()
     assert words[:2] == ["python", "-m"] and words[2].startswith("stages."), stage.cmd
     return REPO / "stages" / f"{words[2].removeprefix('stages.')}.py"
 
 
-def code_deps(stage) -> set[str]:
-    paths = {
-        Path(dep.fs_path).relative_to(PIPELINES).as_posix()
-        for dep in stage.deps
-        if not isinstance(dep, ParamsDependency)
-    }
-    return {path for path in paths if path.endswith(".py")}
-
-
 STAGES = pipeline_stages()
 
 
-def address(stage) -> str:
-    """How `dvc` names the stage from the repository root: `train`, `cv/dvc.yaml:train@fold1-100`."""
-    dvcfile = Path(stage.dvcfile.path).relative_to(PIPELINES).as_posix()
-    return stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}"
+def address(stage: Stage) -> str:
+    return stage.address
 
 
 def test_both_pipelines_are_read() -> None:
@@ -105,7 +120,7 @@ def test_both_pipelines_are_read() -> None:
 
 @pytest.mark.parametrize("stage", STAGES, ids=address)
 def test_code_deps_are_exactly_the_imports(stage) -> None:
-    imports, listed = import_closure(stage_script(stage)), code_deps(stage)
+    imports, listed = import_closure(stage_script(stage)), stage.code_deps
     assert not imports - listed and not listed - imports, (
         f"{address(stage)}: missing code deps {sorted(imports - listed)}, "
         f"deps it does not import {sorted(listed - imports)}"
@@ -124,10 +139,9 @@ def test_no_stage_imports_a_tool(script: Path) -> None:
     assert not tools, f"{script.name} imports {tools}: tools are not pipeline code and DVC does not track them"
 
 
-def params_keys(stage, defaults: dict[str, object]) -> set[str]:
+def params_keys(stage: Stage, defaults: dict[str, object]) -> set[str]:
     """A stage's params deps as dotted keys: a whole section stands for each of its keys."""
-    listed = {key for dep in stage.deps if isinstance(dep, ParamsDependency) for key in dep.params}
-    return {key for key in defaults if key in listed or key.split(".")[0] in listed}
+    return {key for key in defaults if key in stage.params or key.split(".")[0] in stage.params}
 
 
 def test_train_reruns_for_exactly_the_params_that_decide_what_is_trained() -> None:
