@@ -1,5 +1,5 @@
-"""BreakHis facts stated once: classes, the malignant rule, folds, magnifications, the image format, labels and
-patient ids derived from image paths, and the classification prompt.
+"""BreakHis facts stated once: classes, the malignant rule, folds, magnifications, the image format, and labels and
+patient ids derived from image paths.
 
 Everything here follows the reference experiment (docs/reference-experiment.md) so that the same Folds.csv gives
 the same labels as the blog's code.
@@ -42,13 +42,6 @@ FOLDS: tuple[int, ...] = (1, 2, 3, 4, 5)
 # Every BreakHis image is a 700x460 RGB PNG (docs/breakhis.md#images): (width, height), as PIL gives sizes.
 IMAGE_SIZE: tuple[int, int] = (700, 460)
 IMAGE_MODE = "RGB"
-
-PROMPT = (
-    "Analyze this breast tissue histopathology image and classify it.\n\n"
-    "Classes (0-7):\n"
-    + "".join(f"{label}: {name}\n" for label, name in enumerate(CLASS_NAMES))
-    + "\nAnswer with only the number (0-7):"
-)
 
 # SOB_B_A-14-22549AB-100-001.png -> tumour code, year, patient, magnification, sequence number.
 _FILE_NAME = re.compile(

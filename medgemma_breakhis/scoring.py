@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -19,21 +18,14 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from trl.data_utils import apply_chat_template
 
-from medgemma_breakhis.labels import NUM_CLASSES, PROMPT
+from medgemma_breakhis.labels import NUM_CLASSES
 from medgemma_breakhis.metrics import UNPARSEABLE, predictions_frame
 from medgemma_breakhis.modeling import NonFiniteError
 from medgemma_breakhis.params import EvalParams
+from medgemma_breakhis.prompt import completion_messages, prompt_messages
 
 # The reference's parsing: the first standalone digit 0-7 in the generated text.
 ANSWER_PATTERN = re.compile(r"\b([0-7])\b")
-
-
-def prompt_messages() -> list[dict[str, Any]]:
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
-
-
-def completion_messages(label: int) -> list[dict[str, Any]]:
-    return [{"role": "assistant", "content": [{"type": "text", "text": str(label)}]}]
 
 
 def prompt_text(processor: ProcessorMixin) -> str:

@@ -26,7 +26,8 @@ from transformers import (
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from trl.chat_template_utils import gemma3_chat_template
 
-from medgemma_breakhis.labels import CLASS_NAMES, PROMPT
+from medgemma_breakhis.labels import CLASS_NAMES
+from medgemma_breakhis.prompt import PROMPT
 
 IMAGE_SIZE = 64
 MM_TOKENS_PER_IMAGE = 16  # must be a square: the projector average-pools patches to sqrt x sqrt tokens

@@ -51,7 +51,7 @@ from medgemma_breakhis.modeling import (
     non_finite_advice,
 )
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
-from medgemma_breakhis.scoring import completion_messages, prompt_messages
+from medgemma_breakhis.prompt import completion_messages, prompt_messages
 from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import log_loaded_model, stage_run, untracked_record
 
