@@ -16,20 +16,28 @@ import pandas as pd
 from medgemma_breakhis import dotted
 from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
 from medgemma_breakhis.errors import ExpectedError
+from medgemma_breakhis.metrics import headline_by_key
 from medgemma_breakhis.params import CrossValidationParams
 
 METRICS_FILES = ("data", "baseline", "finetuned", "train")
 # A breakdown, not a figure of the fold: averaging it over folds with few patients per class would mostly be noise.
 NOT_AGGREGATED = frozenset({"per_class"})
+# (column, metrics file, dotted key): the data's size, then headline figures (`metrics.HEADLINE`), fine-tuned unless
+# the column says baseline.
 TABLE_COLUMNS = (
     ("test images", "data", "test.images"),
     ("test patients", "data", "test.patients"),
-    ("baseline 8-class acc.", "baseline", "eight_class.accuracy"),
-    ("8-class acc.", "finetuned", "eight_class.accuracy"),
-    ("8-class F1 (w.)", "finetuned", "eight_class.f1_weighted"),
-    ("binary acc.", "finetuned", "binary.accuracy"),
-    ("binary ROC-AUC", "finetuned", "binary.roc_auc"),
-    ("patient-level acc.", "finetuned", "patient_level.accuracy"),
+    *((f"baseline {figure.label}", "baseline", figure.key) for figure in headline_by_key("eight_class.accuracy")),
+    *(
+        (figure.label, "finetuned", figure.key)
+        for figure in headline_by_key(
+            "eight_class.accuracy",
+            "eight_class.f1_weighted",
+            "binary.accuracy",
+            "binary.roc_auc",
+            "patient_level.accuracy",
+        )
+    ),
 )
 
 

@@ -8,6 +8,7 @@ from a bootstrap that resamples patients, not images.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -15,6 +16,7 @@ import pandas as pd
 from scipy.stats import binned_statistic, bootstrap
 from sklearn.metrics import f1_score, precision_recall_fscore_support, roc_auc_score, roc_curve
 
+from medgemma_breakhis import dotted
 from medgemma_breakhis.labels import CLASS_NAMES, NUM_CLASSES, is_malignant
 
 logger = logging.getLogger(__name__)
@@ -164,22 +166,47 @@ def evaluation_metrics(predictions: pd.DataFrame, resamples: int, seed: int) -> 
     }
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A figure of the metrics files that is reported everywhere: logged to MLflow, printed by the stages, and what
+    the cross-validation table, the demo's summary and the pull-request report choose their rows from."""
+
+    key: str  # the dotted key in metrics/<stage>.json, as `dvc metrics show` names it
+    label: str  # how tables name it
+    interval: bool = False  # it has a 95% interval beside it: <key>_ci95_low, <key>_ci95_high
+
+    @property
+    def mlflow_name(self) -> str:
+        return self.key.replace(".", "_")
+
+
+# The one list: a metric added to `evaluation_metrics` is reported once it is listed here.
+HEADLINE = (
+    Headline("eight_class.accuracy", "8-class accuracy", interval=True),
+    Headline("eight_class.f1_weighted", "8-class F1 (weighted)"),
+    Headline("eight_class.expected_calibration_error", "8-class calibration error"),  # score only
+    Headline("binary.accuracy", "binary accuracy", interval=True),
+    Headline("binary.f1_malignant", "binary F1 (malignant)"),
+    Headline("binary.roc_auc", "binary ROC-AUC"),  # score only, and a test set with both classes
+    Headline("patient_level.accuracy", "patient-level accuracy"),
+    Headline("n_unparseable", "unparseable answers"),  # generate only can have any
+)
+
+
+def headline_by_key(*keys: str) -> tuple[Headline, ...]:
+    """The headline figures of `keys`, in that order (what a table selects)."""
+    by_key = {figure.key: figure for figure in HEADLINE}
+    return tuple(by_key[key] for key in keys)
+
+
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
-    """The flat figures logged to MLflow and printed."""
-    flat = {
-        "eight_class_accuracy": metrics["eight_class"]["accuracy"],
-        "eight_class_accuracy_ci95_low": metrics["eight_class"]["accuracy_ci95_low"],
-        "eight_class_accuracy_ci95_high": metrics["eight_class"]["accuracy_ci95_high"],
-        "eight_class_f1_weighted": metrics["eight_class"]["f1_weighted"],
-        "binary_accuracy": metrics["binary"]["accuracy"],
-        "binary_accuracy_ci95_low": metrics["binary"]["accuracy_ci95_low"],
-        "binary_accuracy_ci95_high": metrics["binary"]["accuracy_ci95_high"],
-        "binary_f1_malignant": metrics["binary"]["f1_malignant"],
-        "patient_level_accuracy": metrics["patient_level"]["accuracy"],
-        "n_unparseable": metrics["n_unparseable"],
-    }
-    if "roc_auc" in metrics["binary"]:
-        flat["binary_roc_auc"] = metrics["binary"]["roc_auc"]
-    if "expected_calibration_error" in metrics["eight_class"]:
-        flat["eight_class_expected_calibration_error"] = metrics["eight_class"]["expected_calibration_error"]
+    """The headline figures of a metrics file that it has, flat, by their MLflow names."""
+    flat = {}
+    for figure in HEADLINE:
+        if (value := dotted.get(metrics, figure.key)) is None:
+            continue
+        flat[figure.mlflow_name] = value
+        if figure.interval:
+            for bound in ("ci95_low", "ci95_high"):
+                flat[f"{figure.mlflow_name}_{bound}"] = dotted.get(metrics, f"{figure.key}_{bound}")
     return flat

@@ -8,9 +8,11 @@ import pytest
 
 from medgemma_breakhis.labels import CLASS_NAMES
 from medgemma_breakhis.metrics import (
+    HEADLINE,
     UNPARSEABLE,
     evaluation_metrics,
     expected_calibration_error,
+    headline,
     patient_bootstrap_ci,
     predictions_frame,
     roc_points,
@@ -99,3 +101,22 @@ def test_unparseable_answers_are_counted_wrong_and_never_become_a_class() -> Non
     assert metrics["binary"]["f1_malignant"] == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # 2 of 4 malignant found
     assert "roc_auc" not in metrics["binary"] and "expected_calibration_error" not in metrics["eight_class"]
     assert roc_points(table).empty
+    # MLflow gets the headline figures the method has, and says nothing of those it lacks
+    flat = headline(metrics)
+    assert flat["n_unparseable"] == 3 and flat["eight_class_accuracy"] == pytest.approx(3 / 6)
+    assert "binary_roc_auc" not in flat and "eight_class_expected_calibration_error" not in flat
+
+
+def test_every_headline_figure_reaches_mlflow_with_its_interval() -> None:
+    predicted = [0, 2, 4, 4, 0, 1]
+    table = predictions_frame(
+        rows([0, 1, 4, 5, 0, 4], ["a", "a", "b", "b", "c", "d"]), np.array(predicted), one_hot(predicted)
+    )
+    metrics = evaluation_metrics(table, resamples=500, seed=0)
+    flat = headline(metrics)
+    expected = {figure.mlflow_name for figure in HEADLINE}
+    expected |= {
+        f"{figure.mlflow_name}_ci95_{bound}" for figure in HEADLINE if figure.interval for bound in ("low", "high")
+    }
+    assert set(flat) == expected
+    assert flat["binary_accuracy_ci95_high"] == metrics["binary"]["accuracy_ci95_high"]

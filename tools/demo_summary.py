@@ -10,15 +10,18 @@ from typing import Any
 
 import dvc.api
 
+from medgemma_breakhis.metrics import HEADLINE
+
+# Every headline figure (`metrics.HEADLINE`) but the count of unparseable answers (`score` never has any), each
+# interval under its figure, then the test set's size.
 ROWS = (
-    ("8-class accuracy", "eight_class.accuracy"),
-    ("  95% interval", "eight_class.accuracy_ci95"),
-    ("8-class F1 (weighted)", "eight_class.f1_weighted"),
-    ("binary accuracy", "binary.accuracy"),
-    ("  95% interval", "binary.accuracy_ci95"),
-    ("binary F1 (malignant)", "binary.f1_malignant"),
-    ("binary ROC-AUC", "binary.roc_auc"),
-    ("patient-level accuracy", "patient_level.accuracy"),
+    *(
+        row
+        for figure in HEADLINE
+        if figure.key != "n_unparseable"
+        for row in [(figure.label, figure.key)]
+        + ([("  95% interval", f"{figure.key}_ci95")] if figure.interval else [])
+    ),
     ("test images", "n_images"),
 )
 
@@ -40,10 +43,10 @@ def _exp_show_cell(row: dict[str, Any], key: str) -> str:
 
 
 def baseline_finetuned_table(row: dict[str, Any]) -> str:
-    lines = [f"{'metric':<24}{'baseline':>10}{'fine-tuned':>12}"]
+    lines = [f"{'metric':<28}{'baseline':>10}{'fine-tuned':>12}"]
     for label, key in ROWS:
         cells = [_exp_show_cell(row, f"metrics/{name}.json:{key}") for name in ("baseline", "finetuned")]
-        lines.append(f"{label:<24}{cells[0]:>10}  {cells[1]:>10}")
+        lines.append(f"{label:<28}{cells[0]:>10}  {cells[1]:>10}")
     return "\n".join(lines)
 
 

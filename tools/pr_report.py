@@ -17,7 +17,11 @@ import dvc.api
 import pandas as pd
 from ruamel.yaml import YAML
 
-INTERVAL_METRICS = (("8-class accuracy", "eight_class"), ("binary accuracy", "binary"))
+from medgemma_breakhis import dotted
+from medgemma_breakhis.metrics import HEADLINE, Headline
+
+# The headline figures with an interval (`metrics.HEADLINE`).
+INTERVAL_METRICS = tuple(figure for figure in HEADLINE if figure.interval)
 EVALUATION_STAGES = ("baseline", "evaluate")
 
 
@@ -44,23 +48,28 @@ def evaluation_metrics_at(rev: str | None) -> dict[str, dict[str, Any] | None]:
     return found
 
 
-def _interval(values: dict[str, Any] | None, section: str) -> str:
+def _figures(values: dict[str, Any] | None, figure: Headline) -> list[float] | None:
+    """The figure and its interval's bounds, if `values` has them."""
+    found = [dotted.get(values or {}, f"{figure.key}{suffix}") for suffix in ("", "_ci95_low", "_ci95_high")]
+    return None if None in found else found
+
+
+def _interval(values: dict[str, Any] | None, figure: Headline) -> str:
     if values is None:
         return "no such file"
-    figures = values.get(section, {})
-    if "accuracy_ci95_low" not in figures:
-        return "n/a" if "accuracy" not in figures else f"{figures['accuracy']:.3f} (no interval)"
-    return f"{figures['accuracy']:.3f} [{figures['accuracy_ci95_low']:.3f}, {figures['accuracy_ci95_high']:.3f}]"
+    if (found := _figures(values, figure)) is None:
+        value = dotted.get(values, figure.key)
+        return "n/a" if value is None else f"{value:.3f} (no interval)"
+    return f"{found[0]:.3f} [{found[1]:.3f}, {found[2]:.3f}]"
 
 
-def _overlap(base: dict[str, Any] | None, head: dict[str, Any] | None, section: str) -> str:
-    b, h = (base or {}).get(section, {}), (head or {}).get(section, {})
-    if "accuracy_ci95_low" not in b or "accuracy_ci95_low" not in h:
+def _overlap(base: dict[str, Any] | None, head: dict[str, Any] | None, figure: Headline) -> str:
+    b, h = _figures(base, figure), _figures(head, figure)
+    if b is None or h is None:
         return "n/a"
-    keys = ("accuracy", "accuracy_ci95_low", "accuracy_ci95_high")
-    if [b[k] for k in keys] == [h[k] for k in keys]:
+    if b == h:
         return "unchanged"
-    apart = b["accuracy_ci95_high"] < h["accuracy_ci95_low"] or h["accuracy_ci95_high"] < b["accuracy_ci95_low"]
+    apart = b[2] < h[1] or h[2] < b[1]
     return "no: unlikely to be noise" if apart else "yes: could be noise"
 
 
@@ -68,13 +77,13 @@ def interval_table(base: dict[str, dict[str, Any]], head: dict[str, dict[str, An
     rows = [
         {
             "metrics file": path,
-            "metric": label,
-            "base": _interval(base.get(path), section),
-            "this change": _interval(head.get(path), section),
-            "95% intervals overlap": _overlap(base.get(path), head.get(path), section),
+            "metric": figure.label,
+            "base": _interval(base.get(path), figure),
+            "this change": _interval(head.get(path), figure),
+            "95% intervals overlap": _overlap(base.get(path), head.get(path), figure),
         }
         for path in sorted(set(base) | set(head))
-        for label, section in INTERVAL_METRICS
+        for figure in INTERVAL_METRICS
     ]
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
