@@ -19,11 +19,11 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from medgemma_breakhis.memory import GIB
 from medgemma_breakhis.params import TrainParams
 
 logger = logging.getLogger(__name__)
 
-GIB = 2**30
 # Share of the device's memory that `auto` plans to use: the rest is left for the CUDA context, the allocator's
 # fragmentation (reserved minus allocated) and the estimate's error.
 MEMORY_FRACTION = 0.85

@@ -11,11 +11,9 @@ import importlib.metadata
 import logging
 import os
 import platform
-import resource
 import socket
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,6 +31,7 @@ from ruamel.yaml import YAML
 
 from medgemma_breakhis.atomic import atomic_write_json
 from medgemma_breakhis.errors import ExpectedError
+from medgemma_breakhis.memory import peak_memory_gib
 from medgemma_breakhis.modeling import LoadedModelInfo
 from medgemma_breakhis.params import Params, to_flat_dict
 from medgemma_breakhis.repository import file_sha256, main_repo_root
@@ -276,15 +275,7 @@ def log_loaded_model(info: LoadedModelInfo, precision_ran: str) -> None:
 
 
 def log_peak_memory() -> None:
-    """Peak memory of this process: resident set size, and CUDA memory allocated by torch when on a GPU."""
-    # ru_maxrss is in kibibytes on Linux and in bytes on macOS.
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    metrics = {"peak_process_rss_gib": peak_rss / 2**30}
-    if torch.cuda.is_available():
-        metrics["peak_cuda_memory_allocated_gib"] = (
-            sum(torch.cuda.max_memory_allocated(index) for index in range(torch.cuda.device_count())) / 2**30
-        )
-    mlflow.log_metrics(metrics)
+    mlflow.log_metrics(peak_memory_gib())
 
 
 def untracked_record(metrics_path: Path) -> Path:

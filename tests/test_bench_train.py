@@ -44,7 +44,7 @@ def test_bench_train_without_warmup_prints_every_figure(capsys: pytest.CaptureFi
     assert float(median) > 0 and spread.startswith("(interquartile ") and spread.endswith(", 3 steps)")
     assert float(rows["examples/s"]) == pytest.approx(8 / float(median), rel=0.01)
     assert float(rows["data pipeline alone, examples/s"]) > 0
-    assert rows["peak memory (GiB)"].startswith("process RSS ")
+    assert rows["peak memory (GiB)"].startswith("process rss ")
     operators = float(rows["launches per example"].split()[0].replace(",", ""))
     assert 100 < operators < 5000  # per example; a MedGemma step at micro-batch 1 makes some 100,000
     flops, counted = rows["FLOPs per example"].split(" TFLOP ")

@@ -24,7 +24,6 @@ from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example
 MEDGEMMA_4B_PARAMETERS = 4_300_079_472
 # Decoder tokens per training example with MedGemma's processor (Gemma 3's tokenizer), as trl's collator counts them.
 DECODER_TOKENS = 375
-GIB = 2**30
 
 
 @pytest.fixture(scope="module")

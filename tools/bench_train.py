@@ -15,7 +15,6 @@ import argparse
 import logging
 import math
 import re
-import resource
 import tempfile
 import time
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from transformers import TrainerCallback
 
 from medgemma_breakhis.folds import FOLDS_CSV, read_folds
 from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.memory import peak_memory_gib
 from medgemma_breakhis.modeling import device, load_base_model
 from medgemma_breakhis.params import Params, add_override_argument, load_params
 from medgemma_breakhis.splits import read_split, select_split
@@ -45,7 +45,6 @@ from tools.bench import pipeline_paths
 
 logger = logging.getLogger(__name__)
 
-GIB = 2**30
 # Images in the reference run's training and test splits (fold 1, 100x, benign/malignant balanced, the Kaggle data).
 REFERENCE_TRAIN_IMAGES = 766
 REFERENCE_TEST_IMAGES = 522
@@ -171,14 +170,6 @@ def data_examples_per_second(trainer: GuardedSFTTrainer) -> float:
     return examples / (time.perf_counter() - start)
 
 
-def peak_memory_gib() -> dict[str, float]:
-    peaks = {"process RSS": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
-    if torch.cuda.is_available():
-        peaks["CUDA allocated"] = torch.cuda.max_memory_allocated() / GIB
-        peaks["CUDA reserved"] = torch.cuda.max_memory_reserved() / GIB
-    return peaks
-
-
 def measure(trainer: GuardedSFTTrainer, warmup: int, steps: int, batch_size: int) -> Measurement:
     """`warmup` untimed steps, `steps` timed ones, one profiled; then the FLOPs and the data pipeline alone."""
     clock, profiled, skipped = StepClock(), ProfileStep(warmup + steps + 1), SkippedStepCounter(trainer)
@@ -243,7 +234,13 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
         ("seconds per optimizer step", f"median {m.median_seconds:.3f} ({spread(m.step_seconds)})"),
         ("examples/s", f"{examples_per_second:.2f}"),
         ("data pipeline alone, examples/s", f"{m.data_examples_per_second:.1f}"),
-        ("peak memory (GiB)", ", ".join(f"{name} {gib:.2f}" for name, gib in m.peak_memory_gib.items())),
+        (
+            "peak memory (GiB)",
+            ", ".join(
+                f"{name.removeprefix('peak_').removesuffix('_gib').replace('_', ' ')} {gib:.2f}"
+                for name, gib in m.peak_memory_gib.items()
+            ),
+        ),
         ("launches per example", launches),
         ("FLOPs per example", f"{m.flops_per_example / 1e12:.4g} TFLOP (over {counted})"),
         (utilisation, mfu),
