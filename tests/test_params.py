@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from medgemma_breakhis.params import ParamsError, load_params, params_from_dict, to_flat_dict
+from medgemma_breakhis.params import Params, ParamsError, load_params, params_from_dict, to_flat_dict
 
 REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -48,6 +48,11 @@ def test_repository_params_file_sets_every_key() -> None:
 
     walk(raw)
     assert written == set(to_flat_dict(load_params(REPO_PARAMS)))
+
+
+def test_repository_params_file_and_schema_defaults_agree() -> None:
+    """Each default is written twice, for users in params.yaml and for code in the schema: they must not drift."""
+    assert to_flat_dict(load_params(REPO_PARAMS)) == to_flat_dict(Params())
 
 
 @pytest.mark.parametrize(
