@@ -9,7 +9,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ from medgemma_breakhis.modeling import (
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.prompt import completion_messages, prompt_messages
 from medgemma_breakhis.splits import read_split
-from medgemma_breakhis.tracking import log_loaded_model, stage_run, untracked_record
+from medgemma_breakhis.tracking import TrackedStage, log_loaded_model, stage_run, untracked_record
 
 logger = logging.getLogger(__name__)
 
@@ -98,10 +98,13 @@ class GuardedSFTTrainer(SFTTrainer):
     makes the loss non-finite, so the loss is the check.
     """
 
-    def __init__(self, *args: Any, precision: Precision, weights_dtype: str, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, precision: Precision, weights_dtype: str, plan: ExecutionPlan, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.precision = precision
         self.weights_dtype = weights_dtype
+        self.plan = plan  # how each optimizer step is executed
 
     @property
     def precision_ran(self) -> str:
@@ -292,16 +295,17 @@ def build_trainer(
     model: PreTrainedModel,
     processor: ProcessorMixin,
     info: LoadedModelInfo,
-    lora: LoraParams,
-    train: TrainParams,
-    plan: ExecutionPlan,
+    params: Params,
     rows: pd.DataFrame,
     image_root: Path,
     output_dir: Path,
     config_overrides: dict[str, Any] | None = None,
 ) -> GuardedSFTTrainer:
-    """A trainer for a LoRA adapter on `model`, executed as `plan` says, checkpointing every
-    `train.checkpoint_steps` into `output_dir`. `config_overrides` replace SFTConfig arguments (for benchmarks)."""
+    """The trainer of a LoRA adapter on `model` as `params` say, its execution planned for this device
+    (`trainer.plan`), checkpointing every `train.checkpoint_steps` into `output_dir`: the one assembly the `train`
+    stage and `make bench-train` share. `config_overrides` replace SFTConfig arguments (for benchmarks)."""
+    lora, train = params.lora, params.train
+    plan = plan_for(model, processor, lora, train)
     on_cuda = torch.cuda.is_available()
     if train.precision == "fp16" and not on_cuda:
         logger.warning("fp16 mixed precision does not exist on CPU: training runs with fp16 weights and no autocast")
@@ -351,6 +355,7 @@ def build_trainer(
         processing_class=processor,
         precision=train.precision,
         weights_dtype=info.dtype,
+        plan=plan,
     )
     if plan.compile:
         logger.info("compiled %d layers with torch.compile", compile_layers(trainer.model))
@@ -389,6 +394,150 @@ def save_adapter(trainer: SFTTrainer, folder: Path) -> None:
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
 
 
+@dataclass
+class TrainingRun:
+    """One `train` stage's trainer, what it was built from, and where it checkpoints and resumes."""
+
+    trainer: GuardedSFTTrainer
+    info: LoadedModelInfo
+    folder: Path  # this run's checkpoint folder, named by its inputs' fingerprint
+    resume_from: Path | None
+    load_seconds: float
+    skipped: SkippedStepCounter
+    stop: StopOnSignal = field(default_factory=StopOnSignal)
+    times: StepTimes = field(default_factory=StepTimes)
+
+    @property
+    def resumed_from_step(self) -> int:
+        return int(self.resume_from.name.rsplit("-", 1)[1]) if self.resume_from else 0
+
+
+def prepare(
+    params: Params, rows: pd.DataFrame, image_root: Path, train_csv: Path, checkpoint_root: Path
+) -> TrainingRun:
+    """Load the model, build its trainer into the checkpoint folder of these inputs, and find where to resume."""
+    started = time.perf_counter()
+    model, processor, info = load_base_model(params.model, params.train.precision)
+    load_seconds = time.perf_counter() - started
+    fingerprint = training_fingerprint(params, info.resolved_revision, train_csv, image_root, rows["filename"])
+    folder = checkpoint_folder(checkpoint_root, fingerprint)
+    trainer = build_trainer(
+        model=model, processor=processor, info=info, params=params, rows=rows, image_root=image_root, output_dir=folder
+    )
+    main = is_main_process()
+    with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
+        if main:
+            prepare_checkpoint_folder(checkpoint_root, fingerprint)
+        resume_from = last_complete_checkpoint(folder, delete_incomplete=main)
+    run = TrainingRun(trainer, info, folder, resume_from, load_seconds, SkippedStepCounter(trainer))
+    for callback in (run.stop, run.skipped, run.times):
+        trainer.add_callback(callback)
+    return run
+
+
+def track_start(tracked: TrackedStage, run: TrainingRun, adapter_dir: Path, batch_size: int) -> None:
+    """What the run was built from and how it executes, in MLflow and the log, before the first step."""
+    trainer, plan = run.trainer, run.trainer.plan
+    tracked.track("the loaded model's tags", lambda: log_loaded_model(run.info, trainer.precision_ran))
+    tracked.track(
+        "the training tags",
+        lambda: mlflow.set_tags(
+            {
+                "adapter_path": str(adapter_dir),
+                "checkpoint_folder": str(run.folder),
+                "resumed_from_step": str(run.resumed_from_step),
+                "num_processes": str(trainer.args.world_size),
+                "distributed_backend": str(trainer.accelerator.state.backend or "none"),
+                **{"execution_" + key: str(value) for key, value in asdict(plan).items()},
+            }
+        ),
+    )
+    logger.info(
+        "training on %d process(es), %d examples per optimizer step; each process: %s",
+        trainer.args.world_size,
+        batch_size,
+        plan.describe(),
+    )
+    if run.resume_from:
+        logger.info("resuming from %s: optimizer steps 1-%d are done", run.resume_from, run.resumed_from_step)
+
+
+def train(run: TrainingRun, tracked: TrackedStage | None) -> None:
+    """Train to the end, or stop: at a signal, after saving a checkpoint (TrainingInterrupted); at a non-finite loss
+    (TrainingDivergedError, whose step and loss `tracked` records)."""
+    trainer = run.trainer
+    try:
+        with run.stop.installed():
+            trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    except TrainingDivergedError as err:
+        if tracked is not None:  # the curve shows where it diverged
+            loss, step = err.loss, err.step
+            tracked.track("the diverged loss", lambda: mlflow.log_metric("loss", loss, step=step))
+            tracked.track("the diverged_at_step tag", lambda: mlflow.set_tag("diverged_at_step", str(step)))
+        raise
+    if run.stop.received:
+        step = trainer.state.global_step
+        raise TrainingInterrupted(
+            f"{run.stop.received}: training stopped at optimizer step {step} of {trainer.state.max_steps} and saved "
+            f"{run.folder / f'{PREFIX_CHECKPOINT_DIR}-{step}'}; run `dvc repro` (or this stage) again to resume "
+            "from it"
+        )
+
+
+def write_outputs(
+    run: TrainingRun, rows: pd.DataFrame, adapter_dir: Path, metrics_path: Path, loss_path: Path
+) -> TrainResult:
+    """The training summary, the loss curve and the adapter, each written atomically."""
+    trainer = run.trainer
+    curve = loss_curve(trainer.state.log_history)
+    result = TrainResult(
+        model=run.info,
+        precision_ran=trainer.precision_ran,
+        global_steps=trainer.state.global_step,
+        resumed_from_step=run.resumed_from_step,
+        # from the log history, which a resumed run restores: the same figure as an uninterrupted run
+        train_loss_mean=float(curve["loss"].mean()),
+        train_loss_last=float(curve["loss"].iloc[-1]),
+    )
+    atomic_write_json(
+        metrics_path,
+        {
+            "train_loss_mean": result.train_loss_mean,
+            "train_loss_last": result.train_loss_last,
+            "global_steps": result.global_steps,
+            "n_images": len(rows),
+            "skipped_optimizer_steps": len(run.skipped.steps),
+        },
+    )
+    atomic_write_text(loss_path, curve.to_csv(index=False))
+    with atomic_directory(adapter_dir) as staging:
+        save_adapter(trainer, staging)
+    return result
+
+
+def track_end(tracked: TrackedStage, run: TrainingRun, artifacts: dict[Path, str]) -> None:
+    """The finished run's figures and files in MLflow: skipped steps, where the time went, every logged step the
+    store lacks, and `artifacts` (path: artifact folder)."""
+    skipped = run.skipped.steps
+    tracked.track("the skipped optimizer steps", lambda: mlflow.log_metric("skipped_optimizer_steps", len(skipped)))
+    if skipped:
+        tracked.track(
+            "the steps skipped", lambda: mlflow.set_tag("skipped_optimizer_steps_at", ",".join(map(str, skipped)))
+        )
+    tracked.track(
+        "where the time went",
+        lambda: mlflow.log_metrics({"time_model_load_s": run.load_seconds, **run.times.metrics()}),
+    )
+    # the steps up to a resumed checkpoint belong to the run that made it, which tracked them
+    history = run.trainer.state.log_history
+    tracked.restore_metrics([entry for entry in history if entry["step"] > run.resumed_from_step])
+    for path, folder in artifacts.items():
+        tracked.track(
+            f"the artifact {path}",
+            lambda path=path, folder=folder: mlflow.log_artifact(str(path), artifact_path=folder),
+        )
+
+
 def run_training(
     params: Params,
     *,
@@ -410,120 +559,22 @@ def run_training(
     check_model(params.model, params.lora)
     main = is_main_process()
     with stage_run("train", params, train_csv, untracked_record(metrics_path)) if main else nullcontext() as tracked:
-        started = time.perf_counter()
-        model, processor, info = load_base_model(params.model, params.train.precision)
-        load_seconds = time.perf_counter() - started
-        fingerprint = training_fingerprint(params, info.resolved_revision, train_csv, image_root, rows["filename"])
-        folder = checkpoint_folder(checkpoint_root, fingerprint)
-        plan = plan_for(model, processor, params.lora, params.train)
-        trainer = build_trainer(
-            model=model,
-            processor=processor,
-            info=info,
-            lora=params.lora,
-            train=params.train,
-            plan=plan,
-            rows=rows,
-            image_root=image_root,
-            output_dir=folder,
-        )
-        with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
-            if main:
-                prepare_checkpoint_folder(checkpoint_root, fingerprint)
-            resume_from = last_complete_checkpoint(folder, delete_incomplete=main)
-        resumed_from_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0
+        run = prepare(params, rows, image_root, train_csv, checkpoint_root)
         if main:
-            tracked.track("the loaded model's tags", lambda: log_loaded_model(info, trainer.precision_ran))
-            tracked.track(
-                "the training tags",
-                lambda: mlflow.set_tags(
-                    {
-                        "adapter_path": str(adapter_dir),
-                        "checkpoint_folder": str(folder),
-                        "resumed_from_step": str(resumed_from_step),
-                        "num_processes": str(trainer.args.world_size),
-                        "distributed_backend": str(trainer.accelerator.state.backend or "none"),
-                        **{"execution_" + key: str(value) for key, value in asdict(plan).items()},
-                    }
-                ),
-            )
-            logger.info(
-                "training on %d process(es), %d examples per optimizer step; each process: %s",
-                trainer.args.world_size,
-                params.train.batch_size,
-                plan.describe(),
-            )
-            if resume_from:
-                logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed_from_step)
-        stop, skipped, times = StopOnSignal(), SkippedStepCounter(trainer), StepTimes()
-        for callback in (stop, skipped, times):
-            trainer.add_callback(callback)
-        try:
-            with stop.installed():
-                trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except TrainingDivergedError as err:
-            if main:  # the curve shows where it diverged
-                loss, step = err.loss, err.step
-                tracked.track("the diverged loss", lambda: mlflow.log_metric("loss", loss, step=step))
-                tracked.track("the diverged_at_step tag", lambda: mlflow.set_tag("diverged_at_step", str(step)))
-            raise
-        if stop.received:
-            step = trainer.state.global_step
-            raise TrainingInterrupted(
-                f"{stop.received}: training stopped at optimizer step {step} of {trainer.state.max_steps} and saved "
-                f"{folder / f'{PREFIX_CHECKPOINT_DIR}-{step}'}; run `dvc repro` (or this stage) again to resume "
-                "from it"
-            )
+            track_start(tracked, run, adapter_dir, params.train.batch_size)
+        train(run, tracked)
         if not main:
             return None
-        curve = loss_curve(trainer.state.log_history)
-        result = TrainResult(
-            model=info,
-            precision_ran=trainer.precision_ran,
-            global_steps=trainer.state.global_step,
-            resumed_from_step=resumed_from_step,
-            # from the log history, which a resumed run restores: the same figure as an uninterrupted run
-            train_loss_mean=float(curve["loss"].mean()),
-            train_loss_last=float(curve["loss"].iloc[-1]),
-        )
-        atomic_write_json(
-            metrics_path,
-            {
-                "train_loss_mean": result.train_loss_mean,
-                "train_loss_last": result.train_loss_last,
-                "global_steps": result.global_steps,
-                "n_images": len(rows),
-                "skipped_optimizer_steps": len(skipped.steps),
-            },
-        )
-        atomic_write_text(loss_path, curve.to_csv(index=False))
-        with atomic_directory(adapter_dir) as staging:
-            save_adapter(trainer, staging)
-        tracked.track(
-            "the skipped optimizer steps", lambda: mlflow.log_metric("skipped_optimizer_steps", len(skipped.steps))
-        )
-        tracked.track(
-            "where the time went", lambda: mlflow.log_metrics({"time_model_load_s": load_seconds, **times.metrics()})
-        )
-        if skipped.steps:
-            tracked.track(
-                "the steps skipped",
-                lambda: mlflow.set_tag("skipped_optimizer_steps_at", ",".join(map(str, skipped.steps))),
-            )
-        # the steps up to a resumed checkpoint belong to the run that made it, which tracked them
-        tracked.restore_metrics([entry for entry in trainer.state.log_history if entry["step"] > resumed_from_step])
-        for path, artifact_path in (
-            (metrics_path, metrics_path.parent.name),
-            (loss_path, loss_path.parent.name),
-            (adapter_dir / "adapter_config.json", "adapter"),
-        ):
-            tracked.track(
-                f"the artifact {path}",
-                lambda path=path, folder=artifact_path: mlflow.log_artifact(str(path), artifact_path=folder),
-            )
+        result = write_outputs(run, rows, adapter_dir, metrics_path, loss_path)
+        artifacts = {
+            metrics_path: metrics_path.parent.name,
+            loss_path: loss_path.parent.name,
+            adapter_dir / "adapter_config.json": "adapter",
+        }
+        track_end(tracked, run, artifacts)
     # Only once the adapter is saved and tracking is over, which can no longer fail the stage: before, a failure would
     # leave the adapter unrecorded by DVC, and the next run would have to train again from step 1.
-    shutil.rmtree(folder)
+    shutil.rmtree(run.folder)
     logger.info(
         "trained %d steps (resumed after step %d), last logged loss %.4f, adapter in %s; precision that ran: %s",
         result.global_steps,

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from medgemma_breakhis.execution import ExecutionPlan, estimate_peak_gib, model_shape, plan_execution
+from medgemma_breakhis.execution import estimate_peak_gib, model_shape, plan_execution
 from medgemma_breakhis.folds import FOLDS_CSV, read_folds
 from medgemma_breakhis.medgemma_architecture import IMAGE_TOKENS, medgemma_4b_config
 from medgemma_breakhis.modeling import load_base_model, model_on_meta
-from medgemma_breakhis.params import LoraParams, ModelParams, SplitParams, TrainParams
+from medgemma_breakhis.params import LoraParams, ModelParams, Params, SplitParams, TrainParams
 from medgemma_breakhis.splits import select_split
 from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example, plan_for
 
@@ -123,17 +123,14 @@ class FirstStepGradients(TrainerCallback):
 
 def first_step(rows: pd.DataFrame, image_root: Path, micro_batch_size: int, tmp_path: Path):
     model, processor, info = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
-    train = TrainParams(precision="fp32", micro_batch_size=micro_batch_size)
-    plan = ExecutionPlan(
-        micro_batch_size, train.batch_size // micro_batch_size, gradient_checkpointing=False, dataloader_workers=0
+    train = TrainParams(
+        precision="fp32", micro_batch_size=micro_batch_size, gradient_checkpointing=False, dataloader_workers=0
     )
     trainer = build_trainer(
         model=model,
         processor=processor,
         info=info,
-        lora=LoraParams(dropout=0.0),
-        train=train,
-        plan=plan,
+        params=Params(lora=LoraParams(dropout=0.0), train=train),
         rows=rows,
         image_root=image_root,
         output_dir=tmp_path / str(micro_batch_size),

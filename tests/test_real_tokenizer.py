@@ -12,11 +12,10 @@ import torch
 from PIL import Image
 from transformers.integrations import MLflowCallback
 
-from medgemma_breakhis.execution import ExecutionPlan
 from medgemma_breakhis.labels import NUM_CLASSES
 from medgemma_breakhis.medgemma_architecture import IMAGE_TOKENS
 from medgemma_breakhis.modeling import check_lora_targets, load_processor
-from medgemma_breakhis.params import LoraParams, ModelParams, TrainParams
+from medgemma_breakhis.params import LoraParams, ModelParams, Params, TrainParams
 from medgemma_breakhis.scoring import answer_token_ids, prompt_text, score_images
 from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example
 
@@ -45,9 +44,11 @@ def batch(real_vocabulary_model, filenames: list[str], synthetic_root: Path, tmp
         model=model,
         processor=processor,
         info=info,
-        lora=LoraParams(),
-        train=TrainParams(precision="fp32", batch_size=2),
-        plan=ExecutionPlan(2, 1, gradient_checkpointing=False, dataloader_workers=0),
+        params=Params(
+            train=TrainParams(
+                precision="fp32", batch_size=2, micro_batch_size=2, gradient_checkpointing=False, dataloader_workers=0
+            )
+        ),
         rows=rows,
         image_root=synthetic_root,
         output_dir=tmp_path_factory.mktemp("trainer"),

@@ -9,16 +9,26 @@ import pytest
 import torch
 from transformers.integrations import MLflowCallback
 
-from medgemma_breakhis.execution import ExecutionPlan
 from medgemma_breakhis.labels import label_from_path
 from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import LoraParams, ModelParams, TrainParams
+from medgemma_breakhis.params import ModelParams, Params, TrainParams
 from medgemma_breakhis.training import GuardedSFTTrainer, build_trainer, save_adapter
 
 # Two rows, one optimizer step each: the smallest run with more than one step. fp32 and no gradient checkpointing:
 # exact comparisons, and fast on a CPU.
-TRAIN = TrainParams(epochs=1, batch_size=1, warmup_ratio=0.0, precision="fp32", checkpoint_steps=1000)
-PLAN = ExecutionPlan(micro_batch_size=1, grad_accum_steps=1, gradient_checkpointing=False, dataloader_workers=0)
+PARAMS = Params(
+    model=ModelParams(id="tiny-gemma3"),
+    train=TrainParams(
+        epochs=1,
+        batch_size=1,
+        warmup_ratio=0.0,
+        precision="fp32",
+        checkpoint_steps=1000,
+        micro_batch_size=1,
+        gradient_checkpointing=False,
+        dataloader_workers=0,
+    ),
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +43,12 @@ def rows(synthetic_folds: pd.DataFrame) -> pd.DataFrame:
 
 def trainer_for(rows: pd.DataFrame, image_root: Path, output_dir: Path) -> GuardedSFTTrainer:
     """A trainer on a freshly loaded tiny model (LoRA changes the model it wraps: it cannot share one)."""
-    model, processor, info = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+    model, processor, info = load_base_model(PARAMS.model, "fp32")
     trainer = build_trainer(
         model=model,
         processor=processor,
         info=info,
-        lora=LoraParams(),
-        train=TRAIN,
-        plan=PLAN,
+        params=PARAMS,
         rows=rows,
         image_root=image_root,
         output_dir=output_dir,

@@ -34,13 +34,7 @@ from medgemma_breakhis.modeling import device, load_base_model
 from medgemma_breakhis.params import Params, add_override_argument, load_params
 from medgemma_breakhis.splits import read_split, select_split
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
-from medgemma_breakhis.training import (
-    GuardedSFTTrainer,
-    SkippedStepCounter,
-    build_trainer,
-    decoder_tokens_per_example,
-    plan_for,
-)
+from medgemma_breakhis.training import GuardedSFTTrainer, SkippedStepCounter, build_trainer, decoder_tokens_per_example
 from tools.bench import pipeline_paths
 
 logger = logging.getLogger(__name__)
@@ -278,14 +272,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         rows, image_root = train_rows(params, args.synthetic, Path(scratch) / "data")
         model, processor, info = load_base_model(params.model, params.train.precision)
-        plan = plan_for(model, processor, params.lora, params.train)
         trainer = build_trainer(
             model=model,
             processor=processor,
             info=info,
-            lora=params.lora,
-            train=params.train,
-            plan=plan,
+            params=params,
             rows=rows,
             image_root=image_root,
             output_dir=Path(scratch) / "out",
@@ -294,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         )
         measurement = measure(trainer, args.warmup, args.steps, params.train.batch_size)
     device_name = torch.cuda.get_device_name() if device().type == "cuda" else "cpu"
-    print(report(measurement, params, plan.describe(), device_name, decoder_tokens_per_example(processor)))
+    print(report(measurement, params, trainer.plan.describe(), device_name, decoder_tokens_per_example(processor)))
 
 
 if __name__ == "__main__":
