@@ -13,11 +13,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
 from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import ModelParams, SyntheticData
+from medgemma_breakhis.params import ModelParams, SplitParams, SyntheticData
+from medgemma_breakhis.splits import write_split
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 from medgemma_breakhis.tiny_model import build_tiny_gemma3
 
@@ -37,6 +39,31 @@ def synthetic_folds(synthetic_root: Path) -> pd.DataFrame:
 def tiny_model():
     """(model, processor, info) of the tiny random Gemma 3, in fp32 so comparisons are exact."""
     return load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+
+
+@pytest.fixture(scope="session")
+def synthetic_split(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference's split (fold 1, 100X) of the synthetic images: train.csv and test.csv."""
+    folder = tmp_path_factory.mktemp("split")
+    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter of the tiny model as `train` saves one (weights and processor), with random B matrices so that
+    it changes the scores, without the cost of training it."""
+    folder = tmp_path_factory.mktemp("adapter")
+    model, processor, _ = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    adapted.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 # Scaling the first MLP's input projections makes its activations exceed float16's 65,504 while every weight stays
