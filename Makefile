@@ -10,6 +10,7 @@ OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: help setup demo test test-fast lint cv compare-precision bench bench-train report gpu-memory
+.PHONY: predict models promote serve
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
@@ -62,6 +63,23 @@ bench-train: setup ## seconds per training step, memory, launches, FLOPs, MFU, p
 report: setup ## the pull-request comment against BASE=<rev>, locally
 	@test -n "$(BASE)" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
 	@$(BIN)/python -m tools.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
+
+# The registered model (docs/model-registry.md). Make variables reach the tools through the environment ($$NAME),
+# never pasted into the recipe: IMAGES is split into words (a path with spaces: run `python -m tools.predict`),
+# nothing in any value is run.
+predict: setup ## classify new images: IMAGES='a.png folder/' [MODEL=…] [OUT=reports/predictions.csv]
+	@test -n "$$IMAGES" || { echo "usage: make predict IMAGES='<files or folders>' [MODEL=...] [OUT=...]" >&2; exit 2; }
+	@$(BIN)/python -m tools.predict $$IMAGES $${MODEL:+--model "$$MODEL"} $${OUT:+--out "$$OUT"}
+
+models: setup ## the registered model's versions: aliases, DVC experiment, git commit, headline metrics
+	@$(BIN)/python -m tools.models list
+
+promote: setup ## point an alias at a version, to promote or roll back: VERSION=3 [ALIAS=champion]
+	@test -n "$$VERSION" || { echo "usage: make promote VERSION=<n> [ALIAS=champion] (make models lists them)" >&2; exit 2; }
+	@$(BIN)/python -m tools.models promote "$$VERSION" --alias "$${ALIAS:-champion}"
+
+serve: setup ## mlflow models serve on 127.0.0.1 [MODEL=models:/<name>@champion] [PORT=5001]
+	@$(BIN)/python -m tools.models serve $${MODEL:+--model "$$MODEL"} --port "$${PORT:-5001}"
 
 # Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
 gpu-memory: setup ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on 80/40/24 GB

@@ -267,20 +267,20 @@ def free_port() -> int:
 
 
 @pytest.mark.slow  # a model server in a subprocess
-def test_the_served_model_answers_with_the_probabilities_predict_gives(registered: Registered) -> None:
+def test_the_served_model_answers_with_the_probabilities_predict_gives(
+    registered: Registered, stage_env: dict[str, str]
+) -> None:
     port = free_port()
     uri = f"models:/{NAME}/1"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", uri, "--env-manager", "local"]
-        + ["-h", "127.0.0.1", "-p", str(port)],
+        # `make serve`: `mlflow models serve -m <uri> --env-manager local -h 127.0.0.1 -p <port>`
+        [sys.executable, "-m", "tools.models", "serve", "--model", uri, "--port", str(port)],
         cwd=registered.folder,
-        # the server starts `uvicorn` from PATH, as `make serve` (whose PATH starts with .venv/bin) does
-        env=env
+        # mlflow and uvicorn from PATH, as under make (whose PATH starts with .venv/bin)
+        env=stage_env
         | {
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{stage_env['PATH']}",
             "MLFLOW_TRACKING_URI": registered.store,
-            "HF_HUB_OFFLINE": "1",
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -3,6 +3,7 @@ and move an alias (promote, roll back).
 
 Run: make models                              (or: python -m tools.models list)
      make promote VERSION=3 [ALIAS=champion]  (or: python -m tools.models promote 3 [--alias champion])
+     make serve [MODEL=models:/…] [PORT=5001]  (or: python -m tools.models serve [--model URI] [--port 5001])
 
 The model is `registry.model_name` of params.yaml, in the tracking store the stages use (MLFLOW_TRACKING_URI, else
 the repository's mlflow.db). Rolling back is promoting the earlier version again.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 import mlflow
 import pandas as pd
@@ -133,16 +135,24 @@ def main(argv: list[str] | None = None) -> None:
     promoting = commands.add_parser("promote", help="point an alias at a version (promote, or roll back)")
     promoting.add_argument("version", help="the version number, as `make models` lists it")
     promoting.add_argument("--alias", default=DEFAULT_ALIAS, help=f"default: {DEFAULT_ALIAS}")
+    serving = commands.add_parser("serve", help="mlflow models serve, on this machine only (127.0.0.1)")
+    serving.add_argument("--model", help="an MLflow model URI; default: the version @champion, else the newest")
+    serving.add_argument("--port", type=int, default=5001)
     add_override_argument(parser)
     args = parser.parse_args(argv)
     configure_logging()
     name = load_params(overrides=args.overrides).registry.model_name
-    open_registry()
+    open_registry()  # which exports MLFLOW_TRACKING_URI, for the server too
     if args.command == "list":
         print(f"Model {name} in {shown_uri(tracking_uri())}")
         print(version_table(name).to_string(index=False))
-    else:
+    elif args.command == "promote":
         print(promote(name, args.version, args.alias))
+    else:
+        uri = args.model or default_model_uri(name)
+        logger.info("serving %s on http://127.0.0.1:%d/invocations", uri, args.port)
+        serve = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1"]
+        os.execvp("mlflow", [*serve, "-p", str(args.port)])  # the server in this process: Ctrl-C stops it
 
 
 if __name__ == "__main__":
