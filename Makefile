@@ -26,7 +26,8 @@ $(VENV)/.installed: requirements.txt
 demo: setup ## the whole pipeline offline as a temporary DVC experiment, then its metrics and plots
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(OFFLINE_PARAMS)
 	$(BIN)/python -m tools.demo_summary $(DEMO_EXP)
-	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit.
+	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit,
+	@# through .dvc/config's html_template (.dvc/plots/offline.html: Vega inlined, so the page draws offline).
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
 test: setup ## the whole suite, as CI runs it (unit, slow and e2e), with the slowest tests listed

@@ -16,6 +16,7 @@ import datasets
 import mlflow
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from peft import LoraConfig
 from PIL import Image
 from transformers import (
@@ -313,6 +314,16 @@ def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
     )
 
 
+def loss_figure(curve: pd.DataFrame) -> Figure:
+    """The training loss per optimizer step (`loss_curve`), as `dvc plots` draws it, for MLflow."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(curve["step"], curve["loss"], marker="." if len(curve) < 50 else None)
+    axes.set(xlabel="optimizer step", ylabel="loss", title="Training loss per optimizer step")
+    axes.grid(alpha=0.3)
+    return figure
+
+
 def save_adapter(trainer: SFTTrainer, folder: Path) -> None:
     """The adapter and processor, byte-identical whenever the training was, so DVC's hash of the adapter changes only
     when what was trained does.
@@ -459,6 +470,7 @@ def run_training(
                 f"the artifact {path}",
                 lambda path=path, folder=artifact_path: mlflow.log_artifact(str(path), artifact_path=folder),
             )
+        tracked.track("the loss curve", lambda: mlflow.log_figure(loss_figure(curve), "loss_curve.png"))
     # Only once the adapter is saved and tracking is over, which can no longer fail the stage: before, a failure would
     # leave the adapter unrecorded by DVC, and the next run would have to train again from step 1.
     shutil.rmtree(folder)
