@@ -12,7 +12,6 @@ import importlib.metadata
 import io
 import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -67,14 +66,10 @@ def pinned_requirements() -> list[str]:
 
 
 def code_snapshot(folder: Path) -> Path:
-    """The package's modules that this process has loaded, copied into `folder`/medgemma_breakhis: the code the
-    registered model runs, exactly the files that are this stage's DVC code deps (not training, not tools)."""
+    """This package's source, copied into `folder`/medgemma_breakhis: the code the registered model runs when served
+    (`mlflow models serve` puts it first on the path), whatever the repository holds later."""
     package = folder / PACKAGE
-    package.mkdir(parents=True)
-    (package / "__init__.py").touch()
-    for name, module in sorted(sys.modules.items()):
-        if name.startswith(f"{PACKAGE}.") and getattr(module, "__file__", None):
-            shutil.copy2(module.__file__, package / Path(module.__file__).name)
+    shutil.copytree(Path(__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return package
 
 

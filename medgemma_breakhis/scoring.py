@@ -15,11 +15,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from trl.data_utils import apply_chat_template
 
 from medgemma_breakhis.labels import NUM_CLASSES, PROMPT
+from medgemma_breakhis.logs import progress
 from medgemma_breakhis.metrics import UNPARSEABLE, predictions_frame
 from medgemma_breakhis.modeling import NonFiniteError
 from medgemma_breakhis.params import EvalParams
@@ -96,7 +96,7 @@ def score_images(
     text = prompt_text(processor)
     answer_ids = torch.tensor(answer_token_ids(processor))
     probabilities = []
-    for start in tqdm(range(0, len(images), batch_size), desc="scoring", unit="batch"):
+    for start in progress(range(0, len(images), batch_size), desc="scoring", unit="batch"):
         batch = images[start : start + batch_size]
         inputs = _batch_inputs(processor, text, batch, model.device, model.dtype)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
@@ -127,7 +127,7 @@ def generate_answers(
     # Stop at <end_of_turn> as well as <eos>: a model fine-tuned by the Trainer may end its turn without an <eos>.
     stop_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     answers = []
-    for start in tqdm(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
+    for start in progress(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
         inputs = _batch_inputs(processor, text, image_paths[start : start + batch_size], model.device, model.dtype)
         output = model.generate(
             **inputs,

@@ -22,6 +22,7 @@ from PIL import Image
 from transformers import (
     PreTrainedModel,
     ProcessorMixin,
+    ProgressCallback,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -41,6 +42,7 @@ from medgemma_breakhis.checkpoints import (
 )
 from medgemma_breakhis.distributed import is_main_process
 from medgemma_breakhis.execution import ExecutionPlan, model_shape, plan_execution
+from medgemma_breakhis.logs import in_terminal, progress
 from medgemma_breakhis.modeling import (
     LoadedModelInfo,
     NonFiniteError,
@@ -179,6 +181,32 @@ class SkippedStepCounter(TrainerCallback):
             )
 
 
+class TrainingProgress(ProgressCallback):
+    """transformers' bar of the optimizer steps, drawn by `logs.progress`: in a log file, a line per tenth of the
+    steps carrying the last logged loss, rather than a line per update and another per logged step (every loss is
+    in MLflow and plots/train_loss.csv)."""
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self.training_bar = progress(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if in_terminal():
+            super().on_log(args, state, control, logs=logs, **kwargs)
+        elif self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder and vision-encoder layer, LoRA included: one graph per layer instead of some
     fifteen small kernels per adapted linear layer. Per layer, not the whole model, so the 61 layers share two or three
@@ -296,6 +324,8 @@ def build_trainer(
         precision=train.precision,
         weights_dtype=info.dtype,
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(TrainingProgress)
     if plan.compile:
         logger.info("compiled %d layers with torch.compile", compile_layers(trainer.model))
     return trainer
