@@ -146,17 +146,20 @@ def test_a_promoted_version_classifies_new_images_as_evaluate_scored_them(
     assert set(results["predicted_binary"]) <= {"benign", "malignant"} and set(results["error"]) == {""}
 
 
-def test_each_evaluation_is_a_new_version_and_an_alias_rolls_back(
-    registered: Registered, synthetic_root: Path, synthetic_split: Path, tiny_adapter: Path, capsys
+def test_versions_are_listed_newest_first_and_an_alias_rolls_back(
+    registered: Registered, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    evaluate(registered.folder, synthetic_root, synthetic_split, tiny_adapter)
+    client = mlflow.MlflowClient(registered.store)
+    (first,) = client.search_model_versions(f"name = '{NAME}'")
+    mlflow.register_model(first.source, NAME)  # as the next `evaluate` would, without scoring again
     models.main(["list"])
-    listed = capsys.readouterr().out
-    assert listed.index(" 2 ") < listed.index(" 1 ")  # newest first
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[2:]] == ["2", "1"]
+    assert " workspace " in listed[3] and "n/a" not in listed[3]  # version 1's DVC experiment and metrics
     models.main(["promote", "2"])
     assert "version 1 -> 2 (to roll back: make promote VERSION=1 ALIAS=champion)" in capsys.readouterr().out
     models.main(["promote", "1"])
-    assert str(mlflow.MlflowClient(registered.store).get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
     with pytest.raises(models.ModelNotFound, match="has no version '9'; its versions: 2, 1"):
         models.main(["promote", "9"])
 
@@ -220,18 +223,17 @@ def test_images_are_refused_from_their_header(data: bytes, reason: str) -> None:
         decode_image(data)
 
 
-def test_the_experiment_opens_as_model_training_and_a_kind_set_by_hand_is_kept(
-    stage_folder: Path, synthetic_root: Path
-) -> None:
-    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    created = experiment_id()
+def test_the_experiment_opens_as_model_training_and_a_kind_set_by_hand_is_kept(registered: Registered) -> None:
+    client = mlflow.MlflowClient(registered.store)
+    created = client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
     assert client.get_experiment(created).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     client.delete_experiment_tag(created, EXPERIMENT_KIND_TAG)  # an experiment made before this tag existed
     experiment_id()
     assert client.get_experiment(created).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
     client.set_experiment_tag(created, EXPERIMENT_KIND_TAG, "genai_development")
     experiment_id()
-    assert client.get_experiment_by_name(EXPERIMENT_NAME).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    assert client.get_experiment(created).tags[EXPERIMENT_KIND_TAG] == "genai_development"
+    client.set_experiment_tag(created, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
 def third_party_imports(path: Path, seen: set[Path]) -> set[str]:
