@@ -25,7 +25,7 @@ $(VENV)/.installed: requirements.txt
 # A temporary DVC experiment: the workspace and every tracked file stay as they are; `dvc exp show` lists it.
 demo: setup ## the whole pipeline offline as a temporary DVC experiment, then its metrics and plots
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(OFFLINE_PARAMS)
-	$(BIN)/python -m tools.demo_summary $(DEMO_EXP)
+	$(BIN)/python -m tools.demo_summary $(DEMO_EXP) --images reports/demo-images
 	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit,
 	@# through .dvc/config's html_template (.dvc/plots/offline.html: Vega inlined, so the page draws offline).
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)

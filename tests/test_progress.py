@@ -10,6 +10,7 @@ import huggingface_hub.utils
 import pytest
 import transformers
 
+from medgemma_breakhis import logs
 from medgemma_breakhis.logs import configure_logging, progress
 
 
@@ -18,7 +19,13 @@ def bar_lines(stderr: str) -> list[str]:
     return [line for line in re.split(r"[\r\n]", stderr) if "%|" in line]
 
 
-def test_a_bar_in_a_log_file_reports_each_tenth_of_the_work(capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_bar_in_a_log_file_reports_each_tenth_of_long_work_only(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for _ in progress(range(800), desc="quick"):
+        pass
+    assert not bar_lines(capsys.readouterr().err)  # over within LOG_FILE_DELAY_S: nothing to report
+    monkeypatch.setattr(logs, "LOG_FILE_DELAY_S", 0.0)  # as if each loop had lasted longer
     for _ in progress(range(800), desc="images"):
         pass
     for _ in progress(range(4), desc="batches"):
