@@ -10,7 +10,7 @@ OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: help setup demo test test-fast lint cv compare-precision bench bench-train report gpu-memory
-.PHONY: predict models promote serve
+.PHONY: predict models promote serve mlflow-ui
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
@@ -81,6 +81,9 @@ promote: setup ## point an alias at a version, to promote or roll back: VERSION=
 
 serve: setup ## mlflow models serve on 127.0.0.1 [MODEL=models:/<name>@champion] [PORT=5001]
 	@$(BIN)/python -m tools.models serve $${MODEL:+--model "$$MODEL"} --port "$${PORT:-5001}"
+
+mlflow-ui: setup ## the MLflow UI of mlflow.db on 127.0.0.1, with the link that opens the training runs [PORT=5000]
+	@$(BIN)/python -m tools.models ui --port "$${PORT:-5000}"
 
 # Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
 gpu-memory: setup ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on 80/40/24 GB

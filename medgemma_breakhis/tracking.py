@@ -40,8 +40,8 @@ from medgemma_breakhis.repository import file_sha256, main_repo_root
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "medgemma-breakhis"
-# The experiment tag MLflow 3's UI reads for what kind of experiment it shows: without it, the UI opens on its GenAI
-# views (traces, prompts, judges); with it, on the training runs.
+# The experiment kind MLflow 3 defines: a model-training experiment, not a GenAI one. (MLflow 3.17's UI picks its view
+# by its own switch instead: `make mlflow-ui` prints the link that sets it.)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 # The distributions whose versions decide the numbers; recorded as `version.<name>` tags.

@@ -112,6 +112,10 @@ def test_evaluate_registers_a_version_with_its_origin_metrics_and_adapter_but_no
     assert linked["binary_roc_auc"] == metrics["binary"]["roc_auc"]
     assert logged.params["lora.r"] == "8" and logged.params["registry.model_name"] == NAME
     assert "8-class accuracy" in version.description
+    eight_class = metrics["eight_class"]
+    assert version.tags["metric.eight_class_accuracy"] == (
+        f"{eight_class['accuracy']:.3f} [{eight_class['accuracy_ci95_low']:.3f}, {eight_class['accuracy_ci95_high']:.3f}]"
+    )
     info = mlflow.models.get_model_info(f"models:/{NAME}/1")
     assert info.signature.inputs.input_names() == ["image"] and info.saved_input_example_info is not None
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/1"))
@@ -234,6 +238,10 @@ def test_the_experiment_opens_as_model_training_and_a_kind_set_by_hand_is_kept(r
     experiment_id()
     assert client.get_experiment(created).tags[EXPERIMENT_KIND_TAG] == "genai_development"
     client.set_experiment_tag(created, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    # MLflow 3.17's UI picks its view by its own switch, which the link of `make mlflow-ui` sets
+    assert models.training_view_url("http://127.0.0.1:5000/") == (
+        f"http://127.0.0.1:5000/#/experiments/{created}?workflowType=machine_learning"
+    )
 
 
 def third_party_imports(path: Path, seen: set[Path]) -> set[str]:

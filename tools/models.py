@@ -4,6 +4,7 @@ and move an alias (promote, roll back).
 Run: make models                              (or: python -m tools.models list)
      make promote VERSION=3 [ALIAS=champion]  (or: python -m tools.models promote 3 [--alias champion])
      make serve [MODEL=models:/…] [PORT=5001]  (or: python -m tools.models serve [--model URI] [--port 5001])
+     make mlflow-ui [PORT=5000]                (or: python -m tools.models ui [--port 5000])
 
 The model is `registry.model_name` of params.yaml, in the tracking store the stages use (MLFLOW_TRACKING_URI, else
 the repository's mlflow.db). Rolling back is promoting the earlier version again.
@@ -23,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from medgemma_breakhis.errors import ExpectedError, run_stage
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
-from medgemma_breakhis.tracking import shown_uri, tracking_uri
+from medgemma_breakhis.tracking import EXPERIMENT_NAME, shown_uri, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +129,16 @@ def promote(name: str, version: str, alias: str) -> str:
     )
 
 
+def training_view_url(server: str) -> str:
+    """The experiment's runs in MLflow's UI at `server`. MLflow 3.17's UI shows an experiment in the view of its
+    GenAI / Model training switch (kept in the browser, GenAI at first), whatever the experiment's kind tag says; the
+    link sets the switch."""
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is None:
+        raise ModelNotFound(f"no experiment {EXPERIMENT_NAME!r} in {shown_uri(tracking_uri())} yet: run make demo")
+    return f"{server.rstrip('/')}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     serving = commands.add_parser("serve", help="mlflow models serve, on this machine only (127.0.0.1)")
     serving.add_argument("--model", help="an MLflow model URI; default: the version @champion, else the newest")
     serving.add_argument("--port", type=int, default=5001)
+    viewing = commands.add_parser("ui", help="mlflow ui of the repository's store on 127.0.0.1, opened on the runs")
+    viewing.add_argument("--port", type=int, default=5000)
     add_override_argument(parser)
     args = parser.parse_args(argv)
     configure_logging()
@@ -148,6 +161,13 @@ def main(argv: list[str] | None = None) -> None:
         print(version_table(name).to_string(index=False))
     elif args.command == "promote":
         print(promote(name, args.version, args.alias))
+    elif args.command == "ui":
+        uri = tracking_uri()
+        if not uri.startswith("sqlite:"):  # a team server has its own UI
+            print(f"Open {training_view_url(shown_uri(uri))}")
+            return
+        print(f"Open {training_view_url(f'http://127.0.0.1:{args.port}')} (Ctrl-C stops the UI)", flush=True)
+        os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "-h", "127.0.0.1", "-p", str(args.port)])
     else:
         uri = args.model or default_model_uri(name)
         logger.info("serving %s on http://127.0.0.1:%d/invocations", uri, args.port)
