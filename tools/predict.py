@@ -25,7 +25,7 @@ import mlflow
 import pandas as pd
 
 from medgemma_breakhis.atomic import atomic_write_text
-from medgemma_breakhis.classifier import IMAGE_COLUMN, OUTPUT_COLUMNS, AdapterClassifier
+from medgemma_breakhis.classifier import IMAGE_COLUMN, OUTPUT_COLUMNS, PROBABILITY_COLUMNS, AdapterClassifier
 from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.logs import configure_logging
 from medgemma_breakhis.params import add_override_argument, load_params
@@ -48,30 +48,23 @@ CAVEAT = (
 )
 
 
-class Inputs:
-    """The image files named or found in folders, and one line for each argument that yields none."""
-
-    def __init__(self, arguments: list[Path]) -> None:
-        self.files: list[Path] = []
-        self.failures: dict[str, str] = {}
-        for argument in arguments:
-            if argument.is_dir():
-                found = sorted(p for p in argument.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-                others = sum(1 for p in argument.rglob("*") if p.is_file()) - len(found)
-                if others:
-                    logger.info(
-                        "%s: %d file(s) without an image suffix (%s) left out",
-                        argument,
-                        others,
-                        ", ".join(IMAGE_SUFFIXES),
-                    )
-                if not found:
-                    self.failures[str(argument)] = f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})"
-                self.files += found
-            elif argument.is_file():
-                self.files.append(argument)  # named by the user: tried whatever its suffix
-            else:
-                self.failures[str(argument)] = "no such file or folder"
+def find_images(arguments: list[Path]) -> tuple[list[Path], dict[str, str]]:
+    """The image files named, or found in the folders named; and why each argument that yields none does not."""
+    files, failures = [], {}
+    for argument in arguments:
+        if argument.is_dir():
+            inside = sorted(path for path in argument.rglob("*") if path.is_file())
+            found = [path for path in inside if path.suffix.lower() in IMAGE_SUFFIXES]
+            if len(inside) > len(found):
+                logger.info("%s: %d file(s) without an image suffix left out", argument, len(inside) - len(found))
+            if not found:
+                failures[str(argument)] = f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+            files += found
+        elif argument.is_file():
+            files.append(argument)  # named by the user: tried whatever its suffix
+        else:
+            failures[str(argument)] = "no such file or folder"
+    return files, failures
 
 
 def read_bytes(path: Path) -> bytes | str:
@@ -133,7 +126,7 @@ def classify_files(predict: Predict, files: list[Path]) -> pd.DataFrame:
 def summary(results: pd.DataFrame) -> str:
     """The classified images as a short table: file, prediction, its probability, and the malignant probability."""
     done = results[results["error"] == ""]
-    probabilities = done[[c for c in OUTPUT_COLUMNS if c.startswith("prob_")]].astype(float)
+    probabilities = done[PROBABILITY_COLUMNS].astype(float)
     table = pd.DataFrame(
         {
             "file": done["file"].map(lambda f: Path(f).name),
@@ -155,12 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     add_override_argument(parser)
     args = parser.parse_args(argv)
     configure_logging()
-    inputs = Inputs(args.images)
+    files, failures = find_images(args.images)
     results, shown = pd.DataFrame(columns=["file", *OUTPUT_COLUMNS]), "no model (no image to classify)"
-    if inputs.files:
+    if files:
         predict, shown = load_model(args.model, args.overrides)
-        results = classify_files(predict, inputs.files)
-    failed = pd.DataFrame({"file": list(inputs.failures), "error": list(inputs.failures.values())})
+        results = classify_files(predict, files)
+    failed = pd.DataFrame({"file": list(failures), "error": list(failures.values())})
     results = pd.concat([results, failed.reindex(columns=results.columns)], ignore_index=True)
     results["error"] = results["error"].fillna("")
     atomic_write_text(args.out, results.to_csv(index=False))
