@@ -134,7 +134,6 @@ def run_evaluation(
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc.to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
-        registered = {}
         if register and adapter_dir is not None:
             # Logging the model loads it again to check its input example: the scored copy is freed first.
             del model
@@ -142,20 +141,18 @@ def run_evaluation(
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             tracked.track(
-                f"the model version of {params.registry.model_name}",
-                lambda: registered.update(
-                    model=register_adapter(
-                        adapter_dir=adapter_dir,
-                        params=params,
-                        base=info,
-                        origin=origin_tags(),
-                        adapter_md5=adapter_md5,
-                        headline=headline(metrics),
-                    )
+                f"the model version of {params.registry.model_name} and the metrics",
+                lambda: register_adapter(
+                    adapter_dir=adapter_dir,
+                    params=params,
+                    base=info,
+                    origin=origin_tags(),
+                    adapter_md5=adapter_md5,
+                    headline=headline(metrics),
                 ),
             )
-        model_id = registered["model"].model_id if registered else None
-        tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics), model_id=model_id))
+        else:
+            tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics)))
         for path in (metrics_path, predictions_path, roc_path):
             tracked.track(
                 f"the artifact {path}", lambda path=path: mlflow.log_artifact(str(path), artifact_path=path.parent.name)

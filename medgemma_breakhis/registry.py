@@ -113,8 +113,8 @@ def register_adapter(
     adapter_md5: str | None,
     headline: dict[str, float],
 ) -> ModelInfo:
-    """Log the adapter as a pyfunc model in the active run and register it as a new version of
-    `params.registry.model_name`; the caller links the metrics to it (`mlflow.log_metrics(..., model_id=...)`).
+    """Log the adapter as a pyfunc model in the active run, register it as a new version of
+    `params.registry.model_name`, and log the `headline` metrics to the run, linked to the model.
 
     Logged: the adapter folder (weights and processor), the model config (base model id and resolved revision,
     prompt, class names, precision), the code snapshot, a signature and input example, pinned requirements; never the
@@ -145,6 +145,7 @@ def register_adapter(
             tags=tags,
             model_type="image classifier (LoRA adapter on a vision-language model)",
         )
+    mlflow.log_metrics(headline, model_id=info.model_id)
     version = info.registered_model_version
     client = mlflow.MlflowClient()
     for key, value in (tags | metric_tags(headline)).items():
