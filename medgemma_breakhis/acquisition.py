@@ -12,11 +12,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from tqdm import tqdm
-
 from medgemma_breakhis.atomic import atomic_directory
 from medgemma_breakhis.errors import DataError
 from medgemma_breakhis.folds import FOLDS_CSV, read_folds
+from medgemma_breakhis.logs import progress
 from medgemma_breakhis.params import DataParams
 from medgemma_breakhis.repository import in_main_repo
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
@@ -66,7 +65,7 @@ def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, 
             shutil.copy2(dataset_root / FOLDS_CSV, staging / FOLDS_CSV)
         else:
             kept.to_csv(staging / FOLDS_CSV, index=False)
-        for filename in tqdm(filenames, desc=f"importing {dataset_root}", unit="img"):
+        for filename in progress(filenames, desc=f"importing {dataset_root}", unit="img"):
             _link_or_copy(image_root / filename, staging / filename)
     return len(filenames)
 

@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from medgemma_breakhis.atomic import atomic_write_json
+from medgemma_breakhis.logs import progress
 from medgemma_breakhis.params import Params, to_flat_dict
 from medgemma_breakhis.repository import file_sha256
 
@@ -91,7 +91,7 @@ def _short(value: Any) -> str:
 def images_sha256(image_root: Path, filenames: Iterable[str]) -> str:
     """One digest over the bytes of every listed image, in order."""
     digest = hashlib.sha256()
-    for filename in tqdm(list(filenames), desc="fingerprinting training images", unit="img", leave=False):
+    for filename in progress(list(filenames), desc="fingerprinting training images", unit="img", leave=False):
         digest.update(file_sha256(image_root / filename).encode())
     return "sha256:" + digest.hexdigest()
 

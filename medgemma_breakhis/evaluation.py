@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from pathlib import Path
@@ -9,9 +10,10 @@ from typing import Any
 
 import mlflow
 import pandas as pd
+import torch
 from matplotlib.figure import Figure
 from peft import PeftModel
-from sklearn.metrics import ConfusionMatrixDisplay
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from medgemma_breakhis.atomic import atomic_write_json, atomic_write_text
 from medgemma_breakhis.errors import DataError
@@ -19,11 +21,13 @@ from medgemma_breakhis.labels import CLASS_NAMES
 from medgemma_breakhis.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
 from medgemma_breakhis.modeling import NonFiniteError, check_model, load_base_model, non_finite_advice
 from medgemma_breakhis.params import Params
+from medgemma_breakhis.registry import register_adapter
 from medgemma_breakhis.scoring import predict_split
 from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import (
     dvc_locked_md5,
     log_loaded_model,
+    origin_tags,
     pipeline_children,
     stage_run,
     untracked_record,
@@ -63,10 +67,20 @@ def log_confusion_matrices(predictions: pd.DataFrame, stage: str) -> None:
     )
 
 
-def tag_adapter_origin(adapter_dir: Path, parent_run_id: str) -> None:
+def roc_figure(roc: pd.DataFrame, auc: float, stage: str) -> Figure:
+    """The ROC curve (malignant positive) of `roc_points`, as `dvc plots` draws it, for MLflow."""
+    figure = Figure(figsize=(5, 5), layout="constrained")
+    axes = figure.subplots()
+    RocCurveDisplay(fpr=roc["false_positive_rate"], tpr=roc["true_positive_rate"], roc_auc=auc, name=stage).plot(
+        ax=axes, plot_chance_level=True
+    )
+    axes.set_title(f"{stage}: ROC, malignant positive")
+    return figure
+
+
+def tag_adapter_origin(adapter_dir: Path, md5: str | None, parent_run_id: str) -> None:
     """Point this run, and the `train` run of the same pipeline execution that wrote the adapter, at the adapter's
     DVC hash."""
-    md5 = dvc_locked_md5(adapter_dir)
     if md5 is None:
         mlflow.set_tag("adapter_dvc_md5", "not in a dvc.lock (stage run outside DVC)")
         return
@@ -86,11 +100,13 @@ def run_evaluation(
     predictions_path: Path,
     roc_path: Path,
     adapter_dir: Path | None = None,
+    register: bool = False,
 ) -> dict[str, Any]:
     """Predict the test split, and write the metrics JSON, the per-image predictions and the ROC curve points.
 
     With `adapter_dir`, the adapter is applied unmerged: merging LoRA into bf16 weights shifts logits enough to flip
-    predictions (docs/design.md#the-adapter-is-applied-unmerged).
+    predictions (docs/design.md#the-adapter-is-applied-unmerged). With `register` too, the adapter is registered
+    as a new version of the MLflow model `registry.model_name`, the metrics linked to it (`registry`).
     """
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
@@ -103,11 +119,12 @@ def run_evaluation(
             "the loaded model's tags",
             lambda: log_loaded_model(info, precision_ran=f"{info.dtype} weights, inference without autocast"),
         )
+        adapter_md5 = None if adapter_dir is None else dvc_locked_md5(adapter_dir)
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, adapter_dir)
             tracked.track(
                 "the adapter's DVC hash",
-                lambda: tag_adapter_origin(adapter_dir, tracked.run.data.tags["mlflow.parentRunId"]),
+                lambda: tag_adapter_origin(adapter_dir, adapter_md5, tracked.run.data.tags["mlflow.parentRunId"]),
             )
         loaded = time.perf_counter()
         try:
@@ -121,14 +138,39 @@ def run_evaluation(
             "images_per_second": len(rows) / (time.perf_counter() - loaded),
         }
         metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
+        roc = roc_points(predictions)
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
-        atomic_write_text(roc_path, roc_points(predictions).to_csv(index=False))
+        atomic_write_text(roc_path, roc.to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
-        tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics) | timing))
+        tracked.track("the stage's timing", lambda: mlflow.log_metrics(timing))
+        if register and adapter_dir is not None:
+            # Logging the model loads it again to check its input example: the scored copy is freed first.
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            tracked.track(
+                f"the model version of {params.registry.model_name} and the metrics",
+                lambda: register_adapter(
+                    adapter_dir=adapter_dir,
+                    params=params,
+                    base=info,
+                    origin=origin_tags(),
+                    adapter_md5=adapter_md5,
+                    headline=headline(metrics),
+                ),
+            )
+        else:
+            tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics)))
         for path in (metrics_path, predictions_path, roc_path):
             tracked.track(
                 f"the artifact {path}", lambda path=path: mlflow.log_artifact(str(path), artifact_path=path.parent.name)
             )
         tracked.track("the confusion matrices", lambda: log_confusion_matrices(predictions, stage))
+        if "roc_auc" in metrics["binary"]:
+            tracked.track(
+                "the ROC curve",
+                lambda: mlflow.log_figure(roc_figure(roc, metrics["binary"]["roc_auc"], stage), "roc_curve.png"),
+            )
     logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -209,6 +210,22 @@ class CrossValidationParams(_Section):
     )
 
 
+# A name that goes into `models:/<name>@<alias>` URIs and shell commands as it is.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+@dataclass(frozen=True)
+class RegistryParams(_Section):
+    """Where `evaluate` registers each evaluated adapter as a version of one MLflow model (docs/model-registry.md)."""
+
+    SECTION = "registry"
+    model_name: str = _key(
+        "medgemma-breakhis",
+        "a name of letters, digits, '.', '_' and '-', starting with a letter or digit, at most 100 characters",
+        lambda v: _MODEL_NAME.fullmatch(v) is not None,
+    )
+
+
 @dataclass(frozen=True)
 class Params:
     data: DataParams = field(default_factory=DataParams)
@@ -217,6 +234,7 @@ class Params:
     lora: LoraParams = field(default_factory=LoraParams)
     train: TrainParams = field(default_factory=TrainParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
     cv: CrossValidationParams = field(default_factory=CrossValidationParams)
 
 

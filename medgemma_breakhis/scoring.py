@@ -14,11 +14,11 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
-from tqdm import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 from trl.data_utils import apply_chat_template
 
 from medgemma_breakhis.labels import NUM_CLASSES
+from medgemma_breakhis.logs import progress
 from medgemma_breakhis.metrics import UNPARSEABLE, predictions_frame
 from medgemma_breakhis.modeling import NonFiniteError
 from medgemma_breakhis.params import EvalParams
@@ -57,17 +57,27 @@ def end_of_turn_id(processor: ProcessorMixin) -> int:
     return completion_tokens(processor, 0)[1]
 
 
-def _load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
+# An image file, or an image already decoded (a registered model gets its images as bytes, checked before scoring).
+ImageSource = Path | Image.Image
+
+
+def _load_rgb(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    with Image.open(source) as image:
         return image.convert("RGB")
 
 
+def _shown(source: ImageSource, index: int) -> str:
+    return source.name if isinstance(source, Path) else f"image {index}"
+
+
 def _batch_inputs(
-    processor: ProcessorMixin, text: str, image_paths: list[Path], device: torch.device, dtype: torch.dtype
+    processor: ProcessorMixin, text: str, images: list[ImageSource], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     inputs = processor(
-        text=[text] * len(image_paths),
-        images=[[_load_rgb(p)] for p in image_paths],
+        text=[text] * len(images),
+        images=[[_load_rgb(image)] for image in images],
         padding=True,
         padding_side="left",  # the last position is then every row's next-token position
         add_special_tokens=False,  # the template already starts with <bos>
@@ -79,21 +89,22 @@ def _batch_inputs(
 
 @torch.inference_mode()
 def score_images(
-    model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path], batch_size: int
+    model: PreTrainedModel, processor: ProcessorMixin, images: list[ImageSource], batch_size: int
 ) -> np.ndarray:
     """Probabilities (n_images x 8) of each answer, from the logits of the first answer token."""
     model.eval()
     text = prompt_text(processor)
     answer_ids = torch.tensor(answer_token_ids(processor))
     probabilities = []
-    for start in tqdm(range(0, len(image_paths), batch_size), desc="scoring", unit="batch"):
-        batch_paths = image_paths[start : start + batch_size]
-        inputs = _batch_inputs(processor, text, batch_paths, model.device, model.dtype)
+    for start in progress(range(0, len(images), batch_size), desc="scoring", unit="batch"):
+        batch = images[start : start + batch_size]
+        inputs = _batch_inputs(processor, text, batch, model.device, model.dtype)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
         answer_logits = logits.float()[:, answer_ids.to(logits.device)]
         if not torch.isfinite(answer_logits).all():
             # A NaN would otherwise become class 0 at argmax, silently.
-            bad = [p.name for p, ok in zip(batch_paths, torch.isfinite(answer_logits).all(dim=-1).tolist()) if not ok]
+            finite = torch.isfinite(answer_logits).all(dim=-1).tolist()
+            bad = [_shown(image, start + i) for i, (image, ok) in enumerate(zip(batch, finite)) if not ok]
             raise NonFiniteError(f"non-finite logits with the model in {model.dtype} for {', '.join(bad)}")
         probabilities.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
     return np.concatenate(probabilities)
@@ -117,7 +128,7 @@ def generate_answers(
     # its chat template does (Gemma 3: <end_of_turn>), which need not be an <eos>.
     stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(processor)]))
     answers = []
-    for start in tqdm(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
+    for start in progress(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
         inputs = _batch_inputs(processor, text, image_paths[start : start + batch_size], model.device, model.dtype)
         output = model.generate(
             **inputs,

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from medgemma_breakhis.labels import (
     CLASS_NAMES,
@@ -25,6 +24,7 @@ from medgemma_breakhis.labels import (
     TUMOR_TYPE_TO_LABEL,
     is_malignant,
 )
+from medgemma_breakhis.logs import progress
 from medgemma_breakhis.params import SyntheticData
 
 IMAGE_WIDTH, IMAGE_HEIGHT = IMAGE_SIZE
@@ -104,7 +104,7 @@ def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
                         }
                     )
 
-    for image in tqdm(images, desc="synthetic images", unit="img"):
+    for image in progress(images, desc="synthetic images", unit="img"):
         path = output_dir / image["filename"]
         path.parent.mkdir(parents=True, exist_ok=True)
         render_image(image["label"], image["patient_shift"], rng).save(path, compress_level=1)

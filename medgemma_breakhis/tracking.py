@@ -39,6 +39,10 @@ from medgemma_breakhis.repository import file_sha256, main_repo_root
 logger = logging.getLogger(__name__)
 
 EXPERIMENT_NAME = "medgemma-breakhis"
+# The experiment kind MLflow 3 defines: a model-training experiment, not a GenAI one. (MLflow 3.17's UI picks its view
+# by its own switch instead: `make mlflow-ui` prints the link that sets it.)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 # The distributions whose versions decide the numbers; recorded as `version.<name>` tags.
 TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "dvc")
 # The store check before any heavy work: seconds per attempt, and MLflow's HTTP retries (default 7, minutes of
@@ -152,7 +156,8 @@ def _first_use_lock(uri: str) -> Iterator[None]:
 
 
 def experiment_id() -> str:
-    """The id of the `medgemma-breakhis` experiment, created on first use.
+    """The id of the `medgemma-breakhis` experiment, created on first use as a model-training experiment (an existing
+    one without a kind gets it; a kind set by hand is kept).
 
     With the embedded store, artifacts go to `mlartifacts/` at the repository root: MLflow's default artifact
     location is relative to the working directory, which for `--temp` runs is a copy DVC deletes afterwards.
@@ -163,9 +168,13 @@ def experiment_id() -> str:
         mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
         experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return experiment.experiment_id
         location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
-        return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=location)
+        return mlflow.create_experiment(
+            EXPERIMENT_NAME, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
 
 
 def _git(*args: str) -> str | None:

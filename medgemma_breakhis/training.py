@@ -18,11 +18,13 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from peft import LoraConfig
 from PIL import Image
 from transformers import (
     PreTrainedModel,
     ProcessorMixin,
+    ProgressCallback,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -42,6 +44,7 @@ from medgemma_breakhis.checkpoints import (
 )
 from medgemma_breakhis.distributed import is_main_process
 from medgemma_breakhis.execution import ExecutionPlan, explicit_plan, model_shape, plan_execution
+from medgemma_breakhis.logs import in_terminal, progress
 from medgemma_breakhis.modeling import (
     LoadedModelInfo,
     NonFiniteError,
@@ -237,6 +240,32 @@ class StepTimes(TrainerCallback):
         }
 
 
+class TrainingProgress(ProgressCallback):
+    """transformers' bar of the optimizer steps, drawn by `logs.progress`: in a log file, a line per tenth of the
+    steps carrying the last logged loss, rather than a line per update and another per logged step (every loss is
+    in MLflow and plots/train_loss.csv)."""
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if state.is_world_process_zero:
+            self.training_bar = progress(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if in_terminal():
+            super().on_log(args, state, control, logs=logs, **kwargs)
+        elif self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+
 def compile_layers(model: torch.nn.Module) -> int:
     """torch.compile each decoder and vision-encoder layer, LoRA included: one graph per layer instead of some
     fifteen small kernels per adapted linear layer. Per layer, not the whole model, so the 61 layers share two or three
@@ -357,6 +386,8 @@ def build_trainer(
         weights_dtype=info.dtype,
         plan=plan,
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(TrainingProgress)
     if plan.compile:
         logger.info("compiled %d layers with torch.compile", compile_layers(trainer.model))
     return trainer
@@ -373,6 +404,16 @@ def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
             "grad_norm": [entry.get("grad_norm") for entry in logged],
         }
     )
+
+
+def loss_figure(curve: pd.DataFrame) -> Figure:
+    """The training loss per optimizer step (`loss_curve`), as `dvc plots` draws it, for MLflow."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(curve["step"], curve["loss"], marker="." if len(curve) < 50 else None)
+    axes.set(xlabel="optimizer step", ylabel="loss", title="Training loss per optimizer step")
+    axes.grid(alpha=0.3)
+    return figure
 
 
 def save_adapter(trainer: SFTTrainer, folder: Path) -> None:
@@ -531,6 +572,7 @@ def track_end(tracked: TrackedStage, run: TrainingRun, artifacts: dict[Path, str
     # the steps up to a resumed checkpoint belong to the run that made it, which tracked them
     history = run.trainer.state.log_history
     tracked.restore_metrics([entry for entry in history if entry["step"] > run.resumed_from_step])
+    tracked.track("the loss curve", lambda: mlflow.log_figure(loss_figure(loss_curve(history)), "loss_curve.png"))
     for path, folder in artifacts.items():
         tracked.track(
             f"the artifact {path}",

@@ -9,11 +9,11 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
 from PIL import Image
-from tqdm import tqdm
 
 from medgemma_breakhis.atomic import atomic_write_text
 from medgemma_breakhis.errors import DataError
 from medgemma_breakhis.labels import IMAGE_MODE, IMAGE_SIZE, is_malignant, label_from_path, patient_from_path
+from medgemma_breakhis.logs import progress
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def validate_images(
     filenames = list(dict.fromkeys(folds["filename"]))
     problems = {
         f: problem
-        for f in tqdm(filenames, desc="validating images", unit="img")
+        for f in progress(filenames, desc="validating images", unit="img")
         if (problem := image_problem(image_root, f)) is not None
     }
     if problems and not exclude_invalid:

@@ -3,7 +3,7 @@
 Run: dvc repro evaluate
      (or: python -m stages.evaluate --images data/raw --test data/split/test.csv --adapter models/adapter
           --metrics metrics/finetuned.json
-          --predictions predictions/finetuned.csv --roc plots/roc_finetuned.csv)
+          --predictions predictions/finetuned.csv --roc plots/roc_finetuned.csv --register)
 """
 
 import argparse
@@ -22,6 +22,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
     parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
+    parser.add_argument(
+        "--register",
+        action="store_true",
+        help="register the adapter as a new version of the MLflow model registry.model_name (docs/model-registry.md)",
+    )
     args, params = start_stage(parser, argv)
     run_evaluation(
         params,
@@ -32,6 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         predictions_path=args.predictions,
         roc_path=args.roc,
         adapter_dir=args.adapter,
+        register=args.register,
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForImageTextToText
 
 from medgemma_breakhis.folds import FOLDS_CSV
@@ -73,6 +74,23 @@ def real_vocabulary_model(medgemma_processor, tmp_path_factory: pytest.TempPathF
     896x896 images, 256 image tokens), saved and loaded back as a local folder, in fp32."""
     folder = build_tiny_gemma3(tmp_path_factory.mktemp("real-vocabulary-gemma3"), medgemma_processor)
     return load_base_model(ModelParams(id=str(folder)), "fp32")
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter of the tiny model as `train` saves one (weights and processor), with random B matrices so that
+    it changes the scores, without the cost of training it."""
+    folder = tmp_path_factory.mktemp("adapter")
+    model, processor, _ = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+    adapted = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    adapted.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 # Scaling the first MLP's input projections makes its activations exceed float16's 65,504 while every weight stays

@@ -7,7 +7,8 @@ import pytest
 
 from medgemma_breakhis.acquisition import prepare_raw_data
 from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.modeling import ModelLoadError, load_base_model
+from medgemma_breakhis.model_source import ModelLoadError
+from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import DataParams, ModelParams, ParamsError
 from stages import download
 

@@ -303,7 +303,12 @@ def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> Non
     steps = json.loads((repo / "metrics" / "train.json").read_text())["global_steps"]
     for key in ("loss", "learning_rate", "grad_norm"):
         assert [m.step for m in client.get_metric_history(train.info.run_id, key)] == list(range(1, steps + 1)), key
-    assert {a.path for a in client.list_artifacts(train.info.run_id)} == {"metrics", "plots", "adapter"}
+    assert {a.path for a in client.list_artifacts(train.info.run_id)} == {
+        "metrics",
+        "plots",
+        "adapter",
+        "loss_curve.png",
+    }
     assert [a.path for a in client.list_artifacts(train.info.run_id, "adapter")] == ["adapter/adapter_config.json"]
 
     for stage, metrics_file in (("baseline", "baseline.json"), ("evaluate", "finetuned.json")):
@@ -318,11 +323,18 @@ def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> Non
             "plots",
             "confusion_matrix_eight_class.png",
             "confusion_matrix_binary.png",
+            "roc_curve.png",
         }
         assert [a.path for a in client.list_artifacts(run_.info.run_id, "metrics")] == [f"metrics/{metrics_file}"]
         assert run_.data.metrics["eight_class_accuracy_ci95_low"] == metrics["eight_class"]["accuracy_ci95_low"]
     assert children["evaluate"].data.tags["adapter_dvc_md5"] == adapter_md5
     assert (repo / "mlartifacts").is_dir()
+    # the adapter as a version of the registered model, traced to the DVC hash and commit it came from
+    (version,) = client.search_model_versions("name = 'medgemma-breakhis'")
+    assert version.run_id == children["evaluate"].info.run_id
+    assert {"adapter_dvc_md5": adapter_md5, "git_commit": reproduced_commit, "dvc_exp_name": "workspace"}.items() <= (
+        version.tags.items()
+    )
 
 
 def test_second_repro_runs_nothing(repo: Path) -> None:

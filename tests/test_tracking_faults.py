@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from medgemma_breakhis import tracking
-from medgemma_breakhis.modeling import ModelLoadError, load_base_model
+from medgemma_breakhis.model_source import ModelLoadError
+from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import ModelParams, ParamsError, params_from_dict
 from medgemma_breakhis.tracking import (
     STORE_CHECK_TIMEOUT_S,

@@ -1,14 +1,18 @@
-"""Baseline vs fine-tuned metrics of one DVC experiment, as a table for the terminal.
+"""Baseline vs fine-tuned metrics of one DVC experiment, as a table for the terminal, and a few of its test images
+to try `make predict` on.
 
-Run: python -m tools.demo_summary <experiment name>
+Run: python -m tools.demo_summary <experiment name> [--images reports/demo-images]
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import dvc.api
+import pandas as pd
+from ruamel.yaml import YAML
 
 from medgemma_breakhis.metrics import HEADLINE
 
@@ -50,12 +54,34 @@ def baseline_finetuned_table(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def copy_test_images(experiment: str, out: Path, count: int = 3) -> list[Path]:
+    """`count` test images of `experiment` (spread over its test split, so benign and malignant), read from the DVC
+    cache at the experiment's commit: the workspace of a `--temp` experiment has none."""
+    paths = YAML(typ="safe").load(Path("paths.yaml"))
+    with dvc.api.open(f"{paths['split_dir']}/test.csv", rev=experiment) as stream:
+        filenames = pd.read_csv(stream)["filename"]
+    out.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for filename in filenames.iloc[:: max(1, len(filenames) // count)][:count]:
+        copy = out / PurePosixPath(filename).name
+        copy.write_bytes(dvc.api.read(f"{paths['raw_dir']}/{filename}", rev=experiment, mode="rb"))
+        copied.append(copy)
+    return copied
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("experiment", help="a DVC experiment name, as `dvc exp show` lists it")
+    parser.add_argument("--images", type=Path, help="copy three of its test images here, to try make predict on")
     args = parser.parse_args()
     print(f"Experiment {args.experiment}: test-set metrics")
     print(baseline_finetuned_table(experiment_metrics(args.experiment)))
+    if args.images:
+        copy_test_images(args.experiment, args.images)
+        print(
+            f"\nIts adapter is a registered model version (make models). Three of its test images are in {args.images}:"
+        )
+        print(f"  make predict IMAGES={args.images}")
 
 
 if __name__ == "__main__":

@@ -90,9 +90,11 @@ def interval_table(base: dict[str, dict[str, Any]], head: dict[str, dict[str, An
 
 def pr_report(base: str, plots_url: str | None = None) -> str:
     plots = (
-        f"[Plots: confusion matrices, ROC, training loss, base vs this change]({plots_url})"
+        f"[Plots: confusion matrices, ROC, training loss, base vs this change]({plots_url}): `index.html` draws "
+        "without a network, `png/` holds each plot as an image (`roc_malignant.png`, `training_loss.png`, …)."
         if plots_url
-        else f"Plots: run `dvc plots diff {base}` and open `dvc_plots/index.html`."
+        else f"Plots: run `dvc plots diff {base}` and open `dvc_plots/index.html` (it draws offline); "
+        f"`python -m tools.plots_offline png {base}` writes each plot as a PNG."
     )
     return (
         "\n\n".join(

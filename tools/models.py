@@ -1,0 +1,179 @@
+"""The registered versions of the fine-tuned classifier: list them with where they came from and how they scored,
+and move an alias (promote, roll back).
+
+Run: make models                              (or: python -m tools.models list)
+     make promote VERSION=3 [ALIAS=champion]  (or: python -m tools.models promote 3 [--alias champion])
+     make serve [MODEL=models:/…] [PORT=5001]  (or: python -m tools.models serve [--model URI] [--port 5001])
+     make mlflow-ui [PORT=5000]                (or: python -m tools.models ui [--port 5000])
+
+The model is `registry.model_name` of params.yaml, in the tracking store the stages use (MLFLOW_TRACKING_URI, else
+the repository's mlflow.db). Rolling back is promoting the earlier version again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+import mlflow
+import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from medgemma_breakhis.errors import ExpectedError, run_stage
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.params import add_override_argument, load_params
+from medgemma_breakhis.tracking import EXPERIMENT_NAME, shown_uri, tracking_uri
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALIAS = "champion"
+LISTED_METRICS = (("8-class acc", "eight_class_accuracy"), ("binary ROC-AUC", "binary_roc_auc"))
+
+
+class ModelNotFound(ExpectedError):
+    """No registered model, version, alias or experiment matches; the message says what exists and how to make one."""
+
+
+def open_registry() -> mlflow.MlflowClient:
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(uri)
+
+
+def versions(name: str) -> list[ModelVersion]:
+    """Every version of model `name`, newest first; ModelNotFound if there is none."""
+    # Only the params' model name goes into the filter string, and params.py allows no quote in it.
+    found = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
+    if not found:
+        raise ModelNotFound(
+            f"no version of model {name!r} in the MLflow store {shown_uri(tracking_uri())}: `evaluate` registers "
+            "one per run (make demo, dvc repro, dvc exp run)"
+        )
+    return sorted(found, key=lambda version: int(version.version), reverse=True)
+
+
+def default_model_uri(name: str) -> str:
+    """The version with the alias `champion`, else the newest one."""
+    newest = versions(name)[0]
+    try:
+        mlflow.MlflowClient().get_model_version_by_alias(name, DEFAULT_ALIAS)
+    except MlflowException:
+        logger.info("model %s version %s, the newest: no version has the alias %s", name, newest.version, DEFAULT_ALIAS)
+        return f"models:/{name}/{newest.version}"
+    return f"models:/{name}@{DEFAULT_ALIAS}"
+
+
+def experiment_model_uri(name: str, experiment: str) -> str:
+    """The newest version of `name` registered by DVC experiment `experiment` (`workspace` for a plain dvc repro)."""
+    # Compared here rather than in a filter string: an experiment's name may hold any quote.
+    for version in versions(name):
+        if version.tags.get("dvc_exp_name") == experiment:
+            return f"models:/{name}/{version.version}"
+    raise ModelNotFound(
+        f"no version of model {name!r} came from a DVC experiment named {experiment!r}, and no folder has that name; "
+        "`make models` lists each version's experiment"
+    )
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The logged model a version was registered from: MLflow 3 records it as the version's source, models:/<id>."""
+    return version.model_id or (
+        version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None
+    )
+
+
+def version_table(name: str) -> pd.DataFrame:
+    client = mlflow.MlflowClient()
+    rows = []
+    for version in versions(name):
+        metrics, model_id = {}, logged_model_id(version)
+        if model_id:
+            metrics = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics or []}
+        rows.append(
+            {
+                "version": str(version.version),
+                "aliases": ", ".join(version.aliases),
+                "registered": pd.Timestamp(version.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
+                "DVC experiment": version.tags.get("dvc_exp_name", ""),
+                "git commit": version.tags.get("git_commit", "")[:10],
+                **{label: f"{metrics[key]:.3f}" if key in metrics else "n/a" for label, key in LISTED_METRICS},
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def promote(name: str, version: str, alias: str) -> str:
+    """Point `alias` at `version`; returns what changed, and how to undo it."""
+    client = mlflow.MlflowClient()
+    try:
+        client.get_model_version(name, version)
+    except MlflowException:
+        listed = ", ".join(str(v.version) for v in versions(name))
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; its versions: {listed}") from None
+    try:
+        previous = str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        previous = None
+    try:
+        client.set_registered_model_alias(name, alias, version)
+    except MlflowException as err:  # e.g. an alias MLflow reserves (`latest`, `v3`)
+        raise ExpectedError(f"cannot set alias {alias!r}: {err.message}") from None
+    if previous is None:
+        return f"{name}@{alias} is version {version} (no version had it before)"
+    if previous == version:
+        return f"{name}@{alias} was version {version} already"
+    return (
+        f"{name}@{alias}: version {previous} -> {version} (to roll back: make promote VERSION={previous} ALIAS={alias})"
+    )
+
+
+def training_view_url(server: str) -> str:
+    """The experiment's runs in MLflow's UI at `server`. MLflow 3.17's UI shows an experiment in the view of its
+    GenAI / Model training switch (kept in the browser, GenAI at first), whatever the experiment's kind tag says; the
+    link sets the switch."""
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is None:
+        raise ModelNotFound(f"no experiment {EXPERIMENT_NAME!r} in {shown_uri(tracking_uri())} yet: run make demo")
+    return f"{server.rstrip('/')}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("list", help="every version, newest first, with its aliases, origin and headline metrics")
+    promoting = commands.add_parser("promote", help="point an alias at a version (promote, or roll back)")
+    promoting.add_argument("version", help="the version number, as `make models` lists it")
+    promoting.add_argument("--alias", default=DEFAULT_ALIAS, help=f"default: {DEFAULT_ALIAS}")
+    serving = commands.add_parser("serve", help="mlflow models serve, on this machine only (127.0.0.1)")
+    serving.add_argument("--model", help="an MLflow model URI; default: the version @champion, else the newest")
+    serving.add_argument("--port", type=int, default=5001)
+    viewing = commands.add_parser("ui", help="mlflow ui of the repository's store on 127.0.0.1, opened on the runs")
+    viewing.add_argument("--port", type=int, default=5000)
+    add_override_argument(parser)
+    args = parser.parse_args(argv)
+    configure_logging()
+    name = load_params(overrides=args.overrides).registry.model_name
+    open_registry()  # which exports MLFLOW_TRACKING_URI, for the server too
+    if args.command == "list":
+        print(f"Model {name} in {shown_uri(tracking_uri())}")
+        print(version_table(name).to_string(index=False))
+    elif args.command == "promote":
+        print(promote(name, args.version, args.alias))
+    elif args.command == "ui":
+        uri = tracking_uri()
+        if not uri.startswith("sqlite:"):  # a team server has its own UI
+            print(f"Open {training_view_url(shown_uri(uri))}")
+            return
+        print(f"Open {training_view_url(f'http://127.0.0.1:{args.port}')} (Ctrl-C stops the UI)", flush=True)
+        os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "-h", "127.0.0.1", "-p", str(args.port)])
+    else:
+        uri = args.model or default_model_uri(name)
+        logger.info("serving %s on http://127.0.0.1:%d/invocations", uri, args.port)
+        serve = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1"]
+        os.execvp("mlflow", [*serve, "-p", str(args.port)])  # the server in this process: Ctrl-C stops it
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,173 @@
+"""Classify new images with a fine-tuned adapter: write the eight class probabilities, the predicted type and
+benign/malignant of each to a CSV, and print a short table.
+
+Run: make predict IMAGES='new/slide-1.png new/batch/' [MODEL=...] [OUT=reports/predictions.csv]
+     (or: python -m tools.predict IMAGE_OR_FOLDER... [--model MODEL] [--out CSV] [-S key=value])
+
+MODEL: a registered version (`models:/medgemma-breakhis@champion`, `models:/medgemma-breakhis/3`, any MLflow model
+URI), a DVC experiment's name (the version its `evaluate` registered), or an adapter folder such as `models/adapter`
+(the base model then comes from params.yaml and -S). Without it: the version with the alias `champion`, else the
+newest version. A folder is searched recursively for image files. Exit status 0 when every image was classified, 1
+when any was refused (each gets one line on stderr and a row with its `error` in the CSV; the others are classified
+all the same) or nothing could run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from medgemma_breakhis.atomic import atomic_write_text
+from medgemma_breakhis.classifier import IMAGE_COLUMN, OUTPUT_COLUMNS, PROBABILITY_COLUMNS, AdapterClassifier
+from medgemma_breakhis.errors import run_stage
+from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.params import add_override_argument, load_params
+from tools.models import ModelNotFound, default_model_uri, experiment_model_uri, open_registry
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+# Larger than any image the classifier accepts (40 megapixels uncompressed, in 16-bit RGBA): never read into memory.
+MAX_FILE_BYTES = 400 * 2**20
+# Images read and scored per call of the model, so a folder of thousands never sits in memory at once.
+CHUNK = 64
+SHOWN_ROWS = 20
+Predict = Callable[[pd.DataFrame], pd.DataFrame]
+# MedGemma's intended use (its model card), in our words; printed once per run.
+CAVEAT = (
+    "Research use only. MedGemma, and any adapter trained from it here, is a starting point for developers: its "
+    "outputs are not validated for clinical use and must not inform a diagnosis or a patient's care without "
+    "validation on your own data and use case."
+)
+
+
+def find_images(arguments: list[Path]) -> tuple[list[Path], dict[str, str]]:
+    """The image files named, or found in the folders named; and why each argument that yields none does not."""
+    files, failures = [], {}
+    for argument in arguments:
+        if argument.is_dir():
+            inside = sorted(path for path in argument.rglob("*") if path.is_file())
+            found = [path for path in inside if path.suffix.lower() in IMAGE_SUFFIXES]
+            if len(inside) > len(found):
+                logger.info("%s: %d file(s) without an image suffix left out", argument, len(inside) - len(found))
+            if not found:
+                failures[str(argument)] = f"folder holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+            files += found
+        elif argument.is_file():
+            files.append(argument)  # named by the user: tried whatever its suffix
+        else:
+            failures[str(argument)] = "no such file or folder"
+    return files, failures
+
+
+def read_bytes(path: Path) -> bytes | str:
+    """The file's bytes, or why it cannot be read (refused by size before reading)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return f"{size / 2**20:.0f} MiB is larger than any image read here (at most {MAX_FILE_BYTES // 2**20} MiB)"
+        return path.read_bytes()
+    except OSError as err:
+        return f"cannot be read: {err.strerror or err}"
+
+
+def chunks(files: list[Path]) -> Iterator[list[Path]]:
+    for start in range(0, len(files), CHUNK):
+        yield files[start : start + CHUNK]
+
+
+def load_model(choice: str | None, params_overrides: list[str]) -> tuple[Predict, str]:
+    """(the model's `predict(DataFrame)`, what it is) for `--model` (see the module doc)."""
+    params = load_params(overrides=params_overrides)
+    if choice is not None and Path(choice).is_dir():
+        classifier = AdapterClassifier.from_adapter(
+            Path(choice), params.model, params.eval.precision, params.eval.batch_size
+        )
+        return partial(classifier.predict, None), f"the adapter in {choice} on {params.model.id}"
+    open_registry()
+    name = params.registry.model_name
+    if choice is None:
+        uri = default_model_uri(name)
+    elif ":/" in choice:
+        uri = choice
+    else:
+        uri = experiment_model_uri(name, choice)
+    try:
+        return mlflow.pyfunc.load_model(uri).predict, uri
+    except mlflow.exceptions.MlflowException as err:
+        raise ModelNotFound(f"cannot load model {uri}: {err.message}") from None
+
+
+def classify_files(predict: Predict, files: list[Path]) -> pd.DataFrame:
+    """One row per file (`file` and the model's output columns), in order."""
+    tables = []
+    for chunk in chunks(files):
+        contents = [read_bytes(path) for path in chunk]
+        readable = [i for i, content in enumerate(contents) if isinstance(content, bytes)]
+        table = pd.DataFrame(index=range(len(chunk)), columns=OUTPUT_COLUMNS)
+        if readable:
+            predicted = predict(pd.DataFrame({IMAGE_COLUMN: [contents[i] for i in readable]}))
+            table.loc[readable, OUTPUT_COLUMNS] = predicted[OUTPUT_COLUMNS].to_numpy()
+        for i, content in enumerate(contents):
+            if isinstance(content, str):
+                table.loc[i, "error"] = content
+        tables.append(table.assign(file=[str(path) for path in chunk]))
+    columns = ["file", *OUTPUT_COLUMNS]
+    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+
+
+def summary(results: pd.DataFrame) -> str:
+    """The classified images as a short table: file, prediction, its probability, and the malignant probability."""
+    done = results[results["error"] == ""]
+    probabilities = done[PROBABILITY_COLUMNS].astype(float)
+    table = pd.DataFrame(
+        {
+            "file": done["file"].map(lambda f: Path(f).name),
+            "predicted": done["predicted_class"],
+            "p": probabilities.max(axis=1).map("{:.3f}".format),
+            "benign/malignant": done["predicted_binary"],
+            "p(malignant)": done["malignant_probability"].astype(float).map("{:.3f}".format),
+        }
+    )
+    shown = table.head(SHOWN_ROWS).to_string(index=False)
+    return shown + (f"\n… and {len(table) - SHOWN_ROWS} more" if len(table) > SHOWN_ROWS else "")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", type=Path, help="image files, or folders searched recursively")
+    parser.add_argument("--model", help="models:/name@alias or another MLflow model URI, a DVC experiment, a folder")
+    parser.add_argument("--out", type=Path, default=Path("reports/predictions.csv"), help="CSV to write")
+    add_override_argument(parser)
+    args = parser.parse_args(argv)
+    configure_logging()
+    files, failures = find_images(args.images)
+    results, shown = pd.DataFrame(columns=["file", *OUTPUT_COLUMNS]), "no model (no image to classify)"
+    if files:
+        predict, shown = load_model(args.model, args.overrides)
+        results = classify_files(predict, files)
+    failed = pd.DataFrame({"file": list(failures), "error": list(failures.values())})
+    results = pd.concat([results, failed.reindex(columns=results.columns)], ignore_index=True)
+    results["error"] = results["error"].fillna("")
+    atomic_write_text(args.out, results.to_csv(index=False))
+    refused = results[results["error"] != ""]
+    for file, error in zip(refused["file"], refused["error"]):
+        print(f"refused {file}: {error}", file=sys.stderr)
+    classified = len(results) - len(refused)
+    if classified:
+        print(summary(results))
+    print(f"\n{classified} image(s) classified with {shown}, {len(refused)} refused; every row in {args.out}")
+    print(CAVEAT)
+    if len(refused):
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    run_stage(main)
