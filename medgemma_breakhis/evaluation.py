@@ -113,6 +113,7 @@ def run_evaluation(
                 f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}"
             ) from err
         metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
+        tracked.refuse_if_params_changed()
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc_points(predictions).to_csv(index=False))
         atomic_write_json(metrics_path, metrics)

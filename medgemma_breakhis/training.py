@@ -50,6 +50,7 @@ from medgemma_breakhis.modeling import (
 )
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.scoring import completion_messages, prompt_messages
+from medgemma_breakhis.signals import PARENT_GONE
 from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import log_loaded_model, stage_run, untracked_record
 
@@ -125,10 +126,11 @@ class GuardedSFTTrainer(SFTTrainer):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C) during training: finish the optimizer step
-    under way, save a checkpoint and stop. A second signal stops at once, without a checkpoint."""
+    """SIGTERM (a scheduler's preemption, `kill`), SIGINT (Ctrl-C) or the stage's dvc gone (`signals.PARENT_GONE`)
+    during training: finish the optimizer step under way, save a checkpoint and stop. A second SIGTERM or SIGINT
+    stops at once, without a checkpoint."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, PARENT_GONE)
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -145,6 +147,8 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
+        if self.received is not None and signum == PARENT_GONE:
+            return  # dvc went away because of the signal that is being handled: not a second request
         if self.received is not None:
             raise KeyboardInterrupt(f"{name} received again: stopped without saving a checkpoint")
         self.received = name
@@ -417,6 +421,7 @@ def run_training(
             )
         if not main:
             return None
+        tracked.refuse_if_params_changed()  # the checkpoints stay: the same params resume from them
         curve = loss_curve(trainer.state.log_history)
         result = TrainResult(
             model=info,
