@@ -375,7 +375,7 @@ def run_training(
         with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
             if main:
                 prepare_checkpoint_folder(checkpoint_root, fingerprint)
-            resume_from = last_complete_checkpoint(folder, delete_incomplete=main)
+            resume_from = last_complete_checkpoint(folder, clean=main)
         resumed_from_step = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0
         if main:
             tracked.track("the loaded model's tags", lambda: log_loaded_model(info, trainer.precision_ran))
