@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -15,8 +17,10 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from ruamel.yaml import YAML
 
 from medgemma_breakhis import tracking
+from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.modeling import ModelLoadError, load_base_model
 from medgemma_breakhis.params import ModelParams, ParamsError, SplitParams, params_from_dict
@@ -233,6 +237,49 @@ def test_a_stage_against_a_half_failing_store_with_a_password_ends_in_seconds_in
     assert "MLflow tracking store http://127.0.0.1:" in error and "runs/search" in error
     assert "hunter2pw" not in result.stdout + result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "baseline.json").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "cv/dvc.yaml"])
+def test_what_was_not_tracked_is_a_dvc_output_of_every_tracked_stage_so_experiments_keep_it(pipeline: str) -> None:
+    """852abeb: metrics/<name>.untracked.json was no output, so DVC left it out of `--temp`, queued and cloud
+    experiments ("will not be included in experiment commits"), and only a RUNNING MLflow run remained."""
+    stages = YAML(typ="safe").load(Path(__file__).resolve().parents[1] / pipeline)["stages"]
+    for name in ("baseline", "train", "evaluate"):
+        metrics = re.search(r"--metrics (\S+)", stages[name]["cmd"])[1]
+        record = tracking.untracked_record(Path(metrics)).as_posix()
+        assert {record: {"cache": False}} in stages[name]["outs"], f"{pipeline}: {name} does not keep {record}"
+
+
+def test_a_fully_tracked_stage_writes_an_empty_record(store: Path, split_dir: Path, tmp_path: Path) -> None:
+    record = tmp_path / "metrics" / "baseline.untracked.json"
+    with stage_run("baseline", params_from_dict({}), split_dir / "test.csv", record):
+        pass
+    assert json.loads(record.read_text()) == {"not_tracked": []}  # always there, as DVC wants an output
+
+
+def test_interruptions_and_a_full_disk_end_a_stage_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """852abeb: SIGTERM and a full disk ended a stage in a traceback (with nothing partial left)."""
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt("SIGTERM received")
+
+    def disk_full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "metrics/baseline.json")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(interrupted)
+    with pytest.raises(SystemExit) as full:
+        run_stage(disk_full)
+    assert (stopped.value.code, full.value.code) == (130, 1)
+    assert [record.getMessage() for record in caplog.records] == [
+        "KeyboardInterrupt: SIGTERM received",
+        (
+            "No space left on device: metrics/baseline.json. Free some space there (or set TMPDIR elsewhere for "
+            "temporary files) and run the stage again; nothing partial was left"
+        ),
+    ]
+    with pytest.raises(FileNotFoundError):  # any other OSError is a bug: its traceback stays
+        run_stage(lambda: Path("/proc/no-such-place/x").write_text("x"))
 
 
 def test_expected_errors_are_one_message_without_traceback(tmp_path: Path, stage_env: dict[str, str]) -> None:
