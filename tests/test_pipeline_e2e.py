@@ -357,8 +357,30 @@ def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next
 
     output = run(repo, "dvc", "repro")  # DVC recorded the adapter: nothing to train again
     assert stages_run(output) == []
-    record.unlink()  # read; the workspace is as the fixture left it
+    run(repo, "git", "checkout", "--", "metrics/train.untracked.json")  # read; as the fixture left it
     assert run(repo, "git", "status", "--porcelain").strip() == ""
+
+
+def test_what_a_temp_experiment_could_not_track_is_kept_in_its_commit(workspace: Path, lock_store) -> None:
+    """852abeb: DVC warned that metrics/finetuned.untracked.json "will not be included in experiment commits", and
+    a `--temp` (or queued, or cloud) experiment lost it with its copy of the workspace."""
+    repo = workspace
+    assert read_json(repo / "metrics" / "finetuned.untracked.json") == {"not_tracked": []}  # the committed run's
+    committed = (repo / "metrics" / "finetuned.json").read_text()
+
+    def evaluated() -> bool:  # the experiment's evaluate has written its metrics, in DVC's temporary copy
+        copies = repo.glob(".dvc/tmp/exps/*/metrics/finetuned.json")
+        return any(path.read_text() != committed for path in copies if path.is_file())
+
+    with lock_store(repo / "mlflow.db", when=evaluated) as taken:  # from the end of evaluate until dvc is done
+        output = run(repo, "dvc", "exp", "run", "--temp", "--name", "locked-store", "-S", "eval.seed=7")
+    assert taken.is_set() and stages_run(output) == ["baseline", "evaluate"]
+    assert "will not be included in experiment commits" not in output
+    refs = run(repo, "git", "for-each-ref", "refs/exps", "--format=%(refname)", stdout_only=True).split()
+    (ref,) = [name for name in refs if name.endswith("/locked-store")]
+    record = json.loads(run(repo, "git", "show", f"{ref}:metrics/finetuned.untracked.json", stdout_only=True))
+    assert record["not_tracked"] and any("database is locked" in item for item in record["not_tracked"])
+    assert read_json(repo / "metrics" / "finetuned.untracked.json") == {"not_tracked": []}  # the workspace's own
 
 
 def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace(
