@@ -44,7 +44,10 @@ def lookup_problem(image_root: Path, filename: str) -> str | None:
             return "missing"
         target = path.resolve(strict=True)
         if not target.is_relative_to(image_root.resolve()):
-            return f"a symlink to {target}, outside the dataset folder; copy the file into the dataset instead"
+            return (
+                f"a symlink to {target}, outside the dataset folder {image_root}; set data.path to where the images "
+                "are, or copy them into the dataset"
+            )
     except (OSError, ValueError) as err:  # ENAMETOOLONG, ELOOP, an embedded NUL byte
         return f"cannot be looked up: {err}"
     return None
