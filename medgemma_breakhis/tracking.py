@@ -74,6 +74,8 @@ class TrackingError(ExpectedError):
 def shown_uri(uri: str) -> str:
     """`uri` without its user name and password, and with the values of its query string masked, for messages."""
     parts = urlsplit(uri)
+    if not parts.netloc:  # sqlite:////path, file:///path: nothing to hide, and rebuilding would drop a slash
+        return uri
     if parts.username is not None or parts.password is not None:
         parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
     if parts.query:
