@@ -5,6 +5,10 @@ BIN := $(abspath $(VENV))/bin
 # Stage commands run `python`: it must be the virtual environment's.
 export PATH := $(BIN):$(PATH)
 
+# Values users give on the command line (make report BASE=…, ARGS=…, GPUS=…) reach recipes as environment variables,
+# which the shell expands as data: pasted into a recipe as $(BASE), a value such as `main";touch x;"` would be code.
+export BASE PLOTS_URL ARGS GPUS
+
 # The embedded offline default: synthetic BreakHis-layout data and a tiny random Gemma 3 built locally.
 OFFLINE_PARAMS := -S data.source=synthetic -S model.id=tiny-gemma3
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
@@ -66,17 +70,17 @@ bench: setup ## images/s of eval.method score against generate (OFFLINE=1: tiny 
 # without the gated weights (after make tokenizer):
 # make bench-train ARGS='--synthetic -S data.source=synthetic -S model.id=medgemma-4b-random'
 bench-train: setup ## seconds per training step, memory, launches, FLOPs, MFU, projected reference run (OFFLINE=1: tiny model)
-	$(BIN)/python -m tools.bench_train $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS)) $(ARGS)
+	set -f; $(BIN)/python -m tools.bench_train $(if $(OFFLINE),--synthetic $(OFFLINE_PARAMS)) $$ARGS
 
 # The five stages at real size on a CUDA GPU without the gated weights (medgemma-4b-random, synthetic images), each
 # timed, and the reference run projected from them; refuses on a CPU. About 8 minutes on one H100.
 rehearse: tokenizer ## the whole pipeline at real size on a CUDA GPU, timed, and the reference run projected
-	$(BIN)/python -m tools.rehearse $(ARGS)
+	set -f; $(BIN)/python -m tools.rehearse $$ARGS
 
 # The pull-request comment, locally: metrics and params against BASE, intervals side by side.
 report: setup ## the pull-request comment against BASE=<rev>, locally
-	@test -n "$(BASE)" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
-	@$(BIN)/python -m tools.pr_report $(BASE) $(if $(PLOTS_URL),--plots-url "$(PLOTS_URL)")
+	@test -n "$$BASE" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
+	@$(BIN)/python -m tools.pr_report "$$BASE" $${PLOTS_URL:+--plots-url "$$PLOTS_URL"}
 
 # The registered model (docs/model-registry.md). Make variables reach the tools through the environment ($$NAME),
 # never pasted into the recipe: IMAGES is split into words (a path with spaces: run `python -m tools.predict`),
@@ -117,10 +121,11 @@ $(CLOUD_VENV)/.installed: requirements-cloud.txt
 	touch $@
 
 # make cloud-run ARGS='-S lora.r=16' [GPUS=A100:1] [ON_DEMAND=1]; CLOUD_BUCKET=gs://… and HEAD pushed to origin.
-CLOUD_FLAGS = $(if $(GPUS),--gpus $(GPUS)) $(if $(ON_DEMAND),--on-demand) $(if $(DRY_RUN),--dry-run)
+# ARGS is split into words by the shell (set -f: no file-name expansion of `[40,100]`), never evaluated.
+CLOUD_FLAGS = $${GPUS:+--gpus "$$GPUS"} $(if $(ON_DEMAND),--on-demand) $(if $(DRY_RUN),--dry-run)
 cloud-run: cloud-setup ## one DVC experiment as a managed cloud GPU job: ARGS='-S lora.r=16'
-	$(CLOUD_BIN)/python cloud/launch.py $(CLOUD_FLAGS) $(ARGS)
+	set -f; $(CLOUD_BIN)/python cloud/launch.py $(CLOUD_FLAGS) $$ARGS
 
 # One managed job per value: make cloud-sweep ARGS='-S lora.r=8,16,32' (or ARGS='-S split.fold=1,2,3,4,5').
 cloud-sweep: cloud-setup ## one managed job per value: ARGS='-S lora.r=8,16,32'
-	$(CLOUD_BIN)/python cloud/launch.py --sweep $(CLOUD_FLAGS) $(ARGS)
+	set -f; $(CLOUD_BIN)/python cloud/launch.py --sweep $(CLOUD_FLAGS) $$ARGS

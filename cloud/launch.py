@@ -6,8 +6,10 @@ Run (from the repository root, with the engine installed by `make cloud-setup`):
     make cloud-sweep ARGS='-S split.fold=1,2,3,4,5'      # one job per cross-validation fold
     .venv-cloud/bin/python cloud/launch.py --dry-run -S lora.r=16   # check and print the jobs, launch nothing
 Needs CLOUD_BUCKET=gs://bucket[/prefix] (checkpoints and the MLflow store), HEAD committed and pushed to `origin`,
-and in the environment the credentials the params need: HF_TOKEN for a hub model, KAGGLE_USERNAME and KAGGLE_KEY
-for data.source=kaggle. Results: `dvc exp pull origin <name>` then `dvc exp show` (README: Cloud GPU jobs).
+and the credentials the params need, no others: HF_TOKEN for a hub model (or CLOUD_HF_TOKEN_SECRET, the name of a
+Google Secret Manager secret that the job reads on its machine), KAGGLE_USERNAME and KAGGLE_KEY for
+data.source=kaggle, and a team MLflow server's MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN. Every -S value is checked
+against the params schema first. Results: `dvc exp pull origin <name>` then `dvc exp show` (README: Cloud GPU jobs).
 """
 
 from __future__ import annotations
@@ -23,19 +25,25 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
+REPO = Path(__file__).resolve().parents[1]
+# The params schema itself (it needs only ruamel.yaml, which requirements-cloud.txt pins too): a job whose -S values
+# the stages would refuse is refused here, before a GPU is paid for.
+sys.path.insert(0, str(REPO))
+from medgemma_breakhis.model_source import needs_hub_token
+from medgemma_breakhis.params import Params, ParamsError, parse_params
+
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 TASK_YAML = Path(__file__).resolve().parent / "task.yaml"
-HF_SECRETS = ("HF_TOKEN",)
 KAGGLE_SECRETS = ("KAGGLE_USERNAME", "KAGGLE_KEY")
-# Passed along when set: a team MLflow server's credentials, a token for a private git repository.
-OPTIONAL_SECRETS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "GIT_TOKEN")
-# Model ids built locally, which need no Hugging Face token.
-LOCAL_MODELS = ("tiny-gemma3",)
+MLFLOW_SECRETS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+# gs://bucket[/prefix]: Google Cloud Storage's bucket names (3-63 characters per dot-separated part, 222 in all), and
+# a prefix of plain path characters, since it is mounted and substituted into the task.
+BUCKET_URL = re.compile(r"gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(?P<prefix>/[A-Za-z0-9._/-]*)?")
 
 
 class LaunchError(RuntimeError):
@@ -66,43 +74,75 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(combination) for combination in itertools.product(*choices)]
 
 
-def effective_value(params_yaml: str, overrides: list[str], key: str) -> Any:
-    """`key` (section.name) as the experiment will see it: params.yaml at the commit, then the overrides."""
-    for override in reversed(overrides):
-        name, _, value = override.partition("=")
-        if name.removeprefix("params.yaml:") == key:
-            return yaml.safe_load(value)
-    node: Any = yaml.safe_load(params_yaml)
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
+def job_params(params_yaml: str, overrides: list[str]) -> Params:
+    """The params a job will run with (params.yaml at the commit, then its -S overrides), validated by the schema the
+    stages use; `LaunchError` with the schema's message if a stage would refuse them."""
+    ours = [override.removeprefix("params.yaml:") for override in overrides]
+    try:
+        return parse_params(params_yaml, [o for o in ours if ":" not in o.partition("=")[0]])
+    except ParamsError as err:
+        raise LaunchError(f"{' '.join(overrides) or 'params.yaml'}: {err}") from None
 
 
-def needed_secrets(params_yaml: str, overrides: list[str]) -> list[str]:
-    """The credentials the experiment's stages will ask for."""
-    needed = []
-    model = str(effective_value(params_yaml, overrides, "model.id"))
-    if model not in LOCAL_MODELS and not model.startswith("/"):
-        needed += HF_SECRETS
-    if effective_value(params_yaml, overrides, "data.source") == "kaggle":
-        needed += KAGGLE_SECRETS
-    return needed
+def tracking_server(environ: dict[str, str]) -> tuple[str, dict[str, str]]:
+    """MLFLOW_TRACKING_URI for the job's plain variables, without the credentials it may hold, and the credentials as
+    secrets: the user name and password of the URL, as MLflow's own variables (which it sends as the same basic
+    authentication), or those set. Empty without a server: the job then keeps its own store on the bucket."""
+    uri = environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        return "", {}
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        raise LaunchError(
+            f"MLFLOW_TRACKING_URI={parts.scheme}:… is a store on this machine, which the job cannot reach: unset it "
+            "(each job keeps its own store on the bucket) or set it to a tracking server's http(s) URL"
+        )
+    if parts.query:
+        raise LaunchError(
+            "MLFLOW_TRACKING_URI has a query string, which MLflow does not send: give a token as MLFLOW_TRACKING_TOKEN"
+        )
+    secrets = {name: environ[name] for name in MLFLOW_SECRETS if environ.get(name)}
+    if parts.username is not None or parts.password is not None:
+        secrets["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+        secrets["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+    return parts.geturl(), {name: value for name, value in secrets.items() if value}
+
+
+def hf_token_secret(environ: dict[str, str]) -> str:
+    """CLOUD_HF_TOKEN_SECRET, checked: a Secret Manager secret's id, or its projects/<project>/secrets/<id> name. The
+    job reads its latest version on its own machine, with the machine's service account: the token never travels."""
+    name = environ.get("CLOUD_HF_TOKEN_SECRET", "")
+    if name and not re.fullmatch(r"(projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/secrets/)?[A-Za-z0-9_-]{1,255}", name):
+        raise LaunchError(
+            f"CLOUD_HF_TOKEN_SECRET={name[:80]!r} is not a Secret Manager secret id (letters, digits, '-', '_') or "
+            "projects/<project>/secrets/<id>"
+        )
+    return name
 
 
 def secrets_for(params_yaml: str, overrides: list[str], environ: dict[str, str]) -> dict[str, str]:
-    """The secrets to hand to the job, from `environ`; fails on the first one the params need that is not set."""
-    for name in needed_secrets(params_yaml, overrides):
+    """Exactly the credentials the job needs, from `environ`: HF_TOKEN for a hub model (unless the job reads it from
+    Secret Manager, CLOUD_HF_TOKEN_SECRET), Kaggle's for data.source=kaggle, a tracking server's. Fails on the first
+    one the params need that is not set."""
+    params = job_params(params_yaml, overrides)
+    needed = []
+    if needs_hub_token(params.model.id) and not hf_token_secret(environ):
+        needed.append("HF_TOKEN")
+    if params.data.source == "kaggle":
+        needed += KAGGLE_SECRETS
+    for name in needed:
         if not environ.get(name):
             fix = (
-                "accept MedGemma's terms on huggingface.co and `export HF_TOKEN=…`"
+                "accept MedGemma's terms on huggingface.co and `export HF_TOKEN=…`, or keep it in Secret Manager "
+                "and `export CLOUD_HF_TOKEN_SECRET=<secret name>` (README: Cloud GPU jobs)"
                 if name == "HF_TOKEN"
                 else "`export KAGGLE_USERNAME=… KAGGLE_KEY=…` (Kaggle → Settings → API)"
             )
             raise LaunchError(
                 f"{name} is not set, and the experiment needs it ({' '.join(overrides) or 'params.yaml'}): {fix}"
             )
-    names = (*HF_SECRETS, *KAGGLE_SECRETS, *OPTIONAL_SECRETS)
-    return {name: environ[name] for name in names if environ.get(name)}
+    return {name: environ[name] for name in needed} | tracking_server(environ)[1]
 
 
 def task_config(envs: dict[str, str], secrets: dict[str, str], gpus: str | None = None, on_demand: bool = False) -> Any:
@@ -128,20 +168,58 @@ def git(*args: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else ""
 
 
-def pushed_commit() -> tuple[str, str]:
-    """(origin's URL, HEAD) once HEAD is committed and on origin: the job runs the commit, not this working tree."""
+def repository_url() -> str:
+    """origin's URL, without a user name or token in it: SkyPilot clones with GIT_TOKEN from the environment of
+    `sky jobs launch` (a token in the URL becomes that, for this process) and keeps it a secret."""
     url = git("remote", "get-url", "origin")
     if not url:
         raise LaunchError(
             "this repository has no `origin` remote: the job clones the commit from it and pushes the "
             "experiment back; `git remote add origin <url>`"
         )
+    parts = urlsplit(url)
+    if parts.scheme in ("http", "https") and (parts.username is not None or parts.password is not None):
+        if parts.password:
+            os.environ.setdefault("GIT_TOKEN", unquote(parts.password))
+        url = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")).geturl()
+    return url
+
+
+def pushed_commit() -> str:
+    """HEAD, once it is committed and on origin, the remote the job clones (as of the last fetch): the job runs the
+    commit, not this working tree."""
     if git("status", "--porcelain", "--untracked-files=no"):
         raise LaunchError("uncommitted changes: the job runs a commit; commit them and push, or stash them")
     head = git("rev-parse", "HEAD")
-    if not git("branch", "--remotes", "--contains", head):
-        raise LaunchError(f"HEAD {head[:12]} is not on origin (as of the last fetch): `git push` it first")
-    return url, head
+    if not git("for-each-ref", "--contains", head, "--format=%(refname)", "refs/remotes/origin/"):
+        raise LaunchError(
+            f"HEAD {head[:12]} is not on origin, the remote the job clones (as of the last fetch): `git push origin` it"
+        )
+    return head
+
+
+def experiments_on_origin() -> set[str]:
+    """The names of the DVC experiments origin has (refs/exps/<baseline>/<name>)."""
+    result = subprocess.run(
+        ["git", "ls-remote", "--refs", "origin", "refs/exps/*"], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        raise LaunchError(f"cannot list origin's experiments (git ls-remote origin): {result.stderr.strip()[:300]}")
+    return {line.rsplit("/", 1)[-1] for line in result.stdout.splitlines() if line.strip()}
+
+
+def bucket_url(environ: dict[str, str]) -> str:
+    """CLOUD_BUCKET, checked: gs://<bucket>[/<prefix>] with a valid bucket name."""
+    bucket = environ.get("CLOUD_BUCKET", "")
+    match = BUCKET_URL.fullmatch(bucket)
+    name = match["bucket"] if match else ""
+    if not match or any(len(part) > 63 or not part for part in name.split(".")) or name.startswith("goog"):
+        raise LaunchError(
+            f"CLOUD_BUCKET={bucket!r} is not gs://<bucket>[/<prefix>] with a Cloud Storage bucket name (3-63 "
+            "lowercase letters, digits, '-', '_' or '.'): create one (README: Cloud GPU jobs) and "
+            "`export CLOUD_BUCKET=gs://<bucket>/medgemma-breakhis`"
+        )
+    return bucket
 
 
 def experiment_names(count: int, prefix: str | None) -> list[str]:
@@ -175,26 +253,32 @@ def main(argv: list[str] | None = None) -> None:
         jobs = expand_sweep(args.overrides)
         if len(jobs) > 1 and not args.sweep:
             raise LaunchError("several values for one key make several jobs: use make cloud-sweep (--sweep)")
-        bucket = os.environ.get("CLOUD_BUCKET", "")
-        if not bucket.startswith("gs://"):
-            raise LaunchError(
-                "CLOUD_BUCKET is not set to a gs:// bucket: create one (README: Cloud GPU jobs) and "
-                "`export CLOUD_BUCKET=gs://<bucket>/medgemma-breakhis`"
-            )
-        url, commit = pushed_commit()
+        environ = dict(os.environ)
+        bucket = bucket_url(environ)
+        url, commit = repository_url(), pushed_commit()
         params_yaml = git("show", f"{commit}:params.yaml")
+        tracking_uri, _ = tracking_server(environ)
+        names = experiment_names(len(jobs), args.name)
+        taken = sorted(set(names) & experiments_on_origin())
+        if taken:
+            raise LaunchError(
+                f"experiment {', '.join(taken)} already exists on origin: choose another --name, or get it with "
+                f"`dvc exp pull origin {taken[0]}`"
+            )
         tasks = []
-        for name, overrides in zip(experiment_names(len(jobs), args.name), jobs):
+        for name, overrides in zip(names, jobs):
+            secrets = secrets_for(params_yaml, overrides, environ)  # validates the params first
+            needs_token = needs_hub_token(job_params(params_yaml, overrides).model.id)
             envs = {
                 "REPO_URL": url,
                 "REPO_COMMIT": commit,
                 "EXP_NAME": name,
                 "BUCKET": bucket,
                 "EXP_ARGS": shlex.join(arg for override in overrides for arg in ("-S", override)),
-                "DVC_REMOTE": os.environ.get("CLOUD_DVC_REMOTE", ""),
-                "MLFLOW_TRACKING_URI": os.environ.get("MLFLOW_TRACKING_URI", ""),
+                "DVC_REMOTE": environ.get("CLOUD_DVC_REMOTE", ""),
+                "MLFLOW_TRACKING_URI": tracking_uri,
+                "HF_TOKEN_SECRET": hf_token_secret(environ) if needs_token and "HF_TOKEN" not in secrets else "",
             }
-            secrets = secrets_for(params_yaml, overrides, dict(os.environ))
             tasks.append((name, task_config(envs, secrets, args.gpus, args.on_demand), secrets))
     except LaunchError as err:
         sys.exit(f"cloud launch: {err}")

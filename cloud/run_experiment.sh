@@ -7,8 +7,10 @@
 # Required: EXP_NAME (the experiment's name), BUCKET_DIR (the bucket mount: checkpoints/ and mlflow/ go there).
 # Optional: EXP_ARGS (`dvc exp run` arguments, shell-quoted), REPO_COMMIT (HEAD must be it), DVC_REMOTE (a remote
 # URL instead of the repository's default), MLFLOW_TRACKING_URI (a team server; else the embedded store is kept on
-# the bucket), JOB_VENV (a ready virtual environment instead of the README's install; the tests use their own).
-# Credentials (HF_TOKEN, KAGGLE_USERNAME, KAGGLE_KEY) come from the environment only; nothing here prints them.
+# the bucket), HF_TOKEN_SECRET (a Google Secret Manager secret to read HF_TOKEN from, with this machine's service
+# account), JOB_VENV (a ready virtual environment instead of the README's install; the tests use their own).
+# Credentials (HF_TOKEN, KAGGLE_USERNAME, KAGGLE_KEY, MLFLOW_TRACKING_*) come from the environment only; nothing here
+# prints them.
 set -euo pipefail
 
 log() { echo "[cloud job] $*" >&2; }
@@ -19,12 +21,52 @@ need() { [[ -n "${!1:-}" ]] || { log "error: $1 is not set: $2"; exit 2; }; }
 
 need EXP_NAME "set it to the DVC experiment's name (cloud/launch.py does)"
 need BUCKET_DIR "set it to the bucket's mount point (/bucket in cloud/task.yaml)"
+[[ "$EXP_NAME" =~ ^[A-Za-z0-9][A-Za-z0-9_-]*$ ]] || { log "error: EXP_NAME=$EXP_NAME: use letters, digits, '-' and '_'"; exit 2; }
 [[ -d "$BUCKET_DIR" ]] || { log "error: BUCKET_DIR=$BUCKET_DIR is not a directory: is the bucket mounted?"; exit 2; }
 eval "exp_args=(${EXP_ARGS:-})"  # launch.py shell-quotes them: a value may hold spaces or brackets
 
 head=$(git rev-parse HEAD)
 if [[ -n "${REPO_COMMIT:-}" && "$head" != "$(git rev-parse "$REPO_COMMIT^{commit}")" ]]; then
   log "error: the checkout is at $head, not REPO_COMMIT=$REPO_COMMIT"; exit 2
+fi
+
+# An experiment name is this job's: its first attempt records the commit and arguments on the bucket, and a later
+# attempt (after a preemption) must match them. A job of the same name with another commit or other arguments is
+# refused, never taken for this one.
+claim="$BUCKET_DIR/jobs/$EXP_NAME"
+mkdir -p "$BUCKET_DIR/jobs"
+attempted_before=false
+if [[ -f "$claim" ]]; then
+  if [[ "$(cat "$claim")" != "$(printf 'commit %s\nargs %s' "$head" "${EXP_ARGS:-}")" ]]; then
+    log "error: experiment $EXP_NAME belongs to a job of another commit or other arguments ($claim): choose another EXP_NAME"
+    exit 2
+  fi
+  attempted_before=true
+else
+  printf 'commit %s\nargs %s\n' "$head" "${EXP_ARGS:-}" > "$claim.partial" && mv -f "$claim.partial" "$claim"
+fi
+# An attempt recovered after an earlier one pushed (preempted while shutting down) has nothing left to do; an
+# experiment of that name on origin that no attempt of this job made is refused.
+if git ls-remote --refs origin 'refs/exps/*' 2>/dev/null | awk -v name="$EXP_NAME" '
+     { n = split($2, part, "/"); if (part[n] == name) found = 1 } END { exit !found }'; then
+  if $attempted_before; then
+    log "experiment $EXP_NAME is already on origin: nothing to do"; exit 0
+  fi
+  log "error: an experiment $EXP_NAME is already on origin, made by another job: choose another EXP_NAME"; exit 2
+fi
+
+# HF_TOKEN from Secret Manager, read here with the machine's service account: the token never leaves Google Cloud.
+if [[ -n "${HF_TOKEN_SECRET:-}" && -z "${HF_TOKEN:-}" ]]; then
+  gcloud_errors=$(mktemp)
+  if ! HF_TOKEN=$(gcloud secrets versions access latest --secret="$HF_TOKEN_SECRET" 2>"$gcloud_errors"); then
+    log "error: cannot read HF_TOKEN from Secret Manager secret $HF_TOKEN_SECRET with this machine's service account:" \
+      "$(grep -m1 . "$gcloud_errors")"
+    log "grant it roles/secretmanager.secretAccessor on the secret (README: Cloud GPU jobs)"
+    rm -f "$gcloud_errors"; exit 2
+  fi
+  rm -f "$gcloud_errors"
+  export HF_TOKEN
+  log "HF_TOKEN read from Secret Manager secret $HF_TOKEN_SECRET"
 fi
 
 # The README's install. Python 3.11 from uv where the machine's image has another.
@@ -48,11 +90,6 @@ export GIT_COMMITTER_NAME="${GIT_COMMITTER_NAME:-$GIT_AUTHOR_NAME}" GIT_COMMITTE
 
 if [[ -n "${DVC_REMOTE:-}" ]]; then
   dvc remote add --local --force --default job "$DVC_REMOTE"  # .dvc/config.local: never committed
-fi
-
-# A job recovered after it pushed (preempted while shutting down) has nothing left to do.
-if dvc exp list origin --name-only 2>/dev/null | grep -qxF "$EXP_NAME"; then
-  log "experiment $EXP_NAME is already on origin: nothing to do"; exit 0
 fi
 
 # Without a team server, the embedded MLflow store lives on the bucket between attempts, so the runs of a preempted

@@ -19,7 +19,7 @@ from medgemma_breakhis.logs import progress
 from medgemma_breakhis.params import DataParams
 from medgemma_breakhis.repository import in_main_repo
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
-from medgemma_breakhis.validation import path_problem, validate_images
+from medgemma_breakhis.validation import lookup_problem, path_problem, validate_images
 
 # The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (docs/breakhis.md#on-kaggle).
 _IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
@@ -27,13 +27,16 @@ _IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
 
 def find_image_root(dataset_root: Path, filenames: Iterable[str]) -> Path:
     """The folder under which Folds.csv's `filename` paths resolve (the Kaggle download adds a BreaKHis_v1/ level)."""
-    first = next((f for f in filenames if path_problem(f) is None), None)
-    if first is None:
+    safe = [f for f in filenames if path_problem(f) is None]
+    if not safe:
         raise DataError("no filename in Folds.csv is a relative path inside the dataset folder")
+    # the first listed image that is there decides (one that is missing or unreadable is listed by validation)
+    for filename in safe:
+        for candidate in _IMAGE_ROOT_CANDIDATES:
+            if lookup_problem(dataset_root / candidate, filename) is None:
+                return dataset_root / candidate
+    first = safe[0]
     tried = [dataset_root / candidate / first for candidate in _IMAGE_ROOT_CANDIDATES]
-    for path in tried:
-        if path.is_file():
-            return path.parents[len(Path(first).parts) - 1]
     raise DataError(
         "cannot find the images listed in Folds.csv; the first listed image is not at any of: "
         + ", ".join(str(p) for p in tried)

@@ -16,11 +16,14 @@ import json
 import logging
 import shutil
 import sys
+import time
+import zipfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -33,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "fingerprint.json"
 FOLDER_PREFIX = "train-"
+# Under the checkpoint root: checkpoints found corrupt, kept for inspection, never resumed (delete them at will).
+CORRUPT_FOLDER = "corrupt"
+# The step of a checkpoint whose trainer state parses but holds none: corrupt, not an interrupted save.
+NO_STEP = -1
 # Param sections that decide what is trained. Data and split params act through the data they select.
 TRAINING_SECTIONS = ("model", "lora", "train")
 # How and when a step is executed does not change what is trained (`execution`): a checkpoint stays valid across
@@ -134,12 +141,46 @@ def completed_step(checkpoint: Path) -> int | None:
     """The optimizer step a checkpoint holds, or None if it was not saved completely.
 
     The trainer writes trainer_state.json last, so a checkpoint interrupted while saving has none, or a truncated one.
+    A state that parses but holds no step is not an interrupted save: NO_STEP, which `checkpoint_problem` reports.
     """
     try:
         state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return state.get("global_step")
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else NO_STEP
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint whose trainer state was written cannot be resumed from, if it cannot: a state without an
+    optimizer step, or a weights, optimizer, scheduler or RNG file that is truncated or corrupt (a disk that filled
+    up, a copy cut short, a bit flipped). Read without unpickling anything: safetensors' header against the file's
+    size, and the CRC of every member of torch's zip archives."""
+    if completed_step(checkpoint) == NO_STEP:
+        state = (checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8")
+        return f"{TRAINER_STATE_NAME} holds no optimizer step: {state[:60]!r}"
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{path.name}: {bad} does not match its checksum"
+        except Exception as err:  # noqa: BLE001 - any way a file fails to read makes the checkpoint unusable
+            return f"{path.name}: {type(err).__name__}: {err}"
+    return None
+
+
+def _move_aside(checkpoint: Path, problem: str) -> None:
+    """Keep a corrupt checkpoint for inspection where no run looks for checkpoints: `<root>/corrupt/`."""
+    aside = checkpoint.parents[1] / CORRUPT_FOLDER / f"{checkpoint.parent.name}-{checkpoint.name}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    checkpoint.rename(aside)
+    logger.warning("%s is corrupt (%s): moved to %s, never loaded", checkpoint, problem, aside)
 
 
 def checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
@@ -173,17 +214,24 @@ def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
     return folder
 
 
-def last_complete_checkpoint(folder: Path, delete_incomplete: bool) -> Path | None:
+def last_complete_checkpoint(folder: Path, clean: bool) -> Path | None:
     """The complete checkpoint of the highest step in `folder`, if any.
 
-    With `delete_incomplete`, checkpoints interrupted while being saved are deleted, so the trainer never sees them.
+    With `clean` (the main process, before any other looks), checkpoints interrupted while being saved are deleted
+    and corrupt ones moved aside, so the trainer never sees them: training resumes from the last good one, or starts
+    afresh.
     """
     complete: dict[int, Path] = {}
-    for checkpoint in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+    for checkpoint in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
         step = completed_step(checkpoint)
-        if step is not None:
+        if step is None:
+            if clean:
+                logger.warning("deleting %s: it was interrupted while being saved", checkpoint)
+                shutil.rmtree(checkpoint)
+        elif not clean:
+            complete[step] = checkpoint  # the main process has cleaned the folder already: no NO_STEP is left
+        elif (problem := checkpoint_problem(checkpoint)) is not None:
+            _move_aside(checkpoint, problem)
+        else:
             complete[step] = checkpoint
-        elif delete_incomplete:
-            logger.warning("deleting %s: it was interrupted while being saved", checkpoint)
-            shutil.rmtree(checkpoint)
     return complete[max(complete)] if complete else None

@@ -7,11 +7,15 @@ it. Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Callable
 
 logger = logging.getLogger(__name__)
+
+# What a stopped stage exits with, as a shell reports a process ended by SIGINT.
+INTERRUPTED_EXIT_STATUS = 130
 
 
 class ExpectedError(Exception):
@@ -23,9 +27,25 @@ class DataError(ExpectedError, RuntimeError):
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's `main`: an expected error ends it with its message on stderr and exit status 1."""
+    """Run a stage's `main`: an expected error ends it with its message on stderr and exit status 1; a stop (Ctrl-C,
+    SIGTERM, train's checkpoint-and-stop) with what stopped it and status 130; a full disk with the file that did not
+    fit. None of these is a bug, so none prints a traceback; every output is written atomically, so nothing partial
+    is left either way."""
     try:
         main()
     except ExpectedError as err:
         logger.error("%s", err)
+        sys.exit(1)
+    except KeyboardInterrupt as err:
+        logger.error("%s: %s", type(err).__name__, err)
+        sys.exit(INTERRUPTED_EXIT_STATUS)
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        logger.error(
+            "%s: %s. Free some space there (or set TMPDIR elsewhere for temporary files) and run the stage again; "
+            "nothing partial was left",
+            err.strerror,
+            err.filename or "a file of this stage",
+        )
         sys.exit(1)

@@ -138,6 +138,7 @@ def run_evaluation(
             "images_per_second": len(rows) / (time.perf_counter() - loaded),
         }
         metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
+        tracked.refuse_if_params_changed()
         roc = roc_points(predictions)
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc.to_csv(index=False))

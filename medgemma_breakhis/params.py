@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import itertools
 import re
+import reprlib
 import types
 import typing
 from collections.abc import Callable, Sequence
@@ -17,8 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+from ruamel.yaml.events import AliasEvent
 
-from medgemma_breakhis.dotted import flatten, set_in
+from medgemma_breakhis.dotted import flatten, get, set_in
 from medgemma_breakhis.errors import ExpectedError
 from medgemma_breakhis.labels import FOLDS, MAGNIFICATIONS
 
@@ -31,8 +36,28 @@ AttnImplementation = Literal["sdpa", "eager"]
 Auto = Literal["auto"]
 
 
+# An error message quotes at most this much of a value; reprlib stops at similar bounds while building it.
+SHOWN_CHARS = 100
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 4, 6, 6
+_SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 80, 40, 80
+# Seeds go to numpy, pandas and torch, which take an unsigned 32-bit seed; counts to C integers.
+SEED_LIMIT = 2**32
+COUNT_LIMIT = 2**31 - 1
+
+
 class ParamsError(ExpectedError, ValueError):
     """A value in params.yaml that the pipeline cannot run with."""
+
+
+class ParamsChangedError(ExpectedError):
+    """params.yaml changed while a stage ran: its results would be recorded under params they were not made with."""
+
+
+def _shown(value: Any) -> str:
+    """`value` as written in params.yaml, at most `SHOWN_CHARS` characters of it: a value may be huge."""
+    text = _SHORT.repr(list(value) if isinstance(value, tuple) else value)
+    return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
 
 def _key(default: Any, allowed: str, check: Callable[[Any], bool] | None = None) -> Any:
@@ -55,8 +80,7 @@ class _Section:
             check = f.metadata.get("check")
             if not _matches(value, tp) or (check is not None and not check(value)):
                 allowed = f.metadata.get("allowed") or _describe(tp)
-                shown = list(value) if isinstance(value, tuple) else value  # as written in params.yaml
-                raise ParamsError(f"params: {self.SECTION}.{f.name}={shown!r} is not allowed; expected {allowed}")
+                raise ParamsError(f"params: {self.SECTION}.{f.name}={_shown(value)} is not allowed; expected {allowed}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +91,7 @@ class SyntheticData(_Section):
     # Five patients per class give every one of the five folds its own test patient in every class.
     patients_per_class: int = _key(5, "an integer from 5 to 50", lambda v: 5 <= v <= 50)
     images_per_patient: int = _key(4, "an integer from 1 to 100", lambda v: 1 <= v <= 100)
-    seed: int = _key(0, "an integer >= 0", lambda v: v >= 0)
+    seed: int = _key(0, f"an integer from 0 to {SEED_LIMIT - 1}", lambda v: 0 <= v < SEED_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -88,7 +112,7 @@ class DataParams(_Section):
         super().__post_init__()
         if self.source == "local" and not self.path:
             raise ParamsError(
-                f"params: data.path={self.path!r} is not allowed; expected the folder that holds "
+                f"params: data.path={_shown(self.path)} is not allowed; expected the folder that holds "
                 "Folds.csv when data.source=local"
             )
 
@@ -106,7 +130,7 @@ class SplitParams(_Section):
     SECTION = "split"
     fold: int = _key(1, f"one of {_listed(FOLDS)} (the BreakHis folds)", lambda v: v in FOLDS)
     magnification: int = _key(100, f"one of {_listed(MAGNIFICATIONS)}", lambda v: v in MAGNIFICATIONS)
-    seed: int = _key(42, "an integer >= 0", lambda v: v >= 0)
+    seed: int = _key(42, f"an integer from 0 to {SEED_LIMIT - 1}", lambda v: 0 <= v < SEED_LIMIT)
     balance: Balance = "binary"
 
 
@@ -124,7 +148,7 @@ class ModelParams(_Section):
 class LoraParams(_Section):
     SECTION = "lora"
     r: int = _key(8, "an integer from 1 to 1024", lambda v: 1 <= v <= 1024)
-    alpha: int = _key(16, "an integer >= 1", lambda v: v >= 1)
+    alpha: int = _key(16, f"an integer from 1 to {COUNT_LIMIT}", lambda v: 1 <= v <= COUNT_LIMIT)
     dropout: float = _key(0.1, "a number in [0, 1)", lambda v: 0.0 <= v < 1.0)
     target_modules: str = _key("all-linear", "a peft target_modules string, e.g. all-linear", lambda v: bool(v.strip()))
 
@@ -158,11 +182,11 @@ class TrainParams(_Section):
     # one fused kernel for all LoRA tensors instead of a few per tensor: 10% faster steps on an H100
     optim: Optimizer = "adamw_torch_fused"
     precision: Precision = "bf16"
-    seed: int = _key(42, "an integer >= 0", lambda v: v >= 0)
-    logging_steps: int = _key(1, "an integer >= 1", lambda v: v >= 1)
+    seed: int = _key(42, f"an integer from 0 to {SEED_LIMIT - 1}", lambda v: 0 <= v < SEED_LIMIT)
+    logging_steps: int = _key(1, f"an integer from 1 to {COUNT_LIMIT}", lambda v: 1 <= v <= COUNT_LIMIT)
     # Optimizer steps between checkpoints that an interrupted `train` resumes from. Not part of what is trained: a
     # checkpoint stays valid when only this changes.
-    checkpoint_steps: int = _key(25, "an integer >= 1", lambda v: v >= 1)
+    checkpoint_steps: int = _key(25, f"an integer from 1 to {COUNT_LIMIT}", lambda v: 1 <= v <= COUNT_LIMIT)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -190,7 +214,7 @@ class EvalParams(_Section):
     method: Literal["score", "generate"] = "score"
     max_new_tokens: int = _key(40, "an integer from 1 to 512", lambda v: 1 <= v <= 512)
     bootstrap_resamples: int = _key(2000, "an integer from 100 to 100000", lambda v: 100 <= v <= 100_000)
-    seed: int = _key(0, "an integer >= 0", lambda v: v >= 0)
+    seed: int = _key(0, f"an integer from 0 to {SEED_LIMIT - 1}", lambda v: 0 <= v < SEED_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -271,12 +295,14 @@ def _matches(value: Any, tp: Any) -> bool:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise ParamsError(f"params: {prefix.rstrip('.') or 'the top level'} must be a mapping of keys, got {raw!r}")
+        raise ParamsError(
+            f"params: {prefix.rstrip('.') or 'the top level'} must be a mapping of keys, got {_shown(raw)}"
+        )
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(map(str, set(raw) - known))
     if unknown:
-        keys = ", ".join(f"{prefix}{k}" for k in unknown)
+        keys = _shown(", ".join(f"{prefix}{k}" for k in unknown)).strip("'")
         allowed = ", ".join(prefix + k for k in sorted(known))
         raise ParamsError(f"params: unknown key {keys}; allowed keys here: {allowed}")
     kwargs = {}
@@ -296,26 +322,47 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
     return _build(Params, raw, "")
 
 
-def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ()) -> Params:
-    """Load and validate params.yaml (YAML 1.2, as DVC writes it, so `1e-4` is a number).
-
-    `overrides` are `section.key=value` strings, as for `dvc exp run -S`, applied before validation.
+def _yaml_value(text: str, source: str) -> Any:
+    """YAML 1.2 (as DVC writes it, so `1e-4` is a number), aliases refused before anything is built: a few hundred
+    bytes of nested aliases expand to gigabytes, which every later step (validation, its message, MLflow) would walk.
     """
-    if not path.is_file():
-        raise ParamsError(f"params file {path} not found; run from the repository root, where params.yaml lives")
     yaml = YAML(typ="safe")
-    raw = yaml.load(path.read_text(encoding="utf-8"))
+    try:
+        for event in yaml.parse(text):
+            if isinstance(event, AliasEvent):
+                raise ParamsError(
+                    f"{source}: YAML aliases (*{event.anchor}) are not allowed in params, at line "
+                    f"{event.start_mark.line + 1}; write the value out"
+                )
+        return yaml.load(text)
+    except YAMLError as err:
+        raise ParamsError(f"{source} is not valid YAML: {_shown(str(err))}") from None
+
+
+def parse_params(text: str, overrides: Sequence[str] = (), source: str = "params.yaml") -> Params:
+    """Validate the text of a params file, with `section.key=value` overrides (as for `dvc exp run -S`) applied
+    first. `source` names the file in messages."""
+    raw = _yaml_value(text, f"params file {source}")
     if raw is None:  # a file emptied by accident must not silently mean "all defaults"
         raise ParamsError(
-            f"params file {path} is empty; restore it (`git checkout {path}`), or write `{{}}` in it to "
+            f"params file {source} is empty; restore it (`git checkout {source}`), or write `{{}}` in it to "
             "run with every default"
         )
     for override in overrides:
         dotted, separator, value = override.partition("=")
         if not separator or "." not in dotted:
-            raise ParamsError(f"override {override!r} is not of the form section.key=value")
-        set_in(raw, dotted, yaml.load(value))
+            raise ParamsError(f"override {_shown(override)} is not of the form section.key=value")
+        if not isinstance(raw, dict):
+            break  # refused below, as a file that is not a mapping
+        set_in(raw, dotted, _yaml_value(value, f"override {_shown(override)}"))
     return params_from_dict(raw)
+
+
+def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ()) -> Params:
+    """Load and validate params.yaml; `overrides` as for `parse_params`."""
+    if not path.is_file():
+        raise ParamsError(f"params file {path} not found; run from the repository root, where params.yaml lives")
+    return parse_params(path.read_text(encoding="utf-8"), overrides, str(path))
 
 
 def add_override_argument(parser: argparse.ArgumentParser) -> None:
@@ -337,3 +384,54 @@ def to_flat_dict(params: Params) -> dict[str, Any]:
         key: list(value) if isinstance(value, tuple) else value
         for key, value in flatten(dataclasses.asdict(params)).items()
     }
+
+
+def file_digest(path: Path = Path("params.yaml")) -> str:
+    """The sha256 of the params file's bytes (or `absent`): what a stage compares to see whether it changed."""
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else "absent"
+
+
+_SET_PARAM = re.compile(r"(?:(?P<file>[^=:]+):)?(?P<key>[A-Za-z_][\w.]*)=(?P<value>.*)", re.DOTALL)
+
+
+def dvc_set_params(command: Sequence[str]) -> dict[str, Any]:
+    """The values a `dvc exp run -S key=value` command line writes into params.yaml, by dotted key.
+
+    Sweeps (`a,b`, `choice(…)`, `range(…)`), other files' keys and Hydra's `+key`/`~key` forms are left out: what
+    they set is not known from the command alone."""
+    if ("exp", "run") not in itertools.pairwise(command):
+        return {}
+    values: dict[str, Any] = {}
+    arguments = iter(command)
+    for argument in arguments:
+        if argument in ("-S", "--set-param"):
+            given = next(arguments, "")
+        elif argument.startswith("--set-param="):
+            given = argument.removeprefix("--set-param=")
+        else:
+            continue
+        match = _SET_PARAM.fullmatch(given)
+        if match is None or match["file"] not in (None, "params.yaml"):
+            continue
+        value = match["value"]
+        if value.startswith(("choice(", "range(", "glob(")) or ("," in value and not value.startswith(("[", "{"))):
+            continue
+        try:
+            values[match["key"]] = YAML(typ="safe").load(value)
+        except YAMLError:
+            continue
+    return values
+
+
+def changed_since(digest: str, asked: dict[str, Any], path: Path = Path("params.yaml")) -> str | None:
+    """Why `path` is not what a stage started from, if it is not: its bytes differ from `digest`, or it lacks a value
+    that the `dvc exp run` running the stage was asked to write (`asked`, from `dvc_set_params`)."""
+    if file_digest(path) != digest:
+        return f"{path} changed while this stage ran"
+    if not asked:
+        return None
+    raw = YAML(typ="safe").load(path.read_text(encoding="utf-8")) or {}
+    for key, value in asked.items():
+        if (now := get(raw, key)) != value:
+            return f"{path} has {key}={_shown(now)}, but dvc exp run was asked for {key}={_shown(value)}"
+    return None

@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import mlflow
 import psutil
@@ -31,10 +31,19 @@ from ruamel.yaml import YAML
 
 from medgemma_breakhis.atomic import atomic_write_json
 from medgemma_breakhis.errors import ExpectedError
+from medgemma_breakhis.logs import uri_credentials
 from medgemma_breakhis.memory import peak_memory_gib
 from medgemma_breakhis.modeling import LoadedModelInfo
-from medgemma_breakhis.params import Params, to_flat_dict
+from medgemma_breakhis.params import (
+    Params,
+    ParamsChangedError,
+    changed_since,
+    dvc_set_params,
+    file_digest,
+    to_flat_dict,
+)
 from medgemma_breakhis.repository import file_sha256, main_repo_root
+from medgemma_breakhis.signals import dvc_process
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +52,22 @@ EXPERIMENT_NAME = "medgemma-breakhis"
 # by its own switch instead: `make mlflow-ui` prints the link that sets it.)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+# The digest of params.yaml when a pipeline execution began, on its parent run: its later stages compare theirs.
+PARAMS_DIGEST_TAG = "params_yaml_sha256"
 # The distributions whose versions decide the numbers; recorded as `version.<name>` tags.
 TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "dvc")
 # The store check before any heavy work: seconds per attempt, and MLflow's HTTP retries (default 7, minutes of
 # backoff) turned off for it, so a dead store is reported within 15 s.
 STORE_CHECK_TIMEOUT_S = 10
+# Every other request of a stage to a tracking server: MLflow's defaults (7 retries with exponential backoff, 120 s
+# each) would hold a stage for minutes per call when the store fails mid-stage. Two retries, about 1 and 3 s later,
+# ride out a passing fault; once a write has failed, none (`TrackedStage.track`). The user's own MLFLOW_HTTP_REQUEST_*
+# settings are kept.
+STORE_REQUEST_POLICY = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+}
 
 
 class TrackingError(ExpectedError):
@@ -55,19 +75,62 @@ class TrackingError(ExpectedError):
 
 
 def shown_uri(uri: str) -> str:
-    """`uri` without any user name or password in it, for messages and logs."""
+    """`uri` without its user name and password, and with the values of its query string masked, for messages."""
     parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
+    if not parts.netloc:  # sqlite:////path, file:///path: nothing to hide, and rebuilding would drop a slash
         return uri
-    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    if parts.username is not None or parts.password is not None:
+        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+    if parts.query:
+        parts = parts._replace(query="&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, True)))
+    return parts.geturl()
 
 
 def redacted(text: str, uri: str) -> str:
-    """`text` (an error from the store, which may quote its URL) without the user name or password in `uri`."""
-    parts = urlsplit(uri)
-    for secret in filter(None, (parts.password, parts.username)):
+    """`text` (an error from the store, which may quote its URL) without the credentials in `uri`."""
+    for secret in uri_credentials(uri):
         text = text.replace(secret, "***")
     return text
+
+
+def bound_store_requests() -> None:
+    """Apply `STORE_REQUEST_POLICY` to this process's requests to the store (MLflow reads it per request), and move a
+    user name and password in MLFLOW_TRACKING_URI to MLflow's own variables, which it sends as the same basic
+    authentication: the URL that MLflow quotes in its errors and logs then carries no credential."""
+    for name, value in STORE_REQUEST_POLICY.items():
+        os.environ.setdefault(name, value)
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return
+    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
+    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    os.environ["MLFLOW_TRACKING_URI"] = parts._replace(netloc=netloc).geturl()
+
+
+def store_error(uri: str, err: Exception) -> TrackingError:
+    """The one-line refusal for a store that failed before the stage's work: its name, the error, the fix; no
+    credential of `uri` in any of it."""
+    return TrackingError(
+        f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
+        f"{redacted(str(err), uri)}\n{_store_fix(uri)}"
+    )
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """`values` in os.environ for the duration of the block, the previous values (or their absence) restored."""
+    previous = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _store_fix(uri: str) -> str:
@@ -105,18 +168,13 @@ def check_tracking_store(uri: str) -> None:
     try:
         if uri.startswith("sqlite:///"):
             _check_sqlite_writable(Path(uri.removeprefix("sqlite:///")))
-        # MLflow reads these per request; the environment is restored afterwards, so the stage's own requests
-        # keep MLflow's (or the user's) retries
-        with mock.patch.dict(
-            os.environ,
-            {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)},
+        # MLflow reads these per request; the stage's own requests get `STORE_REQUEST_POLICY` afterwards
+        with _environment(
+            {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)}
         ):
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure of the store (HTTP, SQL, file system) needs the same advice
-        raise TrackingError(
-            f"MLflow tracking store {shown_uri(uri)} cannot be used: {type(err).__name__}: "
-            f"{redacted(str(err), uri)}\n{_store_fix(uri)}"
-        ) from None  # the cause quotes the URI
+        raise store_error(uri, err) from None  # the cause quotes the URI
     logger.debug("tracking store %s checked in %.1f s", shown_uri(uri), time.monotonic() - started)
 
 
@@ -162,19 +220,36 @@ def experiment_id() -> str:
     With the embedded store, artifacts go to `mlartifacts/` at the repository root: MLflow's default artifact
     location is relative to the working directory, which for `--temp` runs is a copy DVC deletes afterwards.
     """
+    bound_store_requests()
     uri = tracking_uri()
     with _first_use_lock(uri):
         check_tracking_store(uri)
         mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
-        experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
-        if experiment is not None:
-            if EXPERIMENT_KIND_TAG not in experiment.tags:
-                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-            return experiment.experiment_id
-        location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
-        return mlflow.create_experiment(
-            EXPERIMENT_NAME, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-        )
+        with refused_unless_store_answers(uri):
+            experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+            if experiment is not None:
+                if EXPERIMENT_KIND_TAG not in experiment.tags:
+                    mlflow.MlflowClient().set_experiment_tag(
+                        experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                    )
+                return experiment.experiment_id
+            location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
+            return mlflow.create_experiment(
+                EXPERIMENT_NAME, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+
+
+@contextmanager
+def refused_unless_store_answers(uri: str) -> Iterator[None]:
+    """MLflow calls made before the stage's work: a store that passed the check and fails now (a server that answers
+    some requests and not others) stops the stage with the same one-line `TrackingError`, never a traceback that
+    quotes the store's URL."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever the store raises (HTTP, SQL), the same refusal
+        raise store_error(uri, err) from None  # the cause quotes the URI
 
 
 def _git(*args: str) -> str | None:
@@ -182,24 +257,12 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def _dvc_process() -> psutil.Process | None:
-    """The `dvc` process this stage runs under (`dvc repro`, `dvc exp run`, a queue worker), if any."""
-    for process in psutil.Process().parents():
-        try:
-            command = process.cmdline()
-        except psutil.Error:
-            continue
-        if any(Path(arg).name in ("dvc", "dvc.exe") for arg in command[:3]):
-            return process
-    return None
-
-
 def pipeline_key() -> str:
     """Identifies one pipeline execution: the stages of one `dvc repro` or one experiment share the same `dvc` process.
 
     A stage run by hand, outside DVC, is an execution of its own.
     """
-    process = _dvc_process() or psutil.Process()
+    process = dvc_process() or psutil.Process()
     # The experiment's name as a digest: the key is searched for, and a name (any git ref) may hold both quotes,
     # which an MLflow filter string cannot.
     experiment = hashlib.sha256(os.environ.get("DVC_EXP_NAME", "workspace").encode()).hexdigest()[:12]
@@ -255,19 +318,43 @@ def dvc_locked_md5(out: Path) -> str | None:
     return None
 
 
-def _pipeline_run(experiment: str, origin: dict[str, str], params: Params) -> str:
-    """The parent run of this pipeline execution: found by its key, or created by the execution's first stage."""
+def _pipeline_run(experiment: str, origin: dict[str, str], params: Params, params_digest: str) -> tuple[str, str]:
+    """The parent run of this pipeline execution, found by its key or created by the execution's first stage; and the
+    digest of params.yaml that it recorded when it began."""
     found = mlflow.search_runs(
         experiment_ids=[experiment],
         filter_string=f"tags.pipeline_key = '{origin['pipeline_key']}' and tags.run_kind = 'pipeline'",
         output_format="list",
     )
     if found:
-        return found[0].info.run_id
+        return found[0].info.run_id, found[0].data.tags.get(PARAMS_DIGEST_TAG, params_digest)
     run_name = origin["dvc_exp_name"] if "DVC_EXP_NAME" in os.environ else "workspace"
-    with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags={**origin, "run_kind": "pipeline"}) as run:
+    tags = {**origin, "run_kind": "pipeline", PARAMS_DIGEST_TAG: params_digest}
+    with mlflow.start_run(experiment_id=experiment, run_name=run_name, tags=tags) as run:
         mlflow.log_params(to_flat_dict(params))
-    return run.info.run_id
+    return run.info.run_id, params_digest
+
+
+def params_requested_from_dvc() -> dict[str, Any]:
+    """The values that the `dvc exp run` running this stage was asked to write into params.yaml (`-S`)."""
+    dvc = dvc_process()
+    try:
+        return dvc_set_params(dvc.cmdline()) if dvc is not None else {}
+    except psutil.Error:  # dvc is gone: the stage is being stopped anyway (signals.stop_when_dvc_exits)
+        return {}
+
+
+def refuse_changed_params(digest: str, asked: dict[str, Any], since: str) -> None:
+    """ParamsChangedError if params.yaml is no longer what the stage started from (see `params.changed_since`)."""
+    problem = changed_since(digest, asked)
+    if problem is None:
+        return
+    raise ParamsChangedError(
+        f"{problem} (since {since}): another `dvc exp run` in this workspace, which writes its -S values there "
+        "before it waits for DVC's lock, or an edit. This stage's results would be recorded under params they "
+        "were not made with, so none are. Run experiments side by side with `dvc exp run --queue` (then "
+        "`dvc queue start`) or `--temp`, each in its own copy of the workspace; restore params.yaml and run again."
+    )
 
 
 def log_loaded_model(info: LoadedModelInfo, precision_ran: str) -> None:
@@ -300,6 +387,12 @@ class TrackedStage:
     run: mlflow.ActiveRun
     record: Path
     failures: list[str] = field(default_factory=list)
+    params_digest: str = ""
+    requested_params: dict[str, Any] = field(default_factory=dict)
+
+    def refuse_if_params_changed(self) -> None:
+        """Before the stage writes its results: ParamsChangedError if params.yaml changed since the stage began."""
+        refuse_changed_params(self.params_digest, self.requested_params, "this stage began")
 
     def track(self, what: str, call: Callable[[], object], always: bool = False) -> bool:
         """`call` (an MLflow write); if it fails, a warning, and the stage goes on. Once one write has failed, the
@@ -314,6 +407,8 @@ class TrackedStage:
             reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
             logger.warning("could not track %s in MLflow (%s): %s", what, shown_uri(uri), reason)
             self.failures.append(f"{what}: {reason}"[:1000])
+            # The store has failed once: each remaining write (ending the runs) gets one attempt, not retries.
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
             return False
         return True
 
@@ -352,36 +447,37 @@ class TrackedStage:
         self.track("the training metrics (loss, learning rate, gradient norm per step)", restore)
 
     def end(self) -> None:
-        """End the stage's and the pipeline's runs; with anything untracked, write `record` and tag the run
-        `tracking_incomplete`, or end it FAILED where even the tag cannot be written: never FINISHED and unmarked."""
-        marked = True
-        if self.failures:
-            atomic_write_json(
-                self.record,
-                {
-                    "tracking_uri": shown_uri(mlflow.get_tracking_uri()),
-                    "run_id": self.run.info.run_id,
-                    "not_tracked": self.failures,
-                },
-            )
-            logger.warning(
-                "%d item(s) could not be tracked in MLflow, listed in %s; the stage's results are written all the same",
-                len(self.failures),
-                self.record,
-            )
-            marked = self.track(
-                "the tracking_incomplete tag",
-                lambda: mlflow.set_tag(
-                    "tracking_incomplete", f"{len(self.failures)} item(s) not tracked, listed in {self.record}"
-                ),
-                always=True,
-            )
-        else:
-            self.record.unlink(missing_ok=True)  # from an earlier run of the stage
+        """End the stage's and the pipeline's runs, then write `record`, a DVC output of the stage, so that it travels
+        with the stage's results (into `--temp`, queued and cloud experiments too): empty when everything was tracked,
+        else the store, the run and each item not tracked. With anything untracked, the run is tagged
+        `tracking_incomplete`, or ends FAILED where even the tag cannot be written: never FINISHED and unmarked."""
+        marked = not self.failures or self.track(
+            "the tracking_incomplete tag",
+            lambda: mlflow.set_tag(
+                "tracking_incomplete", f"{len(self.failures)} item(s) not tracked, listed in {self.record}"
+            ),
+            always=True,
+        )
         status = "FINISHED" if marked else "FAILED"
         # Ending pops MLflow's active run before writing, so these leave no run active in this process either way.
         self.track("the end of the stage's run", lambda: mlflow.end_run(status), always=True)
         self.track("the end of the pipeline's run", mlflow.end_run, always=True)
+        if not self.failures:
+            atomic_write_json(self.record, {"not_tracked": []})
+            return
+        atomic_write_json(
+            self.record,
+            {
+                "tracking_uri": shown_uri(mlflow.get_tracking_uri()),
+                "run_id": self.run.info.run_id,
+                "not_tracked": self.failures,
+            },
+        )
+        logger.warning(
+            "%d item(s) could not be tracked in MLflow, listed in %s; the stage's results are written all the same",
+            len(self.failures),
+            self.record,
+        )
 
 
 @contextmanager
@@ -394,9 +490,13 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
     then is a warning, listed in `record`. A run whose record is incomplete gets a `tracking_incomplete` tag or, if
     even that cannot be written, ends FAILED or stays RUNNING: it never looks complete.
     """
+    params_digest, requested = file_digest(), params_requested_from_dvc()
+    refuse_changed_params(params_digest, requested, "this stage began")  # a dvc exp run's -S values, overwritten
     experiment = experiment_id()
     origin = origin_tags()
-    parent = _pipeline_run(experiment, origin, params)
+    with refused_unless_store_answers(tracking_uri()):
+        parent, pipeline_digest = _pipeline_run(experiment, origin, params, params_digest)
+    refuse_changed_params(pipeline_digest, requested, "this pipeline execution's first stage began")
     tags = {
         **origin,
         "run_kind": "stage",
@@ -406,19 +506,20 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
         "model_id": params.model.id,
         "model_revision": params.model.revision,
     }
-    mlflow.start_run(run_id=parent)
-    try:
-        run = mlflow.start_run(
-            experiment_id=experiment,
-            nested=True,
-            tags=tags,
-            run_name=f"{stage} (fold {params.split.fold}, {params.split.magnification}X)",
-        )
-        mlflow.log_params(to_flat_dict(params))
-    except BaseException:
-        mlflow.end_run("FAILED")
-        raise
-    tracked = TrackedStage(run, record)
+    with refused_unless_store_answers(tracking_uri()):
+        mlflow.start_run(run_id=parent)
+        try:
+            run = mlflow.start_run(
+                experiment_id=experiment,
+                nested=True,
+                tags=tags,
+                run_name=f"{stage} (fold {params.split.fold}, {params.split.magnification}X)",
+            )
+            mlflow.log_params(to_flat_dict(params))
+        except BaseException:
+            _end_runs_after_failed_start()
+            raise
+    tracked = TrackedStage(run, record, params_digest=params_digest, requested_params=requested)
     try:
         yield tracked
     except BaseException as err:
@@ -435,6 +536,16 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
         raise
     tracked.track("the peak memory", log_peak_memory)
     tracked.end()
+
+
+def _end_runs_after_failed_start() -> None:
+    """End what the failed start left active, FAILED, without letting a failing store hide the first error."""
+    while mlflow.active_run() is not None:
+        try:
+            mlflow.end_run("FAILED")
+        except Exception as err:  # noqa: BLE001 - the store is failing already; the error that matters is raised
+            logger.debug("could not end the run: %s", type(err).__name__)
+            return
 
 
 def pipeline_children(parent_run_id: str, stage: str, tags: dict[str, str]) -> list[Run]:

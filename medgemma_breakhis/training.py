@@ -55,6 +55,7 @@ from medgemma_breakhis.modeling import (
 )
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.prompt import completion_messages, prompt_messages
+from medgemma_breakhis.signals import PARENT_GONE
 from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import TrackedStage, log_loaded_model, stage_run, untracked_record
 
@@ -133,10 +134,11 @@ class GuardedSFTTrainer(SFTTrainer):
 
 
 class StopOnSignal(TrainerCallback):
-    """SIGTERM (a scheduler's preemption, `kill`) or SIGINT (Ctrl-C) during training: finish the optimizer step
-    under way, save a checkpoint and stop. A second signal stops at once, without a checkpoint."""
+    """SIGTERM (a scheduler's preemption, `kill`), SIGINT (Ctrl-C) or the stage's dvc gone (`signals.PARENT_GONE`)
+    during training: finish the optimizer step under way, save a checkpoint and stop. A second SIGTERM or SIGINT
+    stops at once, without a checkpoint."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, PARENT_GONE)
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -153,6 +155,8 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
+        if self.received is not None and signum == PARENT_GONE:
+            return  # dvc went away because of the signal that is being handled: not a second request
         if self.received is not None:
             raise KeyboardInterrupt(f"{name} received again: stopped without saving a checkpoint")
         self.received = name
@@ -469,7 +473,7 @@ def prepare(
     with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
         if main:
             prepare_checkpoint_folder(checkpoint_root, fingerprint)
-        resume_from = last_complete_checkpoint(folder, delete_incomplete=main)
+        resume_from = last_complete_checkpoint(folder, clean=main)
     run = TrainingRun(trainer, info, folder, resume_from, load_seconds, SkippedStepCounter(trainer))
     for callback in (run.stop, run.skipped, run.times):
         trainer.add_callback(callback)
@@ -607,6 +611,7 @@ def run_training(
         train(run, tracked)
         if not main:
             return None
+        tracked.refuse_if_params_changed()  # the checkpoints stay: the same params resume from them
         result = write_outputs(run, rows, adapter_dir, metrics_path, loss_path)
         artifacts = {
             metrics_path: metrics_path.parent.name,

@@ -5,6 +5,7 @@ to a 700x460 RGB image, and a label that matches its folder. Only `download` run
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import pandas as pd
@@ -33,23 +34,47 @@ def path_problem(filename: str) -> str | None:
     return None
 
 
+def lookup_problem(image_root: Path, filename: str) -> str | None:
+    """Why the listed file cannot be read from inside `image_root`: missing, a name the file system refuses (too
+    long, a NUL byte), or a symlink that leads outside the dataset (it would be read, and hard-linked into data/raw,
+    from anywhere on this machine)."""
+    path = image_root / filename
+    try:
+        if not path.is_file():
+            return "missing"
+        target = path.resolve(strict=True)
+        if not target.is_relative_to(image_root.resolve()):
+            return (
+                f"a symlink to {target}, outside the dataset folder {image_root}; set data.path to where the images "
+                "are, or copy them into the dataset"
+            )
+    except (OSError, ValueError) as err:  # ENAMETOOLONG, ELOOP, an embedded NUL byte
+        return f"cannot be looked up: {err}"
+    return None
+
+
 def image_problem(image_root: Path, filename: str) -> str | None:
-    """Why the listed image cannot be used (missing, undecodable, wrong mode or size, label against its folder)."""
+    """Why the listed image cannot be used (unsafe path, missing, undecodable, wrong mode or size, label against its
+    folder). Mode and size are read from the file's header and checked before any pixel is decoded: a file of a few
+    bytes can declare 30000x30000 pixels, gigabytes once decoded."""
     if (unsafe := path_problem(filename)) is not None:
         return unsafe  # never read, nor written under data/raw
-    path = image_root / filename
-    if not path.is_file():
-        return "missing"
+    if (unreadable := lookup_problem(image_root, filename)) is not None:
+        return unreadable
     try:
-        with Image.open(path) as image:
-            image.load()  # decodes every pixel: a truncated or corrupt file fails here
-            mode, size = image.mode, image.size
+        with warnings.catch_warnings():
+            # PIL warns from 89 million pixels (the size is checked below, before decoding) and refuses from twice that
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(image_root / filename) as image:
+                if image.size != IMAGE_SIZE:
+                    return f"size {image.size[0]}x{image.size[1]}, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
+                if image.mode != IMAGE_MODE:
+                    return f"mode {image.mode}, expected {IMAGE_MODE}"
+                image.load()  # decodes every pixel: a truncated or corrupt file fails here
+    except Image.DecompressionBombError as err:
+        return f"declares more pixels than are safe to decode: {err}"
     except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for files it cannot decode
         return f"does not decode: {err}"
-    if mode != IMAGE_MODE:
-        return f"mode {mode}, expected {IMAGE_MODE}"
-    if size != IMAGE_SIZE:
-        return f"size {size[0]}x{size[1]}, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
     try:
         malignant = is_malignant(label_from_path(filename))
         patient_from_path(filename)  # split_balance needs the patient from the file name

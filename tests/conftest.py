@@ -24,6 +24,21 @@ from medgemma_breakhis.params import ModelParams, SplitParams, SyntheticData
 from medgemma_breakhis.splits import write_split
 from medgemma_breakhis.synthetic import generate_synthetic_breakhis
 from medgemma_breakhis.tiny_model import build_tiny_gemma3
+from medgemma_breakhis.tracking import STORE_REQUEST_POLICY
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_environment_restored() -> Iterator[None]:
+    """A stage sets MLflow's variables in its own process (`tracking.bound_store_requests`); a test that runs one
+    in-process leaves them as they were for the next."""
+    names = (*STORE_REQUEST_POLICY, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {name: os.environ.get(name) for name in names}
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -138,15 +153,16 @@ def stage_env() -> dict[str, str]:
 @pytest.fixture
 def stage_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """`tmp_path` as the working folder of a stage called in-process (`stages.<name>.main([...])`), with its own MLflow
-    store; the SIGTERM handler the stage installs is put back afterwards."""
+    store; the signal handlers the stage installs are put back afterwards."""
     monkeypatch.chdir(tmp_path)
     for name in [name for name in os.environ if name.startswith(("MLFLOW_", "DVC_"))]:
         monkeypatch.delenv(name)
     # Set, so that it is unset again afterwards: the stage exports the store it uses.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGHUP)}
     yield tmp_path
-    signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
 
 
 @contextmanager

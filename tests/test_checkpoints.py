@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from medgemma_breakhis.checkpoints import (
     MANIFEST,
@@ -32,7 +35,8 @@ def fingerprint(**params: object) -> Fingerprint:
 def checkpoint(folder: Path, step: int, state: str | None) -> Path:
     path = folder / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "adapter_model.safetensors").write_bytes(b"weights")
+    save_file({"lora_A": torch.zeros(4, 2)}, path / "adapter_model.safetensors")
+    torch.save({"state": {0: {"exp_avg": torch.zeros(64, 64)}}}, path / "optimizer.pt")  # mostly tensor data
     if state is not None:
         (path / "trainer_state.json").write_text(state)
     return path
@@ -64,7 +68,7 @@ def test_other_inputs_get_their_own_folder_and_are_reported_not_resumed(tmp_path
     folder = prepare_checkpoint_folder(tmp_path, ours)
     assert folder == checkpoint_folder(tmp_path, ours) != stale
     assert Fingerprint.load(folder / MANIFEST) == ours
-    assert last_complete_checkpoint(folder, delete_incomplete=True) is None
+    assert last_complete_checkpoint(folder, clean=True) is None
     assert (
         f"not resuming the checkpoints in {stale}: made under different inputs:\n"
         "    params lora.r: 8 in the checkpoint, 16 now" in caplog.text
@@ -79,9 +83,9 @@ def test_the_last_complete_checkpoint_is_resumed_and_interrupted_saves_are_delet
     checkpoint(folder, 20, json.dumps({"global_step": 20}))
     truncated = checkpoint(folder, 30, '{"global_step": 30, "log_hist')
     unfinished = checkpoint(folder, 40, None)
-    assert last_complete_checkpoint(folder, delete_incomplete=False) == folder / "checkpoint-20"
+    assert last_complete_checkpoint(folder, clean=False) == folder / "checkpoint-20"
     assert truncated.exists() and unfinished.exists()
-    assert last_complete_checkpoint(folder, delete_incomplete=True) == folder / "checkpoint-20"
+    assert last_complete_checkpoint(folder, clean=True) == folder / "checkpoint-20"
     assert not truncated.exists() and not unfinished.exists()
 
 
@@ -112,3 +116,34 @@ def test_unreadable_manifest_is_reported_not_resumed(tmp_path: Path, manifest: s
     caplog.set_level(logging.WARNING)
     prepare_checkpoint_folder(tmp_path, fingerprint())
     assert f"not resuming the checkpoints in {broken}: its {MANIFEST} cannot be read" in caplog.text
+
+
+def test_corrupt_checkpoints_are_moved_aside_with_one_line_and_never_loaded(tmp_path: Path, caplog) -> None:
+    """852abeb: a trainer_state.json of `[]` stopped `train` with an AttributeError, and a truncated weights file
+    with a valid state with a SafetensorError after "resuming from", on every run until deleted by hand."""
+    folder = prepare_checkpoint_folder(tmp_path, fingerprint())
+    good = checkpoint(folder, 10, json.dumps({"global_step": 10}))
+    checkpoint(folder, 20, "[]")
+    truncated = checkpoint(folder, 30, json.dumps({"global_step": 30}))
+    weights = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(weights[: len(weights) // 2])
+    flipped = checkpoint(folder, 40, json.dumps({"global_step": 40}))
+    optimizer = bytearray((flipped / "optimizer.pt").read_bytes())
+    optimizer[len(optimizer) // 2] ^= 0xFF
+    (flipped / "optimizer.pt").write_bytes(bytes(optimizer))
+    caplog.set_level(logging.WARNING)
+
+    assert last_complete_checkpoint(folder, clean=True) == good
+    aside = tmp_path / "corrupt"
+    assert sorted(p.name for p in aside.iterdir()) == [f"{folder.name}-checkpoint-{step}" for step in (20, 30, 40)]
+    assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-10"]
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 3 and all("\n" not in w for w in warnings)
+    assert f"{folder / 'checkpoint-20'} is corrupt (trainer_state.json holds no optimizer step: '[]')" in warnings[0]
+    assert "adapter_model.safetensors: SafetensorError" in warnings[1] and "optimizer.pt:" in warnings[2]
+    assert all(w.endswith("never loaded") for w in warnings)
+
+    shutil.rmtree(good)
+    checkpoint(folder, 20, "[]")  # again, with a folder of that name already aside
+    assert last_complete_checkpoint(folder, clean=True) is None  # nothing good left: the run starts afresh
+    assert len(list(aside.iterdir())) == 4

@@ -59,12 +59,167 @@ def test_a_sweep_is_one_job_per_combination_of_values() -> None:
 def test_the_launcher_asks_only_for_the_credentials_the_params_need_and_names_a_missing_one() -> None:
     launch = load_launcher()
     params = (REPO / "params.yaml").read_text()
-    with pytest.raises(launch.LaunchError, match=r"^HF_TOKEN is not set, .*export HF_TOKEN=…`$"):
+    with pytest.raises(launch.LaunchError, match=r"^HF_TOKEN is not set, .*export HF_TOKEN=…`, or keep it in Secret"):
         launch.secrets_for(params, ["lora.r=16"], {"KAGGLE_USERNAME": "u", "KAGGLE_KEY": "k"})
     with pytest.raises(launch.LaunchError, match="^KAGGLE_USERNAME is not set"):
         launch.secrets_for(params, [], {"HF_TOKEN": "t"})
     assert launch.secrets_for(params, ["data.source=synthetic", "model.id=tiny-gemma3"], {}) == {}
-    assert launch.secrets_for(params, ["data.source=local"], {"HF_TOKEN": "t", "PATH": "/bin"}) == {"HF_TOKEN": "t"}
+    local = ["data.source=local", "data.path=/data/breakhis"]
+    assert launch.secrets_for(params, local, {"HF_TOKEN": "t", "PATH": "/bin"}) == {"HF_TOKEN": "t"}
+
+
+EVERY_CREDENTIAL = {
+    "HF_TOKEN": "hf_x",
+    "KAGGLE_USERNAME": "u",
+    "KAGGLE_KEY": "k",
+    "MLFLOW_TRACKING_PASSWORD": "p",
+    "GIT_TOKEN": "g",
+}
+
+
+def test_the_launcher_sends_exactly_the_credentials_the_params_need_and_none_inside_urls() -> None:
+    """852abeb: tiny-gemma3 on synthetic data sent HF_TOKEN, KAGGLE_USERNAME, KAGGLE_KEY, MLFLOW_TRACKING_PASSWORD
+    and GIT_TOKEN; a password in MLFLOW_TRACKING_URI went to the task's plain envs."""
+    launch = load_launcher()
+    params = (REPO / "params.yaml").read_text()
+    offline = ["data.source=synthetic", "model.id=tiny-gemma3"]
+    assert launch.secrets_for(params, offline, EVERY_CREDENTIAL) == {}
+    for model in ("medgemma-4b-random", "./models/medgemma", "models/medgemma/v1", "/data/medgemma", "~/medgemma"):
+        assert launch.secrets_for(params, ["data.source=synthetic", f"model.id={model}"], EVERY_CREDENTIAL) == {}
+    assert set(launch.secrets_for(params, [], EVERY_CREDENTIAL)) == {"HF_TOKEN", "KAGGLE_USERNAME", "KAGGLE_KEY"}
+    # HF_TOKEN kept in Secret Manager: the job reads it on its machine, the launcher sends none
+    from_manager = EVERY_CREDENTIAL | {"CLOUD_HF_TOKEN_SECRET": "hf-token"}
+    assert "HF_TOKEN" not in launch.secrets_for(params, ["data.source=synthetic"], from_manager)
+    with pytest.raises(launch.LaunchError, match="CLOUD_HF_TOKEN_SECRET='hf token;x' is not a Secret Manager"):
+        launch.secrets_for(params, [], {"CLOUD_HF_TOKEN_SECRET": "hf token;x"})
+
+    server = {"MLFLOW_TRACKING_URI": "https://carol:p%40ss@mlflow.example.org:8443/team"}
+    assert launch.tracking_server(server) == (
+        "https://mlflow.example.org:8443/team",
+        {"MLFLOW_TRACKING_USERNAME": "carol", "MLFLOW_TRACKING_PASSWORD": "p@ss"},
+    )
+    assert launch.secrets_for(params, offline, server)["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
+    with pytest.raises(launch.LaunchError, match="a store on this machine, which the job cannot reach"):
+        launch.tracking_server({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
+    with pytest.raises(launch.LaunchError, match="query string"):
+        launch.tracking_server({"MLFLOW_TRACKING_URI": "https://mlflow.example.org/?token=abc"})
+
+
+def test_the_launcher_refuses_params_and_buckets_the_job_would_refuse() -> None:
+    """852abeb: `lora.r=-5` and unknown keys passed, and any gs:// string was a bucket, until a GPU was paid for."""
+    launch = load_launcher()
+    params = (REPO / "params.yaml").read_text()
+    with pytest.raises(launch.LaunchError, match=r"^lora.r=-5: params: lora.r=-5 is not allowed; expected an integer"):
+        launch.secrets_for(params, ["lora.r=-5"], EVERY_CREDENTIAL)
+    with pytest.raises(launch.LaunchError, match=r"unknown key lora.rank"):
+        launch.secrets_for(params, ["lora.rank=8"], EVERY_CREDENTIAL)
+    assert launch.job_params(params, ["params.yaml:lora.r=16"]).lora.r == 16
+    for bucket in ("gs://", "gs://ab", "gs://My_Bucket/x", "gs://bucket name", "gs://goog-bucket", "s3://bucket"):
+        with pytest.raises(launch.LaunchError, match=r"^CLOUD_BUCKET=.* is not gs://<bucket>\[/<prefix>\]"):
+            launch.bucket_url({"CLOUD_BUCKET": bucket})
+    assert launch.bucket_url({"CLOUD_BUCKET": "gs://my-bucket.example/jobs/medgemma"})
+
+
+def git_repository(path: Path, *files: str) -> Path:
+    """A git repository at `path` with `files` of this repository committed."""
+    path.mkdir()
+    for name in files:
+        (path / name).write_text((REPO / name).read_text())
+    for command in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-qm", "init"]):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@e", *command], cwd=path, check=True)
+    return path
+
+
+def test_the_launcher_wants_head_on_origin_and_an_experiment_name_origin_does_not_have(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """852abeb: HEAD pushed to another remote passed the `pushed` check; a name already on origin launched a job that
+    did nothing and exited 0."""
+    launch = load_launcher()
+    local = git_repository(tmp_path / "local", "params.yaml")
+    for remote in ("origin", "fork"):
+        subprocess.run(["git", "init", "-q", "--bare", str(tmp_path / remote)], check=True)
+        subprocess.run(["git", "remote", "add", remote, str(tmp_path / remote)], cwd=local, check=True)
+    subprocess.run(["git", "push", "-q", "fork", "main"], cwd=local, check=True)
+    monkeypatch.setattr(launch, "REPO", local)
+    with pytest.raises(launch.LaunchError, match="is not on origin, the remote the job clones"):
+        launch.pushed_commit()
+    subprocess.run(["git", "push", "-q", "origin", "main", "HEAD:refs/exps/ab/cdef01/myexp"], cwd=local, check=True)
+    assert (
+        launch.pushed_commit()
+        == subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=local, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    assert launch.experiments_on_origin() == {"myexp"}
+    monkeypatch.setenv("CLOUD_BUCKET", "gs://my-bucket/jobs")
+    with pytest.raises(SystemExit, match="experiment myexp already exists on origin: choose another --name"):
+        launch.main(["--dry-run", "--name", "myexp", "-S", "lora.r=32", "-S", "data.source=synthetic"])
+
+
+def run_script(
+    machine: Path, bucket: Path, path: str = os.environ["PATH"], **variables: str
+) -> subprocess.CompletedProcess:
+    env = {"PATH": path, "HOME": str(machine), "EXP_NAME": "myexp", "BUCKET_DIR": str(bucket), **variables}
+    return subprocess.run(
+        ["bash", str(REPO / "cloud" / "run_experiment.sh")],
+        cwd=machine,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_job_refuses_an_experiment_name_taken_by_another_job_instead_of_doing_nothing(tmp_path: Path) -> None:
+    """852abeb: `EXP_NAME=myexp EXP_ARGS='-S lora.r=32'` with myexp on origin: `nothing to do`, exit 0."""
+    local = git_repository(tmp_path / "local", "params.yaml")
+    subprocess.run(["git", "clone", "-q", "--bare", str(local), str(tmp_path / "origin")], check=True)
+    subprocess.run(["git", "clone", "-q", str(tmp_path / "origin"), str(tmp_path / "machine")], check=True)
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    made_elsewhere = run_script(tmp_path / "machine", bucket, EXP_ARGS="-S lora.r=32")  # not on origin yet
+    assert made_elsewhere.returncode != 0 and "nothing to do" not in made_elsewhere.stderr  # went on (no dvc here)
+    other_args = run_script(tmp_path / "machine", bucket, EXP_ARGS="-S lora.r=16")
+    assert other_args.returncode == 2
+    assert "error: experiment myexp belongs to a job of another commit or other arguments" in other_args.stderr
+    subprocess.run(
+        ["git", "push", "-q", str(tmp_path / "origin"), "HEAD:refs/exps/ab/cdef01/myexp"], cwd=local, check=True
+    )
+    again = run_script(tmp_path / "machine", bucket, EXP_ARGS="-S lora.r=32")  # a recovered attempt of the same job
+    assert (again.returncode, again.stderr.strip()) == (
+        0,
+        "[cloud job] experiment myexp is already on origin: nothing to do",
+    )
+    fresh = tmp_path / "fresh-bucket"
+    fresh.mkdir()
+    elsewhere = run_script(tmp_path / "machine", fresh, EXP_ARGS="-S lora.r=32")
+    assert elsewhere.returncode == 2 and "already on origin, made by another job" in elsewhere.stderr
+
+
+def test_a_job_reads_hf_token_from_secret_manager_on_its_machine_and_never_prints_it(tmp_path: Path) -> None:
+    """gcloud stands in for the job machine's Google Cloud CLI, as a bare repository stands in for origin."""
+    machine = git_repository(tmp_path / "machine", "params.yaml")
+    bucket, tools = tmp_path / "bucket", tmp_path / "bin"
+    bucket.mkdir()
+    tools.mkdir()
+    gcloud = tools / "gcloud"
+    gcloud.write_text(
+        '#!/bin/sh\necho "$@" > "$(dirname "$0")/called"\n[ -n "$DENY" ] && { echo "ERROR: (gcloud.secrets.versions.access) PERMISSION_DENIED: denied" >&2; exit 1; }\necho hf_SECRETVALUE123\n'
+    )
+    gcloud.chmod(0o755)
+    path = f"{tools}:/usr/bin:/bin"  # no dvc: the script stops after the token, at the install
+    denied = run_script(machine, bucket, path, HF_TOKEN_SECRET="hf-token", DENY="1", JOB_VENV=str(tmp_path))
+    assert denied.returncode == 2
+    assert (
+        "error: cannot read HF_TOKEN from Secret Manager secret hf-token with this machine's service account: "
+        "ERROR: (gcloud.secrets.versions.access) PERMISSION_DENIED" in denied.stderr
+    )
+    assert "roles/secretmanager.secretAccessor" in denied.stderr
+    read = run_script(machine, bucket, path, HF_TOKEN_SECRET="hf-token", JOB_VENV=str(tmp_path))
+    assert "[cloud job] HF_TOKEN read from Secret Manager secret hf-token" in read.stderr
+    assert (tools / "called").read_text().split() == ["secrets", "versions", "access", "latest", "--secret=hf-token"]
+    assert "SECRETVALUE" not in read.stdout + read.stderr
 
 
 def test_the_run_script_names_a_missing_variable_and_stops(tmp_path: Path) -> None:

@@ -1,3 +1,5 @@
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -170,7 +172,7 @@ def test_import_of_kaggle_layout_normalises_it_and_reports_missing_images(tmp_pa
     download = tmp_path / "download"
     (download / "BreaKHis_v1").mkdir(parents=True)
     (download / "Folds.csv").write_bytes((synthetic_root / "Folds.csv").read_bytes())
-    (download / "BreaKHis_v1" / "BreaKHis_v1").symlink_to(synthetic_root / "BreaKHis_v1")
+    shutil.copytree(synthetic_root / "BreaKHis_v1", download / "BreaKHis_v1" / "BreaKHis_v1", copy_function=os.link)
     count = import_dataset(download, tmp_path / "raw", False, tmp_path / "excluded.csv")
     folds = read_folds(tmp_path / "raw" / "Folds.csv")
     assert count == folds["filename"].nunique()
@@ -179,7 +181,7 @@ def test_import_of_kaggle_layout_normalises_it_and_reports_missing_images(tmp_pa
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "Folds.csv").write_bytes((synthetic_root / "Folds.csv").read_bytes())
-    (broken / "BreaKHis_v1").symlink_to(synthetic_root / "BreaKHis_v1")
+    shutil.copytree(synthetic_root / "BreaKHis_v1", broken / "BreaKHis_v1", copy_function=os.link)
     (broken / "extra.csv").write_text("")
     missing = synthetic_filename(7, "missing", 100, 1)
     with (broken / "Folds.csv").open("a") as stream:

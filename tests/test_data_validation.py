@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -78,6 +80,51 @@ def test_excluded_images_are_left_out_and_reported_with_the_reason(bad_copy, tmp
     assert count == kept["filename"].nunique()
     assert not set(expected) & set(kept["filename"])
     assert all((tmp_path / "raw" / f).is_file() for f in kept["filename"].unique())
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG of 45 bytes whose header declares `width` x `height` RGB pixels (and that holds none)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_hostile_files_are_listed_and_excluded_never_crashing_nor_decoded_nor_followed(
+    synthetic_root: Path, tmp_path: Path
+) -> None:
+    """852abeb: a tiny PNG declaring 30000x30000 crashed `download` (DecompressionBombError) even with
+    data.exclude_invalid; a 12000x12000 one was decoded whole before its size was refused; a too-long path crashed it
+    (Errno 36); a symlink out of the dataset was read and hard-linked into data/raw."""
+    root = tmp_path / "breakhis"
+    shutil.copytree(synthetic_root, root, copy_function=os.link)
+    _replace(root / FOLDS_CSV, lambda p: shutil.copy2(synthetic_root / FOLDS_CSV, p))
+    bomb, huge, linked = pd.read_csv(root / FOLDS_CSV)["filename"].unique()[:3]
+    _replace(root / bomb, lambda p: p.write_bytes(png_declaring(30000, 30000)))
+    _replace(root / huge, lambda p: p.write_bytes(png_declaring(12000, 12000)))
+    outside = tmp_path / "elsewhere" / "secret.png"
+    outside.parent.mkdir()
+    shutil.copy2(synthetic_root / linked, outside)  # a valid image: only where it is makes it wrong
+    _replace(root / linked, lambda p: p.symlink_to(outside))
+    too_long = str(Path(bomb).parent / ("SOB_B_A-14-22549AB-100-" + "9" * 300 + ".png"))
+    with (root / FOLDS_CSV).open("a") as stream:
+        stream.write(f"1,100,train,{too_long}\n")
+
+    params = DataParams(source="local", path=str(root), exclude_invalid=True)
+    prepare_raw_data(params, tmp_path / "raw", tmp_path / "excluded.csv")
+    report = pd.read_csv(tmp_path / "excluded.csv")
+    reasons = dict(zip(report["filename"], report["reason"]))
+    assert set(reasons) == {bomb, huge, linked, too_long}
+    assert reasons[bomb].startswith("declares more pixels than are safe to decode: Image size (900000000 pixels)")
+    assert reasons[huge] == "size 12000x12000, expected 700x460"  # from the header: 852abeb decoded it first
+    assert reasons[linked].startswith(f"a symlink to {outside}, outside the dataset folder")
+    assert reasons[too_long].startswith("cannot be looked up: [Errno 36] File name too long")
+    assert not (tmp_path / "raw" / linked).exists()
 
 
 def test_download_stage_stops_on_bad_data(bad_copy, stage_folder: Path) -> None:

@@ -3,6 +3,8 @@ a checkpoint and the next run resumes from it."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
@@ -81,3 +84,69 @@ def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resume
     resumed = client.search_runs(["1"], "tags.stage = 'train' and attributes.status = 'FINISHED'")[0]
     assert resumed.data.tags["resumed_from_step"] == str(step)
     assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == list(range(step + 1, steps + 1))
+
+
+def _stage_processes(parent: int) -> list[psutil.Process]:
+    return [p for p in psutil.Process(parent).children(recursive=True) if "stages.train" in " ".join(p.cmdline())]
+
+
+def _signal_once_training(command: list[str], project: Path, env: dict[str, str], log: Path) -> str:
+    """Start `command`, and once its stage has logged an optimizer step send SIGTERM to the process started: `dvc`
+    alone, or a `timeout` running dvc, which passes it on to dvc's whole process group as when its time is up. Returns
+    what was logged, once the stage has ended."""
+    started = subprocess.Popen(command, cwd=project, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    stage: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 300
+        while "'loss'" not in log.read_text() and started.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the first optimizer step is logged
+        stage = _stage_processes(started.pid)
+        assert len(stage) == 1, log.read_text()[-3000:]
+        started.send_signal(signal.SIGTERM)
+        assert started.wait(timeout=60) != 0
+        _, alive = psutil.wait_procs(stage, timeout=60)
+        assert not alive, "the stage outlived its dvc"
+    finally:
+        for process in stage:  # 852abeb: the orphan would train on for hours
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        if started.poll() is None:
+            started.kill()
+    return log.read_text()
+
+
+@pytest.mark.slow  # dvc runs a training stage twice
+def test_a_stage_never_outlives_its_dvc_killed_or_timed_out(
+    synthetic_root: Path, tmp_path: Path, train_argv: Callable[[str], list[str]], stage_env: dict[str, str]
+) -> None:
+    """`kill -TERM <dvc pid>` (dvc alone) and `timeout … dvc repro` (the whole process group): either way `train` saves
+    a checkpoint and stops with dvc, which records nothing; the next run resumes from it."""
+    project = tmp_path / "project"
+    project.mkdir()
+    write_split(synthetic_root / FOLDS_CSV, SplitParams(), project / "split", project / "split" / "summary.json")
+    (project / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 100\n  checkpoint_steps: 1000\n")
+    command = " ".join(["python", "-m", "stages.train", *train_argv("split/train.csv")])
+    (project / "dvc.yaml").write_text(
+        f"stages:\n  train:\n    cmd: {command}\n    deps: [split/train.csv]\n    outs: [models/adapter]\n"
+    )
+    env = stage_env | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "SHELL": "/bin/bash",
+    }
+    subprocess.run(["dvc", "init", "--no-scm", "-q"], cwd=project, env=env, check=True)
+
+    output = _signal_once_training(["dvc", "repro"], project, env, tmp_path / "killed.log")
+    assert "is gone: stopping this stage as on SIGTERM" in output
+    (first,) = (project / "checkpoints").glob("train-*/checkpoint-*")
+    assert f"TrainingInterrupted: SIGHUP: training stopped at optimizer step {first.name.split('-')[1]}" in output
+
+    output = _signal_once_training(["timeout", "600", "dvc", "repro"], project, env, tmp_path / "timed-out.log")
+    assert f"resuming from {first}" in output
+    assert "SIGTERM received: finishing this optimizer step, saving a checkpoint, then stopping" in output
+    assert "received again" not in output  # dvc's end, with the same signal, is not a second one
+    (second,) = (project / "checkpoints").glob("train-*/checkpoint-*")
+    assert int(second.name.split("-")[1]) > int(first.name.split("-")[1])
+    assert not (project / "dvc.lock").exists() and not (project / "models").exists()
+    client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    assert [run.info.status for run in client.search_runs(["1"], "tags.stage = 'train'")] == ["KILLED", "KILLED"]

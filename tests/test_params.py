@@ -1,3 +1,4 @@
+import time
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,36 @@ def test_every_key_rejects_a_wrong_type_naming_key_value_and_allowed_range(key: 
     assert message.startswith(f"params: {key}={wrong!r} is not allowed; expected ")
     if "allowed" in metadata:  # the same description as for an out-of-range value of the right type
         assert message.endswith(metadata["allowed"])
+
+
+def test_yaml_aliases_are_refused_at_once_and_a_huge_value_is_quoted_in_at_most_a_line(tmp_path: Path) -> None:
+    """3.4 KB of nested aliases expand to gigabytes: 852abeb's loader (and its message quoting the value) hung."""
+    levels = [f"l0: &l0 [{', '.join(['x'] * 9)}]"]
+    levels += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 12)]
+    path = tmp_path / "params.yaml"
+    path.write_text("\n".join(["lora:", *(f"  {line}" for line in levels), "  r: *l11"]) + "\n")
+    started = time.monotonic()
+    with pytest.raises(ParamsError, match=rf"^params file {path}: YAML aliases \(\*l0\) are not allowed in params"):
+        load_params(path)
+    assert time.monotonic() - started < 1
+    with pytest.raises(ParamsError, match=r"YAML aliases \(\*a\) are not allowed"):
+        load_params(REPO_PARAMS, ["lora.target_modules=[&a x, *a]"])
+    with pytest.raises(ParamsError) as caught:
+        params_from_dict({"lora": {"target_modules": "q_proj" * 10_000}, "model": {"id": ["x" * 1000] * 1000}})
+    quoted = str(caught.value).removeprefix("params: model.id=").partition(" is not allowed")[0]
+    assert 0 < len(quoted) <= 100
+
+
+@pytest.mark.parametrize("key", ["split.seed", "train.seed", "eval.seed", "data.synthetic.seed"])
+def test_seeds_are_refused_beyond_what_numpy_pandas_and_torch_take(key: str) -> None:
+    """`split.seed=4294967296` passed validation and crashed split_balance with a traceback; set_seed(2**40) raises."""
+    section, _, name = key.rpartition(".")
+    raw: dict = {}
+    node = raw
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[name] = 2**32
+    with pytest.raises(ParamsError, match=rf"^params: {key}=4294967296 is not allowed; expected an integer from 0 to"):
+        params_from_dict(raw)
+    node[name] = 2**32 - 1
+    params_from_dict(raw)

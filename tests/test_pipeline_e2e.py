@@ -369,8 +369,52 @@ def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next
 
     output = run(repo, "dvc", "repro")  # DVC recorded the adapter: nothing to train again
     assert stages_run(output) == []
-    record.unlink()  # read; the workspace is as the fixture left it
+    # read; the record and its hash in dvc.lock back to the fixture's
+    run(repo, "git", "checkout", "HEAD", "--", "metrics/train.untracked.json", "dvc.lock")
     assert run(repo, "git", "status", "--porcelain").strip() == ""
+
+
+def test_what_a_temp_experiment_could_not_track_is_kept_in_its_commit(workspace: Path, lock_store) -> None:
+    """852abeb: DVC warned that metrics/finetuned.untracked.json "will not be included in experiment commits", and
+    a `--temp` (or queued, or cloud) experiment lost it with its copy of the workspace."""
+    repo = workspace
+    assert read_json(repo / "metrics" / "finetuned.untracked.json") == {"not_tracked": []}  # the committed run's
+
+    def evaluated() -> bool:  # the experiment's evaluate has written its metrics, in DVC's temporary copy
+        for path in repo.glob(".dvc/tmp/exps/standalone/*/metrics/finetuned.json"):
+            try:  # generate's metrics have no calibration: not the committed file, nor one half-written
+                if "expected_calibration_error" not in json.loads(path.read_text())["eight_class"]:
+                    return True
+            except (OSError, ValueError, KeyError):
+                continue
+        return False
+
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_OFFLINE": "1",
+        **SECRETS,
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    log = repo.parent / "locked-store.log"
+    command = ["dvc", "exp", "run", "--temp", "--name", "locked-store", "-S", "eval.method=generate"]
+    # from the end of evaluate until its first write has failed (each locked write waits out sqlite's 20 s)
+    with lock_store(repo / "mlflow.db", when=evaluated) as taken, log.open("w") as stream:
+        experiment = subprocess.Popen(command, cwd=repo, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 900
+        while "could not track" not in log.read_text() and experiment.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+    assert experiment.wait(timeout=900) == 0, log.read_text()[-4000:]
+    output = log.read_text()
+    assert not any(secret in output.encode() for secret in SECRET_VALUES)
+    assert taken.is_set() and stages_run(output) == ["baseline", "evaluate"]
+    assert "will not be included in experiment commits" not in output
+    refs = run(repo, "git", "for-each-ref", "refs/exps", "--format=%(refname)", stdout_only=True).split()
+    (ref,) = [name for name in refs if name.endswith("/locked-store")]
+    record = json.loads(run(repo, "git", "show", f"{ref}:metrics/finetuned.untracked.json", stdout_only=True))
+    assert record["not_tracked"] and any("database is locked" in item for item in record["not_tracked"])
+    assert read_json(repo / "metrics" / "finetuned.untracked.json") == {"not_tracked": []}  # the workspace's own
 
 
 def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace(

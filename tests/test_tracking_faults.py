@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
+from ruamel.yaml import YAML
 
 from medgemma_breakhis import tracking
+from medgemma_breakhis.errors import run_stage
 from medgemma_breakhis.model_source import ModelLoadError
 from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import ModelParams, ParamsError, params_from_dict
@@ -29,6 +37,41 @@ from medgemma_breakhis.training import run_training
 from tools.precision_comparison import _latest_stage_run
 
 
+class HalfFailingStore(BaseHTTPRequestHandler):
+    """An MLflow server that answers the experiment requests (and so passes the store check) and fails every other
+    one with 500, as a server whose database broke under it does."""
+
+    def _answer(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.path.startswith("/api/2.0/mlflow/experiments/"):
+            experiment = {"experiment_id": "1", "name": tracking.EXPERIMENT_NAME, "lifecycle_stage": "active"}
+            status, body = 200, {"experiment": experiment, "experiments": [experiment]}
+        else:
+            status, body = 500, {"error_code": "INTERNAL_ERROR", "message": "the database is gone"}
+        payload = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _answer
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def half_failing_store() -> Iterator[str]:
+    """The URL of a `HalfFailingStore` on 127.0.0.1, with a user name and password in it."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), HalfFailingStore)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://carol:hunter2pw@127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An embedded store of this test's own, as MLFLOW_TRACKING_URI."""
@@ -43,6 +86,67 @@ def test_dead_http_store_fails_in_seconds_naming_it_without_its_password() -> No
         check_tracking_store("http://someone:s3cret@127.0.0.1:9")
     assert time.monotonic() - started < 15
     assert "s3cret" not in str(caught.value) and "MLFLOW_TRACKING_URI" in str(caught.value)
+
+
+def test_a_store_that_passes_the_check_and_then_fails_refuses_the_stage_in_seconds_without_its_password(
+    half_failing_store: str, split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", half_failing_store)
+    params = params_from_dict({"model": {"id": "tiny-gemma3"}})
+    started = time.monotonic()
+    with (
+        pytest.raises(
+            TrackingError, match=r"^MLflow tracking store http://127\.0\.0\.1:\d+ cannot be used: "
+        ) as caught,
+        stage_run("baseline", params, split_dir / "test.csv", tmp_path / "untracked.json"),
+    ):
+        pytest.fail("the stage's work must not start")
+    assert time.monotonic() - started < 15
+    assert "runs/search" in str(caught.value) and "Check that the server is up" in str(caught.value)
+    assert "hunter2pw" not in str(caught.value) and "carol" not in str(caught.value)
+    assert mlflow.active_run() is None
+
+
+def test_a_store_failing_after_the_work_costs_seconds_and_lists_what_was_not_tracked(
+    half_failing_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = mlflow.start_run()  # the stage's run, started while the store worked
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", half_failing_store)
+    tracking.bound_store_requests()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    tracked = TrackedStage(run, tmp_path / "metrics" / "train.untracked.json")
+    started = time.monotonic()
+    for item in ("the metrics", "the artifact metrics/train.json", "the confusion matrices"):
+        tracked.track(item, lambda: mlflow.log_metric("accuracy", 1.0))
+    tracked.end()
+    assert time.monotonic() - started < 20  # 852abeb: minutes per write (MLflow's 7 retries with backoff)
+    record = json.loads((tmp_path / "metrics" / "train.untracked.json").read_text())
+    assert record["tracking_uri"].startswith("http://127.0.0.1:") and record["run_id"] == run.info.run_id
+    assert [item.split(":")[0] for item in record["not_tracked"]] == [
+        "the metrics",
+        "the artifact metrics/train.json",
+        "the confusion matrices",
+        "the tracking_incomplete tag",
+        "the end of the stage's run",
+    ]
+    assert "hunter2pw" not in json.dumps(record) + caplog.text
+    assert mlflow.active_run() is None
+
+
+def test_credentials_in_the_store_url_are_moved_to_mlflow_s_variables_and_never_shown(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    uri = "https://carol:p%40ss-w0rd@mlflow.example.org:8443/prefix?token=tok-123456&x=1"
+    assert tracking.shown_uri(uri) == "https://mlflow.example.org:8443/prefix?token=***&x=***"
+    assert tracking.shown_uri("sqlite:////repo/mlflow.db") == "sqlite:////repo/mlflow.db"
+    message = f"API request to {uri.replace('%40', '@')} failed"
+    assert "p@ss-w0rd" not in tracking.redacted(message, uri) and "tok-123456" not in tracking.redacted(message, uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:p%40ss-w0rd@127.0.0.1:5000")
+    tracking.bound_store_requests()
+    assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
+    assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("carol", "p@ss-w0rd")
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
 
 
 @pytest.mark.slow  # trains, or waits out the store's timeouts
@@ -99,6 +203,76 @@ def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not
     assert result.returncode == 1
     assert "MLflow tracking store http://127.0.0.1:9 cannot be used" in result.stderr
     assert "Traceback" not in result.stderr and "loaded tiny-gemma3" not in result.stderr
+
+
+@pytest.mark.slow  # a stage in a subprocess, as dvc runs it
+def test_a_stage_against_a_half_failing_store_with_a_password_ends_in_seconds_in_one_line_without_it(
+    half_failing_store: str, synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_env: dict[str, str]
+) -> None:
+    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\n")
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "stages.baseline", "--images", str(synthetic_root)),
+            *("--test", str(split_dir / "test.csv"), "--metrics", "baseline.json"),
+            *("--predictions", "predictions.csv", "--roc", "roc.csv"),
+        ],
+        cwd=tmp_path,
+        env=stage_env | {"MLFLOW_TRACKING_URI": half_failing_store},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    elapsed = time.monotonic() - started  # 852abeb: 282 s, a traceback, and the password in its last line
+    assert result.returncode == 1 and elapsed < 60, (elapsed, result.stderr[-3000:])
+    (error,) = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert "MLflow tracking store http://127.0.0.1:" in error and "runs/search" in error
+    assert "hunter2pw" not in result.stdout + result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "baseline.json").exists()
+
+
+@pytest.mark.parametrize("pipeline", ["dvc.yaml", "cv/dvc.yaml"])
+def test_what_was_not_tracked_is_a_dvc_output_of_every_tracked_stage_so_experiments_keep_it(pipeline: str) -> None:
+    """852abeb: metrics/<name>.untracked.json was no output, so DVC left it out of `--temp`, queued and cloud
+    experiments ("will not be included in experiment commits"), and only a RUNNING MLflow run remained."""
+    stages = YAML(typ="safe").load(Path(__file__).resolve().parents[1] / pipeline)["stages"]
+    for name in ("baseline", "train", "evaluate"):
+        metrics = re.search(r"--metrics (\S+)", stages[name]["cmd"])[1]
+        record = tracking.untracked_record(Path(metrics)).as_posix()
+        assert {record: {"cache": False}} in stages[name]["outs"], f"{pipeline}: {name} does not keep {record}"
+
+
+def test_a_fully_tracked_stage_writes_an_empty_record(store: Path, split_dir: Path, tmp_path: Path) -> None:
+    record = tmp_path / "metrics" / "baseline.untracked.json"
+    with stage_run("baseline", params_from_dict({}), split_dir / "test.csv", record):
+        pass
+    assert json.loads(record.read_text()) == {"not_tracked": []}  # always there, as DVC wants an output
+
+
+def test_interruptions_and_a_full_disk_end_a_stage_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """852abeb: SIGTERM and a full disk ended a stage in a traceback (with nothing partial left)."""
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt("SIGTERM received")
+
+    def disk_full() -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", "metrics/baseline.json")
+
+    with pytest.raises(SystemExit) as stopped:
+        run_stage(interrupted)
+    with pytest.raises(SystemExit) as full:
+        run_stage(disk_full)
+    assert (stopped.value.code, full.value.code) == (130, 1)
+    assert [record.getMessage() for record in caplog.records] == [
+        "KeyboardInterrupt: SIGTERM received",
+        (
+            "No space left on device: metrics/baseline.json. Free some space there (or set TMPDIR elsewhere for "
+            "temporary files) and run the stage again; nothing partial was left"
+        ),
+    ]
+    with pytest.raises(FileNotFoundError):  # any other OSError is a bug: its traceback stays
+        run_stage(lambda: Path("/proc/no-such-place/x").write_text("x"))
 
 
 def test_expected_errors_are_one_message_without_traceback(tmp_path: Path, stage_env: dict[str, str]) -> None:

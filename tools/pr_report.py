@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("base", help="the revision to compare with (a branch, tag or commit)")
     parser.add_argument("--plots-url", help="where the rendered `dvc plots diff` can be seen (set by CI)")
     args = parser.parse_args()
+    known = ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{args.base}^{{commit}}"]
+    if subprocess.run(known, capture_output=True, check=False).returncode != 0:
+        parser.error(f"{args.base!r} is not a branch, tag or commit of this repository (`git fetch` it first?)")
     print(pr_report(args.base, args.plots_url), end="")
 
 

@@ -1,0 +1,40 @@
+"""The Makefile takes values from its users (make report BASE=…, ARGS=…, GPUS=…) as data, never as shell code."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAKEFILE = REPO / "Makefile"
+USER_VALUES = {"BASE", "PLOTS_URL", "ARGS", "GPUS"}
+
+
+def test_user_values_are_exported_and_never_pasted_into_a_recipe() -> None:
+    text = MAKEFILE.read_text()
+    (exported,) = re.findall(r"^export ([A-Z_ ]+)$", text, flags=re.MULTILINE)
+    assert set(exported.split()) == USER_VALUES
+    recipes = [line for line in text.splitlines() if line.startswith(("\t", "CLOUD_FLAGS ="))]
+    for line in recipes:
+        pasted = {name for name in USER_VALUES if f"$({name})" in line or f"${{{name}}}" in line}
+        assert not pasted, f"{sorted(pasted)} pasted into: {line.strip()}"
+
+
+@pytest.mark.slow  # make and a tool in subprocesses
+def test_a_branch_name_that_is_shell_code_is_refused_not_run(tmp_path: Path) -> None:
+    """852abeb: `make report BASE='main";>PWN;"'` (a valid branch name) created the file."""
+    planted = tmp_path / "PWN"
+    result = subprocess.run(
+        ["make", "-o", ".venv/.installed", "report", f'BASE=main";touch {planted};"'],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"""'main";touch {planted};"' is not a branch, tag or commit of this repository""" in result.stderr
+    assert not planted.exists()
