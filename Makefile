@@ -14,11 +14,18 @@ DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
 
-setup: $(VENV)/.installed ## create .venv with the pinned requirements
+setup: $(VENV)/.installed ## create .venv with the pinned requirements (uv, else pip), then check it against them
+
+# uv, pinned, installs what pip would from the same pins and pip configuration (tools/install_requirements.py); where
+# it cannot be had, pip does. INSTALLER=pip: pip always. Either way the result is checked against the pins.
+UV_VERSION := 0.13.9
+INSTALLER ?= uv
+INSTALL_FLAGS = $(if $(filter uv,$(INSTALLER)),--uv-version $(UV_VERSION))
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m tools.install_requirements requirements.txt $(INSTALL_FLAGS)
+	$(BIN)/python -m tools.check_pins requirements.txt
 	touch $@
 
 # A temporary DVC experiment: the workspace and every tracked file stay as they are; `dvc exp show` lists it.
@@ -78,7 +85,8 @@ cloud-setup: $(CLOUD_VENV)/.installed ## the cloud engine (SkyPilot) in its own 
 
 $(CLOUD_VENV)/.installed: requirements-cloud.txt
 	$(PYTHON) -m venv $(CLOUD_VENV)
-	$(CLOUD_BIN)/pip install --quiet --disable-pip-version-check -r requirements-cloud.txt
+	$(CLOUD_BIN)/python -m tools.install_requirements requirements-cloud.txt $(INSTALL_FLAGS)
+	$(CLOUD_BIN)/python -m tools.check_pins requirements-cloud.txt
 	touch $@
 
 # make cloud-run ARGS='-S lora.r=16' [GPUS=A100:1] [ON_DEMAND=1]; CLOUD_BUCKET=gs://… and HEAD pushed to origin.
