@@ -19,9 +19,10 @@ help: ## this list
 
 setup: $(VENV)/.installed ## create .venv with the pinned requirements (uv, else pip), then check it against them
 
-# uv, pinned, installs what pip would from the same pins and pip configuration (tools/install_requirements.py); where
-# it cannot be had, pip does. INSTALLER=pip: pip always. Either way the result is checked against the pins.
-UV_VERSION := 0.13.9
+# uv, pinned (the release cloud/run_experiment.sh installs), installs what pip would from the same pins and pip
+# configuration (tools/install_requirements.py); where it cannot be had, pip does. INSTALLER=pip: pip always.
+# Either way the result is checked against the pins.
+UV_VERSION := 0.13.8
 INSTALLER ?= uv
 INSTALL_FLAGS = $(if $(filter uv,$(INSTALLER)),--uv-version $(UV_VERSION))
 

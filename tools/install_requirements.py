@@ -7,7 +7,7 @@ uv then resolves like pip: the best version across every index (`--index-strateg
 compiled as pip compiles it. A setting with no uv equivalent, or a uv that cannot be installed, means pip installs.
 
 Run (what `make setup` does; stdlib and the environment's own pip only, so it runs in a fresh venv):
-    .venv/bin/python -m tools.install_requirements requirements.txt --uv-version 0.13.9
+    .venv/bin/python -m tools.install_requirements requirements.txt --uv-version 0.13.8
 """
 
 from __future__ import annotations
