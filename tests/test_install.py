@@ -15,7 +15,7 @@ import pytest
 from packaging.utils import canonicalize_name
 
 from tools.check_pins import VENV_SEEDS, pin_problems, read_pins
-from tools.install_requirements import UntranslatableSettingError, pip_install_options, uv_arguments
+from tools.install_requirements import UntranslatableSettingError, bootstrap_uv, pip_install_options, uv_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD_PYTHON = REPO / ".venv-cloud" / "bin" / "python"
@@ -100,6 +100,17 @@ def test_settings_are_read_as_pip_reads_them(pip_configuration) -> None:
 def test_pip_setting_without_uv_equivalent_leaves_the_install_to_pip(pip_configuration) -> None:
     with pytest.raises(UntranslatableSettingError, match=r"sets prefer_binary=1, which uv has no equivalent"):
         pip_configuration(PREFER_BINARY="1")
+
+
+def test_uv_that_cannot_be_had_leaves_the_install_to_pip(
+    pip_configuration, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "wheels").mkdir()
+    pip_configuration(NO_INDEX="1", FIND_LINKS=str(tmp_path / "wheels"))  # offline, no uv wheel at hand
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    assert bootstrap_uv("0.13.8") is None
+    assert "uv 0.13.8 cannot be installed here, so pip installs instead" in caplog.text
+    assert "No matching distribution found for uv==0.13.8" in caplog.text
 
 
 def _versions(python: Path, requirements: Path, tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
