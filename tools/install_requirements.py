@@ -6,7 +6,8 @@ precedence) and each setting that can change what is installed is handed to uv a
 uv then resolves like pip: the best version across every index (`--index-strategy unsafe-best-match`), bytecode
 compiled as pip compiles it. A setting with no uv equivalent, or a uv that cannot be installed, means pip installs.
 
-Run (what `make setup` does; stdlib and the environment's own pip only, so it runs in a fresh venv):
+Run (what `make setup` does; it needs only the standard library and the environment's own pip, so it runs in a
+fresh venv):
     .venv/bin/python -m tools.install_requirements requirements.txt --uv-version 0.13.8
 """
 
@@ -139,10 +140,12 @@ def install(requirements: Path, uv_version: str | None) -> str:
             logger.warning("%s, so pip installs instead of uv", err)
         else:
             if (uv := bootstrap_uv(uv_version)) is not None:
+                logger.info("installing %s with uv %s %s", requirements, uv_version, " ".join(arguments))
                 child = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k in _UV_ENVIRONMENT_KEPT}
                 command = [str(uv), "pip", "install", "--no-config", "--quiet", "--python", sys.executable]
                 subprocess.run([*command, *arguments, "-r", str(requirements)], env=child | environment, check=True)
                 return f"uv {uv_version}"
+    logger.info("installing %s with pip", requirements)
     pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "-r", str(requirements)], check=True)
     return "pip"
@@ -156,11 +159,17 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     if sys.prefix == sys.base_prefix:
         parser.error(f"{sys.executable} is not a virtual environment's Python; run the one in .venv")
+    if not args.requirements.is_file():
+        parser.error(f"{args.requirements} not found; run from the repository root")
     started = time.monotonic()
     try:
         installer = install(args.requirements, args.uv_version)
     except subprocess.CalledProcessError as err:
-        sys.exit(f"installing {args.requirements} failed (exit status {err.returncode}); its output is above")
+        with_uv = Path(err.cmd[0]).name == "uv"
+        sys.exit(
+            f"installing {args.requirements} failed (exit status {err.returncode}); its output is above"
+            + (". `make setup INSTALLER=pip` installs with pip instead of uv" if with_uv else "")
+        )
     logger.info(
         "installed %s into %s with %s in %.0f s", args.requirements, sys.prefix, installer, time.monotonic() - started
     )
