@@ -83,6 +83,14 @@ class _Section:
                 raise ParamsError(f"params: {self.SECTION}.{f.name}={_shown(value)} is not allowed; expected {allowed}")
 
 
+def _listed(values: tuple[int, ...]) -> str:
+    return ", ".join(map(str, values))
+
+
+def _distinct(values: tuple[int, ...]) -> bool:
+    return len(set(values)) == len(values)
+
+
 @dataclass(frozen=True)
 class SyntheticData(_Section):
     """Shape of the generated offline dataset (used only when data.source=synthetic)."""
@@ -91,6 +99,12 @@ class SyntheticData(_Section):
     # Five patients per class give every one of the five folds its own test patient in every class.
     patients_per_class: int = _key(5, "an integer from 5 to 50", lambda v: 5 <= v <= 50)
     images_per_patient: int = _key(4, "an integer from 1 to 100", lambda v: 1 <= v <= 100)
+    # All four, as in BreakHis; fewer draw only what the split can select (make demo: [100]).
+    magnifications: tuple[int, ...] = _key(
+        MAGNIFICATIONS,
+        f"a list of distinct magnifications from {_listed(MAGNIFICATIONS)}",
+        lambda v: len(v) >= 1 and _distinct(v) and all(m in MAGNIFICATIONS for m in v),
+    )
     seed: int = _key(0, f"an integer from 0 to {SEED_LIMIT - 1}", lambda v: 0 <= v < SEED_LIMIT)
 
 
@@ -115,14 +129,6 @@ class DataParams(_Section):
                 f"params: data.path={_shown(self.path)} is not allowed; expected the folder that holds "
                 "Folds.csv when data.source=local"
             )
-
-
-def _listed(values: tuple[int, ...]) -> str:
-    return ", ".join(map(str, values))
-
-
-def _distinct(values: tuple[int, ...]) -> bool:
-    return len(set(values)) == len(values)
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,24 @@ class Params:
     eval: EvalParams = field(default_factory=EvalParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     cv: CrossValidationParams = field(default_factory=CrossValidationParams)
+
+    def __post_init__(self) -> None:
+        if self.data.source != "synthetic":
+            return
+        # Checked in every stage, so that `download` fails before drawing a set split_balance could not select from.
+        drawn = self.data.synthetic.magnifications
+        for key, selected in (
+            ("split.magnification", (self.split.magnification,)),
+            ("cv.magnifications", self.cv.magnifications),
+        ):
+            if any(m not in drawn for m in selected):
+                shown = selected[0] if key == "split.magnification" else list(selected)
+                wanted = ",".join(str(m) for m in MAGNIFICATIONS if m in drawn or m in selected)
+                raise ParamsError(
+                    f"params: {key}={shown!r} is not allowed with data.source=synthetic and "
+                    f"data.synthetic.magnifications={list(drawn)}; expected magnifications the synthetic set draws, "
+                    f"or draw them too: -S 'data.synthetic.magnifications=[{wanted}]'"
+                )
 
 
 def _describe(tp: Any) -> str:

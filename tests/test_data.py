@@ -11,9 +11,9 @@ from medgemma_breakhis.acquisition import find_image_root, import_dataset
 from medgemma_breakhis.errors import DataError
 from medgemma_breakhis.folds import read_folds
 from medgemma_breakhis.labels import CLASS_NAMES, label_from_path, patient_from_path
-from medgemma_breakhis.params import SplitParams
+from medgemma_breakhis.params import SplitParams, SyntheticData
 from medgemma_breakhis.splits import read_split, select_split, split_summary, write_split
-from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_filename
+from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, generate_synthetic_breakhis, synthetic_filename
 
 
 def reference_selection(folds: pd.DataFrame, fold: int, mag: int, seed: int) -> tuple[list[str], list[str]]:
@@ -204,6 +204,20 @@ def test_synthetic_layout_is_breakhis(synthetic_root: Path, synthetic_folds: pd.
         assert set(patients[patients.grp == "test"]["filename"].map(label_from_path)) == set(range(8))
     with Image.open(synthetic_root / synthetic_folds["filename"].iloc[0]) as image:
         assert image.size == (IMAGE_WIDTH, IMAGE_HEIGHT) and image.mode == "RGB"
+
+
+def test_synthetic_set_at_one_magnification_is_that_part_of_the_full_set_byte_for_byte(
+    tmp_path: Path, synthetic_root: Path, synthetic_folds: pd.DataFrame
+) -> None:
+    """Drawing fewer magnifications changes no image: each depends on the seed and what it is, not on the others."""
+    part = generate_synthetic_breakhis(tmp_path, SyntheticData(images_per_patient=2, magnifications=(100,)))
+    folds = pd.read_csv(part / "Folds.csv")
+    assert folds.equals(synthetic_folds[synthetic_folds["mag"] == 100].reset_index(drop=True))
+    drawn = sorted(p.relative_to(part).as_posix() for p in part.rglob("*.png"))
+    assert drawn == sorted(set(folds["filename"])) and len(drawn) == 4 * 5 * 2 + 4 * 5 * 3  # benign 2, malignant 3
+    assert all((part / f).read_bytes() == (synthetic_root / f).read_bytes() for f in drawn)
+    for fold in range(1, 6):  # cross-validation's five folds all select from it, every class in every test set
+        assert set(select_split(folds, SplitParams(fold=fold))["test"]["label"]) == set(range(len(CLASS_NAMES)))
 
 
 def test_synthetic_classes_differ_in_pixels(synthetic_root: Path, synthetic_folds: pd.DataFrame) -> None:

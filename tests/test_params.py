@@ -80,6 +80,22 @@ def test_repository_params_file_and_schema_defaults_agree() -> None:
         ({"train": {"epochs": 2.5}}, r"train.epochs=2.5 is not allowed; expected an integer"),
         ({"train": {"gradient_checkpointing": "yes"}}, r"expected auto, true or false"),
         ({"lora": 8}, r"lora must be a mapping"),
+        (
+            {"data": {"synthetic": {"magnifications": [100, 100]}}},
+            r"data.synthetic.magnifications=\[100, 100\] is not allowed; expected a list of distinct magnifications",
+        ),
+        (
+            {"data": {"source": "synthetic", "synthetic": {"magnifications": [100]}}, "split": {"magnification": 200}},
+            r"split.magnification=200 is not allowed with data.source=synthetic and "
+            + r"data.synthetic.magnifications=\[100\]; .* -S 'data.synthetic.magnifications=\[100,200\]'",
+        ),
+        (
+            {
+                "data": {"source": "synthetic", "synthetic": {"magnifications": [100]}},
+                "cv": {"magnifications": [400, 40]},
+            },
+            r"cv.magnifications=\[400, 40\] is not allowed with .* -S 'data.synthetic.magnifications=\[40,100,400\]'",
+        ),
     ],
 )
 def test_invalid_params_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:
@@ -92,6 +108,12 @@ def test_yaml_1_2_scientific_notation_is_a_number(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text("train:\n  learning_rate: 1e-4\n")
     assert load_params(path).train.learning_rate == pytest.approx(1e-4)
+
+
+def test_synthetic_magnifications_bind_the_selection_only_for_synthetic_data() -> None:
+    drawn = {"synthetic": {"magnifications": [100]}}
+    assert params_from_dict({"data": {"source": "synthetic", **drawn}}).data.synthetic.magnifications == (100,)
+    assert params_from_dict({"data": {"source": "kaggle", **drawn}, "split": {"magnification": 200}})
 
 
 def test_integer_where_a_float_belongs_is_accepted() -> None:

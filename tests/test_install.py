@@ -1,0 +1,152 @@
+"""`make setup`: uv installs what pip would from the same pins and pip configuration, and the result is checked
+against the pins (tools/install_requirements.py, tools/check_pins.py)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+from packaging.utils import canonicalize_name
+
+from tools.check_pins import VENV_SEEDS, pin_problems, read_pins
+from tools.install_requirements import UntranslatableSettingError, bootstrap_uv, pip_install_options, uv_arguments
+
+REPO = Path(__file__).resolve().parents[1]
+CLOUD_PYTHON = REPO / ".venv-cloud" / "bin" / "python"
+
+
+def test_this_environment_holds_the_pinned_versions() -> None:
+    problems, _ = pin_problems(REPO / "requirements.txt")
+    assert problems == []
+
+
+def test_pin_problems_name_wrong_missing_loose_and_floating_pins(tmp_path: Path) -> None:
+    requests = importlib.metadata.version("requests")
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(
+        "# a comment\n"
+        f"requests=={requests}  # its own dependencies left unpinned\n"
+        "packaging==0.0.1\n"
+        "no-such-package-anywhere==1.0\n"
+        "pandas>=1\n"
+    )
+    problems, notes = pin_problems(requirements)
+    assert f"{requirements}:5: 'pandas>=1' is not an exact pin; write pandas==<version>" in problems
+    assert f"packaging {importlib.metadata.version('packaging')} is installed, but {requirements} pins ==0.0.1" in (
+        problems
+    )
+    assert "no-such-package-anywhere is pinned (==1.0) but not installed" in problems
+    assert f"requests needs urllib3, which {requirements} does not pin" in problems
+    assert not any(p.startswith("requests ") and "installed" in p for p in problems)  # pinned at what is installed
+    assert any(n.startswith("torch ") for n in notes)  # installed, yet neither pinned nor needed by a pin
+
+
+@pytest.fixture
+def pip_configuration(monkeypatch: pytest.MonkeyPatch):
+    """pip's configuration from PIP_* variables alone: no configuration file of this machine is read."""
+    for name in [n for n in os.environ if n.startswith("PIP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+
+    def configure(**settings: str) -> tuple[list[str], dict[str, str]]:
+        for name, value in settings.items():
+            monkeypatch.setenv(f"PIP_{name}", value)
+        return uv_arguments(*pip_install_options())
+
+    return configure
+
+
+def test_without_pip_configuration_uv_resolves_and_compiles_like_pip(pip_configuration) -> None:
+    assert pip_configuration() == (["--index-strategy", "unsafe-best-match", "--compile-bytecode"], {})
+
+
+def test_every_pip_setting_that_changes_what_is_installed_becomes_its_uv_flag(pip_configuration) -> None:
+    arguments, environment = pip_configuration(
+        INDEX_URL="https://mirror.example/simple",
+        EXTRA_INDEX_URL="file:///opt/pypi/simple file:///opt/more/simple",
+        FIND_LINKS="/opt/wheels",
+        CONSTRAINT="/etc/xdg/pip/constraints.txt",
+        TRUSTED_HOST="mirror.example",
+        ONLY_BINARY=":all:",
+        NO_BINARY="torch",
+        PRE="1",
+        CERT="/etc/ssl/certs/ca-certificates.crt",
+        DEFAULT_TIMEOUT="180",
+        DISABLE_PIP_VERSION_CHECK="1",  # changes nothing installed: nothing to hand over
+    )
+    assert arguments == [
+        *("--index-strategy", "unsafe-best-match", "--compile-bytecode"),
+        *("--default-index", "https://mirror.example/simple"),
+        *("--index", "file:///opt/pypi/simple", "--index", "file:///opt/more/simple"),
+        *("--find-links", "/opt/wheels", "--constraints", "/etc/xdg/pip/constraints.txt"),
+        *("--allow-insecure-host", "mirror.example", "--prerelease", "allow"),
+        *("--no-binary", "torch", "--only-binary", ":all:"),
+    ]
+    assert environment == {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt", "UV_HTTP_TIMEOUT": "180"}
+
+
+def test_settings_are_read_as_pip_reads_them(pip_configuration) -> None:
+    # pip's quirk, which only pip's own parser gets right: a negative option's variable holds the positive value
+    assert "--compile-bytecode" in pip_configuration(NO_COMPILE="yes")[0]
+    assert "--compile-bytecode" not in pip_configuration(NO_COMPILE="no")[0]
+
+
+def test_pip_setting_without_uv_equivalent_leaves_the_install_to_pip(pip_configuration) -> None:
+    with pytest.raises(UntranslatableSettingError, match=r"sets prefer_binary=1, which uv has no equivalent"):
+        pip_configuration(PREFER_BINARY="1")
+
+
+def test_uv_that_cannot_be_had_leaves_the_install_to_pip(
+    pip_configuration, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "wheels").mkdir()
+    pip_configuration(NO_INDEX="1", FIND_LINKS=str(tmp_path / "wheels"))  # offline, no uv wheel at hand
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    assert bootstrap_uv("0.13.8") is None
+    assert "uv 0.13.8 cannot be installed here, so pip installs instead" in caplog.text
+    assert "No matching distribution found for uv==0.13.8" in caplog.text
+
+
+def _versions(python: Path, requirements: Path, tmp_path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """What pip would install from `requirements` into a new environment, with this machine's pip configuration,
+    and what `python`'s environment holds: {name: version}, local versions (2.13.0+cpu) included."""
+    fresh = tmp_path / "fresh"
+    venv.EnvBuilder(with_pip=True).create(fresh)  # with its own pip, as `python -m venv` in make setup
+    report = tmp_path / "report.json"
+    dry_run = ["install", "--dry-run", "--quiet", "--report", str(report), "-r", str(requirements)]
+    subprocess.run([fresh / "bin" / "python", "-m", "pip", *dry_run], check=True, capture_output=True)
+    chosen = {
+        canonicalize_name(i["metadata"]["name"]): i["metadata"]["version"]
+        for i in json.loads(report.read_text())["install"]
+    }
+    listed = [python, "-m", "pip", "list", "--format", "json"]
+    installed = json.loads(subprocess.run(listed, check=True, capture_output=True, text=True).stdout)
+    return chosen, {canonicalize_name(p["name"]): p["version"] for p in installed}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("python", "requirements"),
+    [
+        (Path(sys.executable), REPO / "requirements.txt"),
+        pytest.param(
+            CLOUD_PYTHON,
+            REPO / "requirements-cloud.txt",
+            marks=pytest.mark.skipif(not CLOUD_PYTHON.exists(), reason="the cloud engine is not installed"),
+        ),
+    ],
+    ids=["requirements.txt", "requirements-cloud.txt"],
+)
+def test_installed_versions_are_what_pip_would_install(python: Path, requirements: Path, tmp_path: Path) -> None:
+    """The same pins through pip's resolver (a dry run against the package indexes: needs PyPI) give, package for
+    package, the versions installed, builds included: torch's CPU build where pip's configuration finds it."""
+    chosen, installed = _versions(python, requirements, tmp_path)
+    pins, _ = read_pins(requirements)
+    assert set(pins) - VENV_SEEDS <= set(chosen)  # a new environment lacks every pin but what venv put there
+    assert {name: installed.get(name) for name in chosen} == chosen

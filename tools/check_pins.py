@@ -1,0 +1,115 @@
+"""Whether the running environment holds exactly what a requirements file pins: every package at its pinned version,
+and nothing the pinned packages need left unpinned (a dependency that floats installs whatever is newest that day).
+
+Run (what `make setup` does after installing): .venv/bin/python -m tools.check_pins requirements.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import sys
+from pathlib import Path
+
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from medgemma_breakhis.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+# What `python -m venv` puts in an environment, and `pip freeze` leaves out: never reported as unpinned extras.
+VENV_SEEDS = frozenset({"pip", "setuptools", "wheel"})
+# The venv's own pip, kept for its users at the version the venv's Python brings: a package needing it is served.
+INSTALLER = "pip"
+
+
+def read_pins(requirements: Path) -> tuple[dict[str, Requirement], list[str]]:
+    """The file's pins by normalised name, and its lines that are not one exact `name==version` pin."""
+    pins: dict[str, Requirement] = {}
+    problems = []
+    for number, raw in enumerate(requirements.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        try:
+            requirement = Requirement(line)
+        except InvalidRequirement as err:
+            problems.append(f"{requirements}:{number}: {line!r} is not a requirement: {err}")
+            continue
+        specifiers = list(requirement.specifier)
+        if len(specifiers) != 1 or specifiers[0].operator != "==" or "*" in specifiers[0].version:
+            problems.append(
+                f"{requirements}:{number}: {line!r} is not an exact pin; write {requirement.name}==<version>"
+            )
+            continue
+        pins[canonicalize_name(requirement.name)] = requirement
+    return pins, problems
+
+
+def _installed() -> dict[str, importlib.metadata.Distribution]:
+    installed: dict[str, importlib.metadata.Distribution] = {}
+    for distribution in importlib.metadata.distributions():
+        installed.setdefault(canonicalize_name(distribution.metadata["Name"]), distribution)
+    return installed
+
+
+def _needed(pins: dict[str, Requirement], installed: dict[str, importlib.metadata.Distribution]) -> dict[str, str]:
+    """Every package the pinned ones need on this platform (extras that they ask of each other included), with the
+    first package found to need it."""
+    needed: dict[str, str] = {}
+    queue = [(name, frozenset(pin.extras)) for name, pin in pins.items() if name in installed]
+    seen = set(queue)
+    while queue:
+        name, extras = queue.pop()
+        for line in installed[name].requires or []:
+            requirement = Requirement(line)
+            if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in ("", *extras)):
+                continue
+            dependency = canonicalize_name(requirement.name)
+            needed.setdefault(dependency, name)
+            item = (dependency, frozenset(requirement.extras))
+            if dependency in installed and item not in seen:
+                seen.add(item)
+                queue.append(item)
+    return needed
+
+
+def pin_problems(requirements: Path) -> tuple[list[str], list[str]]:
+    """(problems, notes): problems make the environment differ from the pins; notes list packages installed beside
+    them that nothing pinned needs (installed by hand, most likely)."""
+    pins, problems = read_pins(requirements)
+    installed = _installed()
+    for name, pin in sorted(pins.items()):
+        if name not in installed:
+            problems.append(f"{pin.name} is pinned ({pin.specifier}) but not installed")
+        elif not pin.specifier.contains(version := installed[name].version, prereleases=True):
+            problems.append(f"{pin.name} {version} is installed, but {requirements} pins {pin.specifier}")
+    needed = _needed(pins, installed)
+    for name in sorted(set(needed) - set(pins) - {INSTALLER}):
+        problems.append(f"{needed[name]} needs {name}, which {requirements} does not pin")
+    notes = [
+        f"{name} {installed[name].version} is installed but neither pinned nor needed by a pinned package"
+        for name in sorted(set(installed) - set(pins) - set(needed) - VENV_SEEDS)
+    ]
+    return problems, notes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("requirements", type=Path, help="a requirements file of exact pins")
+    args = parser.parse_args(argv)
+    configure_logging()
+    if not args.requirements.is_file():
+        sys.exit(f"{args.requirements} not found; run from the repository root")
+    problems, notes = pin_problems(args.requirements)
+    for note in notes:
+        logger.warning("%s", note)
+    if problems:
+        sys.exit(f"{sys.prefix} does not match {args.requirements}:\n  " + "\n  ".join(problems))
+    logger.info("%s matches %s: every package pinned and at its pinned version", sys.prefix, args.requirements)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Install a pinned requirements file into the running virtual environment: with uv (pinned) where it can be had,
+with pip otherwise, and either way from the same indexes, find-links and constraints as `pip install` would use.
+
+uv reads no pip configuration, so pip's own option parser reads it (files and PIP_* variables, with pip's
+precedence) and each setting that can change what is installed is handed to uv as the flag that means the same.
+uv then resolves like pip: the best version across every index (`--index-strategy unsafe-best-match`), bytecode
+compiled as pip compiles it. A setting with no uv equivalent, or a uv that cannot be installed, means pip installs.
+
+Run (what `make setup` does; it needs only the standard library and the environment's own pip, so it runs in a
+fresh venv):
+    .venv/bin/python -m tools.install_requirements requirements.txt --uv-version 0.13.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from medgemma_breakhis.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+# pip settings that change nothing installed: how pip talks, logs and caches (uv keeps a cache of its own).
+_NO_EFFECT_ON_WHAT_IS_INSTALLED = frozenset(
+    {
+        "cache_dir",
+        "debug_mode",
+        "disable_pip_version_check",
+        "exists_action",
+        "log",
+        "no_clean",
+        "no_color",
+        "no_input",
+        "no_python_version_warning",
+        "progress_bar",
+        "quiet",
+        "require_venv",
+        "root_user_action",
+        "src_dir",
+        "verbose",
+        "warn_about_conflicts",
+        "warn_script_location",
+    }
+)
+# uv's own configuration would make it differ from pip: only where its cache lives is kept.
+_UV_ENVIRONMENT_KEPT = frozenset({"UV_CACHE_DIR"})
+
+
+class UntranslatableSettingError(Exception):
+    """A pip setting uv has no equivalent for: pip must install, or the result could differ."""
+
+
+def pip_install_options() -> tuple[dict[str, Any], dict[str, Any]]:
+    """`pip install`'s options as this machine's pip configuration sets them, and pip's built-in defaults."""
+    from pip._internal.commands import create_command  # pip's parser, so pip's precedence of files and variables
+
+    command = create_command("install")
+    options, _ = command.parse_args([])
+    return vars(options), dict(command.parser.defaults)
+
+
+def uv_arguments(options: dict[str, Any], defaults: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
+    """The `uv pip install` flags and environment variables that mean what the pip settings mean."""
+    arguments = ["--index-strategy", "unsafe-best-match"]  # pip's: the best version across every index
+    environment: dict[str, str] = {}
+    changed = {key for key, value in options.items() if key in defaults and value != defaults[key]}
+    if options["compile"]:
+        arguments.append("--compile-bytecode")
+    if options["index_url"] != defaults["index_url"]:
+        arguments += ["--default-index", options["index_url"]]
+    for url in options["extra_index_urls"]:
+        arguments += ["--index", url]
+    for location in options["find_links"]:
+        arguments += ["--find-links", location]
+    for constraints in options["constraints"]:
+        arguments += ["--constraints", constraints]
+    for host in options["trusted_hosts"]:
+        arguments += ["--allow-insecure-host", host]
+    if options["no_index"]:
+        arguments.append("--no-index")
+    if options["pre"]:
+        arguments += ["--prerelease", "allow"]
+    if options["require_hashes"]:
+        arguments.append("--require-hashes")
+    # the one option pip fills by mutating its default in place: read it, never compare it
+    formats = options["format_control"]
+    for flag, packages in (("--no-binary", formats.no_binary), ("--only-binary", formats.only_binary)):
+        for package in sorted(packages):
+            arguments += [flag, package]
+    if options["cert"]:
+        environment["SSL_CERT_FILE"] = options["cert"]
+    if options["client_cert"]:
+        environment["SSL_CLIENT_CERT"] = options["client_cert"]
+    if options["proxy"]:
+        environment["HTTP_PROXY"] = environment["HTTPS_PROXY"] = options["proxy"]
+    if "timeout" in changed:
+        environment["UV_HTTP_TIMEOUT"] = str(round(options["timeout"]))
+    if "retries" in changed:
+        environment["UV_HTTP_RETRIES"] = str(options["retries"])
+    translated = {
+        *("compile", "index_url", "extra_index_urls", "find_links", "constraints", "trusted_hosts", "no_index"),
+        *("pre", "require_hashes", "format_control", "cert", "client_cert", "proxy", "timeout", "retries"),
+    }
+    if untranslatable := sorted(changed - translated - _NO_EFFECT_ON_WHAT_IS_INSTALLED):
+        settings = ", ".join(f"{key}={options[key]!r}" for key in untranslatable)
+        raise UntranslatableSettingError(f"the pip configuration sets {settings}, which uv has no equivalent for")
+    return arguments, environment
+
+
+def bootstrap_uv(version: str) -> Path | None:
+    """uv `version`, installed by pip into the environment's folder (beside, not inside, its packages, so the
+    environment holds exactly the pins); None, and why, where it cannot be had."""
+    target = Path(sys.prefix) / f"uv-{version}"
+    binary = target / "bin" / "uv"
+    if not binary.is_file():
+        if target.exists():  # what an interrupted bootstrap left
+            shutil.rmtree(target)
+        install = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        command = [*install, "--target", str(target), f"uv=={version}"]
+        done = subprocess.run(command, check=False, capture_output=True, text=True)
+        if done.returncode != 0 or not binary.is_file():
+            logger.warning("uv %s cannot be installed here, so pip installs instead:\n%s", version, done.stderr.strip())
+            return None
+    return binary
+
+
+def install(requirements: Path, uv_version: str | None) -> str:
+    """Install `requirements` into this environment; returns which installer did."""
+    if uv_version:
+        try:
+            arguments, environment = uv_arguments(*pip_install_options())
+        except UntranslatableSettingError as err:
+            logger.warning("%s, so pip installs instead of uv", err)
+        else:
+            if (uv := bootstrap_uv(uv_version)) is not None:
+                logger.info("installing %s with uv %s %s", requirements, uv_version, " ".join(arguments))
+                child = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k in _UV_ENVIRONMENT_KEPT}
+                command = [str(uv), "pip", "install", "--no-config", "--quiet", "--python", sys.executable]
+                subprocess.run([*command, *arguments, "-r", str(requirements)], env=child | environment, check=True)
+                return f"uv {uv_version}"
+    logger.info("installing %s with pip", requirements)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-r", str(requirements)], check=True)
+    return "pip"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("requirements", type=Path, help="a requirements file of exact pins")
+    parser.add_argument("--uv-version", help="the uv release to install with; without it, pip installs")
+    args = parser.parse_args(argv)
+    configure_logging()
+    if sys.prefix == sys.base_prefix:
+        parser.error(f"{sys.executable} is not a virtual environment's Python; run the one in .venv")
+    if not args.requirements.is_file():
+        parser.error(f"{args.requirements} not found; run from the repository root")
+    started = time.monotonic()
+    try:
+        installer = install(args.requirements, args.uv_version)
+    except subprocess.CalledProcessError as err:
+        with_uv = Path(err.cmd[0]).name == "uv"
+        sys.exit(
+            f"installing {args.requirements} failed (exit status {err.returncode}); its output is above"
+            + (". `make setup INSTALLER=pip` installs with pip instead of uv" if with_uv else "")
+        )
+    logger.info(
+        "installed %s into %s with %s in %.0f s", args.requirements, sys.prefix, installer, time.monotonic() - started
+    )
+
+
+if __name__ == "__main__":
+    main()
