@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
@@ -26,7 +27,7 @@ from medgemma_breakhis.scoring import predict_split
 from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import (
     dvc_locked_md5,
-    log_loaded_model,
+    loaded_model_tags,
     origin_tags,
     pipeline_children,
     stage_run,
@@ -47,24 +48,21 @@ def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[
     return figure
 
 
-def log_confusion_matrices(predictions: pd.DataFrame, stage: str) -> None:
+def confusion_matrix_figures(predictions: pd.DataFrame, stage: str) -> dict[str, Figure]:
+    """The 8-class and the binary confusion matrices, by their image names in MLflow."""
     # An unparseable answer gets its own column rather than vanishing from the matrix.
     extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []
-    mlflow.log_figure(
-        confusion_matrix_figure(
+    return {
+        "confusion_matrix_eight_class.png": confusion_matrix_figure(
             predictions["true_class"], predictions["predicted_class"], [*CLASS_NAMES, *extra], f"{stage}: 8 classes"
         ),
-        "confusion_matrix_eight_class.png",
-    )
-    mlflow.log_figure(
-        confusion_matrix_figure(
+        "confusion_matrix_binary.png": confusion_matrix_figure(
             predictions["true_binary"],
             predictions["predicted_binary"],
             ["benign", "malignant", *extra],
             f"{stage}: benign / malignant",
         ),
-        "confusion_matrix_binary.png",
-    )
+    }
 
 
 def roc_figure(roc: pd.DataFrame, auc: float, stage: str) -> Figure:
@@ -115,16 +113,16 @@ def run_evaluation(
     with stage_run(stage, params, test_csv, untracked_record(metrics_path)) as tracked:
         started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.eval.precision)
-        tracked.track(
+        tracked.tags(
             "the loaded model's tags",
-            lambda: log_loaded_model(info, precision_ran=f"{info.dtype} weights, inference without autocast"),
+            loaded_model_tags(info, precision_ran=f"{info.dtype} weights, inference without autocast"),
         )
         adapter_md5 = None if adapter_dir is None else dvc_locked_md5(adapter_dir)
         if adapter_dir is not None:
             model = PeftModel.from_pretrained(model, adapter_dir)
+            parent = tracked.run.data.tags["mlflow.parentRunId"]
             tracked.track(
-                "the adapter's DVC hash",
-                lambda: tag_adapter_origin(adapter_dir, adapter_md5, tracked.run.data.tags["mlflow.parentRunId"]),
+                "the adapter's DVC hash", functools.partial(tag_adapter_origin, adapter_dir, adapter_md5, parent)
             )
         loaded = time.perf_counter()
         try:
@@ -143,7 +141,7 @@ def run_evaluation(
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc.to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
-        tracked.track("the stage's timing", lambda: mlflow.log_metrics(timing))
+        tracked.metrics("the stage's timing", timing)
         if register and adapter_dir is not None:
             # Logging the model loads it again to check its input example: the scored copy is freed first.
             del model
@@ -152,7 +150,8 @@ def run_evaluation(
                 torch.cuda.empty_cache()
             tracked.track(
                 f"the model version of {params.registry.model_name} and the metrics",
-                lambda: register_adapter(
+                functools.partial(
+                    register_adapter,
                     adapter_dir=adapter_dir,
                     params=params,
                     base=info,
@@ -162,16 +161,12 @@ def run_evaluation(
                 ),
             )
         else:
-            tracked.track("the metrics", lambda: mlflow.log_metrics(headline(metrics)))
+            tracked.metrics("the metrics", headline(metrics))
         for path in (metrics_path, predictions_path, roc_path):
-            tracked.track(
-                f"the artifact {path}", lambda path=path: mlflow.log_artifact(str(path), artifact_path=path.parent.name)
-            )
-        tracked.track("the confusion matrices", lambda: log_confusion_matrices(predictions, stage))
+            tracked.artifact(path, path.parent.name)
+        for name, figure in confusion_matrix_figures(predictions, stage).items():
+            tracked.figure(f"the confusion matrix {name}", figure, name)
         if "roc_auc" in metrics["binary"]:
-            tracked.track(
-                "the ROC curve",
-                lambda: mlflow.log_figure(roc_figure(roc, metrics["binary"]["roc_auc"], stage), "roc_curve.png"),
-            )
+            tracked.figure("the ROC curve", roc_figure(roc, metrics["binary"]["roc_auc"], stage), "roc_curve.png")
     logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

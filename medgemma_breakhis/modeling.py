@@ -4,7 +4,9 @@ that refuse, in seconds and before any weights load, a model that cannot be trai
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -76,11 +78,11 @@ def _hub_error_advice(model_id: str) -> str:
     )
 
 
-def _from_source(source: ModelSource, what: str, load):
-    """`load(location, revision)`, with a hub failure (transformers turns HTTP, gating and offline failures into
-    OSError) reported as a ModelLoadError that says what to set."""
+def _from_source(source: ModelSource, what: str, load: Callable[..., Any], **kwargs: Any) -> Any:
+    """`load(location, revision=revision, **kwargs)` (a `from_pretrained`), with a hub failure (transformers turns
+    HTTP, gating and offline failures into OSError) reported as a ModelLoadError that says what to set."""
     try:
-        return load(source.location, source.revision)
+        return load(source.location, revision=source.revision, **kwargs)
     except OSError as err:
         if source.kind != "hub":
             raise ModelLoadError(
@@ -95,7 +97,7 @@ def _from_source(source: ModelSource, what: str, load):
 def model_config(params: ModelParams) -> PretrainedConfig:
     """The model's config, without its weights (a built-in model is built without them)."""
     source = resolve(params.id, params.revision, weights=False)
-    return _from_source(source, "config", lambda path, revision: AutoConfig.from_pretrained(path, revision=revision))
+    return _from_source(source, "config", AutoConfig.from_pretrained)
 
 
 def model_on_meta(config: PretrainedConfig) -> PreTrainedModel:
@@ -105,9 +107,7 @@ def model_on_meta(config: PretrainedConfig) -> PreTrainedModel:
 
 
 def _load_processor(source: ModelSource) -> ProcessorMixin:
-    processor = _from_source(
-        source, "processor", lambda path, revision: AutoProcessor.from_pretrained(path, revision=revision)
-    )
+    processor = _from_source(source, "processor", AutoProcessor.from_pretrained)
     if processor.chat_template is None:
         # A model saved with an older transformers keeps its template only in tokenizer_config.json, which the
         # tokenizer reads and the processor does not.
@@ -144,14 +144,11 @@ def load_base_model(
     model = _from_source(
         source,
         "weights",
-        lambda path, revision: AutoModelForImageTextToText.from_pretrained(
-            path,
-            revision=revision,
-            dtype=dtype,
-            attn_implementation=params.attn_implementation,
-            # one process: spread over the GPUs there are; one of several (DDP): a whole copy on its own GPU
-            device_map=None if target.type != "cuda" else "auto" if world_size() == 1 else {"": target.index},
-        ),
+        AutoModelForImageTextToText.from_pretrained,
+        dtype=dtype,
+        attn_implementation=params.attn_implementation,
+        # one process: spread over the GPUs there are; one of several (DDP): a whole copy on its own GPU
+        device_map=None if target.type != "cuda" else "auto" if world_size() == 1 else {"": target.index},
     )
     processor = _load_processor(source)
     resolved = recorded_revision(source, getattr(model.config, "_commit_hash", None))

@@ -6,6 +6,7 @@ or one DVC experiment), so the MLflow UI shows an execution as one expandable ro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import logging
@@ -26,6 +27,7 @@ import mlflow
 import psutil
 import torch
 from filelock import FileLock, Timeout
+from matplotlib.figure import Figure
 from mlflow.entities import Metric, Run
 from ruamel.yaml import YAML
 
@@ -357,21 +359,15 @@ def refuse_changed_params(digest: str, asked: dict[str, Any], since: str) -> Non
     )
 
 
-def log_loaded_model(info: LoadedModelInfo, precision_ran: str) -> None:
+def loaded_model_tags(info: LoadedModelInfo, precision_ran: str) -> dict[str, str]:
     """Tags of what was actually loaded and how it computed: never the requested precision, the one that ran."""
-    mlflow.set_tags(
-        {
-            "model_resolved_revision": info.resolved_revision,
-            "device": info.device,
-            "device_name": device_name(),
-            "weights_dtype": info.dtype,
-            "precision_ran": precision_ran,
-        }
-    )
-
-
-def log_peak_memory() -> None:
-    mlflow.log_metrics(peak_memory_gib())
+    return {
+        "model_resolved_revision": info.resolved_revision,
+        "device": info.device,
+        "device_name": device_name(),
+        "weights_dtype": info.dtype,
+        "precision_ran": precision_ran,
+    }
 
 
 def untracked_record(metrics_path: Path) -> Path:
@@ -412,6 +408,26 @@ class TrackedStage:
             return False
         return True
 
+    def end_runs(self, stage: str, pipeline: str) -> None:
+        """End the stage's run and its pipeline's with these statuses, also after a failure (one attempt each).
+        Ending pops MLflow's active run before writing, so neither stays active in this process either way."""
+        self.track("the end of the stage's run", functools.partial(mlflow.end_run, stage), always=True)
+        self.track("the end of the pipeline's run", functools.partial(mlflow.end_run, pipeline), always=True)
+
+    def metrics(self, what: str, values: dict[str, float]) -> bool:
+        return self.track(what, functools.partial(mlflow.log_metrics, values))
+
+    def tags(self, what: str, values: dict[str, str]) -> bool:
+        return self.track(what, functools.partial(mlflow.set_tags, values))
+
+    def artifact(self, path: Path, folder: str) -> bool:
+        """The file `path` as an artifact in `folder` of the run."""
+        return self.track(f"the artifact {path}", functools.partial(mlflow.log_artifact, str(path), folder))
+
+    def figure(self, what: str, figure: Figure, name: str) -> bool:
+        """A matplotlib figure as the image `name` of the run."""
+        return self.track(what, functools.partial(mlflow.log_figure, figure, name))
+
     def restore_metrics(self, history: list[dict[str, float]]) -> None:
         """Log every (metric, step) of `history` (the trainer's log history) that the store does not hold.
 
@@ -451,17 +467,11 @@ class TrackedStage:
         with the stage's results (into `--temp`, queued and cloud experiments too): empty when everything was tracked,
         else the store, the run and each item not tracked. With anything untracked, the run is tagged
         `tracking_incomplete`, or ends FAILED where even the tag cannot be written: never FINISHED and unmarked."""
+        incomplete = f"{len(self.failures)} item(s) not tracked, listed in {self.record}"
         marked = not self.failures or self.track(
-            "the tracking_incomplete tag",
-            lambda: mlflow.set_tag(
-                "tracking_incomplete", f"{len(self.failures)} item(s) not tracked, listed in {self.record}"
-            ),
-            always=True,
+            "the tracking_incomplete tag", functools.partial(mlflow.set_tag, "tracking_incomplete", incomplete), True
         )
-        status = "FINISHED" if marked else "FAILED"
-        # Ending pops MLflow's active run before writing, so these leave no run active in this process either way.
-        self.track("the end of the stage's run", lambda: mlflow.end_run(status), always=True)
-        self.track("the end of the pipeline's run", mlflow.end_run, always=True)
+        self.end_runs(stage="FINISHED" if marked else "FAILED", pipeline="FINISHED")
         if not self.failures:
             atomic_write_json(self.record, {"not_tracked": []})
             return
@@ -524,17 +534,16 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
         yield tracked
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
-        tracked.track("the failure reason", lambda: mlflow.set_tag("failure_reason", reason))
+        tracked.tags("the failure reason", {"failure_reason": reason})
         tracked.track(
             "the failure reason of the pipeline run",
-            lambda: mlflow.MlflowClient().set_tag(parent, "failure_reason", f"{stage}: {reason}"),
+            functools.partial(mlflow.MlflowClient().set_tag, parent, "failure_reason", f"{stage}: {reason}"),
         )
-        tracked.track("the peak memory", log_peak_memory)
+        tracked.metrics("the peak memory", peak_memory_gib())
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        tracked.track("the end of the stage's run", lambda: mlflow.end_run(status), always=True)
-        tracked.track("the end of the pipeline's run", lambda: mlflow.end_run(status), always=True)
+        tracked.end_runs(stage=status, pipeline=status)
         raise
-    tracked.track("the peak memory", log_peak_memory)
+    tracked.metrics("the peak memory", peak_memory_gib())
     tracked.end()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -57,7 +58,7 @@ from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.prompt import completion_messages, prompt_messages
 from medgemma_breakhis.signals import PARENT_GONE
 from medgemma_breakhis.splits import read_split
-from medgemma_breakhis.tracking import TrackedStage, log_loaded_model, stage_run, untracked_record
+from medgemma_breakhis.tracking import TrackedStage, loaded_model_tags, stage_run, untracked_record
 
 logger = logging.getLogger(__name__)
 
@@ -483,19 +484,17 @@ def prepare(
 def track_start(tracked: TrackedStage, run: TrainingRun, adapter_dir: Path, batch_size: int) -> None:
     """What the run was built from and how it executes, in MLflow and the log, before the first step."""
     trainer, plan = run.trainer, run.trainer.plan
-    tracked.track("the loaded model's tags", lambda: log_loaded_model(run.info, trainer.precision_ran))
-    tracked.track(
+    tracked.tags("the loaded model's tags", loaded_model_tags(run.info, trainer.precision_ran))
+    tracked.tags(
         "the training tags",
-        lambda: mlflow.set_tags(
-            {
-                "adapter_path": str(adapter_dir),
-                "checkpoint_folder": str(run.folder),
-                "resumed_from_step": str(run.resumed_from_step),
-                "num_processes": str(trainer.args.world_size),
-                "distributed_backend": str(trainer.accelerator.state.backend or "none"),
-                **{"execution_" + key: str(value) for key, value in asdict(plan).items()},
-            }
-        ),
+        {
+            "adapter_path": str(adapter_dir),
+            "checkpoint_folder": str(run.folder),
+            "resumed_from_step": str(run.resumed_from_step),
+            "num_processes": str(trainer.args.world_size),
+            "distributed_backend": str(trainer.accelerator.state.backend or "none"),
+            **{"execution_" + key: str(value) for key, value in asdict(plan).items()},
+        },
     )
     logger.info(
         "training on %d process(es), %d examples per optimizer step; each process: %s",
@@ -516,9 +515,8 @@ def train(run: TrainingRun, tracked: TrackedStage | None) -> None:
             trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
     except TrainingDivergedError as err:
         if tracked is not None:  # the curve shows where it diverged
-            loss, step = err.loss, err.step
-            tracked.track("the diverged loss", lambda: mlflow.log_metric("loss", loss, step=step))
-            tracked.track("the diverged_at_step tag", lambda: mlflow.set_tag("diverged_at_step", str(step)))
+            tracked.track("the diverged loss", functools.partial(mlflow.log_metric, "loss", err.loss, step=err.step))
+            tracked.tags("the diverged_at_step tag", {"diverged_at_step": str(err.step)})
         raise
     if run.stop.received:
         step = trainer.state.global_step
@@ -564,24 +562,16 @@ def track_end(tracked: TrackedStage, run: TrainingRun, artifacts: dict[Path, str
     """The finished run's figures and files in MLflow: skipped steps, where the time went, every logged step the
     store lacks, and `artifacts` (path: artifact folder)."""
     skipped = run.skipped.steps
-    tracked.track("the skipped optimizer steps", lambda: mlflow.log_metric("skipped_optimizer_steps", len(skipped)))
+    tracked.metrics("the skipped optimizer steps", {"skipped_optimizer_steps": len(skipped)})
     if skipped:
-        tracked.track(
-            "the steps skipped", lambda: mlflow.set_tag("skipped_optimizer_steps_at", ",".join(map(str, skipped)))
-        )
-    tracked.track(
-        "where the time went",
-        lambda: mlflow.log_metrics({"time_model_load_s": run.load_seconds, **run.times.metrics()}),
-    )
+        tracked.tags("the steps skipped", {"skipped_optimizer_steps_at": ",".join(map(str, skipped))})
+    tracked.metrics("where the time went", {"time_model_load_s": run.load_seconds, **run.times.metrics()})
     # the steps up to a resumed checkpoint belong to the run that made it, which tracked them
     history = run.trainer.state.log_history
     tracked.restore_metrics([entry for entry in history if entry["step"] > run.resumed_from_step])
-    tracked.track("the loss curve", lambda: mlflow.log_figure(loss_figure(loss_curve(history)), "loss_curve.png"))
+    tracked.figure("the loss curve", loss_figure(loss_curve(history)), "loss_curve.png")
     for path, folder in artifacts.items():
-        tracked.track(
-            f"the artifact {path}",
-            lambda path=path, folder=folder: mlflow.log_artifact(str(path), artifact_path=folder),
-        )
+        tracked.artifact(path, folder)
 
 
 def run_training(
