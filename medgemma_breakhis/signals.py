@@ -23,10 +23,16 @@ PARENT_GONE = signal.SIGHUP
 _received: list[str] = []
 
 
+def stopping(name: str) -> None:
+    """Record that the stage is stopping because of the signal `name`: its dvc going away afterwards (for the same
+    signal, or because the stage stops) is then no second request, and never cuts short how the stage ends."""
+    _received.append(name)
+
+
 def _interrupt(signum: int, frame: object) -> None:
     if signum == PARENT_GONE and _received:
         return  # already stopping: dvc went away because of the same signal
-    _received.append(signal.Signals(signum).name)
+    stopping(signal.Signals(signum).name)
     raise KeyboardInterrupt(f"{signal.Signals(signum).name} received")
 
 

@@ -56,7 +56,7 @@ from medgemma_breakhis.modeling import (
 )
 from medgemma_breakhis.params import LoraParams, Params, Precision, TrainParams
 from medgemma_breakhis.prompt import completion_messages, prompt_messages
-from medgemma_breakhis.signals import PARENT_GONE
+from medgemma_breakhis.signals import PARENT_GONE, stopping
 from medgemma_breakhis.splits import read_split
 from medgemma_breakhis.tracking import TrackedStage, loaded_model_tags, stage_run, untracked_record
 
@@ -161,6 +161,7 @@ class StopOnSignal(TrainerCallback):
         if self.received is not None:
             raise KeyboardInterrupt(f"{name} received again: stopped without saving a checkpoint")
         self.received = name
+        stopping(name)  # the handlers put back after training must not take dvc's end for a second request
         logger.warning(
             "%s received: finishing this optimizer step, saving a checkpoint, then stopping "
             "(send it again to stop at once, without a checkpoint)",
@@ -220,9 +221,16 @@ class StepTimes(TrainerCallback):
             (self.epoch_boundaries if self._new_epoch else self.between_steps).append(gap)
         self._new_epoch = False
 
-    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, *rest: Any, **kwargs: Any) -> None:
         self._ended = self._now()
         self.steps.append(self._ended - self._began)
+        if len(self.steps) == 1:  # the log's sign that training runs, and what its first step cost
+            logger.info(
+                "optimizer step %d of %d done in %.1f s (the first: warm-up and any compilation included)",
+                state.global_step,
+                state.max_steps,
+                self.steps[0],
+            )
 
     def on_save(self, *args: Any, **kwargs: Any) -> None:
         self._saved = self._now()

@@ -362,8 +362,10 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     args = ("-S", "lora.r=16", "-S", "train.epochs=1", "-S", "train.checkpoint_steps=1000")
     preempted = job("cloud-r16", *args)
     deadline = time.monotonic() + 600
-    while "'loss'" not in logs[-1].read_text() and preempted.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)  # until the first optimizer step is logged
+    while (
+        "(the first: warm-up" not in logs[-1].read_text() and preempted.poll() is None and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)  # until the first optimizer step is done (the stage logs it)
     os.killpg(preempted.pid, signal.SIGTERM)
     assert preempted.wait(timeout=300) != 0
     while time.monotonic() < deadline:  # the training process may outlive dvc and the script for a moment

@@ -54,8 +54,8 @@ def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resume
     log = tmp_path / "first.log"
     stage = _stage(tmp_path, train_argv("split/train.csv"), stage_env, log)
     deadline = time.monotonic() + 300
-    while "'loss'" not in log.read_text() and stage.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)  # until the first optimizer step is logged
+    while "(the first: warm-up" not in log.read_text() and stage.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)  # until the first optimizer step is done (the stage logs it)
     stage.send_signal(signal.SIGTERM)
     assert stage.wait(timeout=300) != 0
     output = log.read_text()
@@ -98,8 +98,8 @@ def _signal_once_training(command: list[str], project: Path, env: dict[str, str]
     stage: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 300
-        while "'loss'" not in log.read_text() and started.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.2)  # until the first optimizer step is logged
+        while "(the first: warm-up" not in log.read_text() and started.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)  # until the first optimizer step is done (the stage logs it)
         stage = _stage_processes(started.pid)
         assert len(stage) == 1, log.read_text()[-3000:]
         started.send_signal(signal.SIGTERM)
