@@ -61,6 +61,13 @@ TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "
 # The store check before any heavy work: seconds per attempt, and MLflow's HTTP retries (default 7, minutes of
 # backoff) turned off for it, so a dead store is reported within 15 s.
 STORE_CHECK_TIMEOUT_S = 10
+# How long a stage waits for another that is creating a new sqlite store: MLflow's schema migrations take seconds on an
+# idle machine and tens of seconds on a busy one (queue workers starting together); the lock file is released when its
+# holder exits, however it exits, so a long wait can only be for work under way.
+FIRST_USE_LOCK_TIMEOUT_S = 180
+# After a write to the embedded store has failed: how long a stage asks whether its lock is still held before each of
+# its last writes (ending its runs), instead of MLflow's 20 s wait each.
+SQLITE_PROBE_TIMEOUT_S = 1.0
 # Every other request of a stage to a tracking server: MLflow's defaults (7 retries with exponential backoff, 120 s
 # each) would hold a stage for minutes per call when the store fails mid-stage. Two retries, about 1 and 3 s later,
 # ride out a passing fault; once a write has failed, none (`TrackedStage.track`). The user's own MLFLOW_HTTP_REQUEST_*
@@ -149,13 +156,13 @@ def _store_fix(uri: str) -> str:
     )
 
 
-def _check_sqlite_writable(path: Path) -> None:
+def _check_sqlite_writable(path: Path, timeout: float = STORE_CHECK_TIMEOUT_S) -> None:
     """Take and release the write lock, as MLflow will: a locked, read-only or corrupt file fails here."""
     if not path.exists():
         if not os.access(path.parent, os.W_OK):
             raise PermissionError(f"{path.parent} is not writable, so {path.name} cannot be created")
         return
-    connection = sqlite3.connect(path, timeout=STORE_CHECK_TIMEOUT_S)
+    connection = sqlite3.connect(path, timeout=timeout)
     try:
         connection.execute("BEGIN IMMEDIATE")
         connection.rollback()
@@ -203,11 +210,11 @@ def _first_use_lock(uri: str) -> Iterator[None]:
         return
     lock = FileLock(f"{uri.removeprefix('sqlite:///')}.lock")
     try:
-        lock.acquire(timeout=STORE_CHECK_TIMEOUT_S)
+        lock.acquire(timeout=FIRST_USE_LOCK_TIMEOUT_S)
     except Timeout:
         raise TrackingError(
             f"MLflow tracking store {shown_uri(uri)} cannot be used: another process has held "
-            f"{lock.lock_file} for {STORE_CHECK_TIMEOUT_S} s\n{_store_fix(uri)}"
+            f"{lock.lock_file} for {FIRST_USE_LOCK_TIMEOUT_S} s\n{_store_fix(uri)}"
         ) from None
     try:
         yield
@@ -392,9 +399,13 @@ class TrackedStage:
 
     def track(self, what: str, call: Callable[[], object], always: bool = False) -> bool:
         """`call` (an MLflow write); if it fails, a warning, and the stage goes on. Once one write has failed, the
-        others are not attempted (each would wait out the store's timeout again) unless `always`."""
+        others are not attempted (each would wait out the store's timeout again) unless `always`, and then only
+        while the store answers."""
         if self.failures and not always:
             self.failures.append(f"{what}: not attempted, the store had failed before")
+            return False
+        if self.failures and self._sqlite_still_locked():
+            self.failures.append(f"{what}: not attempted, the store is still locked")
             return False
         try:
             call()
@@ -407,6 +418,19 @@ class TrackedStage:
             os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
             return False
         return True
+
+    @staticmethod
+    def _sqlite_still_locked() -> bool:
+        """For the embedded store: whether its write lock is still held elsewhere, asked in a second. MLflow waits
+        20 s on a locked sqlite file before each write fails, which a stage's last writes would otherwise add up."""
+        uri = mlflow.get_tracking_uri()
+        if not uri.startswith("sqlite:///"):
+            return False
+        try:
+            _check_sqlite_writable(Path(uri.removeprefix("sqlite:///")), timeout=SQLITE_PROBE_TIMEOUT_S)
+        except sqlite3.Error:
+            return True
+        return False
 
     def end_runs(self, stage: str, pipeline: str) -> None:
         """End the stage's run and its pipeline's with these statuses, also after a failure (one attempt each).

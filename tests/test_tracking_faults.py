@@ -352,8 +352,15 @@ def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_l
         }
     )
     metrics, adapter, checkpoints = tmp_path / "metrics" / "train.json", tmp_path / "adapter", tmp_path / "checkpoints"
+    trained_at: list[float] = []
+
+    def trained() -> bool:
+        if metrics.exists() and not trained_at:
+            trained_at.append(time.monotonic())
+        return bool(trained_at)
+
     # from the moment training is over until the stage has returned
-    with lock_store(store, when=metrics.exists) as taken:
+    with lock_store(store, when=trained) as taken:
         result = run_training(
             params,
             image_root=synthetic_root,
@@ -364,11 +371,14 @@ def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_l
             checkpoint_root=checkpoints,
         )
     assert taken.is_set()
+    # MLflow waits 20 s on a locked sqlite file for the first write that fails; the last writes only ask the lock
+    assert time.monotonic() - trained_at[0] < 45
     assert result is not None and result.global_steps == 4
     assert (adapter / "adapter_config.json").is_file() and metrics.is_file()
     assert not list(checkpoints.glob("*/checkpoint-*"))  # deleted once nothing could fail any more
     record = json.loads((tmp_path / "metrics" / "train.untracked.json").read_text())
     assert record["not_tracked"] and any("database is locked" in item for item in record["not_tracked"])
+    assert any("not attempted, the store is still locked" in item for item in record["not_tracked"])
     (run,) = mlflow.MlflowClient().search_runs([experiment_id()], "tags.stage = 'train'")
     assert run.info.run_id == record["run_id"]
     assert run.info.status != "FINISHED" or "tracking_incomplete" in run.data.tags
