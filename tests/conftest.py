@@ -53,6 +53,15 @@ def synthetic_folds(synthetic_root: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="session")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This project as a git repository, set to the offline profile, reproduced and committed (`dvc_cli`): built once
+    per test process for the end-to-end tests. Shared by those that only read it: none may change it."""
+    from dvc_cli import reproduced_repository
+
+    return reproduced_repository(tmp_path_factory.mktemp("repo"))
+
+
+@pytest.fixture(scope="session")
 def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default split (fold 1, 100X, binary balance) of the synthetic set: train.csv, test.csv, summary.json."""
     folder = tmp_path_factory.mktemp("split")

@@ -19,8 +19,8 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from dvc_cli import SECRETS, copy_of, run, run_json
 from ruamel.yaml import YAML
-from test_pipeline_e2e import SECRETS, repo, run, run_json  # noqa: F401 (repo: the reproduced offline repository)
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD_PYTHON = REPO / ".venv-cloud" / "bin" / "python"
@@ -308,7 +308,8 @@ def job_env(**variables: str) -> dict[str, str]:
 
 @pytest.mark.e2e
 @needs_engine
-def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clone(repo: Path, tmp_path: Path) -> None:  # noqa: F811 (repo: the imported fixture)
+def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clone(repo: Path, tmp_path: Path) -> None:
+    repo = copy_of(repo, tmp_path / "workspace")  # given a remote and an origin below: the shared one stays as it is
     origin, remote, bucket = tmp_path / "origin.git", tmp_path / "dvc-remote", tmp_path / "bucket"
     bucket.mkdir()
     run(tmp_path, "git", "clone", "-q", "--bare", str(repo), str(origin))
