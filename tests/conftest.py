@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import sqlite3
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -13,24 +14,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForImageTextToText
 
 from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.gemma3_tokenizer import TokenizerMissing, verified_tokenizer_folder
-from medgemma_breakhis.modeling import load_base_model
 from medgemma_breakhis.params import ModelParams, SplitParams, SyntheticData
-from medgemma_breakhis.splits import write_split
-from medgemma_breakhis.synthetic import generate_synthetic_breakhis
-from medgemma_breakhis.tiny_model import build_tiny_gemma3
-from medgemma_breakhis.tracking import STORE_REQUEST_POLICY
+
+# torch, transformers, peft, mlflow and the modules that import them are imported by the fixtures that use them: a
+# parallel run's controller (`pytest -n`, which runs no test) then starts in a second instead of competing with its
+# workers for the CPU while they import them.
 
 
 @pytest.fixture(autouse=True)
 def _mlflow_environment_restored() -> Iterator[None]:
     """A stage sets MLflow's variables in its own process (`tracking.bound_store_requests`); a test that runs one
     in-process leaves them as they were for the next."""
+    from medgemma_breakhis.tracking import STORE_REQUEST_POLICY
+
     names = (*STORE_REQUEST_POLICY, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     saved = {name: os.environ.get(name) for name in names}
     yield
@@ -41,9 +40,40 @@ def _mlflow_environment_restored() -> Iterator[None]:
             os.environ[name] = value
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+_TREE = pytest.StashKey[set[str]]()
+
+
+def _tree() -> set[str]:
+    """What git sees in the working tree, ignored files included, but for Python's and the tools' caches."""
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--ignored"], cwd=REPOSITORY, capture_output=True, text=True, check=True
+    )
+    return {line for line in status.stdout.splitlines() if "__pycache__" not in line and "_cache/" not in line}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if not hasattr(session.config, "workerinput"):  # the controller of an xdist run, or a run without it
+        session.config.stash[_TREE] = _tree()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Tests work in temporary folders: the suite fails if it left anything in the repository."""
+    if hasattr(session.config, "workerinput") or _TREE not in session.config.stash:
+        return
+    left = sorted(_tree() - session.config.stash[_TREE])
+    if left:
+        session.config.get_terminal_writer().line(
+            "the tests left these in the repository (git status --ignored):\n  " + "\n  ".join(left), red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic BreakHis copy (two images per benign patient and magnification, three per malignant)."""
+    from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+
     return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis"), SyntheticData(images_per_patient=2))
 
 
@@ -64,6 +94,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default split (fold 1, 100X, binary balance) of the synthetic set: train.csv, test.csv, summary.json."""
+    from medgemma_breakhis.splits import write_split
+
     folder = tmp_path_factory.mktemp("split")
     write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
     return folder
@@ -72,6 +104,8 @@ def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def tiny_model():
     """(model, processor, info) of the tiny random Gemma 3, in fp32 so comparisons are exact."""
+    from medgemma_breakhis.modeling import load_base_model
+
     return load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
 
 
@@ -96,6 +130,9 @@ def medgemma_processor(gemma3_tokenizer: Path):
 def real_vocabulary_model(medgemma_processor, tmp_path_factory: pytest.TempPathFactory):
     """(model, processor, info) of a tiny random Gemma 3 with MedGemma's processor (Gemma 3's 262,145-token vocabulary,
     896x896 images, 256 image tokens), saved and loaded back as a local folder, in fp32."""
+    from medgemma_breakhis.modeling import load_base_model
+    from medgemma_breakhis.tiny_model import build_tiny_gemma3
+
     folder = build_tiny_gemma3(tmp_path_factory.mktemp("real-vocabulary-gemma3"), medgemma_processor)
     return load_base_model(ModelParams(id=str(folder)), "fp32")
 
@@ -104,6 +141,11 @@ def real_vocabulary_model(medgemma_processor, tmp_path_factory: pytest.TempPathF
 def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter of the tiny model as `train` saves one (weights and processor), with random B matrices so that
     it changes the scores, without the cost of training it."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medgemma_breakhis.modeling import load_base_model
+
     folder = tmp_path_factory.mktemp("adapter")
     model, processor, _ = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
     adapted = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -125,6 +167,11 @@ ACTIVATION_SCALE = 1000.0
 @pytest.fixture(scope="session")
 def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A local copy of the tiny model whose activations overflow float16 (and only float16)."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from medgemma_breakhis.tiny_model import build_tiny_gemma3
+
     folder = build_tiny_gemma3(tmp_path_factory.mktemp("overflowing-gemma3"))
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     mlp = model.model.language_model.layers[0].mlp

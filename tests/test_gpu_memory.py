@@ -43,6 +43,7 @@ def test_auto_fits_every_listed_gpu(gemma3_tokenizer) -> None:
     assert (plans["estimated peak"] < [0.85 * gib for gib in GPUS.values()]).all()
 
 
+@pytest.mark.slow  # the whole tool: MedGemma 4B's shapes and its processor
 def test_tool_counts_the_tokens_with_medgemmas_processor(gemma3_tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
     main([])
     out = capsys.readouterr().out

@@ -63,7 +63,10 @@ def test_scores_are_probabilities_and_batching_does_not_change_them(tiny_model, 
     np.testing.assert_allclose(batched, single, atol=1e-5)
 
 
-@pytest.mark.parametrize("loaded", ["tiny_model", "real_vocabulary_model"])
+@pytest.mark.parametrize(
+    "loaded",
+    ["tiny_model", pytest.param("real_vocabulary_model", marks=pytest.mark.slow)],  # slow: a 262,145-row vocabulary
+)
 def test_scores_read_the_answer_token_logits(loaded: str, request: pytest.FixtureRequest, synthetic_root: Path) -> None:
     """Pointing one answer's row of the LM head along the hidden states it reads must make that answer the
     prediction for every image, on the tiny tokenizer and on Gemma 3's.

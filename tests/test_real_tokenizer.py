@@ -75,6 +75,7 @@ def test_the_answers_are_gemma3s_single_digit_tokens(medgemma_processor) -> None
     assert prompt_text(medgemma_processor).endswith("<start_of_turn>model\n")
 
 
+@pytest.mark.slow  # a model with Gemma 3's 262,145-row vocabulary, built and loaded
 def test_a_batch_supervises_the_answer_only_with_one_bos_and_the_image_tokens_typed(batch, medgemma_processor) -> None:
     collated, labels = batch
     tokenizer = medgemma_processor.tokenizer
@@ -92,6 +93,7 @@ def test_a_batch_supervises_the_answer_only_with_one_bos_and_the_image_tokens_ty
         assert int(collated["attention_mask"][row].sum()) == 375
 
 
+@pytest.mark.slow  # a model with Gemma 3's 262,145-row vocabulary, built and loaded
 def test_scores_are_a_softmax_over_the_eight_answer_logits(real_vocabulary_model, images: list[Path]) -> None:
     model, processor, _ = real_vocabulary_model
     scores = score_images(model, processor, images, batch_size=2)
