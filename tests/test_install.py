@@ -150,3 +150,18 @@ def test_installed_versions_are_what_pip_would_install(python: Path, requirement
     pins, _ = read_pins(requirements)
     assert set(pins) - VENV_SEEDS <= set(chosen)  # a new environment lacks every pin but what venv put there
     assert {name: installed.get(name) for name in chosen} == chosen
+
+
+def test_the_installer_runs_in_a_new_environment_that_has_nothing_installed(tmp_path: Path) -> None:
+    """make setup runs tools/install_requirements.py with the new venv's Python, before anything is installed: it may
+    import the standard library and nothing else at its start (a merge once had it import tqdm)."""
+    venv.create(tmp_path / "bare", with_pip=False)
+    result = subprocess.run(
+        [str(tmp_path / "bare" / "bin" / "python"), "-c", "import tools.install_requirements"],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -15,8 +15,6 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from medgemma_breakhis.logs import configure_logging
-
 logger = logging.getLogger(__name__)
 
 # What `python -m venv` puts in an environment, and `pip freeze` leaves out: never reported as unpinned extras.
@@ -100,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("requirements", type=Path, help="a requirements file of exact pins")
     args = parser.parse_args(argv)
-    configure_logging()
+    # not logs.configure_logging: this runs before the requirements (tqdm, for one) are installed
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not args.requirements.is_file():
         sys.exit(f"{args.requirements} not found; run from the repository root")
     problems, notes = pin_problems(args.requirements)

@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from medgemma_breakhis.logs import configure_logging
-
 logger = logging.getLogger(__name__)
 
 # pip settings that change nothing installed: how pip talks, logs and caches (uv keeps a cache of its own).
@@ -156,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("requirements", type=Path, help="a requirements file of exact pins")
     parser.add_argument("--uv-version", help="the uv release to install with; without it, pip installs")
     args = parser.parse_args(argv)
-    configure_logging()
+    # not logs.configure_logging: this runs before the requirements (tqdm, for one) are installed
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if sys.prefix == sys.base_prefix:
         parser.error(f"{sys.executable} is not a virtual environment's Python; run the one in .venv")
     if not args.requirements.is_file():
