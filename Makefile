@@ -121,7 +121,7 @@ mlflow-ui: setup ## the MLflow UI of mlflow.db on 127.0.0.1, with the link that 
 gpu-memory: tokenizer ## estimated GPU memory of MedGemma 4B LoRA training per setting, and what auto picks on common GPUs
 	@$(BIN)/python -m tools.gpu_memory
 
-# Cloud GPU jobs (README: Cloud GPU jobs): each experiment a SkyPilot managed job on a spot GPU. The engine has its
+# Cloud GPU jobs (docs/cloud.md): each experiment a SkyPilot managed job on a spot GPU. The engine has its
 # own virtual environment and pinned requirements, so the base install does not grow.
 CLOUD_VENV := .venv-cloud
 CLOUD_BIN := $(abspath $(CLOUD_VENV))/bin

@@ -9,7 +9,7 @@ Needs CLOUD_BUCKET=gs://bucket[/prefix] (checkpoints and the MLflow store), HEAD
 and the credentials the params need, no others: HF_TOKEN for a hub model (or CLOUD_HF_TOKEN_SECRET, the name of a
 Google Secret Manager secret that the job reads on its machine), KAGGLE_USERNAME and KAGGLE_KEY for
 data.source=kaggle, and a team MLflow server's MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN. Every -S value is checked
-against the params schema first. Results: `dvc exp pull origin <name>` then `dvc exp show` (README: Cloud GPU jobs).
+against the params schema first. Results: `dvc exp pull origin <name>` then `dvc exp show` (docs/cloud.md).
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def secrets_for(params_yaml: str, overrides: list[str], environ: dict[str, str])
         if not environ.get(name):
             fix = (
                 "accept MedGemma's terms on huggingface.co and `export HF_TOKEN=…`, or keep it in Secret Manager "
-                "and `export CLOUD_HF_TOKEN_SECRET=<secret name>` (README: Cloud GPU jobs)"
+                "and `export CLOUD_HF_TOKEN_SECRET=<secret name>` (docs/cloud.md)"
                 if name == "HF_TOKEN"
                 else "`export KAGGLE_USERNAME=… KAGGLE_KEY=…` (Kaggle → Settings → API)"
             )
@@ -216,7 +216,7 @@ def bucket_url(environ: dict[str, str]) -> str:
     if not match or any(len(part) > 63 or not part for part in name.split(".")) or name.startswith("goog"):
         raise LaunchError(
             f"CLOUD_BUCKET={bucket!r} is not gs://<bucket>[/<prefix>] with a Cloud Storage bucket name (3-63 "
-            "lowercase letters, digits, '-', '_' or '.'): create one (README: Cloud GPU jobs) and "
+            "lowercase letters, digits, '-', '_' or '.'): create one (docs/cloud.md) and "
             "`export CLOUD_BUCKET=gs://<bucket>/medgemma-breakhis`"
         )
     return bucket

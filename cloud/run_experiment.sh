@@ -61,7 +61,7 @@ if [[ -n "${HF_TOKEN_SECRET:-}" && -z "${HF_TOKEN:-}" ]]; then
   if ! HF_TOKEN=$(gcloud secrets versions access latest --secret="$HF_TOKEN_SECRET" 2>"$gcloud_errors"); then
     log "error: cannot read HF_TOKEN from Secret Manager secret $HF_TOKEN_SECRET with this machine's service account:" \
       "$(grep -m1 . "$gcloud_errors")"
-    log "grant it roles/secretmanager.secretAccessor on the secret (README: Cloud GPU jobs)"
+    log "grant it roles/secretmanager.secretAccessor on the secret (docs/cloud.md)"
     rm -f "$gcloud_errors"; exit 2
   fi
   rm -f "$gcloud_errors"

@@ -5,7 +5,7 @@ order (the sampler's permutation does not depend on how a step is cut into micro
 normalises the loss by the answer tokens of the whole step, so 1 x 8, 2 x 4 and 8 x 1 give the same loss and
 gradients up to float rounding (tests/test_execution.py). `auto` picks the fastest setting whose estimated peak
 memory fits the device, from a memory estimate calibrated on an H100 and a step-time model fitted there
-(docs in the README's GPU guide).
+(docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ MEMORY_FRACTION = 0.85
 # Allocated beyond weights, LoRA, optimizer and activations (fitted, below).
 OVERHEAD_GIB = 0.3
 # What autograd keeps, as a multiple of the tensors `activation_elements_per_token` counts, by (gradient
-# checkpointing, torch.compile): fitted to peak CUDA memory allocated on one H100 (README: GPU guide), where the
+# checkpointing, torch.compile): fitted to peak CUDA memory allocated on one H100 (docs/gpu.md), where the
 # estimate is then within 2% at micro-batches 1, 4 and 8. Compiled layers keep fewer intermediates.
 ACTIVATION_SCALE = {(False, False): 0.929, (True, False): 1.279, (False, True): 0.817, (True, True): 1.279}
 # Step-time model, fitted to the H100 measurements, eager and compiled: seconds of host-side cost per forward/backward

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     args, params = start_stage(parser, arguments)
     run_distributed_if_asked(params.train.num_processes, "stages.train", arguments)
     # A cloud job sets MEDGEMMA_CHECKPOINTS_DIR to a bucket mount, so that a preempted job resumes on its next machine
-    # (README: Cloud GPU jobs). Not a param: where checkpoints live does not change what is trained.
+    # (docs/cloud.md). Not a param: where checkpoints live does not change what is trained.
     checkpoints = Path(os.environ.get("MEDGEMMA_CHECKPOINTS_DIR") or args.checkpoints)
     run_training(
         params,

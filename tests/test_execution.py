@@ -42,7 +42,7 @@ def test_architecture_exact_model_has_medgemma_4b_size_and_inputs(medgemma_shape
 
 
 # Peak CUDA memory allocated (GiB) by `make bench-train` on one H100 80GB, medgemma-4b-random, bf16, LoRA r=8
-# all-linear, fused AdamW (README: GPU guide): (micro-batch, checkpointing, compiled) -> GiB. Measured with the
+# all-linear, fused AdamW (docs/gpu.md): (micro-batch, checkpointing, compiled) -> GiB. Measured with the
 # stand-in tokenizer of the time: 298 decoder tokens per example, where Gemma 3's own gives 375.
 STAND_IN_TOKENS = 298
 MEASURED_PEAK_GIB = {
