@@ -276,6 +276,15 @@ def test_second_repro_runs_nothing(repo: Path) -> None:
     assert "Data and pipelines are up to date" in output
 
 
+def test_a_prompt_edit_reruns_the_model_stages_and_not_the_data_stages(workspace: Path) -> None:
+    """The prompt lives beside the conversation it goes into (prompt.py), which only the model stages import."""
+    prompt = workspace / "medgemma_breakhis" / "prompt.py"
+    prompt.write_text(prompt.read_text().replace("Analyze this breast tissue", "Analyse this breast tissue", 1))
+    changed = run_json(workspace, "dvc", "status", "--json")
+    assert sorted(changed) == ["baseline", "evaluate", "train"]
+    assert all({"changed deps": {"medgemma_breakhis/prompt.py": "modified"}} in changed[name] for name in changed)
+
+
 def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next_repro(
     workspace: Path, lock_store
 ) -> None:
