@@ -29,6 +29,8 @@ import torch
 from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Run
+from mlflow.environment_variables import MLFLOW_RUN_ID
+from mlflow.tracking import fluent
 from ruamel.yaml import YAML
 
 from medgemma_breakhis.atomic import atomic_write_json
@@ -382,6 +384,13 @@ def untracked_record(metrics_path: Path) -> Path:
     return metrics_path.with_name(f"{metrics_path.stem}.untracked.json")
 
 
+def _forget_active_run() -> None:
+    """Pop MLflow's active run without a request to the store, as mlflow.end_run does before its own write; MLflow
+    has no public call for it. In-process callers (tests, notebooks) can then start another run."""
+    MLFLOW_RUN_ID.unset()
+    fluent._active_run_stack.get().pop()
+
+
 @dataclass
 class TrackedStage:
     """A stage's MLflow run once its work has started: from then on the store failing costs the record, never the
@@ -434,9 +443,13 @@ class TrackedStage:
 
     def end_runs(self, stage: str, pipeline: str) -> None:
         """End the stage's run and its pipeline's with these statuses, also after a failure (one attempt each).
-        Ending pops MLflow's active run before writing, so neither stays active in this process either way."""
-        self.track("the end of the stage's run", functools.partial(mlflow.end_run, stage), always=True)
-        self.track("the end of the pipeline's run", functools.partial(mlflow.end_run, pipeline), always=True)
+        Neither stays active in this process either way: mlflow.end_run pops the active run before its write, and
+        an end not attempted (the store still locked) pops it without one."""
+        for what, status in (("the end of the stage's run", stage), ("the end of the pipeline's run", pipeline)):
+            active = mlflow.active_run()
+            self.track(what, functools.partial(mlflow.end_run, status), always=True)
+            if active is not None and mlflow.active_run() is active:
+                _forget_active_run()
 
     def metrics(self, what: str, values: dict[str, float]) -> bool:
         return self.track(what, functools.partial(mlflow.log_metrics, values))

@@ -258,6 +258,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # SkyPilot's loader in the cloud engine's Python, a subprocess
 @needs_engine
 @pytest.mark.parametrize(("gpus", "on_demand"), [(None, False), ("H100:1", True)])
 def test_the_task_file_validates_with_skypilot_s_own_loader(gpus: str | None, on_demand: bool) -> None:
@@ -355,10 +356,6 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
             start_new_session=True,
         )
 
-    first = job("cloud-r4", "-S", "lora.r=4", "-S", "train.epochs=1")
-    assert first.wait(timeout=900) == 0, logs[-1].read_text()[-4000:]
-    assert "Running stage 'train'" in logs[-1].read_text()
-
     # A spot preemption: SIGTERM to every process of the machine during training.
     args = ("-S", "lora.r=16", "-S", "train.epochs=1", "-S", "train.checkpoint_steps=1000")
     preempted = job("cloud-r16", *args)
@@ -385,6 +382,7 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     resumed = job("cloud-r16", *args)
     assert resumed.wait(timeout=900) == 0, logs[-1].read_text()[-4000:]
     output = logs[-1].read_text()
+    assert "Running stage 'train'" in output and "Running stage 'evaluate'" in output
     assert "restoring the MLflow store of an earlier attempt" in output
     assert f"resuming from {checkpoint}: optimizer steps 1-{step} are done" in output
     assert list((bucket / "checkpoints").iterdir()) == []  # consumed by the finished run
@@ -399,16 +397,15 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     assert trains[1].data.params["lora.r"] == "16"
 
     # A job recovered after it had pushed does nothing again.
-    again = job("cloud-r4", "-S", "lora.r=4", "-S", "train.epochs=1")
+    again = job("cloud-r16", *args)
     assert again.wait(timeout=300) == 0
-    assert "experiment cloud-r4 is already on origin: nothing to do" in logs[-1].read_text()
+    assert "experiment cloud-r16 is already on origin: nothing to do" in logs[-1].read_text()
 
-    # The user's side: a separate clone gets both experiments, with their metrics and their adapters.
+    # The user's side: a separate clone gets the experiment, with its metrics and its adapter.
     user = tmp_path / "user"
     run(tmp_path, "git", "clone", "-q", str(origin), str(user))
     run(user, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
-    for name in ("cloud-r4", "cloud-r16"):
-        run(user, "dvc", "exp", "pull", "origin", name)
+    run(user, "dvc", "exp", "pull", "origin", "cloud-r16")
     shown = run_json(user, "dvc", "exp", "show", "--json")
     experiments = {
         rev["name"]: rev["data"]
@@ -417,13 +414,12 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
         for rev in exp["revs"]
         if rev.get("name")
     }
-    assert set(experiments) == {"cloud-r4", "cloud-r16"}
+    assert set(experiments) == {"cloud-r16"}
+    data = experiments["cloud-r16"]
+    assert data["params"]["params.yaml"]["data"]["lora"]["r"] == 16
     train_rows = len(pd.read_csv(repo / "data" / "split" / "train.csv"))
-    for name, rank in (("cloud-r4", 4), ("cloud-r16", 16)):
-        data = experiments[name]
-        assert data["params"]["params.yaml"]["data"]["lora"]["r"] == rank
-        assert data["metrics"]["metrics/train.json"]["data"]["global_steps"] == train_rows // 8  # one epoch
-        assert 0 <= data["metrics"]["metrics/finetuned.json"]["data"]["eight_class"]["accuracy"] <= 1
+    assert data["metrics"]["metrics/train.json"]["data"]["global_steps"] == train_rows // 8  # one epoch
+    assert 0 <= data["metrics"]["metrics/finetuned.json"]["data"]["eight_class"]["accuracy"] <= 1
     # Its adapter came from the DVC remote into the clone's cache (`dvc exp apply` would also check out the
     # cross-validation's outputs, which were never made).
     refs = run(user, "git", "for-each-ref", "refs/exps", "--format=%(refname) %(objectname)", stdout_only=True)

@@ -32,6 +32,7 @@ def baseline_argv(synthetic_root: Path, split: Path, metrics: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # the baseline stage, twice
 def test_a_stage_refuses_to_record_after_params_yaml_changed_under_its_pipeline_execution(
     stage_folder: Path, synthetic_root: Path
 ) -> None:

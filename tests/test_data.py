@@ -11,9 +11,9 @@ from medgemma_breakhis.acquisition import find_image_root, import_dataset
 from medgemma_breakhis.errors import DataError
 from medgemma_breakhis.folds import read_folds
 from medgemma_breakhis.labels import CLASS_NAMES, label_from_path, patient_from_path
-from medgemma_breakhis.params import SplitParams, SyntheticData
+from medgemma_breakhis.params import SplitParams
 from medgemma_breakhis.splits import read_split, select_split, split_summary, write_split
-from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, generate_synthetic_breakhis, synthetic_filename
+from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_filename
 
 
 def reference_selection(folds: pd.DataFrame, fold: int, mag: int, seed: int) -> tuple[list[str], list[str]]:
@@ -207,10 +207,10 @@ def test_synthetic_layout_is_breakhis(synthetic_root: Path, synthetic_folds: pd.
 
 
 def test_synthetic_set_at_one_magnification_is_that_part_of_the_full_set_byte_for_byte(
-    tmp_path: Path, synthetic_root: Path, synthetic_folds: pd.DataFrame
+    synthetic_root_100x: Path, synthetic_root: Path, synthetic_folds: pd.DataFrame
 ) -> None:
     """Drawing fewer magnifications changes no image: each depends on the seed and what it is, not on the others."""
-    part = generate_synthetic_breakhis(tmp_path, SyntheticData(images_per_patient=2, magnifications=(100,)))
+    part = synthetic_root_100x  # drawn with magnifications=(100,) alone
     folds = pd.read_csv(part / "Folds.csv")
     assert folds.equals(synthetic_folds[synthetic_folds["mag"] == 100].reset_index(drop=True))
     drawn = sorted(p.relative_to(part).as_posix() for p in part.rglob("*.png"))

@@ -29,15 +29,15 @@ def _replace(path: Path, write) -> None:
 
 
 @pytest.fixture
-def bad_copy(synthetic_root: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
+def bad_copy(synthetic_root_100x: Path, tmp_path: Path) -> tuple[Path, dict[str, str]]:
     """A copy of the synthetic set with one image of each kind of problem, and the reason expected for each."""
     root = tmp_path / "breakhis"
-    shutil.copytree(synthetic_root, root, copy_function=os.link)
-    _replace(root / FOLDS_CSV, lambda p: shutil.copy2(synthetic_root / FOLDS_CSV, p))  # appended to below
+    shutil.copytree(synthetic_root_100x, root, copy_function=os.link)
+    _replace(root / FOLDS_CSV, lambda p: shutil.copy2(synthetic_root_100x / FOLDS_CSV, p))  # appended to below
     listed = pd.read_csv(root / FOLDS_CSV)["filename"].unique()
     corrupt, truncated, small, grey, missing = listed[:5]
     _replace(root / corrupt, lambda p: p.write_bytes(b"this is not a PNG"))
-    data = (synthetic_root / truncated).read_bytes()
+    data = (synthetic_root_100x / truncated).read_bytes()
     _replace(root / truncated, lambda p: p.write_bytes(data[: len(data) // 2]))
     _replace(root / small, lambda p: Image.new("RGB", (100, 100)).save(p))
     _replace(root / grey, lambda p: Image.new("L", (700, 460)).save(p))
@@ -96,20 +96,20 @@ def png_declaring(width: int, height: int) -> bytes:
 
 
 def test_hostile_files_are_listed_and_excluded_never_crashing_nor_decoded_nor_followed(
-    synthetic_root: Path, tmp_path: Path
+    synthetic_root_100x: Path, tmp_path: Path
 ) -> None:
     """852abeb: a tiny PNG declaring 30000x30000 crashed `download` (DecompressionBombError) even with
     data.exclude_invalid; a 12000x12000 one was decoded whole before its size was refused; a too-long path crashed it
     (Errno 36); a symlink out of the dataset was read and hard-linked into data/raw."""
     root = tmp_path / "breakhis"
-    shutil.copytree(synthetic_root, root, copy_function=os.link)
-    _replace(root / FOLDS_CSV, lambda p: shutil.copy2(synthetic_root / FOLDS_CSV, p))
+    shutil.copytree(synthetic_root_100x, root, copy_function=os.link)
+    _replace(root / FOLDS_CSV, lambda p: shutil.copy2(synthetic_root_100x / FOLDS_CSV, p))
     bomb, huge, linked = pd.read_csv(root / FOLDS_CSV)["filename"].unique()[:3]
     _replace(root / bomb, lambda p: p.write_bytes(png_declaring(30000, 30000)))
     _replace(root / huge, lambda p: p.write_bytes(png_declaring(12000, 12000)))
     outside = tmp_path / "elsewhere" / "secret.png"
     outside.parent.mkdir()
-    shutil.copy2(synthetic_root / linked, outside)  # a valid image: only where it is makes it wrong
+    shutil.copy2(synthetic_root_100x / linked, outside)  # a valid image: only where it is makes it wrong
     _replace(root / linked, lambda p: p.symlink_to(outside))
     too_long = str(Path(bomb).parent / ("SOB_B_A-14-22549AB-100-" + "9" * 300 + ".png"))
     with (root / FOLDS_CSV).open("a") as stream:
@@ -135,8 +135,8 @@ def test_download_stage_stops_on_bad_data(bad_copy, stage_folder: Path) -> None:
     assert not (stage_folder / "data").exists()
 
 
-def test_truncated_folds_csv_is_refused(synthetic_root: Path, tmp_path: Path) -> None:
-    text = (synthetic_root / FOLDS_CSV).read_text()
+def test_truncated_folds_csv_is_refused(synthetic_root_100x: Path, tmp_path: Path) -> None:
+    text = (synthetic_root_100x / FOLDS_CSV).read_text()
     (tmp_path / FOLDS_CSV).write_text(text[: len(text) // 2].rsplit(",", 1)[0])  # cut inside a row
     with pytest.raises(DataError, match=r"Folds.csv is malformed: .*row \d+"):
         read_folds(tmp_path / FOLDS_CSV)

@@ -21,11 +21,11 @@ from medgemma_breakhis.splits import write_split
 OUTSIDE_IMAGE = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-77/100X/SOB_B_A-14-77-100-001.png"
 
 
-def copy_with_rows(synthetic_root: Path, root: Path, filenames: list[str]) -> Path:
+def copy_with_rows(synthetic_root_100x: Path, root: Path, filenames: list[str]) -> Path:
     """A copy of the synthetic set (hard links) whose Folds.csv lists `filenames` too, in fold 1 at 100X."""
-    shutil.copytree(synthetic_root, root, copy_function=os.link)
+    shutil.copytree(synthetic_root_100x, root, copy_function=os.link)
     (root / FOLDS_CSV).unlink()  # shared with the session's set by a hard link: replaced, not appended to
-    rows = pd.read_csv(synthetic_root / FOLDS_CSV)
+    rows = pd.read_csv(synthetic_root_100x / FOLDS_CSV)
     extra = pd.DataFrame({"fold": 1, "mag": 100, "grp": "train", "filename": filenames})
     pd.concat([rows, extra]).to_csv(root / FOLDS_CSV, index=False)
     return root
@@ -36,10 +36,10 @@ def save_valid_image(path: Path) -> None:
     Image.new("RGB", (700, 460)).save(path)
 
 
-def test_paths_leading_outside_are_listed_never_read_or_written(synthetic_root: Path, tmp_path: Path) -> None:
+def test_paths_leading_outside_are_listed_never_read_or_written(synthetic_root_100x: Path, tmp_path: Path) -> None:
     save_valid_image(tmp_path / "outside" / OUTSIDE_IMAGE)  # a valid image: only its path is wrong
     escaping = {f"../outside/{OUTSIDE_IMAGE}": "'..' segments", str(tmp_path / "outside" / OUTSIDE_IMAGE): "absolute"}
-    root = copy_with_rows(synthetic_root, tmp_path / "breakhis", list(escaping))
+    root = copy_with_rows(synthetic_root_100x, tmp_path / "breakhis", list(escaping))
     raw, excluded = tmp_path / "data" / "raw", tmp_path / "data" / "excluded.csv"
 
     with pytest.raises(DataError) as caught:
@@ -50,17 +50,17 @@ def test_paths_leading_outside_are_listed_never_read_or_written(synthetic_root: 
     count = prepare_raw_data(DataParams(source="local", path=str(root), exclude_invalid=True), raw, excluded)
     listed = pd.read_csv(excluded)
     assert set(listed["filename"]) == set(escaping)
-    assert count == pd.read_csv(synthetic_root / FOLDS_CSV)["filename"].nunique()
+    assert count == pd.read_csv(synthetic_root_100x / FOLDS_CSV)["filename"].nunique()
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["excluded.csv", "raw"]  # nothing written beside
     assert not (set(pd.read_csv(raw / FOLDS_CSV)["filename"]) & set(escaping))
 
 
-def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_root: Path, tmp_path: Path) -> None:
+def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_root_100x: Path, tmp_path: Path) -> None:
     unknown_type = (
         "BreaKHis_v1/histology_slides/breast/benign/SOB/unknown_type/SOB_B_X_14-88/100X/SOB_B_X-14-88-100-001.png"
     )
     off_pattern = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-99/100X/photo.png"
-    root = copy_with_rows(synthetic_root, tmp_path / "breakhis", [unknown_type, off_pattern])
+    root = copy_with_rows(synthetic_root_100x, tmp_path / "breakhis", [unknown_type, off_pattern])
     for filename in (unknown_type, off_pattern):
         save_valid_image(root / filename)
     raw, excluded = tmp_path / "raw", tmp_path / "excluded.csv"
@@ -79,11 +79,11 @@ def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_ro
 
 
 def test_relative_data_path_is_taken_from_the_main_repository(
-    synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    synthetic_root_100x: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `dvc exp run --temp/--queue` runs the stage in a copy under .dvc/tmp/exps; data.path is the user's, relative to
     # the repository
-    (tmp_path / "breakhis").symlink_to(synthetic_root)
+    (tmp_path / "breakhis").symlink_to(synthetic_root_100x)
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
@@ -103,11 +103,11 @@ def test_data_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
         )
 
 
-def test_output_folders_get_the_umask_mode_not_private(synthetic_root: Path, tmp_path: Path) -> None:
+def test_output_folders_get_the_umask_mode_not_private(synthetic_root_100x: Path, tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:
         prepare_raw_data(
-            DataParams(source="local", path=str(synthetic_root)), tmp_path / "raw", tmp_path / "excluded.csv"
+            DataParams(source="local", path=str(synthetic_root_100x)), tmp_path / "raw", tmp_path / "excluded.csv"
         )
     finally:
         os.umask(previous)

@@ -373,6 +373,7 @@ def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_l
     assert taken.is_set()
     # MLflow waits 20 s on a locked sqlite file for the first write that fails; the last writes only ask the lock
     assert time.monotonic() - trained_at[0] < 45
+    assert mlflow.active_run() is None  # the ends not attempted left no run active for what this process runs next
     assert result is not None and result.global_steps == 4
     assert (adapter / "adapter_config.json").is_file() and metrics.is_file()
     assert not list(checkpoints.glob("*/checkpoint-*"))  # deleted once nothing could fail any more
