@@ -8,7 +8,7 @@
 # Optional: EXP_ARGS (`dvc exp run` arguments, shell-quoted), REPO_COMMIT (HEAD must be it), DVC_REMOTE (a remote
 # URL instead of the repository's default), MLFLOW_TRACKING_URI (a team server; else the embedded store is kept on
 # the bucket), HF_TOKEN_SECRET (a Google Secret Manager secret to read HF_TOKEN from, with this machine's service
-# account), JOB_VENV (a ready virtual environment instead of the README's install; the tests use their own).
+# account), JOB_VENV (a ready virtual environment instead of make setup's install; the tests use their own).
 # Credentials (HF_TOKEN, KAGGLE_USERNAME, KAGGLE_KEY, MLFLOW_TRACKING_*) come from the environment only; nothing here
 # prints them.
 set -euo pipefail
@@ -69,7 +69,7 @@ if [[ -n "${HF_TOKEN_SECRET:-}" && -z "${HF_TOKEN:-}" ]]; then
   log "HF_TOKEN read from Secret Manager secret $HF_TOKEN_SECRET"
 fi
 
-# The README's install. Python 3.11 from uv where the machine's image has another.
+# make setup's install. Python 3.11 from uv where the machine's image has another.
 if [[ -n "${JOB_VENV:-}" ]]; then
   export PATH="$JOB_VENV/bin:$PATH"
 else

@@ -142,7 +142,17 @@ def run_evaluation(
         atomic_write_text(roc_path, roc.to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
         tracked.metrics("the stage's timing", timing)
-        if register and adapter_dir is not None:
+        registering = register and adapter_dir is not None
+        if not registering:  # a registration logs them with the model it registers
+            tracked.metrics("the metrics", headline(metrics))
+        for path in (metrics_path, predictions_path, roc_path):
+            tracked.artifact(path, path.parent.name)
+        for name, figure in confusion_matrix_figures(predictions, stage).items():
+            tracked.figure(f"the confusion matrix {name}", figure, name)
+        if "roc_auc" in metrics["binary"]:
+            tracked.figure("the ROC curve", roc_figure(roc, metrics["binary"]["roc_auc"], stage), "roc_curve.png")
+        # Last: a registration that fails costs none of the stage's other records.
+        if registering:
             # Logging the model loads it again to check its input example: the scored copy is freed first.
             del model
             gc.collect()
@@ -160,13 +170,5 @@ def run_evaluation(
                     headline=headline(metrics),
                 ),
             )
-        else:
-            tracked.metrics("the metrics", headline(metrics))
-        for path in (metrics_path, predictions_path, roc_path):
-            tracked.artifact(path, path.parent.name)
-        for name, figure in confusion_matrix_figures(predictions, stage).items():
-            tracked.figure(f"the confusion matrix {name}", figure, name)
-        if "roc_auc" in metrics["binary"]:
-            tracked.figure("the ROC curve", roc_figure(roc, metrics["binary"]["roc_auc"], stage), "roc_curve.png")
     logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

@@ -585,13 +585,16 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
 
 
 def _end_runs_after_failed_start() -> None:
-    """End what the failed start left active, FAILED, without letting a failing store hide the first error."""
+    """End what the failed start left active, FAILED, without letting a failing store hide the first error. Once an
+    end has failed, the runs left are popped without a request (each would wait on the failing store again)."""
     while mlflow.active_run() is not None:
         try:
             mlflow.end_run("FAILED")
         except Exception as err:  # noqa: BLE001 - the store is failing already; the error that matters is raised
             logger.debug("could not end the run: %s", type(err).__name__)
-            return
+            break
+    while mlflow.active_run() is not None:
+        _forget_active_run()
 
 
 def pipeline_children(parent_run_id: str, stage: str, tags: dict[str, str]) -> list[Run]:

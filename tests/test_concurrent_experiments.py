@@ -9,16 +9,13 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from medgemma_breakhis.folds import FOLDS_CSV
 from medgemma_breakhis.params import (
     ParamsChangedError,
-    SplitParams,
     changed_since,
     dvc_set_params,
     file_digest,
     load_params,
 )
-from medgemma_breakhis.splits import write_split
 from medgemma_breakhis.tracking import experiment_id, stage_run
 from stages import baseline
 
@@ -34,12 +31,10 @@ def baseline_argv(synthetic_root: Path, split: Path, metrics: str) -> list[str]:
 
 @pytest.mark.slow  # the baseline stage, twice
 def test_a_stage_refuses_to_record_after_params_yaml_changed_under_its_pipeline_execution(
-    stage_folder: Path, synthetic_root: Path
+    stage_folder: Path, synthetic_root: Path, split_dir: Path
 ) -> None:
-    split = stage_folder / "split"
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), split, split / "summary.json")
     (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=100))
-    baseline.main(baseline_argv(synthetic_root, split, "first.json"))  # the execution's first stage
+    baseline.main(baseline_argv(synthetic_root, split_dir, "first.json"))  # the execution's first stage
     # what a second `dvc exp run -S eval.bootstrap_resamples=200` in the same workspace writes, then fails on the lock
     (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=200))
     with pytest.raises(
@@ -47,21 +42,19 @@ def test_a_stage_refuses_to_record_after_params_yaml_changed_under_its_pipeline_
         match=r"^params.yaml changed while this stage ran \(since this pipeline execution's first stage began\): "
         r"another `dvc exp run` in this workspace",
     ):
-        baseline.main(baseline_argv(synthetic_root, split, "second.json"))  # a later stage of the same execution
+        baseline.main(baseline_argv(synthetic_root, split_dir, "second.json"))  # a later stage of the same execution
     assert (stage_folder / "first.json").is_file() and not (stage_folder / "second.json").exists()
     runs = mlflow.MlflowClient().search_runs([experiment_id()], "tags.stage = 'baseline'")
     assert [run.data.params["eval.bootstrap_resamples"] for run in runs] == ["100"]  # nothing recorded under 200
 
 
 def test_params_yaml_changed_while_a_stage_ran_is_refused_before_its_results_are_written(
-    stage_folder: Path, synthetic_root: Path
+    stage_folder: Path, split_dir: Path
 ) -> None:
-    split = stage_folder / "split"
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), split, split / "summary.json")
     (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=100))
     with (
         pytest.raises(ParamsChangedError, match=r"^params.yaml changed while this stage ran \(since this stage began"),
-        stage_run("baseline", load_params(), split / "test.csv", stage_folder / "untracked.json") as tracked,
+        stage_run("baseline", load_params(), split_dir / "test.csv", stage_folder / "untracked.json") as tracked,
     ):
         (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=200))
         tracked.refuse_if_params_changed()

@@ -20,7 +20,7 @@ from medgemma_breakhis.params import LoraParams, ModelParams, Params, SplitParam
 from medgemma_breakhis.splits import select_split
 from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example, plan_for
 
-# The parameter count of google/medgemma-4b-it, as loaded on the H100 on which the README's figures were measured.
+# The parameter count of google/medgemma-4b-it, as loaded on the H100 on which docs/gpu.md's figures were measured.
 MEDGEMMA_4B_PARAMETERS = 4_300_079_472
 # Decoder tokens per training example with MedGemma's processor (Gemma 3's tokenizer), as trl's collator counts them.
 DECODER_TOKENS = 375

@@ -611,7 +611,7 @@ def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: 
 def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace: Path, tmp_path: Path) -> None:
     """A local folder stands in for the gs:// bucket: the same `dvc push`/`dvc pull`, another storage backend."""
     repo = workspace
-    assert "gs (gcsfs" in run(repo, "dvc", "version")  # dvc-gs is installed for the README's GCS remote
+    assert "gs (gcsfs" in run(repo, "dvc", "version")  # dvc-gs is installed for the GCS remote of docs/scaling.md
     remote = tmp_path / "remote"
     run(repo, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))  # --local: .dvc/config.local, not git
     checkpoint = repo / "checkpoints" / "train-0123456789abcdef" / "checkpoint-1"
