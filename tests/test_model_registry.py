@@ -92,6 +92,7 @@ def registered(
         )
 
 
+@pytest.mark.slow  # the module's `evaluate`, which registers
 def test_evaluate_registers_a_version_with_its_origin_metrics_and_adapter_but_no_base_weights(
     registered: Registered, tiny_adapter: Path
 ) -> None:
@@ -131,6 +132,7 @@ def test_evaluate_registers_a_version_with_its_origin_metrics_and_adapter_but_no
     assert "roc_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
 
+@pytest.mark.slow  # the module's `evaluate`, which registers
 def test_a_promoted_version_classifies_new_images_as_evaluate_scored_them(
     registered: Registered, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -150,6 +152,7 @@ def test_a_promoted_version_classifies_new_images_as_evaluate_scored_them(
     assert set(results["predicted_binary"]) <= {"benign", "malignant"} and set(results["error"]) == {""}
 
 
+@pytest.mark.slow  # the module's `evaluate`, which registers
 def test_versions_are_listed_newest_first_and_an_alias_rolls_back(
     registered: Registered, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -170,6 +173,7 @@ def test_versions_are_listed_newest_first_and_an_alias_rolls_back(
         models.main(["promote", "9"])
 
 
+@pytest.mark.slow  # the module's `evaluate`, which registers
 def test_bad_inputs_are_refused_one_line_each_and_the_rest_classified(
     registered: Registered, tiny_adapter: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -229,6 +233,7 @@ def test_images_are_refused_from_their_header(data: bytes, reason: str) -> None:
         decode_image(data)
 
 
+@pytest.mark.slow  # the module's `evaluate`, which registers
 def test_the_experiment_opens_as_model_training_and_a_kind_set_by_hand_is_kept(registered: Registered) -> None:
     client = mlflow.MlflowClient(registered.store)
     created = client.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
