@@ -5,8 +5,8 @@ Run: make compare-precision              (params.yaml as it is: MedGemma on this
      (or: python -m tools.precision_comparison [-S key=value ...] [--out reports/precision_comparison.md])
 
 Each precision is a temporary DVC experiment of the `evaluate` target run with --force, so training and what it
-depends on run and are tracked afresh; `baseline`, which no precision changes, is left out. A run that diverges (the fp16 overflow of docs/reference-experiment.md#precision) is reported as diverged, with the step,
-not as a crash.
+depends on run and are tracked afresh; `baseline`, which no precision changes, is left out. A run that diverges
+(the fp16 overflow of docs/reference-experiment.md#precision) is reported as diverged, with the step, not as a crash.
 """
 
 from __future__ import annotations
