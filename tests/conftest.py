@@ -4,6 +4,7 @@ vocabulary), MedGemma's processor, all built locally."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -92,12 +93,34 @@ def synthetic_folds(synthetic_root: Path) -> pd.DataFrame:
 
 
 @pytest.fixture(scope="session")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This project as a git repository, set to the offline profile, reproduced and committed (`dvc_cli`): built once
-    per test process for the end-to-end tests. Shared by those that only read it: none may change it."""
+def repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """This project as a git repository, set to the offline profile, reproduced and committed (`dvc_cli`) for the
+    end-to-end tests: built once per test run, by whichever worker of a parallel run (pytest-xdist) needs it first,
+    while the others wait for it. Shared by the tests that only read it, in every worker at once: none may change
+    it, nor run a command in it that could write (`dvc repro`, `git status`); those work on a copy (`copy_of`)."""
     from dvc_cli import reproduced_repository
+    from filelock import FileLock
 
-    return reproduced_repository(tmp_path_factory.mktemp("repo"))
+    # the workers' temporary folders share this parent, the one place all of them see
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    built, done = shared / "reproduced-repo", shared / "reproduced-repo.done"
+    with FileLock(shared / "reproduced-repo.lock"):
+        if not done.exists():
+            shutil.rmtree(built, ignore_errors=True)  # what a worker whose build failed left behind
+            built.mkdir()
+            reproduced_repository(built)
+            done.touch()
+    return built
+
+
+@pytest.fixture
+def workspace(repo: Path, tmp_path: Path) -> Iterator[Path]:
+    """A copy of the reproduced repository (`repo`) for one test to change; afterwards, checked for kept secrets."""
+    from dvc_cli import assert_no_secret_kept, copy_of
+
+    copy = copy_of(repo, tmp_path / "workspace")
+    yield copy
+    assert_no_secret_kept(copy)
 
 
 @pytest.fixture(scope="session")

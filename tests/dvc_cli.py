@@ -1,5 +1,6 @@
-"""Running the real `dvc` CLI (and git) on a copy of this project, for the end-to-end tests: every command with fake
-credentials in its environment, none of which may show up in what it prints."""
+"""Running the real `dvc` CLI (and git) on a copy of this project, for the end-to-end tests, and reading what the runs
+left there (DVC's lock file, the MLflow store): every command with fake credentials in its environment, none of which
+may show up in what it prints, nor anywhere in the repository (`assert_no_secret_kept`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import mlflow
+from mlflow.entities import Run
 from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +35,9 @@ def run_json(cwd: Path, *args: str) -> dict:
     return json.loads(run(cwd, *args, stdout_only=True))
 
 
-def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) -> str:
+def command_env() -> dict[str, str]:
+    """The environment of every command: this Python's `dvc` first on PATH, offline, the fake credentials, and the
+    repository's own MLflow store (none inherited from the shell that runs the tests)."""
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -41,7 +46,11 @@ def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) ->
         **SECRETS,
     }
     env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, check=False)
+    return env
+
+
+def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) -> str:
+    result = subprocess.run(args, cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=1200, check=False)
     assert not any(secret in (result.stdout + result.stderr).encode() for secret in SECRET_VALUES), args
     if check:
         assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
@@ -80,3 +89,72 @@ def copy_of(repo: Path, destination: Path) -> Path:
     the original's `mlartifacts/`."""
     shutil.copytree(repo, destination, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
     return destination
+
+
+def clean_in_a_fresh_clone(repo: Path, tmp_path: Path, base: str = "HEAD") -> Path:
+    """Push `repo`'s outputs to a local remote, clone it, and check that the commands of a teammate's (or a
+    reviewer's, against `base`) first minutes exit 0 and print nothing on stderr; returns the clone."""
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    run(repo, "dvc", "remote", "add", "--local", "-f", "-d", "shared", str(remote))  # --local: not in git
+    run(repo, "dvc", "push")
+    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
+    run(clone, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
+    run(repo, "dvc", "remote", "remove", "--local", "shared")
+    for command in (("pull",), ("checkout",), ("status",), ("metrics", "show"), ("metrics", "diff", base)):
+        result = subprocess.run(
+            ["dvc", *command],
+            cwd=clone,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+            env={
+                **os.environ,
+                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                "DVC_NO_ANALYTICS": "1",
+            },
+        )
+        assert (result.returncode, result.stderr) == (0, ""), f"dvc {' '.join(command)}: {result.stderr[-3000:]}"
+    return clone
+
+
+def mlflow_client(repo: Path) -> mlflow.MlflowClient:
+    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def search(repo: Path, filter_string: str) -> list[Run]:
+    client = mlflow_client(repo)
+    experiment = client.get_experiment_by_name("medgemma-breakhis")
+    return client.search_runs([experiment.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
+
+
+def pipeline_group(repo: Path, dvc_exp_name: str) -> tuple[Run, dict[str, Run]]:
+    """The parent run of one pipeline execution and its stage runs by stage."""
+    (parent,) = search(repo, f"tags.run_kind = 'pipeline' and tags.dvc_exp_name = '{dvc_exp_name}'")
+    children = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return parent, {child.data.tags["stage"]: child for child in children}
+
+
+def locked_md5(repo: Path, stage: str, out: str) -> str:
+    lock = YAML(typ="safe").load(repo / "dvc.lock")
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def assert_no_secret_kept(repo: Path) -> None:
+    """No file, git object or MLflow param or tag of `repo` holds a secret its commands ran with."""
+    files = [path for path in repo.rglob("*") if path.is_file() and ".git" not in path.relative_to(repo).parts]
+    for path in files:
+        content = path.read_bytes()
+        assert not any(secret in content for secret in SECRET_VALUES), path
+    git_objects = subprocess.run(
+        ["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True, check=True
+    ).stdout
+    assert not any(secret in git_objects for secret in SECRET_VALUES)
+    if (repo / "mlflow.db").is_file():  # a copy where no stage ran has none
+        for run_ in search(repo, ""):
+            recorded = json.dumps([run_.data.params, run_.data.tags]).encode()
+            assert not any(secret in recorded for secret in SECRET_VALUES)

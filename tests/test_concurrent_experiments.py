@@ -1,13 +1,20 @@
 """Two experiments in one workspace: a second `dvc exp run` writes its -S values into params.yaml before it fails on
-DVC's lock, under the first one's running stages. A stage that notices refuses to record anything."""
+DVC's lock, under the first one's running stages. A stage that notices refuses to record anything. And experiments
+run side by side as DVC means them to: a queued sweep on two workers."""
 
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
+from dvc_cli import command_env, pipeline_group, run, run_json
+from dvc_task.proc.process import ProcessInfo
 
 from medgemma_breakhis.params import (
     ParamsChangedError,
@@ -77,3 +84,77 @@ def test_the_values_dvc_exp_run_was_asked_for_are_checked_against_params_yaml(tm
     )
     params.write_text(json.dumps({"eval": {"bootstrap_resamples": 100}, "lora": {"r": 16}, "cv": {"folds": [1, 2]}}))
     assert changed_since(file_digest(params), asked, params) is None
+
+
+def stop_queue_workers(repo: Path, env: dict[str, str]) -> None:
+    """Stops the queue's workers and waits for them to exit.
+
+    An idle worker stays up for a minute, pinging itself through files in the queue's broker folder; the secrets
+    scan that follows the test would race those files (one vanished between listing and reading, in CI).
+    """
+    celery = repo / ".dvc" / "tmp" / "exps" / "celery"
+    pids = [ProcessInfo.load(str(path)).pid for path in celery.glob("dvc-exp-worker-*.json")]
+    assert pids, "no queue worker was recorded"
+    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, check=True, timeout=60)
+    processes = []
+    for pid in pids:
+        try:
+            processes.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    _, alive = psutil.wait_procs(processes, timeout=120)
+    assert not alive, f"queue workers still running after dvc queue stop: {alive}"
+
+
+@pytest.mark.e2e  # the real dvc CLI: its queue and two workers, in a copy of the reproduced repository
+def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Path) -> None:
+    repo = workspace
+    queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "lora.r=4,16", "-S", "train.epochs=1")
+    names = re.findall(r"Queued experiment '([^']+)'", queued)
+    assert len(names) == 2
+    env = command_env() | {"OMP_NUM_THREADS": "1"}
+    # the workers are daemons that outlive `queue start` (and would hold a captured stdout open): poll the queue
+    subprocess.run(
+        ["dvc", "queue", "start", "-j", "2"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+        timeout=60,
+    )
+    deadline = time.monotonic() + 900
+    while True:
+        status = run(repo, "dvc", "queue", "status")  # rows: task, name, created, status
+        rows = {
+            parts[1]: parts[-1] for parts in map(str.split, status.splitlines()) if len(parts) > 2 and parts[1] in names
+        }
+        done = len(rows) == len(names) and set(rows.values()) <= {"Success", "Failed"}
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    for name in names:
+        run(repo, "dvc", "queue", "logs", name)  # kept for the secrets scan below
+    stop_queue_workers(repo, env)
+    assert rows == dict.fromkeys(names, "Success"), status
+
+    shown = run_json(repo, "dvc", "exp", "show", "--json")
+    experiments = {
+        rev["name"]: rev["data"]
+        for commit in shown
+        for exp in commit.get("experiments") or []
+        for rev in exp["revs"]
+        if rev.get("name") in names
+    }
+    ranks = {name: data["params"]["params.yaml"]["data"]["lora"]["r"] for name, data in experiments.items()}
+    assert sorted(ranks.values()) == [4, 16]
+    for name, data in experiments.items():
+        metrics = data["metrics"]
+        assert metrics["metrics/train.json"]["data"]["global_steps"] == 16  # one epoch
+        assert 0 <= metrics["metrics/finetuned.json"]["data"]["eight_class"]["accuracy"] <= 1
+        _, children = pipeline_group(repo, name)  # each queued run lands in the main store, grouped
+        assert set(children) == {"train", "evaluate"}
+        assert children["train"].data.params["lora.r"] == str(ranks[name])
+    table = run(repo, "dvc", "exp", "show", "--no-pager", "--md", "--keep", "lora.r")
+    assert all(name in table for name in names)
+    assert list((repo / "checkpoints").glob("train-*")) == []  # each finished run removed its own

@@ -1,4 +1,5 @@
-"""The cross-validation summary on hand-made per-fold metrics files."""
+"""The cross-validation summary on hand-made per-fold metrics files, and `make cv` end to end: cv/dvc.yaml run by
+`dvc repro` over two folds, its summary, its MLflow runs, and a fresh clone that pulls its outputs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import json
 import statistics
 from pathlib import Path
 
+import pandas as pd
 import pytest
+from dvc_cli import clean_in_a_fresh_clone, read_json, run, run_json, search
+from ruamel.yaml import YAML
 
 from medgemma_breakhis.cross_validation import (
     CrossValidationError,
@@ -101,3 +105,72 @@ def test_a_metric_no_fold_has_is_shown_as_not_available(tmp_path: Path) -> None:
     rows = [[cell.strip() for cell in row.split("|")[1:-1]] for row in table.splitlines()[3:]]
     assert [row[7] for row in rows] == ["n/a"] * 5  # the binary ROC-AUC column, folds and aggregates
     assert "roc_auc" not in json.loads((tmp_path / "summary.json").read_text())["100x"]["finetuned"]["binary"]
+
+
+def set_params(repo: Path, **values: object) -> None:
+    """Edit params.yaml in place, e.g. set_params(repo, train__epochs=1)."""
+    yaml = YAML()
+    params = yaml.load(repo / "params.yaml")
+    for key, value in values.items():
+        section, name = key.split("__")
+        params[section][name] = value
+    yaml.dump(params, repo / "params.yaml")
+
+
+def open_cross_validation(repo: Path) -> None:
+    """What `make cv` does before running it: take cv/dvc.yaml into the DVC project (.dvcignore keeps it out)."""
+    ignore = repo / ".dvcignore"
+    ignore.write_text(
+        "".join(line for line in ignore.read_text().splitlines(keepends=True) if line.strip() != "/cv/dvc.yaml")
+    )
+
+
+@pytest.mark.e2e  # the real dvc CLI over cv/dvc.yaml, in a copy of the reproduced repository
+def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: Path, tmp_path: Path) -> None:
+    repo = workspace
+    folds = [1, 2]  # a matrix of two folds runs the same machinery as one of five
+    set_params(repo, train__epochs=1, cv__folds=folds)
+    open_cross_validation(repo)
+    output = run(repo, "dvc", "repro", "cv/dvc.yaml")
+    for stage in ("split", "baseline", "train", "evaluate"):
+        assert all(f"Running stage 'cv/dvc.yaml:{stage}@{fold}-100'" in output for fold in folds), stage
+    assert "Running stage 'cv/dvc.yaml:summary'" in output
+    assert "Running stage 'train'" not in output and "Running stage 'download'" not in output
+
+    per_fold = [read_json(repo / "cv" / "metrics" / f"fold{fold}-100x" / "finetuned.json") for fold in folds]
+    accuracies = [metrics["eight_class"]["accuracy"] for metrics in per_fold]
+    summary = read_json(repo / "cv" / "summary.json")["100x"]
+    assert summary["n_folds"] == len(folds)
+    assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
+        {
+            "mean": statistics.mean(accuracies),
+            "std": statistics.stdev(accuracies),
+            "min": min(accuracies),
+            "max": max(accuracies),
+        }
+    )
+    test_sets = [
+        set(pd.read_csv(repo / "cv" / "folds" / f"fold{fold}-100x" / "split" / "test.csv")["patient"]) for fold in folds
+    ]
+    assert all(not a & b for i, a in enumerate(test_sets) for b in test_sets[i + 1 :])  # each patient tested once
+    table = (repo / "cv" / "summary.md").read_text().splitlines()
+    assert [row.split("|")[1].strip() for row in table[3:]] == ["1", "2", "mean ± std", "[min, max]"]
+    (workspace,) = run_json(repo, "dvc", "metrics", "show", "--json").values()
+    assert "cv/summary.json" in workspace["data"]
+
+    *_, parent = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
+    trains = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'train'")
+    assert sorted(int(train.data.params["split.fold"]) for train in trains) == folds
+    lock = YAML(typ="safe").load(repo / "cv" / "dvc.lock")["stages"]
+    for train in trains:
+        fold = train.data.params["split.fold"]
+        assert train.info.run_name == f"train (fold {fold}, 100X)"
+        (adapter,) = [o for o in lock[f"train@{fold}-100"]["outs"] if o["path"].endswith("adapter")]
+        assert train.data.tags["adapter_dvc_md5"] == adapter["md5"]
+    assert "Running stage" not in run(repo, "dvc", "repro", "cv/dvc.yaml")
+
+    run(repo, "git", "add", "-A")
+    run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "cross-validation")
+    # once it has run, cv/dvc.yaml's outputs are pulled like the rest
+    clone = clean_in_a_fresh_clone(repo, tmp_path, base="HEAD~1")
+    assert (clone / "cv" / "folds" / "fold2-100x" / "adapter" / "adapter_config.json").is_file()

@@ -1,9 +1,10 @@
 """A stage stopped part-way leaves nothing a later stage could take for a result; `train` stopped by SIGTERM saves
-a checkpoint and the next run resumes from it."""
+a checkpoint and the next run resumes from it; `dvc repro` killed outright resumes from the last checkpoint saved."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,8 @@ import mlflow
 import pandas as pd
 import psutil
 import pytest
+from dvc_cli import command_env, locked_md5, mlflow_client, run, search, stages_run
+from ruamel.yaml import YAML
 
 from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
 from medgemma_breakhis.folds import FOLDS_CSV
@@ -150,3 +153,59 @@ def test_a_stage_never_outlives_its_dvc_killed_or_timed_out(
     assert not (project / "dvc.lock").exists() and not (project / "models").exists()
     client = mlflow.MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     assert [run.info.status for run in client.search_runs(["1"], "tags.stage = 'train'")] == ["KILLED", "KILLED"]
+
+
+@pytest.mark.e2e  # the real dvc CLI killed outright, in a copy of the reproduced repository
+def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspace: Path) -> None:
+    """`dvc repro` killed outright during `train`; a run of other params refuses its checkpoint; the next
+    `dvc repro` resumes from it and produces the adapter of the uninterrupted run, byte for byte."""
+    repo = workspace
+    uninterrupted = locked_md5(repo, "train", "models/adapter")
+    metrics_before = (repo / "metrics" / "train.json").read_text()
+    yaml = YAML()
+    params = yaml.load(repo / "params.yaml")
+    params["train"]["checkpoint_steps"] = 4  # not a training input: nothing re-runs for it
+    yaml.dump(params, repo / "params.yaml")
+    assert stages_run(run(repo, "dvc", "repro")) == []
+
+    killed = subprocess.Popen(
+        ["dvc", "repro", "--force", "--single-item", "train"],
+        cwd=repo,
+        env=command_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    saved = repo / "checkpoints"
+    deadline = time.monotonic() + 600
+    while not list(saved.glob("train-*/checkpoint-12/trainer_state.json")) and time.monotonic() < deadline:
+        assert killed.poll() is None, "dvc repro ended before it could be killed"
+        time.sleep(0.2)
+    os.killpg(killed.pid, signal.SIGKILL)  # dvc and the stage: no handler runs, as on a power loss
+    killed.wait()
+    (folder,) = saved.glob("train-*")
+    assert not (repo / "models" / "adapter").exists()
+
+    other = run(repo, "dvc", "exp", "run", "--temp", "-S", "lora.r=4", "-S", "train.epochs=1", "train")
+    assert (
+        f"not resuming the checkpoints in {folder}: made under different inputs:\n"
+        "    params lora.r: 8 in the checkpoint, 4 now\n    params train.epochs: 3 in the checkpoint, 1 now" in other
+    )
+    assert "resuming from" not in other
+    assert (folder / "checkpoint-12").is_dir()
+
+    resumed = run(repo, "dvc", "repro")
+    # evaluate does not re-run: the adapter is the one dvc.lock already has
+    assert stages_run(resumed) == ["train"]
+    assert f"resuming from {folder / 'checkpoint-12'}: optimizer steps 1-12 are done" in resumed
+    assert locked_md5(repo, "train", "models/adapter") == uninterrupted
+    assert (repo / "metrics" / "train.json").read_text() == metrics_before
+    assert not folder.exists()
+
+    *_, latest = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
+    (train,) = search(repo, f"tags.mlflow.parentRunId = '{latest.info.run_id}'")  # the resumed `dvc repro`
+    assert train.data.tags["resumed_from_step"] == "12"
+    steps = json.loads(metrics_before)["global_steps"]
+    assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == list(
+        range(13, steps + 1)
+    )

@@ -1,8 +1,10 @@
 """The fp16 overflow of the reference experiment (docs/reference-experiment.md#precision), reproduced on a tiny
-model, is caught in training and in scoring."""
+model, is caught in training and in scoring, and `make compare-precision` reports it as fp16's divergence."""
 
 from __future__ import annotations
 
+import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +12,7 @@ import mlflow
 import pandas as pd
 import pytest
 import torch
+from dvc_cli import run
 
 from medgemma_breakhis.evaluation import run_evaluation
 from medgemma_breakhis.modeling import NonFiniteError, load_base_model
@@ -86,3 +89,39 @@ def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapte
     parent = client.get_run(run.data.tags["mlflow.parentRunId"])
     assert parent.info.status == "FAILED"
     assert parent.data.tags["failure_reason"].startswith("train: TrainingDivergedError")
+
+
+@pytest.mark.e2e  # tools/precision_comparison.py: two DVC experiments, in a copy of the reproduced repository
+def test_precision_comparison_reports_the_fp16_overflow_as_diverged(workspace: Path, overflowing_model: Path) -> None:
+    repo = workspace
+    output = run(
+        repo,
+        sys.executable,
+        "-m",
+        "tools.precision_comparison",
+        "-S",
+        f"model.id={overflowing_model}",
+        "-S",
+        "train.epochs=1",
+        "-S",
+        "data.synthetic.images_per_patient=2",
+        "--out",
+        "reports/precision.md",
+    )
+    table = {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
+        for line in (repo / "reports" / "precision.md").read_text().splitlines()
+        if line.startswith("| ")
+    }
+    assert table[""] == ["bf16", "fp16"]
+    assert table["training"] == ["finished", "diverged at step 1 (non-finite loss)"]
+    assert table["precision that ran"] == [
+        "bfloat16 base weights + bf16 autocast",
+        "float16 base weights, no autocast (fp16 mixed precision needs a GPU)",
+    ]
+    assert table["non-finite loss steps"] == ["0", "1"]
+    assert table["peak CUDA memory allocated (GiB)"] == ["n/a (ran on CPU)"] * 2
+    assert float(table["test 8-class accuracy"][0]) >= 0
+    assert table["test 8-class accuracy"][1] == "not evaluated"
+    assert re.search(r"\| training +\| finished +\| diverged at step 1", output), output
+    assert "No GPU here" in output

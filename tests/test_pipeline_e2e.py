@@ -1,129 +1,48 @@
-"""The whole offline pipeline through the real `dvc` CLI, in a temporary git repository.
+"""The whole offline pipeline through the real `dvc` CLI, in a temporary git repository: the reproduction, what it
+records, and the experiments and remotes a team works with.
 
-One repository is reproduced once for the module. Tests that only read it share it; a test that changes it (an
-experiment, a kill, a sweep, a remote) works on its own copy, so the tests hold in any order and alone. No command
-may print a secret, and no repository, the shared one or a copy, may keep one.
+One repository is reproduced once for the test run (conftest's `repo`). Tests that only read it share it, across
+parallel workers too; a test that changes it (an experiment, a kill, a sweep, a remote) or runs a command that could
+write in it works on its own copy (`workspace`), so the tests hold in any order and alone. No command may print a
+secret, and no repository, the shared one or a copy, may keep one. The other end-to-end tests sit with the tests of
+what they check: the cross-validation, the queued sweep, a killed training, the precision comparison, a cloud job.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
-import signal
-import statistics
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import mlflow
 import pandas as pd
-import psutil
 import pytest
 import torch
-from dvc_cli import SECRET_VALUES, SECRETS, copy_of, run, run_json, stages_run
-from dvc_task.proc.process import ProcessInfo
-from mlflow.entities import Run
-from ruamel.yaml import YAML
+from dvc_cli import (
+    SECRET_VALUES,
+    assert_no_secret_kept,
+    clean_in_a_fresh_clone,
+    command_env,
+    copy_of,
+    locked_md5,
+    mlflow_client,
+    pipeline_group,
+    read_json,
+    run,
+    run_json,
+    search,
+    stages_run,
+)
 
 from medgemma_breakhis.params import load_params, to_flat_dict
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def clean_in_a_fresh_clone(repo: Path, tmp_path: Path, base: str = "HEAD") -> Path:
-    """Push `repo`'s outputs to a local remote, clone it, and check that the commands of a teammate's (or a
-    reviewer's, against `base`) first minutes exit 0 and print nothing on stderr; returns the clone."""
-    remote, clone = tmp_path / "remote", tmp_path / "clone"
-    run(repo, "dvc", "remote", "add", "--local", "-f", "-d", "shared", str(remote))  # --local: not in git
-    run(repo, "dvc", "push")
-    run(tmp_path, "git", "clone", "-q", str(repo), str(clone))
-    run(clone, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
-    run(repo, "dvc", "remote", "remove", "--local", "shared")
-    for command in (("pull",), ("checkout",), ("status",), ("metrics", "show"), ("metrics", "diff", base)):
-        result = subprocess.run(
-            ["dvc", *command],
-            cwd=clone,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-            env={
-                **os.environ,
-                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-                "DVC_NO_ANALYTICS": "1",
-            },
-        )
-        assert (result.returncode, result.stderr) == (0, ""), f"dvc {' '.join(command)}: {result.stderr[-3000:]}"
-    return clone
-
-
-def open_cross_validation(repo: Path) -> None:
-    """What `make cv` does before running it: take cv/dvc.yaml into the DVC project (.dvcignore keeps it out)."""
-    ignore = repo / ".dvcignore"
-    ignore.write_text(
-        "".join(line for line in ignore.read_text().splitlines(keepends=True) if line.strip() != "/cv/dvc.yaml")
-    )
-
-
-def mlflow_client(repo: Path) -> mlflow.MlflowClient:
-    return mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-
-
-def search(repo: Path, filter_string: str) -> list[Run]:
-    client = mlflow_client(repo)
-    experiment = client.get_experiment_by_name("medgemma-breakhis")
-    return client.search_runs([experiment.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
-
-
-def pipeline_group(repo: Path, dvc_exp_name: str) -> tuple[Run, dict[str, Run]]:
-    """The parent run of one pipeline execution and its stage runs by stage."""
-    (parent,) = search(repo, f"tags.run_kind = 'pipeline' and tags.dvc_exp_name = '{dvc_exp_name}'")
-    children = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    return parent, {child.data.tags["stage"]: child for child in children}
-
 
 def sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def locked_md5(repo: Path, stage: str, out: str) -> str:
-    lock = YAML(typ="safe").load(repo / "dvc.lock")
-    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == out)
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def assert_no_secret_kept(repo: Path) -> None:
-    """No file, git object or MLflow param or tag of `repo` holds a secret its commands ran with."""
-    files = [path for path in repo.rglob("*") if path.is_file() and ".git" not in path.relative_to(repo).parts]
-    for path in files:
-        content = path.read_bytes()
-        assert not any(secret in content for secret in SECRET_VALUES), path
-    git_objects = subprocess.run(
-        ["git", "cat-file", "--batch-all-objects", "--batch"], cwd=repo, capture_output=True, check=True
-    ).stdout
-    assert not any(secret in git_objects for secret in SECRET_VALUES)
-    if (repo / "mlflow.db").is_file():  # a copy where no stage ran has none
-        for run_ in search(repo, ""):
-            recorded = json.dumps([run_.data.params, run_.data.tags]).encode()
-            assert not any(secret in recorded for secret in SECRET_VALUES)
-
-
-@pytest.fixture
-def workspace(repo: Path, tmp_path: Path) -> Iterator[Path]:
-    """A copy of the reproduced repository for one test; afterwards, checked for kept secrets."""
-    copy = copy_of(repo, tmp_path / "workspace")
-    yield copy
-    assert_no_secret_kept(copy)
 
 
 @pytest.fixture(scope="module")
@@ -270,8 +189,8 @@ def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> Non
     )
 
 
-def test_second_repro_runs_nothing(repo: Path) -> None:
-    output = run(repo, "dvc", "repro")
+def test_second_repro_runs_nothing(workspace: Path) -> None:
+    output = run(workspace, "dvc", "repro")
     assert stages_run(output) == []
     assert "Data and pipelines are up to date" in output
 
@@ -331,19 +250,11 @@ def test_what_a_temp_experiment_could_not_track_is_kept_in_its_commit(workspace:
                 continue
         return False
 
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "HF_HUB_OFFLINE": "1",
-        **SECRETS,
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
     log = repo.parent / "locked-store.log"
     command = ["dvc", "exp", "run", "--temp", "--name", "locked-store", "-S", "eval.method=generate", "evaluate"]
     # from the end of evaluate until its first write has failed (each locked write waits out sqlite's 20 s)
     with lock_store(repo / "mlflow.db", when=evaluated) as taken, log.open("w") as stream:
-        experiment = subprocess.Popen(command, cwd=repo, env=env, stdout=stream, stderr=subprocess.STDOUT)
+        experiment = subprocess.Popen(command, cwd=repo, env=command_env(), stdout=stream, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 900
         while "could not track" not in log.read_text() and experiment.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -404,210 +315,6 @@ def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(workspace: Path
     assert children["train"].data.params["lora.r"] == "16"
 
 
-def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspace: Path) -> None:
-    """`dvc repro` killed outright during `train`; a run of other params refuses its checkpoint; the next
-    `dvc repro` resumes from it and produces the adapter of the uninterrupted run, byte for byte."""
-    repo = workspace
-    uninterrupted = locked_md5(repo, "train", "models/adapter")
-    metrics_before = (repo / "metrics" / "train.json").read_text()
-    yaml = YAML()
-    params = yaml.load(repo / "params.yaml")
-    params["train"]["checkpoint_steps"] = 4  # not a training input: nothing re-runs for it
-    yaml.dump(params, repo / "params.yaml")
-    assert stages_run(run(repo, "dvc", "repro")) == []
-
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "HF_HUB_OFFLINE": "1",
-        **SECRETS,
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    killed = subprocess.Popen(
-        ["dvc", "repro", "--force", "--single-item", "train"],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    saved = repo / "checkpoints"
-    deadline = time.monotonic() + 600
-    while not list(saved.glob("train-*/checkpoint-12/trainer_state.json")) and time.monotonic() < deadline:
-        assert killed.poll() is None, "dvc repro ended before it could be killed"
-        time.sleep(0.2)
-    os.killpg(killed.pid, signal.SIGKILL)  # dvc and the stage: no handler runs, as on a power loss
-    killed.wait()
-    (folder,) = saved.glob("train-*")
-    assert not (repo / "models" / "adapter").exists()
-
-    other = run(repo, "dvc", "exp", "run", "--temp", "-S", "lora.r=4", "-S", "train.epochs=1", "train")
-    assert (
-        f"not resuming the checkpoints in {folder}: made under different inputs:\n"
-        "    params lora.r: 8 in the checkpoint, 4 now\n    params train.epochs: 3 in the checkpoint, 1 now" in other
-    )
-    assert "resuming from" not in other
-    assert (folder / "checkpoint-12").is_dir()
-
-    resumed = run(repo, "dvc", "repro")
-    # evaluate does not re-run: the adapter is the one dvc.lock already has
-    assert stages_run(resumed) == ["train"]
-    assert f"resuming from {folder / 'checkpoint-12'}: optimizer steps 1-12 are done" in resumed
-    assert locked_md5(repo, "train", "models/adapter") == uninterrupted
-    assert (repo / "metrics" / "train.json").read_text() == metrics_before
-    assert not folder.exists()
-
-    *_, latest = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
-    (train,) = search(repo, f"tags.mlflow.parentRunId = '{latest.info.run_id}'")  # the resumed `dvc repro`
-    assert train.data.tags["resumed_from_step"] == "12"
-    steps = json.loads(metrics_before)["global_steps"]
-    assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == list(
-        range(13, steps + 1)
-    )
-
-
-def set_params(repo: Path, **values: object) -> None:
-    """Edit params.yaml in place, e.g. set_params(repo, train__epochs=1)."""
-    yaml = YAML()
-    params = yaml.load(repo / "params.yaml")
-    for key, value in values.items():
-        section, name = key.split("__")
-        params[section][name] = value
-    yaml.dump(params, repo / "params.yaml")
-
-
-def stop_queue_workers(repo: Path, env: dict[str, str]) -> None:
-    """Stops the queue's workers and waits for them to exit.
-
-    An idle worker stays up for a minute, pinging itself through files in the queue's broker folder; the secrets
-    scan that follows the test would race those files (one vanished between listing and reading, in CI).
-    """
-    celery = repo / ".dvc" / "tmp" / "exps" / "celery"
-    pids = [ProcessInfo.load(str(path)).pid for path in celery.glob("dvc-exp-worker-*.json")]
-    assert pids, "no queue worker was recorded"
-    subprocess.run(["dvc", "queue", "stop"], cwd=repo, env=env, capture_output=True, check=True, timeout=60)
-    processes = []
-    for pid in pids:
-        try:
-            processes.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            continue
-    _, alive = psutil.wait_procs(processes, timeout=120)
-    assert not alive, f"queue workers still running after dvc queue stop: {alive}"
-
-
-def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Path) -> None:
-    repo = workspace
-    queued = run(repo, "dvc", "exp", "run", "--queue", "-S", "lora.r=4,16", "-S", "train.epochs=1")
-    names = re.findall(r"Queued experiment '([^']+)'", queued)
-    assert len(names) == 2
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-        "DVC_NO_ANALYTICS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1",
-        **SECRETS,
-    }
-    env.pop("MLFLOW_TRACKING_URI", None)
-    # the workers are daemons that outlive `queue start` (and would hold a captured stdout open): poll the queue
-    subprocess.run(
-        ["dvc", "queue", "start", "-j", "2"],
-        cwd=repo,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        check=True,
-        timeout=60,
-    )
-    deadline = time.monotonic() + 900
-    while True:
-        status = run(repo, "dvc", "queue", "status")  # rows: task, name, created, status
-        rows = {
-            parts[1]: parts[-1] for parts in map(str.split, status.splitlines()) if len(parts) > 2 and parts[1] in names
-        }
-        done = len(rows) == len(names) and set(rows.values()) <= {"Success", "Failed"}
-        if done or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    for name in names:
-        run(repo, "dvc", "queue", "logs", name)  # kept for the secrets scan below
-    stop_queue_workers(repo, env)
-    assert rows == dict.fromkeys(names, "Success"), status
-
-    shown = run_json(repo, "dvc", "exp", "show", "--json")
-    experiments = {
-        rev["name"]: rev["data"]
-        for commit in shown
-        for exp in commit.get("experiments") or []
-        for rev in exp["revs"]
-        if rev.get("name") in names
-    }
-    ranks = {name: data["params"]["params.yaml"]["data"]["lora"]["r"] for name, data in experiments.items()}
-    assert sorted(ranks.values()) == [4, 16]
-    for name, data in experiments.items():
-        metrics = data["metrics"]
-        assert metrics["metrics/train.json"]["data"]["global_steps"] == 16  # one epoch
-        assert 0 <= metrics["metrics/finetuned.json"]["data"]["eight_class"]["accuracy"] <= 1
-        _, children = pipeline_group(repo, name)  # each queued run lands in the main store, grouped
-        assert set(children) == {"train", "evaluate"}
-        assert children["train"].data.params["lora.r"] == str(ranks[name])
-    table = run(repo, "dvc", "exp", "show", "--no-pager", "--md", "--keep", "lora.r")
-    assert all(name in table for name in names)
-    assert list((repo / "checkpoints").glob("train-*")) == []  # each finished run removed its own
-
-
-def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: Path, tmp_path: Path) -> None:
-    repo = workspace
-    folds = [1, 2]  # a matrix of two folds runs the same machinery as one of five
-    set_params(repo, train__epochs=1, cv__folds=folds)
-    open_cross_validation(repo)
-    output = run(repo, "dvc", "repro", "cv/dvc.yaml")
-    for stage in ("split", "baseline", "train", "evaluate"):
-        assert all(f"Running stage 'cv/dvc.yaml:{stage}@{fold}-100'" in output for fold in folds), stage
-    assert "Running stage 'cv/dvc.yaml:summary'" in output
-    assert "Running stage 'train'" not in output and "Running stage 'download'" not in output
-
-    per_fold = [read_json(repo / "cv" / "metrics" / f"fold{fold}-100x" / "finetuned.json") for fold in folds]
-    accuracies = [metrics["eight_class"]["accuracy"] for metrics in per_fold]
-    summary = read_json(repo / "cv" / "summary.json")["100x"]
-    assert summary["n_folds"] == len(folds)
-    assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
-        {
-            "mean": statistics.mean(accuracies),
-            "std": statistics.stdev(accuracies),
-            "min": min(accuracies),
-            "max": max(accuracies),
-        }
-    )
-    test_sets = [
-        set(pd.read_csv(repo / "cv" / "folds" / f"fold{fold}-100x" / "split" / "test.csv")["patient"]) for fold in folds
-    ]
-    assert all(not a & b for i, a in enumerate(test_sets) for b in test_sets[i + 1 :])  # each patient tested once
-    table = (repo / "cv" / "summary.md").read_text().splitlines()
-    assert [row.split("|")[1].strip() for row in table[3:]] == ["1", "2", "mean ± std", "[min, max]"]
-    (workspace,) = run_json(repo, "dvc", "metrics", "show", "--json").values()
-    assert "cv/summary.json" in workspace["data"]
-
-    *_, parent = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
-    trains = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'train'")
-    assert sorted(int(train.data.params["split.fold"]) for train in trains) == folds
-    lock = YAML(typ="safe").load(repo / "cv" / "dvc.lock")["stages"]
-    for train in trains:
-        fold = train.data.params["split.fold"]
-        assert train.info.run_name == f"train (fold {fold}, 100X)"
-        (adapter,) = [o for o in lock[f"train@{fold}-100"]["outs"] if o["path"].endswith("adapter")]
-        assert train.data.tags["adapter_dvc_md5"] == adapter["md5"]
-    assert "Running stage" not in run(repo, "dvc", "repro", "cv/dvc.yaml")
-
-    run(repo, "git", "add", "-A")
-    run(repo, "git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", "cross-validation")
-    # once it has run, cv/dvc.yaml's outputs are pulled like the rest
-    clone = clean_in_a_fresh_clone(repo, tmp_path, base="HEAD~1")
-    assert (clone / "cv" / "folds" / "fold2-100x" / "adapter" / "adapter_config.json").is_file()
-
-
 def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace: Path, tmp_path: Path) -> None:
     """A local folder stands in for the gs:// bucket: the same `dvc push`/`dvc pull`, another storage backend."""
     repo = workspace
@@ -632,41 +339,6 @@ def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace
     assert "Data and pipelines are up to date" in run(clone, "dvc", "repro")
     assert not (clone / "checkpoints").exists()
     assert_no_secret_kept(clone)
-
-
-def test_precision_comparison_reports_the_fp16_overflow_as_diverged(workspace: Path, overflowing_model: Path) -> None:
-    repo = workspace
-    output = run(
-        repo,
-        sys.executable,
-        "-m",
-        "tools.precision_comparison",
-        "-S",
-        f"model.id={overflowing_model}",
-        "-S",
-        "train.epochs=1",
-        "-S",
-        "data.synthetic.images_per_patient=2",
-        "--out",
-        "reports/precision.md",
-    )
-    table = {
-        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:4]]
-        for line in (repo / "reports" / "precision.md").read_text().splitlines()
-        if line.startswith("| ")
-    }
-    assert table[""] == ["bf16", "fp16"]
-    assert table["training"] == ["finished", "diverged at step 1 (non-finite loss)"]
-    assert table["precision that ran"] == [
-        "bfloat16 base weights + bf16 autocast",
-        "float16 base weights, no autocast (fp16 mixed precision needs a GPU)",
-    ]
-    assert table["non-finite loss steps"] == ["0", "1"]
-    assert table["peak CUDA memory allocated (GiB)"] == ["n/a (ran on CPU)"] * 2
-    assert float(table["test 8-class accuracy"][0]) >= 0
-    assert table["test 8-class accuracy"][1] == "not evaluated"
-    assert re.search(r"\| training +\| finished +\| diverged at step 1", output), output
-    assert "No GPU here" in output
 
 
 def test_no_secret_reaches_mlflow_logs_or_dvc_files(repo: Path) -> None:
