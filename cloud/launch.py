@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The params schema itself (it needs only ruamel.yaml, which requirements-cloud.txt pins too): a job whose -S values
 # the stages would refuse is refused here, before a GPU is paid for.
 sys.path.insert(0, str(REPO))
+from medgemma_breakhis.logs import without_user_info
 from medgemma_breakhis.model_source import needs_hub_token
 from medgemma_breakhis.params import Params, ParamsError, parse_params
 
@@ -105,7 +106,7 @@ def tracking_server(environ: dict[str, str]) -> tuple[str, dict[str, str]]:
     if parts.username is not None or parts.password is not None:
         secrets["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
         secrets["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
-        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+        parts = without_user_info(parts)
     return parts.geturl(), {name: value for name, value in secrets.items() if value}
 
 
@@ -181,7 +182,7 @@ def repository_url() -> str:
     if parts.scheme in ("http", "https") and (parts.username is not None or parts.password is not None):
         if parts.password:
             os.environ.setdefault("GIT_TOKEN", unquote(parts.password))
-        url = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else "")).geturl()
+        url = without_user_info(parts).geturl()
     return url
 
 

@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Iterable
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from tqdm import tqdm
 
@@ -70,6 +70,12 @@ def uri_credentials(uri: str) -> list[str]:
     parts = urlsplit(uri)
     raw = [parts.username, parts.password, *(value for _, value in parse_qsl(parts.query, True))]
     return sorted({value for text in raw if text for value in (text, unquote(text))}, key=len, reverse=True)
+
+
+def without_user_info(parts: SplitResult) -> SplitResult:
+    """`parts` without a user name or password: its host and port as written (rebuilt from `hostname`, an IPv6
+    address would lose its brackets)."""
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2])
 
 
 def secret_values() -> list[str]:

@@ -35,7 +35,7 @@ from ruamel.yaml import YAML
 
 from medgemma_breakhis.atomic import atomic_write_json
 from medgemma_breakhis.errors import ExpectedError
-from medgemma_breakhis.logs import uri_credentials
+from medgemma_breakhis.logs import uri_credentials, without_user_info
 from medgemma_breakhis.memory import peak_memory_gib
 from medgemma_breakhis.modeling import LoadedModelInfo
 from medgemma_breakhis.params import (
@@ -90,8 +90,7 @@ def shown_uri(uri: str) -> str:
     parts = urlsplit(uri)
     if not parts.netloc:  # sqlite:////path, file:///path: nothing to hide, and rebuilding would drop a slash
         return uri
-    if parts.username is not None or parts.password is not None:
-        parts = parts._replace(netloc=(parts.hostname or "") + (f":{parts.port}" if parts.port else ""))
+    parts = without_user_info(parts)
     if parts.query:
         parts = parts._replace(query="&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, True)))
     return parts.geturl()
@@ -116,8 +115,7 @@ def bound_store_requests() -> None:
         return
     os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
     os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
-    netloc = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
-    os.environ["MLFLOW_TRACKING_URI"] = parts._replace(netloc=netloc).geturl()
+    os.environ["MLFLOW_TRACKING_URI"] = without_user_info(parts).geturl()
 
 
 def store_error(uri: str, err: Exception) -> TrackingError:

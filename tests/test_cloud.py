@@ -99,6 +99,8 @@ def test_the_launcher_sends_exactly_the_credentials_the_params_need_and_none_ins
         {"MLFLOW_TRACKING_USERNAME": "carol", "MLFLOW_TRACKING_PASSWORD": "p@ss"},
     )
     assert launch.secrets_for(params, offline, server)["MLFLOW_TRACKING_PASSWORD"] == "p@ss"
+    ipv6 = {"MLFLOW_TRACKING_URI": "http://carol:p%40ss@[fd00::1]:5000"}
+    assert launch.tracking_server(ipv6)[0] == "http://[fd00::1]:5000"
     with pytest.raises(launch.LaunchError, match="a store on this machine, which the job cannot reach"):
         launch.tracking_server({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
     with pytest.raises(launch.LaunchError, match="query string"):

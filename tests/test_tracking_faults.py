@@ -140,6 +140,7 @@ def test_credentials_in_the_store_url_are_moved_to_mlflow_s_variables_and_never_
     uri = "https://carol:p%40ss-w0rd@mlflow.example.org:8443/prefix?token=tok-123456&x=1"
     assert tracking.shown_uri(uri) == "https://mlflow.example.org:8443/prefix?token=***&x=***"
     assert tracking.shown_uri("sqlite:////repo/mlflow.db") == "sqlite:////repo/mlflow.db"
+    assert tracking.shown_uri("http://carol:pw@[fd00::1]:5000/x") == "http://[fd00::1]:5000/x"  # brackets kept
     message = f"API request to {uri.replace('%40', '@')} failed"
     assert "p@ss-w0rd" not in tracking.redacted(message, uri) and "tok-123456" not in tracking.redacted(message, uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:p%40ss-w0rd@127.0.0.1:5000")
