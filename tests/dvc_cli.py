@@ -57,6 +57,17 @@ def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) ->
     return result.stdout if stdout_only else result.stdout + result.stderr
 
 
+def experiments_shown(repo: Path) -> dict[str, dict]:
+    """The named experiments `dvc exp show --json` lists in `repo`, by name: their params and metrics."""
+    return {
+        rev["name"]: rev["data"]
+        for commit in run_json(repo, "dvc", "exp", "show", "--json")
+        for exp in commit.get("experiments") or []
+        for rev in exp["revs"]
+        if rev.get("name")
+    }
+
+
 def stages_run(output: str) -> list[str]:
     return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
-from dvc_cli import SECRETS, copy_of, run, run_json
+from dvc_cli import SECRETS, copy_of, experiments_shown, run
 from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
@@ -408,14 +408,7 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     run(tmp_path, "git", "clone", "-q", str(origin), str(user))
     run(user, "dvc", "remote", "add", "--local", "-d", "shared", str(remote))
     run(user, "dvc", "exp", "pull", "origin", "cloud-r16")
-    shown = run_json(user, "dvc", "exp", "show", "--json")
-    experiments = {
-        rev["name"]: rev["data"]
-        for commit_ in shown
-        for exp in commit_.get("experiments") or []
-        for rev in exp["revs"]
-        if rev.get("name")
-    }
+    experiments = experiments_shown(user)
     assert set(experiments) == {"cloud-r16"}
     data = experiments["cloud-r16"]
     assert data["params"]["params.yaml"]["data"]["lora"]["r"] == 16

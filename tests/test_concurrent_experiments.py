@@ -13,7 +13,7 @@ from pathlib import Path
 import mlflow
 import psutil
 import pytest
-from dvc_cli import command_env, pipeline_group, run, run_json
+from dvc_cli import command_env, experiments_shown, pipeline_group, run
 from dvc_task.proc.process import ProcessInfo
 
 from medgemma_breakhis.params import (
@@ -138,14 +138,7 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Pa
     stop_queue_workers(repo, env)
     assert rows == dict.fromkeys(names, "Success"), status
 
-    shown = run_json(repo, "dvc", "exp", "show", "--json")
-    experiments = {
-        rev["name"]: rev["data"]
-        for commit in shown
-        for exp in commit.get("experiments") or []
-        for rev in exp["revs"]
-        if rev.get("name") in names
-    }
+    experiments = {name: data for name, data in experiments_shown(repo).items() if name in names}
     ranks = {name: data["params"]["params.yaml"]["data"]["lora"]["r"] for name, data in experiments.items()}
     assert sorted(ranks.values()) == [4, 16]
     for name, data in experiments.items():
