@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The params schema itself (it needs only ruamel.yaml, which requirements-cloud.txt pins too): a job whose -S values
 # the stages would refuse is refused here, before a GPU is paid for.
 sys.path.insert(0, str(REPO))
-from medgemma_breakhis.logs import without_user_info
-from medgemma_breakhis.model_source import needs_hub_token
-from medgemma_breakhis.params import Params, ParamsError, parse_params
+from medgemma_breakhis.core.errors import ParamsError
+from medgemma_breakhis.core.logs import without_user_info
+from medgemma_breakhis.core.params import Params, parse_params
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ def secrets_for(params_yaml: str, overrides: list[str], environ: dict[str, str])
     one the params need that is not set."""
     params = job_params(params_yaml, overrides)
     needed = []
-    if needs_hub_token(params.model.id) and not hf_token_secret(environ):
+    if params.model.kind == "hub" and not hf_token_secret(environ):
         needed.append("HF_TOKEN")
     if params.data.source == "kaggle":
         needed += KAGGLE_SECRETS
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         tasks = []
         for name, overrides in zip(names, jobs):
             secrets = secrets_for(params_yaml, overrides, environ)  # validates the params first
-            needs_token = needs_hub_token(job_params(params_yaml, overrides).model.id)
+            needs_token = job_params(params_yaml, overrides).model.kind == "hub"
             envs = {
                 "REPO_URL": url,
                 "REPO_COMMIT": commit,

@@ -8,9 +8,8 @@ Run: dvc repro baseline
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.evaluation import run_evaluation
-from medgemma_breakhis.stage import start_stage
+from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.evaluate.evaluation import run_evaluation
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,9 +7,8 @@ Run: dvc repro cv/dvc.yaml
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.cross_validation import write_summary
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.stage import start_stage
+from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.report.cross_validation import write_summary
 
 
 def main(argv: list[str] | None = None) -> None:

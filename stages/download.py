@@ -7,9 +7,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from medgemma_breakhis.acquisition import prepare_raw_data
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.stage import start_stage
+from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.download.sources import prepare_raw_data
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,9 +9,9 @@ Run: dvc repro evaluate
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.evaluation import run_evaluation
-from medgemma_breakhis.stage import start_stage
+from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.evaluate.evaluation import run_evaluation
+from medgemma_breakhis.registry.register import register_adapter
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         predictions_path=args.predictions,
         roc_path=args.roc,
         adapter_dir=args.adapter,
-        register=args.register,
+        register=register_adapter if args.register else None,
     )
 
 

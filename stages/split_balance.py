@@ -7,9 +7,8 @@ Run: dvc repro split_balance   (or: python -m stages.split_balance --folds data/
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.splits import write_split
-from medgemma_breakhis.stage import start_stage
+from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.data.split import write_split
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
 Run: dvc repro train
      (or: python -m stages.train --images data/raw --train data/split/train.csv --adapter models/adapter
           --metrics metrics/train.json --loss plots/train_loss.csv --checkpoints checkpoints)
-With train.num_processes > 1 it starts itself again under `accelerate launch`, one process per GPU.
+With execution.num_processes > 1 it starts itself again under `accelerate launch`, one process per GPU.
 """
 
 import argparse
@@ -11,11 +11,10 @@ import os
 import sys
 from pathlib import Path
 
-from medgemma_breakhis.distributed import run_distributed_if_asked
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.repository import in_main_repo
-from medgemma_breakhis.stage import start_stage
-from medgemma_breakhis.training import run_training
+from medgemma_breakhis.core.files import in_main_repo
+from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.train.execution import run_distributed_if_asked
+from medgemma_breakhis.train.trainer import run_training
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     arguments = sys.argv[1:] if argv is None else argv
     args, params = start_stage(parser, arguments)
-    run_distributed_if_asked(params.train.num_processes, "stages.train", arguments)
+    run_distributed_if_asked(params.execution.num_processes, "stages.train", arguments)
     # A cloud job sets MEDGEMMA_CHECKPOINTS_DIR to a bucket mount, so that a preempted job resumes on its next machine
     # (docs/cloud.md). Not a param: where checkpoints live does not change what is trained.
     checkpoints = Path(os.environ.get("MEDGEMMA_CHECKPOINTS_DIR") or args.checkpoints)

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from repo_params import params
 
-from medgemma_breakhis.folds import FOLDS_CSV
-from medgemma_breakhis.gemma3_tokenizer import TokenizerMissing, verified_tokenizer_folder
-from medgemma_breakhis.params import ModelParams, SplitParams, SyntheticData
+from medgemma_breakhis.data.breakhis import FOLDS_CSV
+from medgemma_breakhis.model.builtin import TokenizerMissing, verified_tokenizer_folder
 
 # torch, transformers, peft, mlflow and the modules that import them are imported by the fixtures that use them: a
 # parallel run's controller (`pytest -n`, which runs no test) then starts in a second instead of competing with its
@@ -29,7 +29,7 @@ from medgemma_breakhis.params import ModelParams, SplitParams, SyntheticData
 def _mlflow_environment_restored() -> Iterator[None]:
     """A stage sets MLflow's variables in its own process (`tracking.bound_store_requests`); a test that runs one
     in-process leaves them as they were for the next."""
-    from medgemma_breakhis.tracking import STORE_REQUEST_POLICY
+    from medgemma_breakhis.track.runs import STORE_REQUEST_POLICY
 
     names = (*STORE_REQUEST_POLICY, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     saved = {name: os.environ.get(name) for name in names}
@@ -73,17 +73,18 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic BreakHis copy (two images per benign patient and magnification, three per malignant)."""
-    from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+    from medgemma_breakhis.download.synthetic import generate_synthetic_breakhis
 
-    return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis"), SyntheticData(images_per_patient=2))
+    spec = params({"data": {"synthetic": {"images_per_patient": 2}}}).data.synthetic
+    return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis"), spec)
 
 
 @pytest.fixture(scope="session")
 def synthetic_root_100x(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 100X part of `synthetic_root` (the same images), for tests that read every image: a quarter of the work."""
-    from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+    from medgemma_breakhis.download.synthetic import generate_synthetic_breakhis
 
-    spec = SyntheticData(images_per_patient=2, magnifications=(100,))
+    spec = params({"data": {"synthetic": {"images_per_patient": 2, "magnifications": [100]}}}).data.synthetic
     return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis-100x"), spec)
 
 
@@ -126,19 +127,19 @@ def workspace(repo: Path, tmp_path: Path) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def split_dir(synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default split (fold 1, 100X, binary balance) of the synthetic set: train.csv, test.csv, summary.json."""
-    from medgemma_breakhis.splits import write_split
+    from medgemma_breakhis.data.split import write_split
 
     folder = tmp_path_factory.mktemp("split")
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), folder, folder / "summary.json")
+    write_split(synthetic_root / FOLDS_CSV, params().split, folder, folder / "summary.json")
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
     """(model, processor, info) of the tiny random Gemma 3, in fp32 so comparisons are exact."""
-    from medgemma_breakhis.modeling import load_base_model
+    from medgemma_breakhis.model.load import load_base_model
 
-    return load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+    return load_base_model(params({"model": {"id": "tiny-gemma3"}}).model, "fp32")
 
 
 @pytest.fixture(scope="session")
@@ -153,7 +154,7 @@ def gemma3_tokenizer() -> Path:
 @pytest.fixture(scope="session")
 def medgemma_processor(gemma3_tokenizer: Path):
     """MedGemma's processor: Gemma 3's tokenizer and chat template, 896x896 images as 256 image tokens."""
-    from medgemma_breakhis.medgemma_architecture import medgemma_processor
+    from medgemma_breakhis.model.builtin import medgemma_processor
 
     return medgemma_processor()
 
@@ -162,11 +163,11 @@ def medgemma_processor(gemma3_tokenizer: Path):
 def real_vocabulary_model(medgemma_processor, tmp_path_factory: pytest.TempPathFactory):
     """(model, processor, info) of a tiny random Gemma 3 with MedGemma's processor (Gemma 3's 262,145-token vocabulary,
     896x896 images, 256 image tokens), saved and loaded back as a local folder, in fp32."""
-    from medgemma_breakhis.modeling import load_base_model
-    from medgemma_breakhis.tiny_model import build_tiny_gemma3
+    from medgemma_breakhis.model.builtin import build_tiny_gemma3
+    from medgemma_breakhis.model.load import load_base_model
 
     folder = build_tiny_gemma3(tmp_path_factory.mktemp("real-vocabulary-gemma3"), medgemma_processor)
-    return load_base_model(ModelParams(id=str(folder)), "fp32")
+    return load_base_model(params({"model": {"id": str(folder)}}).model, "fp32")
 
 
 @pytest.fixture(scope="session")
@@ -176,10 +177,10 @@ def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from medgemma_breakhis.modeling import load_base_model
+    from medgemma_breakhis.model.load import load_base_model
 
     folder = tmp_path_factory.mktemp("adapter")
-    model, processor, _ = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
+    model, processor, _ = load_base_model(params({"model": {"id": "tiny-gemma3"}}).model, "fp32")
     adapted = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -202,7 +203,7 @@ def overflowing_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from medgemma_breakhis.tiny_model import build_tiny_gemma3
+    from medgemma_breakhis.model.builtin import build_tiny_gemma3
 
     folder = build_tiny_gemma3(tmp_path_factory.mktemp("overflowing-gemma3"))
     model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)

@@ -4,12 +4,12 @@ import re
 from pathlib import Path
 
 import pytest
+from repo_params import params, write_params
+from ruamel.yaml import YAML
 
-from medgemma_breakhis.acquisition import prepare_raw_data
-from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.model_source import ModelLoadError
-from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import DataParams, ModelParams, ParamsError
+from medgemma_breakhis.core.errors import DataError, ParamsError
+from medgemma_breakhis.download.sources import prepare_raw_data
+from medgemma_breakhis.model.load import ModelLoadError, load_base_model
 from stages import download
 
 
@@ -20,14 +20,16 @@ def test_kaggle_without_network_or_credentials_says_what_to_set(tmp_path: Path, 
     monkeypatch.setenv("KAGGLEHUB_CACHE", str(tmp_path / "cache"))
     expected = r"ambarish/breakhis.*credentials were NOT found.*KAGGLE_USERNAME and KAGGLE_KEY"
     with pytest.raises(DataError, match=expected):
-        prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw", tmp_path / "excluded.csv")
+        prepare_raw_data(params({"data": {"source": "kaggle"}}).data, tmp_path / "raw", tmp_path / "excluded.csv")
     assert not (tmp_path / "raw").exists()
 
 
 def test_local_source_missing_folder_names_it(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'} does not exist; set data.path"):
         prepare_raw_data(
-            DataParams(source="local", path=str(tmp_path / "nowhere")), tmp_path / "raw", tmp_path / "excluded.csv"
+            params({"data": {"source": "local", "path": str(tmp_path / "nowhere")}}).data,
+            tmp_path / "raw",
+            tmp_path / "excluded.csv",
         )
 
 
@@ -36,7 +38,7 @@ def test_gated_model_without_token_says_what_to_set(monkeypatch, tmp_path: Path)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     with pytest.raises(ModelLoadError, match=r"(?s)google/medgemma-4b-it.*no Hugging Face token was found.*HF_TOKEN"):
-        load_base_model(ModelParams(), "bf16")
+        load_base_model(params().model, "bf16")
 
 
 @pytest.mark.parametrize(
@@ -49,7 +51,7 @@ def test_gated_model_without_token_says_what_to_set(monkeypatch, tmp_path: Path)
     ],
 )
 def test_stage_refuses_bad_params_before_any_work(stage_folder: Path, override: str, message: str) -> None:
-    (stage_folder / "params.yaml").write_text(override)
+    write_params(stage_folder, YAML(typ="safe").load(override))
     with pytest.raises(ParamsError, match=re.escape(message)):
         download.main(["--out", "data/raw", "--excluded", "data/excluded.csv"])
     assert not (stage_folder / "data").exists()

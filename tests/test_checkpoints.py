@@ -5,22 +5,22 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
+from repo_params import params
 from safetensors.torch import save_file
 
-from medgemma_breakhis.checkpoints import (
+from medgemma_breakhis.train.checkpoints import (
     MANIFEST,
     Fingerprint,
     checkpoint_folder,
     last_complete_checkpoint,
-    loaded_code,
     prepare_checkpoint_folder,
     training_fingerprint,
 )
-from medgemma_breakhis.params import params_from_dict
 
 
 def fingerprint(**params: object) -> Fingerprint:
@@ -28,7 +28,7 @@ def fingerprint(**params: object) -> Fingerprint:
         params={"lora.r": 8, "train.epochs": 5, **params},
         model={"resolved_revision": "sha256:aa"},
         data={"train_split": "sha256:" + "1" * 64, "images": "sha256:" + "2" * 64},
-        code={"medgemma_breakhis/training.py": "sha256:" + "3" * 64, "version.torch": "2.13.0"},
+        libraries={"torch": "2.13.0", "transformers": "5.23.0"},
     )
 
 
@@ -48,12 +48,12 @@ def test_differences_name_every_changed_input_with_both_values() -> None:
         params={"lora.r": 8, "train.epochs": 5},
         model=ours.model,
         data={**ours.data, "train_split": "sha256:" + "9" * 64},
-        code={**ours.code, "version.torch": "2.12.0"},
+        libraries={**ours.libraries, "torch": "2.12.0"},
     )
     assert ours.differences(theirs) == [
         "params lora.r: 8 in the checkpoint, 16 now",
         "data train_split: sha256:999999999999 in the checkpoint, sha256:111111111111 now",
-        "code version.torch: '2.12.0' in the checkpoint, '2.13.0' now",
+        "libraries torch: '2.12.0' in the checkpoint, '2.13.0' now",
     ]
     assert ours.differences(ours) == []
     assert ours.digest != theirs.digest and ours.digest == fingerprint(**{"lora.r": 16}).digest
@@ -89,23 +89,24 @@ def test_the_last_complete_checkpoint_is_resumed_and_interrupted_saves_are_delet
     assert not truncated.exists() and not unfinished.exists()
 
 
-def test_fingerprint_covers_training_params_data_and_code_but_not_checkpoint_frequency(
+def test_fingerprint_covers_training_params_data_and_libraries_but_not_execution_nor_code(
     tmp_path: Path, synthetic_root: Path
 ) -> None:
+    """852abeb fingerprinted every loaded module of the repository: a docstring edit threw the checkpoints away."""
     files = sorted(p.relative_to(synthetic_root).as_posix() for p in synthetic_root.rglob("*-100-*.png"))[:3]
     (tmp_path / "train.csv").write_text("filename\n" + "\n".join(files) + "\n")
 
-    def of(raw: dict, images: list[str] = files) -> Fingerprint:
-        return training_fingerprint(params_from_dict(raw), "sha256:aa", tmp_path / "train.csv", synthetic_root, images)
+    def of(raw: dict, images: list[str] = files, prompt: str = "the prompt") -> Fingerprint:
+        return training_fingerprint(params(raw), "sha256:aa", prompt, tmp_path / "train.csv", synthetic_root, images)
 
     base = of({})
-    assert of({"train": {"checkpoint_steps": 7}}) == base
+    assert of({"execution": {"checkpoint_steps": 7, "micro_batch_size": 2, "num_processes": 2}}) == base
     assert of({"eval": {"batch_size": 2}, "data": {"source": "synthetic"}}) == base
     assert of({"lora": {"r": 4}}).differences(base) == ["params lora.r: 8 in the checkpoint, 4 now"]
     assert [line.split(":")[0] for line in of({}, files[:2]).differences(base)] == ["data images"]
-    assert "medgemma_breakhis/checkpoints.py" in base.code and "medgemma_breakhis/params.py" in base.code
-    assert not any(name.startswith("tests/") for name in loaded_code())
-    assert {"version.torch", "version.transformers", "version.peft", "version.trl"} <= set(base.code)
+    assert [line.split(":")[0] for line in of({}, prompt="another").differences(base)] == ["data prompt"]
+    assert not any("medgemma_breakhis" in json.dumps(value) for value in asdict(base).values())
+    assert {"torch", "transformers", "peft", "trl", "accelerate"} == set(base.libraries)
 
 
 @pytest.mark.parametrize("manifest", ["{not json", json.dumps({"params": {}})])

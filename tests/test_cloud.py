@@ -359,7 +359,7 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
         )
 
     # A spot preemption: SIGTERM to every process of the machine during training.
-    args = ("-S", "lora.r=16", "-S", "train.epochs=1", "-S", "train.checkpoint_steps=1000")
+    args = ("-S", "lora.r=16", "-S", "train.epochs=1", "-S", "execution.checkpoint_steps=1000")
     preempted = job("cloud-r16", *args)
     deadline = time.monotonic() + 600
     while (

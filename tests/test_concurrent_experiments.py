@@ -15,18 +15,22 @@ import psutil
 import pytest
 from dvc_cli import command_env, experiments_shown, pipeline_group, run
 from dvc_task.proc.process import ProcessInfo
+from repo_params import raw_params, write_params
 
-from medgemma_breakhis.params import (
+from medgemma_breakhis.core.params import load_params
+from medgemma_breakhis.track.runs import (
     ParamsChangedError,
     changed_since,
     dvc_set_params,
-    file_digest,
-    load_params,
+    experiment_id,
+    params_digest,
+    stage_run,
 )
-from medgemma_breakhis.tracking import experiment_id, stage_run
 from stages import baseline
 
-PARAMS = "model:\n  id: tiny-gemma3\neval:\n  bootstrap_resamples: {resamples}\n"
+
+def write(folder: Path, resamples: int) -> None:
+    write_params(folder, {"model": {"id": "tiny-gemma3"}, "eval": {"bootstrap_resamples": resamples}})
 
 
 def baseline_argv(synthetic_root: Path, split: Path, metrics: str) -> list[str]:
@@ -40,10 +44,10 @@ def baseline_argv(synthetic_root: Path, split: Path, metrics: str) -> list[str]:
 def test_a_stage_refuses_to_record_after_params_yaml_changed_under_its_pipeline_execution(
     stage_folder: Path, synthetic_root: Path, split_dir: Path
 ) -> None:
-    (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=100))
+    write(stage_folder, 100)
     baseline.main(baseline_argv(synthetic_root, split_dir, "first.json"))  # the execution's first stage
     # what a second `dvc exp run -S eval.bootstrap_resamples=200` in the same workspace writes, then fails on the lock
-    (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=200))
+    write(stage_folder, 200)
     with pytest.raises(
         ParamsChangedError,
         match=r"^params.yaml changed while this stage ran \(since this pipeline execution's first stage began\): "
@@ -58,12 +62,12 @@ def test_a_stage_refuses_to_record_after_params_yaml_changed_under_its_pipeline_
 def test_params_yaml_changed_while_a_stage_ran_is_refused_before_its_results_are_written(
     stage_folder: Path, split_dir: Path
 ) -> None:
-    (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=100))
+    write(stage_folder, 100)
     with (
         pytest.raises(ParamsChangedError, match=r"^params.yaml changed while this stage ran \(since this stage began"),
         stage_run("baseline", load_params(), split_dir / "test.csv", stage_folder / "untracked.json") as tracked,
     ):
-        (stage_folder / "params.yaml").write_text(PARAMS.format(resamples=200))
+        write(stage_folder, 200)
         tracked.refuse_if_params_changed()
     (run,) = mlflow.MlflowClient().search_runs([experiment_id()], "tags.stage = 'baseline'")
     assert run.info.status == "FAILED" and run.data.tags["failure_reason"].startswith("ParamsChangedError: ")
@@ -77,13 +81,24 @@ def test_the_values_dvc_exp_run_was_asked_for_are_checked_against_params_yaml(tm
     asked = dvc_set_params(command)
     assert asked == {"eval.bootstrap_resamples": 100, "lora.r": 16, "cv.folds": [1, 2]}  # not a sweep, nor another file
     assert dvc_set_params(["dvc", "repro", "-S", "lora.r=1"]) == {}
-    params = tmp_path / "params.yaml"
-    params.write_text("eval:\n  bootstrap_resamples: 200\nlora:\n  r: 16\ncv:\n  folds: [1, 2]\n")
-    assert changed_since(file_digest(params), asked, params) == (
+    params = write_params(tmp_path, {"eval": {"bootstrap_resamples": 200}, "lora": {"r": 16}, "cv": {"folds": [1, 2]}})
+    assert changed_since(params_digest(params), asked, params) == (
         f"{params} has eval.bootstrap_resamples=200, but dvc exp run was asked for eval.bootstrap_resamples=100"
     )
-    params.write_text(json.dumps({"eval": {"bootstrap_resamples": 100}, "lora": {"r": 16}, "cv": {"folds": [1, 2]}}))
-    assert changed_since(file_digest(params), asked, params) is None
+    params.write_text(
+        json.dumps(raw_params({"eval": {"bootstrap_resamples": 100}, "lora": {"r": 16}, "cv": {"folds": [1, 2]}}))
+    )
+    assert changed_since(params_digest(params), asked, params) is None
+
+
+def test_a_comment_or_an_execution_setting_added_to_params_yaml_is_no_change(tmp_path: Path) -> None:
+    """852abeb compared the file's bytes: a comment appended while `train` ran refused 48 finished steps."""
+    params = write_params(tmp_path)
+    digest = params_digest(params)
+    params.write_text(params.read_text().replace("micro_batch_size: auto", "micro_batch_size: 2") + "# a note\n")
+    assert changed_since(digest, {}, params) is None
+    params.write_text(params.read_text().replace("r: 8", "r: 16"))
+    assert changed_since(digest, {}, params) == f"{params} changed while this stage ran"
 
 
 def stop_queue_workers(repo: Path, env: dict[str, str]) -> None:

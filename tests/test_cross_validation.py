@@ -10,16 +10,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from dvc_cli import clean_in_a_fresh_clone, read_json, run, run_json, search
+from repo_params import params
 from ruamel.yaml import YAML
 
-from medgemma_breakhis.cross_validation import (
+from medgemma_breakhis.report.cross_validation import (
     CrossValidationError,
     fold_name,
     read_fold_metrics,
     summarise_magnifications,
     write_summary,
 )
-from medgemma_breakhis.params import CrossValidationParams
 
 ACCURACIES = {1: 0.5, 2: 0.75, 3: 0.625}
 
@@ -51,7 +51,7 @@ def test_mean_and_spread_of_every_metric_over_the_folds(tmp_path: Path) -> None:
     for fold, accuracy in ACCURACIES.items():
         write_fold(tmp_path, fold, 100, accuracy)
     write_fold(tmp_path, 4, 100, 0.0)  # a fold no longer in cv.folds: stale, never averaged in
-    summary = summarise_magnifications(read_fold_metrics(tmp_path, CrossValidationParams(folds=(1, 2, 3))))["100x"]
+    summary = summarise_magnifications(read_fold_metrics(tmp_path, params({"cv": {"folds": [1, 2, 3]}}).cv))["100x"]
     assert summary["n_folds"] == 3 and summary["folds"] == ["fold1-100x", "fold2-100x", "fold3-100x"]
     values = list(ACCURACIES.values())
     assert summary["finetuned"]["eight_class"]["accuracy"] == pytest.approx(
@@ -68,7 +68,7 @@ def test_summary_and_table_are_written_per_magnification(tmp_path: Path) -> None
     for magnification in (40, 100):
         for fold, accuracy in ACCURACIES.items():
             write_fold(tmp_path / "metrics", fold, magnification, accuracy)
-    cv = CrossValidationParams(folds=(1, 2, 3), magnifications=(40, 100))
+    cv = params({"cv": {"folds": [1, 2, 3], "magnifications": [40, 100]}}).cv
     table = write_summary(tmp_path / "metrics", cv, tmp_path / "summary.json", tmp_path / "summary.md")
     assert set(json.loads((tmp_path / "summary.json").read_text())) == {"40x", "100x"}
     assert (tmp_path / "summary.md").read_text() == table
@@ -85,14 +85,14 @@ def test_summary_and_table_are_written_per_magnification(tmp_path: Path) -> None
 def test_a_missing_fold_says_how_to_make_it(tmp_path: Path) -> None:
     write_fold(tmp_path, 1, 100, 0.5)
     with pytest.raises(CrossValidationError, match=r"missing .*fold2-100x/data.json.*run `dvc repro cv/dvc.yaml`"):
-        summarise_magnifications(read_fold_metrics(tmp_path, CrossValidationParams(folds=(1, 2))))
+        summarise_magnifications(read_fold_metrics(tmp_path, params({"cv": {"folds": [1, 2]}}).cv))
 
 
 def test_a_metric_one_fold_lacks_is_an_error_not_a_smaller_average(tmp_path: Path) -> None:
     write_fold(tmp_path, 1, 100, 0.5)
     write_fold(tmp_path, 2, 100, 0.75, roc_auc=False)
     with pytest.raises(CrossValidationError, match="fold1-100x has metrics other folds lack: finetuned.binary.roc_auc"):
-        summarise_magnifications(read_fold_metrics(tmp_path, CrossValidationParams(folds=(1, 2))))
+        summarise_magnifications(read_fold_metrics(tmp_path, params({"cv": {"folds": [1, 2]}}).cv))
 
 
 def test_a_metric_no_fold_has_is_shown_as_not_available(tmp_path: Path) -> None:
@@ -100,7 +100,10 @@ def test_a_metric_no_fold_has_is_shown_as_not_available(tmp_path: Path) -> None:
     for fold, accuracy in ACCURACIES.items():
         write_fold(tmp_path / "metrics", fold, 100, accuracy, roc_auc=False)
     table = write_summary(
-        tmp_path / "metrics", CrossValidationParams(folds=(1, 2, 3)), tmp_path / "summary.json", tmp_path / "summary.md"
+        tmp_path / "metrics",
+        params({"cv": {"folds": [1, 2, 3]}}).cv,
+        tmp_path / "summary.json",
+        tmp_path / "summary.md",
     )
     rows = [[cell.strip() for cell in row.split("|")[1:-1]] for row in table.splitlines()[3:]]
     assert [row[7] for row in rows] == ["n/a"] * 5  # the binary ROC-AUC column, folds and aggregates

@@ -6,14 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from repo_params import params
 
-from medgemma_breakhis.acquisition import find_image_root, import_dataset
-from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.folds import read_folds
-from medgemma_breakhis.labels import CLASS_NAMES, label_from_path, patient_from_path
-from medgemma_breakhis.params import SplitParams
-from medgemma_breakhis.splits import read_split, select_split, split_summary, write_split
-from medgemma_breakhis.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_filename
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.data.breakhis import CLASS_NAMES, label_from_path, patient_from_path, read_folds
+from medgemma_breakhis.data.split import read_split, select_split, split_summary, write_split
+from medgemma_breakhis.download.sources import find_image_root, import_dataset
+from medgemma_breakhis.download.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_filename
 
 
 def reference_selection(folds: pd.DataFrame, fold: int, mag: int, seed: int) -> tuple[list[str], list[str]]:
@@ -65,20 +64,20 @@ def hand_made_folds() -> pd.DataFrame:
 @pytest.mark.parametrize(("fold", "mag", "seed"), [(1, 100, 42), (2, 100, 7), (1, 40, 0)])
 def test_selection_is_exactly_the_reference_selection(fold: int, mag: int, seed: int) -> None:
     folds = hand_made_folds()
-    subsets = select_split(folds, SplitParams(fold=fold, magnification=mag, seed=seed))
+    subsets = select_split(folds, params({"split": {"fold": fold, "magnification": mag, "seed": seed}}).split)
     train, test = reference_selection(folds, fold, mag, seed)
     assert list(subsets["train"]["filename"]) == train
     assert list(subsets["test"]["filename"]) == test
 
 
 def test_selection_on_synthetic_folds_matches_reference(synthetic_folds: pd.DataFrame) -> None:
-    subsets = select_split(synthetic_folds, SplitParams())
+    subsets = select_split(synthetic_folds, params().split)
     train, test = reference_selection(synthetic_folds, 1, 100, 42)
     assert list(subsets["train"]["filename"]) == train and list(subsets["test"]["filename"]) == test
 
 
 def test_selection_rows_carry_label_class_and_patient() -> None:
-    subsets = select_split(hand_made_folds(), SplitParams())
+    subsets = select_split(hand_made_folds(), params().split)
     for rows in subsets.values():
         assert list(rows.columns) == ["filename", "label", "class_name", "patient"]
         assert list(rows["label"]) == [label_from_path(f) for f in rows["filename"]]
@@ -89,7 +88,7 @@ def test_selection_rows_carry_label_class_and_patient() -> None:
 
 def test_unbalanced_selection_keeps_every_row_in_folds_order() -> None:
     folds = hand_made_folds()
-    subsets = select_split(folds, SplitParams(balance="none"))
+    subsets = select_split(folds, params({"split": {"balance": "none"}}).split)
     expected = folds[(folds["mag"] == 100) & (folds["fold"] == 1) & (folds["grp"] == "train")]["filename"]
     assert list(subsets["train"]["filename"]) == list(expected)
 
@@ -105,7 +104,7 @@ def test_patient_in_train_and_test_is_refused_with_every_image_of_it() -> None:
     )  # one image of each of two patients moved to test
     leaky = pd.concat([folds.drop(moved.index), moved.assign(grp="test")])
     with pytest.raises(DataError) as caught:
-        select_split(leaky, SplitParams(balance="none"))
+        select_split(leaky, params({"split": {"balance": "none"}}).split)
     message = str(caught.value)
     assert message.startswith(
         f"2 patient(s) are in both train and test of fold 1 at 100X: {', '.join(sorted(leaked_patients))}."
@@ -118,7 +117,7 @@ def test_patient_in_train_and_test_is_refused_with_every_image_of_it() -> None:
 
 
 def test_data_summary_counts_images_and_patients_per_split_and_class() -> None:
-    subsets = select_split(hand_made_folds(), SplitParams(balance="none"))
+    subsets = select_split(hand_made_folds(), params({"split": {"balance": "none"}}).split)
     summary = split_summary(subsets)
     for group, rows in subsets.items():
         figures = summary[group]
@@ -135,7 +134,7 @@ def test_data_summary_counts_images_and_patients_per_split_and_class() -> None:
 
 
 def test_write_then_read_split(tmp_path: Path, synthetic_root: Path) -> None:
-    write_split(synthetic_root / "Folds.csv", SplitParams(), tmp_path / "split", tmp_path / "data.json")
+    write_split(synthetic_root / "Folds.csv", params().split, tmp_path / "split", tmp_path / "data.json")
     test = read_split(tmp_path / "split" / "test.csv", synthetic_root)
     assert len(test) > 0 and all(isinstance(p, str) for p in test["patient"])
 
@@ -217,7 +216,9 @@ def test_synthetic_set_at_one_magnification_is_that_part_of_the_full_set_byte_fo
     assert drawn == sorted(set(folds["filename"])) and len(drawn) == 4 * 5 * 2 + 4 * 5 * 3  # benign 2, malignant 3
     assert all((part / f).read_bytes() == (synthetic_root / f).read_bytes() for f in drawn)
     for fold in range(1, 6):  # cross-validation's five folds all select from it, every class in every test set
-        assert set(select_split(folds, SplitParams(fold=fold))["test"]["label"]) == set(range(len(CLASS_NAMES)))
+        assert set(select_split(folds, params({"split": {"fold": fold}}).split)["test"]["label"]) == set(
+            range(len(CLASS_NAMES))
+        )
 
 
 def test_synthetic_classes_differ_in_pixels(synthetic_root: Path, synthetic_folds: pd.DataFrame) -> None:

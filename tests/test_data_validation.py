@@ -11,11 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from repo_params import params as with_params
+from repo_params import write_params
 
-from medgemma_breakhis.acquisition import prepare_raw_data
-from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.folds import FOLDS_CSV, read_folds
-from medgemma_breakhis.params import DataParams
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.data.breakhis import FOLDS_CSV, read_folds
+from medgemma_breakhis.download.sources import prepare_raw_data
 from stages import download
 
 MISLABELLED = (
@@ -59,7 +60,11 @@ def bad_copy(synthetic_root_100x: Path, tmp_path: Path) -> tuple[Path, dict[str,
 def test_every_bad_image_is_listed_and_nothing_is_written(bad_copy, tmp_path: Path) -> None:
     root, expected = bad_copy
     with pytest.raises(DataError) as caught:
-        prepare_raw_data(DataParams(source="local", path=str(root)), tmp_path / "raw", tmp_path / "excluded.csv")
+        prepare_raw_data(
+            with_params({"data": {"source": "local", "path": str(root)}}).data,
+            tmp_path / "raw",
+            tmp_path / "excluded.csv",
+        )
     message = str(caught.value)
     assert message.startswith(f"{len(expected)} of ")
     for filename, reason in expected.items():
@@ -70,7 +75,7 @@ def test_every_bad_image_is_listed_and_nothing_is_written(bad_copy, tmp_path: Pa
 
 def test_excluded_images_are_left_out_and_reported_with_the_reason(bad_copy, tmp_path: Path) -> None:
     root, expected = bad_copy
-    params = DataParams(source="local", path=str(root), exclude_invalid=True)
+    params = with_params({"data": {"source": "local", "path": str(root), "exclude_invalid": True}}).data
     count = prepare_raw_data(params, tmp_path / "raw", tmp_path / "excluded.csv")
     report = pd.read_csv(tmp_path / "excluded.csv")
     reported = dict(zip(report["filename"], report["reason"]))
@@ -115,7 +120,7 @@ def test_hostile_files_are_listed_and_excluded_never_crashing_nor_decoded_nor_fo
     with (root / FOLDS_CSV).open("a") as stream:
         stream.write(f"1,100,train,{too_long}\n")
 
-    params = DataParams(source="local", path=str(root), exclude_invalid=True)
+    params = with_params({"data": {"source": "local", "path": str(root), "exclude_invalid": True}}).data
     prepare_raw_data(params, tmp_path / "raw", tmp_path / "excluded.csv")
     report = pd.read_csv(tmp_path / "excluded.csv")
     reasons = dict(zip(report["filename"], report["reason"]))
@@ -129,7 +134,7 @@ def test_hostile_files_are_listed_and_excluded_never_crashing_nor_decoded_nor_fo
 
 def test_download_stage_stops_on_bad_data(bad_copy, stage_folder: Path) -> None:
     root, _ = bad_copy
-    (stage_folder / "params.yaml").write_text(f"data:\n  source: local\n  path: {root}\n")
+    write_params(stage_folder, {"data": {"source": "local", "path": str(root)}})
     with pytest.raises(DataError, match=r"^6 of .* cannot be used"):
         download.main(["--out", "data/raw", "--excluded", "data/excluded_images.csv"])
     assert not (stage_folder / "data").exists()

@@ -11,12 +11,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 from PIL import Image
+from repo_params import params
 
-from medgemma_breakhis.acquisition import prepare_raw_data
-from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.folds import FOLDS_CSV
-from medgemma_breakhis.params import DataParams, SplitParams
-from medgemma_breakhis.splits import write_split
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.data.breakhis import FOLDS_CSV
+from medgemma_breakhis.data.split import write_split
+from medgemma_breakhis.download.sources import prepare_raw_data
 
 OUTSIDE_IMAGE = "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-77/100X/SOB_B_A-14-77-100-001.png"
 
@@ -43,11 +43,13 @@ def test_paths_leading_outside_are_listed_never_read_or_written(synthetic_root_1
     raw, excluded = tmp_path / "data" / "raw", tmp_path / "data" / "excluded.csv"
 
     with pytest.raises(DataError) as caught:
-        prepare_raw_data(DataParams(source="local", path=str(root)), raw, excluded)
+        prepare_raw_data(params({"data": {"source": "local", "path": str(root)}}).data, raw, excluded)
     for filename, reason in escaping.items():
         assert f"{root / filename}: " in str(caught.value) and reason in str(caught.value)
 
-    count = prepare_raw_data(DataParams(source="local", path=str(root), exclude_invalid=True), raw, excluded)
+    count = prepare_raw_data(
+        params({"data": {"source": "local", "path": str(root), "exclude_invalid": True}}).data, raw, excluded
+    )
     listed = pd.read_csv(excluded)
     assert set(listed["filename"]) == set(escaping)
     assert count == pd.read_csv(synthetic_root_100x / FOLDS_CSV)["filename"].nunique()
@@ -66,15 +68,17 @@ def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_ro
     raw, excluded = tmp_path / "raw", tmp_path / "excluded.csv"
 
     with pytest.raises(DataError) as caught:
-        prepare_raw_data(DataParams(source="local", path=str(root)), raw, excluded)
+        prepare_raw_data(params({"data": {"source": "local", "path": str(root)}}).data, raw, excluded)
     assert f"{root / unknown_type}: no tumour-type folder" in str(caught.value)
     assert f"{root / off_pattern}: image file name 'photo.png' does not follow the BreakHis pattern" in str(
         caught.value
     )
 
-    prepare_raw_data(DataParams(source="local", path=str(root), exclude_invalid=True), raw, excluded)
+    prepare_raw_data(
+        params({"data": {"source": "local", "path": str(root), "exclude_invalid": True}}).data, raw, excluded
+    )
     assert set(pd.read_csv(excluded)["filename"]) == {unknown_type, off_pattern}
-    subsets = write_split(raw / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "data.json")
+    subsets = write_split(raw / FOLDS_CSV, params().split, tmp_path / "split", tmp_path / "data.json")
     assert len(subsets["train"]) > 0
 
 
@@ -88,7 +92,9 @@ def test_relative_data_path_is_taken_from_the_main_repository(
     copy.mkdir(parents=True)
     monkeypatch.chdir(copy)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    count = prepare_raw_data(DataParams(source="local", path="breakhis"), Path("data/raw"), Path("excluded.csv"))
+    count = prepare_raw_data(
+        params({"data": {"source": "local", "path": "breakhis"}}).data, Path("data/raw"), Path("excluded.csv")
+    )
     assert count > 0 and (copy / "data" / "raw" / FOLDS_CSV).is_file()
 
 
@@ -99,7 +105,9 @@ def test_data_path_that_is_a_file_is_named_as_such(tmp_path: Path) -> None:
         match=f"dataset folder {tmp_path / 'Folds.csv'} is a file; set data.path to the folder holding Folds.csv",
     ):
         prepare_raw_data(
-            DataParams(source="local", path=str(tmp_path / "Folds.csv")), tmp_path / "raw", tmp_path / "excluded.csv"
+            params({"data": {"source": "local", "path": str(tmp_path / "Folds.csv")}}).data,
+            tmp_path / "raw",
+            tmp_path / "excluded.csv",
         )
 
 
@@ -107,7 +115,9 @@ def test_output_folders_get_the_umask_mode_not_private(synthetic_root_100x: Path
     previous = os.umask(0o022)
     try:
         prepare_raw_data(
-            DataParams(source="local", path=str(synthetic_root_100x)), tmp_path / "raw", tmp_path / "excluded.csv"
+            params({"data": {"source": "local", "path": str(synthetic_root_100x)}}).data,
+            tmp_path / "raw",
+            tmp_path / "excluded.csv",
         )
     finally:
         os.umask(previous)

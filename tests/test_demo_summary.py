@@ -1,4 +1,4 @@
-from medgemma_breakhis.metrics import HEADLINE
+from medgemma_breakhis.evaluate.metrics import HEADLINE
 from tools.demo_summary import baseline_finetuned_table
 
 

@@ -1,4 +1,4 @@
-"""`train` with train.num_processes=2: two DDP processes (gloo, on the CPU) under `accelerate launch`."""
+"""`train` with execution.num_processes=2: two DDP processes (gloo, on the CPU) under `accelerate launch`."""
 
 from __future__ import annotations
 
@@ -12,19 +12,19 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from repo_params import params, write_params
 
-from medgemma_breakhis.distributed import ProcessCountError, run_distributed_if_asked
-from medgemma_breakhis.folds import FOLDS_CSV
-from medgemma_breakhis.params import SplitParams
-from medgemma_breakhis.splits import write_split
+from medgemma_breakhis.data.breakhis import FOLDS_CSV
+from medgemma_breakhis.data.split import write_split
+from medgemma_breakhis.train.execution import ProcessCountError, run_distributed_if_asked
 
 
 @pytest.mark.slow  # two training processes under accelerate launch
 def test_two_processes_train_one_adapter_tracked_once(
     synthetic_root: Path, tmp_path: Path, train_argv: Callable[[str], list[str]], stage_env: dict[str, str]
 ) -> None:
-    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  num_processes: 2\n")
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
+    write_params(tmp_path, {"model": {"id": "tiny-gemma3"}, "train": {"epochs": 1}, "execution": {"num_processes": 2}})
+    write_split(synthetic_root / FOLDS_CSV, params().split, tmp_path / "split", tmp_path / "split" / "summary.json")
     result = subprocess.run(
         [sys.executable, "-m", "stages.train", *train_argv("split/train.csv")],
         cwd=tmp_path,
@@ -48,14 +48,15 @@ def test_two_processes_train_one_adapter_tracked_once(
     (train,) = client.search_runs(["1"], "tags.stage = 'train'")  # rank 1 tracks nothing
     assert train.info.status == "FINISHED"
     assert (train.data.tags["num_processes"], train.data.tags["distributed_backend"]) == ("2", "gloo")
-    assert train.data.params["train.num_processes"] == "2"
+    assert train.data.params["execution.num_processes"] == "2"
 
 
 def test_a_launch_on_other_processes_than_the_params_is_refused(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(
-        ProcessCountError, match="launched on 4 processes but train.num_processes=2; set -S train.num_processes=4"
+        ProcessCountError,
+        match="launched on 4 processes but execution.num_processes=2; set -S execution.num_processes=4",
     ):
         run_distributed_if_asked(2, "stages.train", [])
     run_distributed_if_asked(4, "stages.train", [])  # agrees: carries on in this process

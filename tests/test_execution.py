@@ -1,4 +1,4 @@
-"""How a training step is executed: the same optimisation whatever the micro-batch, `auto` choosing what fits, the
+"""How a training step is executed: the same optimisation whatever the micro-batch, `auto` by the GPU's memory, the
 memory estimate against the H100 measurements, and the architecture-exact model used to measure them."""
 
 from __future__ import annotations
@@ -10,15 +10,16 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from repo_params import params
 from transformers import TrainerCallback
 
-from medgemma_breakhis.execution import estimate_peak_gib, model_shape, plan_execution
-from medgemma_breakhis.folds import FOLDS_CSV, read_folds
-from medgemma_breakhis.medgemma_architecture import IMAGE_TOKENS, medgemma_4b_config
-from medgemma_breakhis.modeling import load_base_model, model_on_meta
-from medgemma_breakhis.params import LoraParams, ModelParams, Params, SplitParams, TrainParams
-from medgemma_breakhis.splits import select_split
-from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example, plan_for
+from medgemma_breakhis.data.breakhis import FOLDS_CSV, read_folds
+from medgemma_breakhis.data.split import select_split
+from medgemma_breakhis.model.builtin import IMAGE_TOKENS, medgemma_4b_config
+from medgemma_breakhis.model.load import load_base_model, model_on_meta
+from medgemma_breakhis.train.execution import auto_setting, plan_execution
+from medgemma_breakhis.train.trainer import build_trainer
+from tools.gpu_memory import GPUS, decoder_tokens_per_example, estimate_peak_gib, model_shape, recommend
 
 # The parameter count of google/medgemma-4b-it, as loaded on the H100 on which docs/gpu.md's figures were measured.
 MEDGEMMA_4B_PARAMETERS = 4_300_079_472
@@ -29,7 +30,7 @@ DECODER_TOKENS = 375
 @pytest.fixture(scope="module")
 def medgemma_shape():
     """MedGemma 4B's shapes with bf16 weights, as `train` loads them."""
-    shape = model_shape(model_on_meta(medgemma_4b_config()), LoraParams().r)
+    shape = model_shape(model_on_meta(medgemma_4b_config()), params().lora.r)
     return dataclasses.replace(shape, weight_bytes=2 * shape.parameters)
 
 
@@ -66,22 +67,27 @@ def test_memory_estimate_within_ten_percent_of_the_h100(medgemma_shape, setting,
     ("gpu_gib", "expected"),
     [
         # H100 80GB: 8 x 1 compiled, the fastest measured, is estimated at 67.4 GiB, just over its 67.3 GiB budget
-        (79.2, (4, 2, False, True)),
-        (139.8, (8, 1, False, True)),  # H200
-        (39.4, (2, 4, False, True)),  # A100 40GB
-        (22.0, (8, 1, True, False)),  # L4 24GB
+        (79.2, (4, False, True)),
+        (139.8, (8, False, True)),  # H200
+        (39.4, (2, False, True)),  # A100 40GB
+        (22.0, (8, True, False)),  # L4 24GB
     ],
 )
 def test_auto_picks_the_fastest_setting_that_fits(medgemma_shape, gpu_gib, expected) -> None:
-    plan = plan_execution(TrainParams(), medgemma_shape, DECODER_TOKENS, torch.device("cuda"), memory_gib=gpu_gib)
-    assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.compile) == expected
-    assert plan.micro_batch_size * plan.grad_accum_steps == TrainParams().batch_size
-    assert plan.estimated_peak_gib <= plan.memory_budget_gib < gpu_gib
+    micro, checkpointing, compiled, peak = recommend(medgemma_shape, DECODER_TOKENS, gpu_gib, batch_size=8)
+    assert (micro, checkpointing, compiled) == expected
+    assert peak <= 0.85 * gpu_gib
+    assert auto_setting(gpu_gib) == (micro, checkpointing)  # what `execution: auto` takes on that GPU
 
 
-def test_explicit_settings_are_kept(medgemma_shape) -> None:
-    train = TrainParams(micro_batch_size=2, gradient_checkpointing=True, dataloader_workers=3, compile=False)
-    plan = plan_execution(train, medgemma_shape, DECODER_TOKENS, torch.device("cuda"), memory_gib=80)
+def test_auto_on_every_listed_gpu_is_the_recommendation(medgemma_shape) -> None:
+    for gib in GPUS.values():
+        assert auto_setting(gib) == recommend(medgemma_shape, DECODER_TOKENS, gib, batch_size=8)[:2], gib
+
+
+def test_explicit_settings_are_kept() -> None:
+    execution = {"micro_batch_size": 2, "gradient_checkpointing": True, "dataloader_workers": 3, "compile": False}
+    plan = plan_execution(params({"execution": execution}).execution, 8, torch.device("cuda"))
     assert (
         plan.micro_batch_size,
         plan.grad_accum_steps,
@@ -92,17 +98,15 @@ def test_explicit_settings_are_kept(medgemma_shape) -> None:
 
 
 def test_explicit_settings_need_nothing_of_the_model() -> None:
-    """Only `auto` estimates memory from Gemma 3's shapes: given explicitly, the settings plan any model, here one that
-    has no config at all."""
-    train = TrainParams(micro_batch_size=4, gradient_checkpointing=False, dataloader_workers=0, compile=False)
-    plan = plan_for(torch.nn.Linear(2, 2), processor=None, lora=LoraParams(), train=train)
+    """Given explicitly, the settings plan any model on any device: no GPU is asked for its memory."""
+    execution = {"micro_batch_size": 4, "gradient_checkpointing": False, "dataloader_workers": 0, "compile": False}
+    plan = plan_execution(params({"execution": execution}).execution, 8, torch.device("cpu"))
     assert (plan.micro_batch_size, plan.grad_accum_steps, plan.gradient_checkpointing, plan.compile) == (
         4,
         2,
         False,
         False,
     )
-    assert plan.estimated_peak_gib is None
 
 
 class FirstStepGradients(TrainerCallback):
@@ -122,19 +126,28 @@ class FirstStepGradients(TrainerCallback):
 
 
 def first_step(rows: pd.DataFrame, image_root: Path, micro_batch_size: int, tmp_path: Path):
-    model, processor, info = load_base_model(ModelParams(id="tiny-gemma3"), "fp32")
-    train = TrainParams(
-        precision="fp32", micro_batch_size=micro_batch_size, gradient_checkpointing=False, dataloader_workers=0
+    run = params(
+        {
+            "model": {"id": "tiny-gemma3"},
+            "lora": {"dropout": 0.0},
+            "train": {"precision": "fp32"},
+            "execution": {
+                "micro_batch_size": micro_batch_size,
+                "gradient_checkpointing": False,
+                "dataloader_workers": 0,
+            },
+        }
     )
+    model, processor, info = load_base_model(run.model, "fp32")
     trainer = build_trainer(
         model=model,
         processor=processor,
         info=info,
-        params=Params(lora=LoraParams(dropout=0.0), train=train),
+        params=run,
         rows=rows,
         image_root=image_root,
         output_dir=tmp_path / str(micro_batch_size),
-        config_overrides={"max_steps": 1, "save_strategy": "no", "report_to": []},
+        config_overrides={"max_steps": 1, "save_strategy": "no"},
     )
     gradients = FirstStepGradients()
     trainer.add_callback(gradients)
@@ -145,7 +158,7 @@ def first_step(rows: pd.DataFrame, image_root: Path, micro_batch_size: int, tmp_
 @pytest.mark.slow
 def test_micro_batch_splits_are_the_same_optimisation(synthetic_root: Path, tmp_path: Path) -> None:
     """1 x 8, 2 x 4 and 8 x 1 see the same eight examples and give the same loss and adapter gradients."""
-    rows = select_split(read_folds(synthetic_root / FOLDS_CSV), SplitParams())["train"]
+    rows = select_split(read_folds(synthetic_root / FOLDS_CSV), params().split)["train"]
     results = {micro: first_step(rows, synthetic_root, micro, tmp_path) for micro in (1, 2, 8)}
     loss, gradients = results[8]
     assert loss > 0 and len(gradients) > 0

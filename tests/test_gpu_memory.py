@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from medgemma_breakhis.medgemma_architecture import TEXT, medgemma_4b_config
-from medgemma_breakhis.modeling import model_on_meta
-from medgemma_breakhis.params import ModelParams
+from medgemma_breakhis.model.builtin import TEXT, medgemma_4b_config
+from medgemma_breakhis.model.load import model_on_meta
 from tools.gpu_memory import GPUS, auto_plans, bf16_shape, estimates, main
 
-MEDGEMMA = ModelParams(id="medgemma-4b-random")
+MEDGEMMA = "medgemma-4b-random"
 
 # keras-hub's gemma3_4b_text preset, an independent count of the same decoder with 64 fewer vocabulary rows.
 KERAS_GEMMA3_4B_TEXT = 3_880_099_328

@@ -18,12 +18,12 @@ import pandas as pd
 import psutil
 import pytest
 from dvc_cli import command_env, locked_md5, mlflow_client, run, search, stages_run
+from repo_params import params, write_params
 from ruamel.yaml import YAML
 
-from medgemma_breakhis.atomic import atomic_directory, atomic_write_text
-from medgemma_breakhis.folds import FOLDS_CSV
-from medgemma_breakhis.params import SplitParams
-from medgemma_breakhis.splits import write_split
+from medgemma_breakhis.core.files import atomic_directory, atomic_write_text
+from medgemma_breakhis.data.breakhis import FOLDS_CSV
+from medgemma_breakhis.data.split import write_split
 
 
 def test_a_failed_write_leaves_the_previous_output_and_no_partial_files(tmp_path: Path) -> None:
@@ -51,8 +51,10 @@ def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resume
     synthetic_root: Path, tmp_path: Path, train_argv: Callable[[str], list[str]], stage_env: dict[str, str]
 ) -> None:
     # Checkpoints only far apart: the one found afterwards can only come from the signal.
-    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 1\n  checkpoint_steps: 1000\n")
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), tmp_path / "split", tmp_path / "split" / "summary.json")
+    write_params(
+        tmp_path, {"model": {"id": "tiny-gemma3"}, "train": {"epochs": 1}, "execution": {"checkpoint_steps": 1000}}
+    )
+    write_split(synthetic_root / FOLDS_CSV, params().split, tmp_path / "split", tmp_path / "split" / "summary.json")
     steps = len(pd.read_csv(tmp_path / "split" / "train.csv")) // 8  # 8 examples per optimizer step, one epoch
     log = tmp_path / "first.log"
     stage = _stage(tmp_path, train_argv("split/train.csv"), stage_env, log)
@@ -126,8 +128,10 @@ def test_a_stage_never_outlives_its_dvc_killed_or_timed_out(
     a checkpoint and stops with dvc, which records nothing; the next run resumes from it."""
     project = tmp_path / "project"
     project.mkdir()
-    write_split(synthetic_root / FOLDS_CSV, SplitParams(), project / "split", project / "split" / "summary.json")
-    (project / "params.yaml").write_text("model:\n  id: tiny-gemma3\ntrain:\n  epochs: 100\n  checkpoint_steps: 1000\n")
+    write_split(synthetic_root / FOLDS_CSV, params().split, project / "split", project / "split" / "summary.json")
+    write_params(
+        project, {"model": {"id": "tiny-gemma3"}, "train": {"epochs": 100}, "execution": {"checkpoint_steps": 1000}}
+    )
     command = " ".join(["python", "-m", "stages.train", *train_argv("split/train.csv")])
     (project / "dvc.yaml").write_text(
         f"stages:\n  train:\n    cmd: {command}\n    deps: [split/train.csv]\n    outs: [models/adapter]\n"
@@ -164,7 +168,7 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspa
     metrics_before = (repo / "metrics" / "train.json").read_text()
     yaml = YAML()
     params = yaml.load(repo / "params.yaml")
-    params["train"]["checkpoint_steps"] = 4  # not a training input: nothing re-runs for it
+    params["execution"]["checkpoint_steps"] = 4  # not a training input: nothing re-runs for it
     yaml.dump(params, repo / "params.yaml")
     assert stages_run(run(repo, "dvc", "repro")) == []
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from repo_params import params
 
-from medgemma_breakhis.acquisition import prepare_raw_data
-from medgemma_breakhis.errors import DataError
-from medgemma_breakhis.folds import FOLDS_CSV
-from medgemma_breakhis.params import DataParams
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.data.breakhis import FOLDS_CSV
+from medgemma_breakhis.download.sources import prepare_raw_data
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_kaggle_download_is_imported_from_the_cache_without_a_second_copy(
         return str(kaggle_cache)
 
     monkeypatch.setattr("kagglehub.dataset_download", dataset_download)
-    count = prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw", tmp_path / "excluded.csv")
+    count = prepare_raw_data(params({"data": {"source": "kaggle"}}).data, tmp_path / "raw", tmp_path / "excluded.csv")
     assert calls == [("ambarish/breakhis", {})]  # no force_download: kagglehub reuses its cache
     folds = pd.read_csv(tmp_path / "raw" / FOLDS_CSV)
     assert count == folds["filename"].nunique() > 0
@@ -56,5 +56,5 @@ def test_kaggle_network_failure_says_what_to_check(tmp_path: Path, monkeypatch) 
         match=r"(?s)'ambarish/breakhis' failed: Failed to resolve 'www.kaggle.com'.*"
         r"Kaggle credentials were found.*check network access",
     ):
-        prepare_raw_data(DataParams(source="kaggle"), tmp_path / "raw", tmp_path / "excluded.csv")
+        prepare_raw_data(params({"data": {"source": "kaggle"}}).data, tmp_path / "raw", tmp_path / "excluded.csv")
     assert not (tmp_path / "raw").exists()

@@ -1,7 +1,7 @@
 import pytest
 
-from medgemma_breakhis.labels import CLASS_NAMES, is_malignant, label_from_path, patient_from_path
-from medgemma_breakhis.prompt import PROMPT
+from medgemma_breakhis.data.breakhis import CLASS_NAMES, is_malignant, label_from_path, patient_from_path
+from medgemma_breakhis.model.prompt import PROMPT
 
 REAL_EXAMPLE = (
     "BreaKHis_v1/histology_slides/breast/benign/SOB/adenosis/SOB_B_A_14-22549AB/100X/SOB_B_A-14-22549AB-100-001.png"

@@ -1,6 +1,6 @@
 """The repository's layout keeps its promises: each stage's code deps in dvc.yaml and cv/dvc.yaml are exactly the
-code it imports, `train` re-runs only for params that change what is trained, no stage imports a tool, and no
-file points outside the repository."""
+code it imports (a folder where it imports all of it), `train` re-runs only for params that change what is trained,
+no stage imports a tool, the package has no import cycle, and no file points outside the repository."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import pytest
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 
-from medgemma_breakhis.checkpoints import training_params
-from medgemma_breakhis.params import load_params, to_flat_dict
+from medgemma_breakhis.train.checkpoints import TRAINING_SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
 # Packages of this repository; an import of anything else is a library's.
@@ -24,7 +23,8 @@ PACKAGES = ("medgemma_breakhis", "stages", "tools")
 
 
 def module_file(name: str) -> Path | None:
-    """The repository file of module `name`, or None if it is not one of this repository's modules."""
+    """The repository file of module `name`, or None if it is not one of this repository's modules (a package's
+    `__init__.py`, empty, counts as none)."""
     if name.split(".")[0] not in PACKAGES:
         return None
     path = REPO.joinpath(*name.split(".")).with_suffix(".py")
@@ -68,7 +68,8 @@ class Stage:
 
     address: str  # how `dvc` names it from the repository root: `train`, `cv/dvc.yaml:train@fold1-100`
     cmd: str
-    code_deps: frozenset[str]
+    deps: tuple[str, ...]
+    code_deps: frozenset[str]  # modules and folders of this repository's code
     params: frozenset[str]  # params deps, a whole section by its name
 
 
@@ -89,7 +90,8 @@ def pipeline_stages() -> list[Stage]:
                     Stage(
                         address=stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}",
                         cmd=stage.cmd,
-                        code_deps=frozenset(path for path in deps if path.endswith(".py")),
+                        deps=tuple(path for path in deps if not path.endswith(".yaml")),
+                        code_deps=frozenset(path for path in deps if path.split("/")[0] in PACKAGES),
                         params=frozenset(
                             key for dep in stage.deps if isinstance(dep, ParamsDependency) for key in dep.params
                         ),
@@ -118,19 +120,60 @@ def test_both_pipelines_are_read() -> None:
     assert any(name.startswith("cv/dvc.yaml:train@") for name in names)
 
 
+def modules_in(dep: str) -> set[str]:
+    """The modules a code dep stands for: the file, or every module of the folder."""
+    path = REPO / dep
+    files = [path] if path.is_file() else [p for p in path.rglob("*.py") if p.name != "__init__.py"]
+    return {p.relative_to(REPO).as_posix() for p in files}
+
+
 @pytest.mark.parametrize("stage", STAGES, ids=address)
 def test_code_deps_are_exactly_the_imports(stage) -> None:
-    imports, listed = import_closure(stage_script(stage)), stage.code_deps
+    imports = import_closure(stage_script(stage))
+    listed = set().union(*(modules_in(dep) for dep in stage.code_deps))
     assert not imports - listed and not listed - imports, (
         f"{address(stage)}: missing code deps {sorted(imports - listed)}, "
         f"deps it does not import {sorted(listed - imports)}"
     )
+    whole = {dep for dep in stage.code_deps if (REPO / dep).is_dir()}
+    for folder in {str(Path(path).parent) for path in imports if path.startswith("medgemma_breakhis/")}:
+        if modules_in(folder) <= imports:
+            assert folder in whole, f"{address(stage)} imports all of {folder}: list the folder, not its files"
+
+
+@pytest.mark.parametrize("stage", STAGES, ids=address)
+def test_at_most_ten_deps_and_never_the_execution_params(stage) -> None:
+    assert len(stage.deps) <= 10, f"{address(stage)}: {len(stage.deps)} deps"
+    assert "execution" not in {key.split(".")[0] for key in stage.params}, address(stage)
+
+
+def test_the_package_has_no_import_cycle() -> None:
+    """Module by module, lazy imports included."""
+    modules = sorted((REPO / "medgemma_breakhis").rglob("*.py"))
+    edges = {
+        p.relative_to(REPO).as_posix(): {f.relative_to(REPO).as_posix() for f in imported_files(p)} for p in modules
+    }
+    visiting, done = set(), set()
+
+    def visit(module: str, path: list[str]) -> None:
+        assert module not in visiting, "import cycle: " + " -> ".join([*path, module])
+        if module in done:
+            return
+        visiting.add(module)
+        for target in edges.get(module, ()):
+            visit(target, [*path, module])
+        visiting.discard(module)
+        done.add(module)
+
+    for module in edges:
+        visit(module, [])
 
 
 def test_package_init_files_are_empty() -> None:
     """The import closure leaves out `__init__.py`: sound only while they hold no code."""
     for package in PACKAGES:
-        assert (REPO / package / "__init__.py").read_text() == "", package
+        for init in (REPO / package).rglob("__init__.py"):
+            assert init.read_text() == "", init
 
 
 @pytest.mark.parametrize("script", sorted((REPO / "stages").glob("[!_]*.py")), ids=lambda path: path.stem)
@@ -139,24 +182,12 @@ def test_no_stage_imports_a_tool(script: Path) -> None:
     assert not tools, f"{script.name} imports {tools}: tools are not pipeline code and DVC does not track them"
 
 
-def params_keys(stage: Stage, defaults: dict[str, object]) -> set[str]:
-    """A stage's params deps as dotted keys: a whole section stands for each of its keys."""
-    return {key for key in defaults if key in stage.params or key.split(".")[0] in stage.params}
-
-
 def test_train_reruns_for_exactly_the_params_that_decide_what_is_trained() -> None:
-    """An execution-only key (in `checkpoints.NOT_FINGERPRINTED`) changes no checkpoint and must re-run nothing."""
-    params = load_params(REPO / "params.yaml")
-    trained = set(training_params(params))
+    """The sections a checkpoint's fingerprint holds, whole; `execution` changes no checkpoint and re-runs nothing."""
     trains = [stage for stage in STAGES if stage_script(stage).stem == "train"]
     assert len(trains) > 1
     for stage in trains:
-        listed = params_keys(stage, to_flat_dict(params))
-        assert listed == trained, (
-            f"{address(stage)}: params deps that enter no checkpoint fingerprint (they would "
-            f"re-run train for nothing) {sorted(listed - trained)}, fingerprinted keys not "
-            f"listed (changing them would not re-run train) {sorted(trained - listed)}"
-        )
+        assert stage.params == set(TRAINING_SECTIONS), address(stage)
 
 
 def test_nothing_refers_outside_the_repository() -> None:

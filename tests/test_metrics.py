@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medgemma_breakhis.labels import CLASS_NAMES
-from medgemma_breakhis.metrics import (
+from medgemma_breakhis.data.breakhis import CLASS_NAMES
+from medgemma_breakhis.evaluate.metrics import (
     HEADLINE,
     UNPARSEABLE,
     evaluation_metrics,
@@ -17,7 +17,7 @@ from medgemma_breakhis.metrics import (
     predictions_frame,
     roc_points,
 )
-from medgemma_breakhis.scoring import parse_answer
+from medgemma_breakhis.evaluate.scoring import parse_answer
 
 
 def rows(labels: list[int], patients: list[str]) -> pd.DataFrame:

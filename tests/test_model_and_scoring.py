@@ -5,16 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from medgemma_breakhis.labels import NUM_CLASSES
-from medgemma_breakhis.scoring import (
-    answer_token_ids,
-    end_of_turn_id,
-    generate_answers,
-    parse_answer,
-    prompt_text,
-    score_images,
-)
-from medgemma_breakhis.tiny_model import MM_TOKENS_PER_IMAGE, build_tiny_gemma3
+from medgemma_breakhis.data.breakhis import NUM_CLASSES
+from medgemma_breakhis.evaluate.scoring import generate_answers, parse_answer, score_images
+from medgemma_breakhis.model.builtin import MM_TOKENS_PER_IMAGE, build_tiny_gemma3
+from medgemma_breakhis.model.prompt import answer_token_ids, end_of_turn_id, prompt_text
 
 
 def test_tiny_model_is_gemma3_loaded_through_auto_classes(tiny_model) -> None:

@@ -25,13 +25,14 @@ import pandas as pd
 import pytest
 import requests
 from PIL import Image
+from repo_params import params, write_params
 
-from medgemma_breakhis.classifier import PROBABILITY_COLUMNS, ImageRejected, decode_image
-from medgemma_breakhis.evaluation import run_evaluation
-from medgemma_breakhis.metrics import PROBABILITY_COLUMNS as LABEL_COLUMNS
-from medgemma_breakhis.params import params_from_dict
-from medgemma_breakhis.registry import SERVING_DISTRIBUTIONS
-from medgemma_breakhis.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
+from medgemma_breakhis.evaluate.evaluation import run_evaluation
+from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
+from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS as LABEL_COLUMNS
+from medgemma_breakhis.registry.classifier import ImageRejected, decode_image
+from medgemma_breakhis.registry.register import SERVING_DISTRIBUTIONS, register_adapter
+from medgemma_breakhis.track.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
 from tools import models, predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def png(size: tuple[int, int], mode: str = "RGB") -> bytes:
 
 def evaluate(folder: Path, synthetic_root: Path, split_dir: Path, adapter: Path) -> None:
     run_evaluation(
-        params_from_dict(RAW_PARAMS),
+        params(RAW_PARAMS),
         "evaluate",
         image_root=synthetic_root,
         test_csv=split_dir / "test.csv",
@@ -67,7 +68,7 @@ def evaluate(folder: Path, synthetic_root: Path, split_dir: Path, adapter: Path)
         predictions_path=folder / "predictions" / "finetuned.csv",
         roc_path=folder / "plots" / "roc_finetuned.csv",
         adapter_dir=adapter,
-        register=True,
+        register=register_adapter,
     )
 
 
@@ -83,7 +84,7 @@ def registered(
         for name in [name for name in os.environ if name.startswith(("MLFLOW_", "DVC_"))]:
             patch.delenv(name)
         patch.setenv("MLFLOW_TRACKING_URI", store)
-        (folder / "params.yaml").write_text(json.dumps(RAW_PARAMS))
+        write_params(folder, RAW_PARAMS)
         evaluate(folder, synthetic_root, split_dir, tiny_adapter)
         predictions = pd.read_csv(folder / "predictions" / "finetuned.csv")
         images = [synthetic_root / f for f in predictions["filename"][:3]]
@@ -127,7 +128,7 @@ def test_evaluate_registers_a_version_with_its_origin_metrics_and_adapter_but_no
     assert [p.name for p in weights] == ["adapter_model.safetensors"], "the base model's weights must not be copied"
     # the code it runs when served: the package as it was, without compiled files
     code = local / "code" / "medgemma_breakhis"
-    assert (code / "classifier.py").read_text() == (REPO / "medgemma_breakhis" / "classifier.py").read_text()
+    assert (code / "registry" / "classifier.py").read_text() == (REPO / "medgemma_breakhis" / "registry" / "classifier.py").read_text()
     assert not list(code.rglob("__pycache__"))
     assert "roc_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
@@ -273,7 +274,7 @@ def third_party_imports(path: Path, seen: set[Path]) -> set[str]:
 def test_the_registered_requirements_cover_every_library_the_classifier_imports() -> None:
     distributions = importlib.metadata.packages_distributions()
     pinned = {name.lower() for name in SERVING_DISTRIBUTIONS}
-    imported = third_party_imports(REPO / "medgemma_breakhis" / "classifier.py", set())
+    imported = third_party_imports(REPO / "medgemma_breakhis" / "registry" / "classifier.py", set())
     unpinned = {name for name in imported if not {d.lower() for d in distributions[name]} & pinned}
     assert not unpinned, f"imported by the registered model's code, not in registry.SERVING_DISTRIBUTIONS: {unpinned}"
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from repo_params import params
 
-from medgemma_breakhis.evaluation import run_evaluation
-from medgemma_breakhis.medgemma_architecture import medgemma_4b_config
-from medgemma_breakhis.model_source import ModelLoadError, needs_hub_token, tiny_model_folder
-from medgemma_breakhis.modeling import check_lora_targets, check_model, load_processor
-from medgemma_breakhis.params import LoraParams, ModelParams, params_from_dict
-from medgemma_breakhis.scoring import prompt_text
+from medgemma_breakhis.evaluate.evaluation import run_evaluation
+from medgemma_breakhis.model.builtin import medgemma_4b_config, tiny_model_folder
+from medgemma_breakhis.model.load import ModelLoadError, check_lora_targets, check_model, load_processor
+from medgemma_breakhis.model.prompt import prompt_text
 
 HUB_ID = "google/medgemma-4b-it"
 COMMIT = "0" * 40
@@ -54,25 +53,25 @@ def filled_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ],
 )
 def test_only_a_hub_id_needs_a_hugging_face_token(model_id: str, needs: bool) -> None:
-    assert needs_hub_token(model_id) is needs
+    assert (params({"model": {"id": model_id}}).model.kind == "hub") is needs
 
 
 def test_the_tiny_model_is_accepted_offline() -> None:
-    check_lora_targets(ModelParams(id="tiny-gemma3"), LoraParams())
+    check_lora_targets(params({"model": {"id": "tiny-gemma3"}}).model, params().lora)
 
 
 def test_the_architecture_exact_model_is_accepted_offline_without_building_its_weights(gemma3_tokenizer) -> None:
     started = time.monotonic()
-    check_lora_targets(ModelParams(id="medgemma-4b-random"), LoraParams())
+    check_lora_targets(params({"model": {"id": "medgemma-4b-random"}}).model, params().lora)
     assert time.monotonic() - started < 60  # its 8 GB of weights would take minutes on a CPU
 
 
 def test_a_local_folder_is_accepted(tiny_folder: Path) -> None:
-    check_lora_targets(ModelParams(id=str(tiny_folder)), LoraParams())
+    check_lora_targets(params({"model": {"id": str(tiny_folder)}}).model, params().lora)
 
 
 def test_a_hub_id_is_accepted_offline_from_a_filled_cache(filled_hub_cache: None) -> None:
-    check_lora_targets(ModelParams(id=HUB_ID), LoraParams())
+    check_lora_targets(params({"model": {"id": HUB_ID}}).model, params().lora)
 
 
 def test_the_architecture_exact_model_refuses_a_cpu_in_one_line_before_any_work(
@@ -82,7 +81,7 @@ def test_the_architecture_exact_model_refuses_a_cpu_in_one_line_before_any_work(
         pytest.skip("a GPU is visible: medgemma-4b-random is meant for it")
     with pytest.raises(ModelLoadError) as refused:
         run_evaluation(
-            params_from_dict({"model": {"id": "medgemma-4b-random"}}),
+            params({"model": {"id": "medgemma-4b-random"}}),
             "baseline",
             image_root=synthetic_root,
             test_csv=split_dir / "test.csv",
@@ -101,7 +100,7 @@ def test_a_chat_template_kept_only_in_the_tokenizer_config_is_used(tiny_folder: 
     (tiny_folder / "chat_template.jinja").unlink()
     config = json.loads((tiny_folder / "tokenizer_config.json").read_text())
     (tiny_folder / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": template}))
-    model = ModelParams(id=str(tiny_folder))
+    model = params({"model": {"id": str(tiny_folder)}}).model
     check_model(model)
     assert prompt_text(load_processor(model)).endswith("<start_of_turn>model\n")
 
@@ -110,4 +109,4 @@ def test_a_model_without_a_chat_template_is_refused_before_its_weights_load(tiny
     (tiny_folder / "chat_template.jinja").unlink()
     (tiny_folder / "model.safetensors").unlink()  # refused without them: so never loaded
     with pytest.raises(ModelLoadError, match=r"has no chat template \(chat_template.jinja, chat_template.json or"):
-        check_model(ModelParams(id=str(tiny_folder)))
+        check_model(params({"model": {"id": str(tiny_folder)}}).model)

@@ -13,12 +13,13 @@ import pandas as pd
 import pytest
 import torch
 from dvc_cli import run
+from repo_params import params as with_params
+from repo_params import write_params
 
-from medgemma_breakhis.evaluation import run_evaluation
-from medgemma_breakhis.modeling import NonFiniteError, load_base_model
-from medgemma_breakhis.params import ModelParams, params_from_dict
-from medgemma_breakhis.scoring import score_images
-from medgemma_breakhis.training import TrainingDivergedError
+from medgemma_breakhis.evaluate.evaluation import run_evaluation
+from medgemma_breakhis.evaluate.scoring import score_images
+from medgemma_breakhis.model.load import NonFiniteError, load_base_model
+from medgemma_breakhis.train.callbacks import TrainingDivergedError
 from stages import train
 
 
@@ -26,9 +27,9 @@ def test_scoring_refuses_non_finite_logits_in_fp16_only(
     overflowing_model: Path, synthetic_root: Path, split_dir: Path
 ) -> None:
     images = [synthetic_root / f for f in pd.read_csv(split_dir / "test.csv")["filename"][:2]]
-    model, processor, _ = load_base_model(ModelParams(id=str(overflowing_model)), "bf16")
+    model, processor, _ = load_base_model(with_params({"model": {"id": str(overflowing_model)}}).model, "bf16")
     assert torch.isfinite(torch.from_numpy(score_images(model, processor, images, batch_size=2))).all()
-    model, processor, _ = load_base_model(ModelParams(id=str(overflowing_model)), "fp16")
+    model, processor, _ = load_base_model(with_params({"model": {"id": str(overflowing_model)}}).model, "fp16")
     with pytest.raises(NonFiniteError, match=f"non-finite logits with the model in torch.float16 for {images[0].name}"):
         score_images(model, processor, images, batch_size=2)
 
@@ -39,7 +40,7 @@ def test_evaluation_in_fp16_fails_its_run_and_points_to_bf16(
 ) -> None:
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    params = params_from_dict({"model": {"id": str(overflowing_model)}, "eval": {"precision": "fp16"}})
+    params = with_params({"model": {"id": str(overflowing_model)}, "eval": {"precision": "fp16"}})
     with pytest.raises(NonFiniteError, match=r"baseline: non-finite logits .* set eval.precision=bf16"):
         run_evaluation(
             params,
@@ -64,9 +65,7 @@ def test_fp16_overflow_stops_training_at_once_fails_the_run_and_leaves_no_adapte
     stage_folder: Path,
     train_argv: Callable[[Path], list[str]],
 ) -> None:
-    (tmp_path / "params.yaml").write_text(
-        f"model:\n  id: {overflowing_model}\ntrain:\n  precision: fp16\n  epochs: 1\n"
-    )
+    write_params(tmp_path, {"model": {"id": str(overflowing_model)}, "train": {"precision": "fp16", "epochs": 1}})
     with pytest.raises(TrainingDivergedError) as diverged:
         train.main(train_argv(split_dir / "train.csv"))
     message = str(diverged.value)

@@ -2,14 +2,15 @@ import time
 from pathlib import Path
 
 import pytest
+from repo_params import PARAMS_YAML as REPO_PARAMS
+from repo_params import params, raw_params
 
-from medgemma_breakhis.params import Params, ParamsError, load_params, params_from_dict, to_flat_dict
-
-REPO_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+from medgemma_breakhis.core.errors import ParamsError
+from medgemma_breakhis.core.params import Params, Section, load_params, params_from_dict
 
 
 def test_repository_defaults_are_the_reference_experiment() -> None:
-    flat = to_flat_dict(load_params(REPO_PARAMS))
+    flat = load_params(REPO_PARAMS).flat()
     assert (
         flat
         | {
@@ -48,12 +49,22 @@ def test_repository_params_file_sets_every_key() -> None:
             walk(value, f"{prefix}{key}.") if isinstance(value, dict) else written.add(f"{prefix}{key}")
 
     walk(raw)
-    assert written == set(to_flat_dict(load_params(REPO_PARAMS)))
+    assert written == set(load_params(REPO_PARAMS).flat())
 
 
-def test_repository_params_file_and_schema_defaults_agree() -> None:
-    """Each default is written twice, for users in params.yaml and for code in the schema: they must not drift."""
-    assert to_flat_dict(load_params(REPO_PARAMS)) == to_flat_dict(Params())
+def test_params_yaml_is_the_one_source_of_values() -> None:
+    """The schema has no defaults, so no value can be written twice and drift: a key params.yaml lacks is refused."""
+    with pytest.raises(ParamsError, match=r"^params: train.epochs is missing; params.yaml sets every key"):
+        params_from_dict(_without("train.epochs"))
+    with pytest.raises(ParamsError, match=r"^params: the top level must be a mapping"):
+        params_from_dict([1, 2])
+
+
+def _without(key: str) -> dict:
+    raw = raw_params()
+    section, name = key.split(".")
+    del raw[section][name]
+    return raw
 
 
 @pytest.mark.parametrize(
@@ -63,22 +74,23 @@ def test_repository_params_file_and_schema_defaults_agree() -> None:
         ({"train": {"precision": "fp8"}}, r"train.precision='fp8' is not allowed; expected one of bf16, fp16, fp32"),
         ({"split": {"fold": 9}}, r"split.fold=9 is not allowed; expected one of 1, 2, 3, 4, 5"),
         (
-            {"train": {"micro_batch_size": 3}},
-            r"train.micro_batch_size=3 is not allowed with train.batch_size=8 on 1 process\(es\); expected auto or a divisor",
+            {"execution": {"micro_batch_size": 3}},
+            r"execution.micro_batch_size=3 is not allowed with train.batch_size=8 on 1 process\(es\); expected auto or a "
+            + "divisor",
         ),
         (
-            {"train": {"batch_size": 6, "num_processes": 4}},
-            r"train.batch_size=6 .* expected a multiple of train.num_proc",
+            {"train": {"batch_size": 6}, "execution": {"num_processes": 4}},
+            r"train.batch_size=6 .* expected a multiple of execution.num_proc",
         ),
-        ({"train": {"compile": "yes"}}, r"train.compile='yes' is not allowed; expected auto, true or false"),
+        ({"execution": {"compile": "yes"}}, r"execution.compile='yes' is not allowed; expected auto, true or false"),
         ({"split": {"magnification": 50}}, r"split.magnification=50 .* one of 40, 100, 200, 400"),
         ({"data": {"source": "s3"}}, r"data.source='s3' .* one of kaggle, local, synthetic"),
-        ({"data": {"source": "local"}}, r"data.path=None .* the folder that holds Folds.csv"),
+        ({"data": {"source": "local", "path": None}}, r"data.path=None .* the folder that holds Folds.csv"),
         ({"lora": {"rank": 8}}, r"unknown key lora.rank; allowed keys here: lora.alpha, lora.dropout, lora.r"),
         ({"trian": {}}, r"unknown key trian"),
         ({"train": {"learning_rate": "fast"}}, r"train.learning_rate='fast' is not allowed; expected a number"),
         ({"train": {"epochs": 2.5}}, r"train.epochs=2.5 is not allowed; expected an integer"),
-        ({"train": {"gradient_checkpointing": "yes"}}, r"expected auto, true or false"),
+        ({"execution": {"gradient_checkpointing": "yes"}}, r"expected auto, true or false"),
         ({"lora": 8}, r"lora must be a mapping"),
         (
             {"data": {"synthetic": {"magnifications": [100, 100]}}},
@@ -100,24 +112,24 @@ def test_repository_params_file_and_schema_defaults_agree() -> None:
 )
 def test_invalid_params_name_key_value_and_what_is_allowed(raw: dict, message: str) -> None:
     with pytest.raises(ParamsError, match=message):
-        params_from_dict(raw)
+        params(raw)
 
 
 def test_yaml_1_2_scientific_notation_is_a_number(tmp_path: Path) -> None:
     """DVC writes `-S train.learning_rate=1e-4` as 1e-4, which YAML 1.1 loaders read as a string."""
     path = tmp_path / "params.yaml"
-    path.write_text("train:\n  learning_rate: 1e-4\n")
+    path.write_text(REPO_PARAMS.read_text().replace("learning_rate: 5.0e-4", "learning_rate: 1e-4"))
     assert load_params(path).train.learning_rate == pytest.approx(1e-4)
 
 
 def test_synthetic_magnifications_bind_the_selection_only_for_synthetic_data() -> None:
     drawn = {"synthetic": {"magnifications": [100]}}
-    assert params_from_dict({"data": {"source": "synthetic", **drawn}}).data.synthetic.magnifications == (100,)
-    assert params_from_dict({"data": {"source": "kaggle", **drawn}, "split": {"magnification": 200}})
+    assert params({"data": {"source": "synthetic", **drawn}}).data.synthetic.magnifications == (100,)
+    assert params({"data": {"source": "kaggle", **drawn}, "split": {"magnification": 200}})
 
 
 def test_integer_where_a_float_belongs_is_accepted() -> None:
-    assert params_from_dict({"train": {"max_grad_norm": 1}}).train.max_grad_norm == 1.0
+    assert params({"train": {"max_grad_norm": 1}}).train.max_grad_norm == 1.0
 
 
 def test_missing_params_file_says_where_to_run(tmp_path: Path) -> None:
@@ -125,31 +137,27 @@ def test_missing_params_file_says_where_to_run(tmp_path: Path) -> None:
         load_params(tmp_path / "params.yaml")
 
 
-def _schema_fields() -> list[tuple[str, object, dict]]:
-    """(dotted key, default, field metadata) of every leaf key of the schema."""
-    import dataclasses
-
-    from medgemma_breakhis.params import Params
-
+def _schema_fields() -> list[tuple[str, object, str | None]]:
+    """(dotted key, value in params.yaml, the field's description) of every leaf key of the schema."""
     leaves = []
 
-    def walk(cls: type, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if dataclasses.is_dataclass(default):
-                walk(type(default), f"{prefix}{f.name}.")
+    def walk(model: type, prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            if isinstance(info.annotation, type) and issubclass(info.annotation, Section):
+                walk(info.annotation, f"{prefix}{name}.")
             else:
-                leaves.append((f"{prefix}{f.name}", default, dict(f.metadata)))
+                key = f"{prefix}{name}"
+                leaves.append((key, load_params(REPO_PARAMS).flat()[key], info.description))
 
     walk(Params, "")
     return leaves
 
 
 @pytest.mark.parametrize(
-    ("key", "default", "metadata"), _schema_fields(), ids=lambda v: v if isinstance(v, str) else ""
+    ("key", "value", "description"), _schema_fields(), ids=lambda v: v if isinstance(v, str) else ""
 )
-def test_every_key_rejects_a_wrong_type_naming_key_value_and_allowed_range(key: str, default, metadata: dict) -> None:
-    wrong = "not-a-number" if isinstance(default, (int, float)) else 12345  # bools are ints: "not-a-number" too
+def test_every_key_rejects_a_wrong_type_naming_key_value_and_allowed_range(key: str, value, description) -> None:
+    wrong = "not-a-number" if isinstance(value, (int, float)) else 12345  # bools are ints: "not-a-number" too
     section, _, name = key.rpartition(".")
     raw: dict = {}
     node = raw
@@ -157,11 +165,11 @@ def test_every_key_rejects_a_wrong_type_naming_key_value_and_allowed_range(key: 
         node = node.setdefault(part, {})
     node[name] = wrong
     with pytest.raises(ParamsError) as caught:
-        params_from_dict(raw)
+        params(raw)
     message = str(caught.value)
     assert message.startswith(f"params: {key}={wrong!r} is not allowed; expected ")
-    if "allowed" in metadata:  # the same description as for an out-of-range value of the right type
-        assert message.endswith(metadata["allowed"])
+    if description:  # the same description as for an out-of-range value of the right type
+        assert message.endswith(description)
 
 
 def test_yaml_aliases_are_refused_at_once_and_a_huge_value_is_quoted_in_at_most_a_line(tmp_path: Path) -> None:
@@ -177,7 +185,7 @@ def test_yaml_aliases_are_refused_at_once_and_a_huge_value_is_quoted_in_at_most_
     with pytest.raises(ParamsError, match=r"YAML aliases \(\*a\) are not allowed"):
         load_params(REPO_PARAMS, ["lora.target_modules=[&a x, *a]"])
     with pytest.raises(ParamsError) as caught:
-        params_from_dict({"lora": {"target_modules": "q_proj" * 10_000}, "model": {"id": ["x" * 1000] * 1000}})
+        params({"lora": {"target_modules": "q_proj" * 10_000}, "model": {"id": ["x" * 1000] * 1000}})
     quoted = str(caught.value).removeprefix("params: model.id=").partition(" is not allowed")[0]
     assert 0 < len(quoted) <= 100
 
@@ -192,6 +200,6 @@ def test_seeds_are_refused_beyond_what_numpy_pandas_and_torch_take(key: str) -> 
         node = node.setdefault(part, {})
     node[name] = 2**32
     with pytest.raises(ParamsError, match=rf"^params: {key}=4294967296 is not allowed; expected an integer from 0 to"):
-        params_from_dict(raw)
+        params(raw)
     node[name] = 2**32 - 1
-    params_from_dict(raw)
+    params(raw)

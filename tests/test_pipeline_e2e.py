@@ -36,7 +36,7 @@ from dvc_cli import (
     stages_run,
 )
 
-from medgemma_breakhis.params import load_params, to_flat_dict
+from medgemma_breakhis.core.params import load_params
 
 pytestmark = pytest.mark.e2e
 
@@ -126,7 +126,7 @@ def test_one_repro_is_one_mlflow_parent_run_with_a_child_per_stage(repo: Path) -
 
 def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> None:
     _, children = pipeline_group(repo, "workspace")
-    expected_params = {key: str(value) for key, value in to_flat_dict(load_params(repo / "params.yaml")).items()}
+    expected_params = {key: str(value) for key, value in load_params(repo / "params.yaml").flat().items()}
     split = {
         "train": repo / "data" / "split" / "train.csv",
         "baseline": repo / "data" / "split" / "test.csv",
@@ -196,12 +196,25 @@ def test_second_repro_runs_nothing(workspace: Path) -> None:
 
 
 def test_a_prompt_edit_reruns_the_model_stages_and_not_the_data_stages(workspace: Path) -> None:
-    """The prompt lives beside the conversation it goes into (prompt.py), which only the model stages import."""
-    prompt = workspace / "medgemma_breakhis" / "prompt.py"
+    """The prompt lives beside the conversation it goes into (model/prompt.py), which only the model stages import."""
+    prompt = workspace / "medgemma_breakhis" / "model" / "prompt.py"
     prompt.write_text(prompt.read_text().replace("Analyze this breast tissue", "Analyse this breast tissue", 1))
     changed = run_json(workspace, "dvc", "status", "--json")
     assert sorted(changed) == ["baseline", "evaluate", "train"]
-    assert all({"changed deps": {"medgemma_breakhis/prompt.py": "modified"}} in changed[name] for name in changed)
+    assert all({"changed deps": {"medgemma_breakhis/model": "modified"}} in changed[name] for name in changed)
+
+
+def test_an_edit_to_download_code_reruns_download_alone_and_one_to_registration_evaluate_alone(
+    workspace: Path,
+) -> None:
+    """The stages depend on the sub-packages they import, a folder where they import all of it."""
+    sources = workspace / "medgemma_breakhis" / "download" / "sources.py"
+    sources.write_text(sources.read_text() + "\n# an edit\n")
+    assert sorted(run_json(workspace, "dvc", "status", "--json")) == ["download"]
+    sources.write_text(sources.read_text().removesuffix("\n# an edit\n"))
+    register = workspace / "medgemma_breakhis" / "registry" / "register.py"
+    register.write_text(register.read_text() + "\n# an edit\n")
+    assert sorted(run_json(workspace, "dvc", "status", "--json")) == ["evaluate"]
 
 
 def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next_repro(

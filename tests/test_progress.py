@@ -10,8 +10,8 @@ import huggingface_hub.utils
 import pytest
 import transformers
 
-from medgemma_breakhis import logs
-from medgemma_breakhis.logs import configure_logging, progress
+from medgemma_breakhis.core import logs
+from medgemma_breakhis.core.logs import configure_logging, progress
 
 
 def bar_lines(stderr: str) -> list[str]:

@@ -10,14 +10,15 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
-from transformers.integrations import MLflowCallback
+from repo_params import params
 
-from medgemma_breakhis.labels import NUM_CLASSES
-from medgemma_breakhis.medgemma_architecture import IMAGE_TOKENS
-from medgemma_breakhis.modeling import check_lora_targets, load_processor
-from medgemma_breakhis.params import LoraParams, ModelParams, Params, TrainParams
-from medgemma_breakhis.scoring import answer_token_ids, prompt_text, score_images
-from medgemma_breakhis.training import build_trainer, decoder_tokens_per_example
+from medgemma_breakhis.data.breakhis import NUM_CLASSES
+from medgemma_breakhis.evaluate.scoring import score_images
+from medgemma_breakhis.model.builtin import IMAGE_TOKENS
+from medgemma_breakhis.model.load import check_lora_targets, load_processor
+from medgemma_breakhis.model.prompt import answer_token_ids, prompt_text
+from medgemma_breakhis.train.trainer import build_trainer
+from tools.gpu_memory import decoder_tokens_per_example
 
 # Gemma 3's ids of the answers "0".."7": each a single token.
 GEMMA3_DIGIT_IDS = [236771, 236770, 236778, 236800, 236812, 236810, 236825, 236832]
@@ -44,24 +45,24 @@ def batch(real_vocabulary_model, filenames: list[str], synthetic_root: Path, tmp
         model=model,
         processor=processor,
         info=info,
-        params=Params(
-            train=TrainParams(
-                precision="fp32", batch_size=2, micro_batch_size=2, gradient_checkpointing=False, dataloader_workers=0
-            )
+        params=params(
+            {
+                "train": {"precision": "fp32", "batch_size": 2},
+                "execution": {"micro_batch_size": 2, "gradient_checkpointing": False, "dataloader_workers": 0},
+            }
         ),
         rows=rows,
         image_root=synthetic_root,
         output_dir=tmp_path_factory.mktemp("trainer"),
     )
-    trainer.remove_callback(MLflowCallback)
     collated = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     trainer.model.unload()  # LoRA off again: the model is shared with the other tests
     return collated, rows["label"].tolist()
 
 
 def test_medgemma_4b_random_resolves_offline_with_375_decoder_tokens(gemma3_tokenizer: Path) -> None:
-    model = ModelParams(id="medgemma-4b-random")
-    check_lora_targets(model, LoraParams())
+    model = params({"model": {"id": "medgemma-4b-random"}}).model
+    check_lora_targets(model, params().lora)
     processor = load_processor(model)
     assert processor.image_seq_length == IMAGE_TOKENS and processor.image_processor.size["height"] == 896
     # the prompt alone is 104 tokens: Gemma 3 splits every digit, and the prompt lists the classes 0-7

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medgemma_breakhis.model_source import ModelLoadError
+from medgemma_breakhis.model.load import ModelLoadError
 from tools import rehearse
 
 TIMES = {

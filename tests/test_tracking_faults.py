@@ -17,23 +17,25 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+from repo_params import params as with_params
+from repo_params import write_params
 from ruamel.yaml import YAML
 
-from medgemma_breakhis import tracking
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.model_source import ModelLoadError
-from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import ModelParams, ParamsError, params_from_dict
-from medgemma_breakhis.tracking import (
+from medgemma_breakhis.core import logs
+from medgemma_breakhis.core.errors import ParamsError
+from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.model.load import ModelLoadError, load_base_model
+from medgemma_breakhis.track import runs as tracking
+from medgemma_breakhis.track.runs import (
     STORE_CHECK_TIMEOUT_S,
-    TrackedStage,
+    StageRun,
     TrackingError,
     check_tracking_store,
     experiment_id,
     pipeline_children,
     stage_run,
 )
-from medgemma_breakhis.training import run_training
+from medgemma_breakhis.train.trainer import run_training
 from tools.precision_comparison import _latest_stage_run
 
 
@@ -92,7 +94,7 @@ def test_a_store_that_passes_the_check_and_then_fails_refuses_the_stage_in_secon
     half_failing_store: str, split_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", half_failing_store)
-    params = params_from_dict({"model": {"id": "tiny-gemma3"}})
+    params = with_params({"model": {"id": "tiny-gemma3"}})
     started = time.monotonic()
     with (
         pytest.raises(
@@ -110,25 +112,30 @@ def test_a_store_that_passes_the_check_and_then_fails_refuses_the_stage_in_secon
 def test_a_store_failing_after_the_work_costs_seconds_and_lists_what_was_not_tracked(
     half_failing_store: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    run = mlflow.start_run()  # the stage's run, started while the store worked
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("e")
+    # the stage's run and its pipeline's, started while the store worked
+    parent, run = (client.create_run(experiment).info.run_id for _ in range(2))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", half_failing_store)
     tracking.bound_store_requests()
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    tracked = TrackedStage(run, tmp_path / "metrics" / "train.untracked.json")
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "train.json").write_text("{}")
+    tracked = StageRun(run, parent, tmp_path / "metrics" / "train.untracked.json", metrics={"accuracy": 1.0})
+    tracked.artifacts.append((tmp_path / "metrics" / "train.json", "metrics"))
+    tracked.then.append(("the confusion matrices", lambda: mlflow.MlflowClient().set_tag(run, "x", "y")))
     started = time.monotonic()
-    for item in ("the metrics", "the artifact metrics/train.json", "the confusion matrices"):
-        tracked.track(item, lambda: mlflow.log_metric("accuracy", 1.0))
-    tracked.end()
+    tracked.end("FINISHED")
     assert time.monotonic() - started < 20  # 852abeb: minutes per write (MLflow's 7 retries with backoff)
     record = json.loads((tmp_path / "metrics" / "train.untracked.json").read_text())
-    assert record["tracking_uri"].startswith("http://127.0.0.1:") and record["run_id"] == run.info.run_id
+    assert record["tracking_uri"].startswith("http://127.0.0.1:") and record["run_id"] == run
     assert [item.split(":")[0] for item in record["not_tracked"]] == [
         "the metrics",
-        "the artifact metrics/train.json",
+        f"the artifact {tmp_path / 'metrics' / 'train.json'}",
         "the confusion matrices",
         "the tracking_incomplete tag",
         "the end of the stage's run",
+        "the end of the pipeline's run",
     ]
     assert "hunter2pw" not in json.dumps(record) + caplog.text
     assert mlflow.active_run() is None
@@ -138,11 +145,11 @@ def test_credentials_in_the_store_url_are_moved_to_mlflow_s_variables_and_never_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     uri = "https://carol:p%40ss-w0rd@mlflow.example.org:8443/prefix?token=tok-123456&x=1"
-    assert tracking.shown_uri(uri) == "https://mlflow.example.org:8443/prefix?token=***&x=***"
-    assert tracking.shown_uri("sqlite:////repo/mlflow.db") == "sqlite:////repo/mlflow.db"
-    assert tracking.shown_uri("http://carol:pw@[fd00::1]:5000/x") == "http://[fd00::1]:5000/x"  # brackets kept
+    assert logs.shown_uri(uri) == "https://mlflow.example.org:8443/prefix?token=***&x=***"
+    assert logs.shown_uri("sqlite:////repo/mlflow.db") == "sqlite:////repo/mlflow.db"
+    assert logs.shown_uri("http://carol:pw@[fd00::1]:5000/x") == "http://[fd00::1]:5000/x"  # brackets kept
     message = f"API request to {uri.replace('%40', '@')} failed"
-    assert "p@ss-w0rd" not in tracking.redacted(message, uri) and "tok-123456" not in tracking.redacted(message, uri)
+    assert "p@ss-w0rd" not in logs.redacted(message, uri) and "tok-123456" not in logs.redacted(message, uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:p%40ss-w0rd@127.0.0.1:5000")
     tracking.bound_store_requests()
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
@@ -176,7 +183,7 @@ def test_corrupt_or_locked_sqlite_store_fails_in_seconds_naming_the_file(tmp_pat
 def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not_a_traceback(
     synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_env: dict[str, str]
 ) -> None:
-    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\n")
+    write_params(tmp_path, {"model": {"id": "tiny-gemma3"}})
     env = stage_env | {"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}
     result = subprocess.run(
         [
@@ -210,7 +217,7 @@ def test_stage_with_a_dead_store_stops_before_the_model_loads_with_a_message_not
 def test_a_stage_against_a_half_failing_store_with_a_password_ends_in_seconds_in_one_line_without_it(
     half_failing_store: str, synthetic_root: Path, split_dir: Path, tmp_path: Path, stage_env: dict[str, str]
 ) -> None:
-    (tmp_path / "params.yaml").write_text("model:\n  id: tiny-gemma3\n")
+    write_params(tmp_path, {"model": {"id": "tiny-gemma3"}})
     started = time.monotonic()
     result = subprocess.run(
         [
@@ -246,7 +253,7 @@ def test_what_was_not_tracked_is_a_dvc_output_of_every_tracked_stage_so_experime
 
 def test_a_fully_tracked_stage_writes_an_empty_record(store: Path, split_dir: Path, tmp_path: Path) -> None:
     record = tmp_path / "metrics" / "baseline.untracked.json"
-    with stage_run("baseline", params_from_dict({}), split_dir / "test.csv", record):
+    with stage_run("baseline", with_params({}), split_dir / "test.csv", record):
         pass
     assert json.loads(record.read_text()) == {"not_tracked": []}  # always there, as DVC wants an output
 
@@ -277,7 +284,7 @@ def test_interruptions_and_a_full_disk_end_a_stage_in_one_line(caplog: pytest.Lo
 
 
 def test_expected_errors_are_one_message_without_traceback(tmp_path: Path, stage_env: dict[str, str]) -> None:
-    (tmp_path / "params.yaml").write_text(f"data:\n  source: local\n  path: {tmp_path / 'nowhere'}\n")
+    write_params(tmp_path, {"data": {"source": "local", "path": str(tmp_path / "nowhere")}})
     command = [sys.executable, "-m", "stages.download", "--out", "data/raw", "--excluded", "data/excluded.csv"]
     result = subprocess.run(
         command, cwd=tmp_path, env=stage_env, capture_output=True, text=True, timeout=120, check=False
@@ -306,18 +313,18 @@ def test_names_with_quotes_cannot_break_a_search(
 ) -> None:
     name = 'it\'s-"mine"'
     monkeypatch.setenv("DVC_EXP_NAME", name)
-    params = params_from_dict({"model": {"id": "tiny-gemma3"}})
+    params = with_params({"model": {"id": "tiny-gemma3"}})
     adapter = str(tmp_path / "it's" / "adapter")
     with stage_run("train", params, split_dir / "train.csv", tmp_path / "train.untracked.json") as train:
-        mlflow.set_tag("adapter_path", adapter)
+        train.tags["adapter_path"] = adapter
     with stage_run("evaluate", params, split_dir / "test.csv", tmp_path / "eval.untracked.json") as evaluate:
         pass
-    parent = train.run.data.tags["mlflow.parentRunId"]
-    assert evaluate.run.data.tags["mlflow.parentRunId"] == parent  # the second stage found its pipeline's run
+    parent = train.parent_run_id
+    assert evaluate.parent_run_id == parent  # the second stage found its pipeline's run
     (found,) = pipeline_children(parent, "train", {"adapter_path": adapter})
-    assert found.info.run_id == train.run.info.run_id
+    assert found.info.run_id == train.run_id
     latest = _latest_stage_run(mlflow.MlflowClient(), experiment_id(), name, "evaluate")
-    assert latest.info.run_id == evaluate.run.info.run_id
+    assert latest.info.run_id == evaluate.run_id
 
 
 @pytest.mark.slow  # trains, or waits out the store's timeouts
@@ -333,11 +340,11 @@ def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path,
         client = mlflow.MlflowClient()
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1]  # dropped for good
         mlflow.log_metrics({"loss": 0.0, "learning_rate": 0.1}, step=3, synchronous=False)
-        tracked = TrackedStage(run, tmp_path / "untracked.json")
-        tracked.restore_metrics(history)
+    tracked = StageRun(run.info.run_id, run.info.run_id, tmp_path / "untracked.json", history=history)
+    tracked.end("FINISHED")
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3]
     assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "learning_rate")) == [1, 2, 3]
-    assert not tracked.failures
+    assert json.loads((tmp_path / "untracked.json").read_text()) == {"not_tracked": []}
 
 
 @pytest.mark.slow  # trains, or waits out the store's timeouts
@@ -346,10 +353,11 @@ def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_l
 ) -> None:
     train_csv = tmp_path / "train.csv"
     pd.read_csv(split_dir / "train.csv").head(4).to_csv(train_csv, index=False)
-    params = params_from_dict(
+    params = with_params(
         {
             "model": {"id": "tiny-gemma3"},
-            "train": {"epochs": 1, "batch_size": 1, "precision": "fp32", "checkpoint_steps": 2},
+            "train": {"epochs": 1, "batch_size": 1, "precision": "fp32"},
+            "execution": {"checkpoint_steps": 2},
         }
     )
     metrics, adapter, checkpoints = tmp_path / "metrics" / "train.json", tmp_path / "adapter", tmp_path / "checkpoints"
@@ -389,7 +397,7 @@ def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_l
 def test_lora_target_modules_that_match_nothing_are_refused_before_the_model_loads(
     synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path
 ) -> None:
-    params = params_from_dict({"model": {"id": "tiny-gemma3"}, "lora": {"target_modules": "no_such_proj"}})
+    params = with_params({"model": {"id": "tiny-gemma3"}, "lora": {"target_modules": "no_such_proj"}})
     with pytest.raises(ParamsError, match=r"lora.target_modules='no_such_proj' matches no module of tiny-gemma3"):
         run_training(
             params,
@@ -406,10 +414,10 @@ def test_lora_target_modules_that_match_nothing_are_refused_before_the_model_loa
 def test_model_id_that_is_a_missing_local_path_says_so(split_dir: Path, synthetic_root: Path, tmp_path: Path) -> None:
     message = r"model.id='./models/medgemma' is a local path, and no folder is there"
     with pytest.raises(ModelLoadError, match=message):
-        load_base_model(ModelParams(id="./models/medgemma"), "fp32")
+        load_base_model(with_params({"model": {"id": "./models/medgemma"}}).model, "fp32")
     with pytest.raises(ModelLoadError, match=message):  # the stage's first look at the model, before the store's
         run_training(
-            params_from_dict({"model": {"id": "./models/medgemma"}}),
+            with_params({"model": {"id": "./models/medgemma"}}),
             image_root=synthetic_root,
             train_csv=split_dir / "train.csv",
             adapter_dir=tmp_path / "adapter",
@@ -426,7 +434,7 @@ def test_stages_starting_together_on_a_new_store_both_get_the_experiment(
     """DVC's queue workers start their stages at once: two processes creating a new sqlite store's tables together
     broke MLflow's schema migration ("No such index") before the store's first use took a lock."""
     env = stage_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    code = "from medgemma_breakhis.tracking import experiment_id; print(experiment_id())"
+    code = "from medgemma_breakhis.track.runs import experiment_id; print(experiment_id())"
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code],

@@ -16,25 +16,32 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from peft import LoraConfig, get_peft_model
-from ruamel.yaml import YAML
 from transformers import PreTrainedModel, ProcessorMixin
 
-from medgemma_breakhis.folds import FOLDS_CSV, read_folds
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.modeling import load_base_model
-from medgemma_breakhis.params import EvalParams, LoraParams, add_override_argument, load_params
-from medgemma_breakhis.scoring import generate_answers, parse_answer, score_images
-from medgemma_breakhis.splits import read_split, select_split
-from medgemma_breakhis.synthetic import generate_synthetic_breakhis
+from medgemma_breakhis.core.files import pipeline_paths
+from medgemma_breakhis.core.logs import configure_logging
+from medgemma_breakhis.core.params import EvalParams, LoraParams, Params, add_override_argument, load_params
+from medgemma_breakhis.data.breakhis import FOLDS_CSV, read_folds
+from medgemma_breakhis.data.split import read_split, select_split
+from medgemma_breakhis.download.synthetic import generate_synthetic_breakhis
+from medgemma_breakhis.evaluate.scoring import generate_answers, parse_answer, score_images
+from medgemma_breakhis.model.load import load_base_model
 
 logger = logging.getLogger(__name__)
 
 
-def pipeline_paths(paths_file: Path = Path("paths.yaml")) -> dict[str, str]:
-    """The pipelines' paths, from the one file that holds them."""
-    return YAML(typ="safe").load(paths_file)
+def split_rows(params: Params, group: str, synthetic: bool, scratch: Path) -> tuple[pd.DataFrame, Path]:
+    """The `group` ("train" or "test") split and its image folder: of synthetic images drawn into `scratch`, or the
+    pipeline's own (`dvc repro split_balance` first)."""
+    if synthetic:
+        image_root = generate_synthetic_breakhis(scratch, params.data.synthetic)
+        return select_split(read_folds(image_root / FOLDS_CSV), params.split)[group], image_root
+    paths = pipeline_paths()
+    image_root = Path(paths["raw_dir"])
+    return read_split(Path(paths["split_dir"]) / f"{group}.csv", image_root), image_root
 
 
 def _timed(work: Callable[[], object]) -> tuple[object, float]:
@@ -132,13 +139,7 @@ def main() -> None:
     configure_logging()
     params = load_params(overrides=args.overrides)
     with tempfile.TemporaryDirectory(prefix="bench-") as scratch:
-        if args.synthetic:
-            image_root = generate_synthetic_breakhis(Path(scratch), params.data.synthetic)
-            test = select_split(read_folds(image_root / FOLDS_CSV), params.split)["test"]
-        else:
-            paths = pipeline_paths()
-            image_root = Path(paths["raw_dir"])
-            test = read_split(Path(paths["split_dir"]) / "test.csv", image_root)
+        test, image_root = split_rows(params, "test", args.synthetic, Path(scratch))
         images = [image_root / f for f in test["filename"][: args.images]]
         model, processor, info = load_base_model(params.model, params.eval.precision)
         result = benchmark(model, processor, images, params.eval)

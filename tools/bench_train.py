@@ -27,15 +27,14 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import TrainerCallback
 
-from medgemma_breakhis.folds import FOLDS_CSV, read_folds
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.memory import peak_memory_gib
-from medgemma_breakhis.modeling import device, load_base_model
-from medgemma_breakhis.params import Params, add_override_argument, load_params
-from medgemma_breakhis.splits import read_split, select_split
-from medgemma_breakhis.synthetic import generate_synthetic_breakhis
-from medgemma_breakhis.training import GuardedSFTTrainer, SkippedStepCounter, build_trainer, decoder_tokens_per_example
-from tools.bench import pipeline_paths
+from medgemma_breakhis.core.logs import configure_logging
+from medgemma_breakhis.core.params import Params, add_override_argument, load_params
+from medgemma_breakhis.model.load import device, load_base_model
+from medgemma_breakhis.track.runs import peak_memory_gib
+from medgemma_breakhis.train.callbacks import GuardedSFTTrainer, SkippedStepCounter, StepTimes
+from medgemma_breakhis.train.trainer import build_trainer
+from tools.bench import split_rows
+from tools.gpu_memory import decoder_tokens_per_example
 
 logger = logging.getLogger(__name__)
 
@@ -75,21 +74,6 @@ def _flop_counter() -> FlopCounterMode:
 def _synchronize() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-class StepClock(TrainerCallback):
-    """The wall-clock time at the end of each optimizer step, the GPU's queued work included."""
-
-    def __init__(self) -> None:
-        self.started = 0.0
-        self.ends: list[float] = []
-
-    def on_train_begin(self, *args: Any, **kwargs: Any) -> None:
-        self.started = time.perf_counter()
-
-    def on_step_end(self, *args: Any, **kwargs: Any) -> None:
-        _synchronize()
-        self.ends.append(time.perf_counter())
 
 
 class ProfileStep(TrainerCallback):
@@ -166,7 +150,7 @@ def data_examples_per_second(trainer: GuardedSFTTrainer) -> float:
 
 def measure(trainer: GuardedSFTTrainer, warmup: int, steps: int, batch_size: int) -> Measurement:
     """`warmup` untimed steps, `steps` timed ones, one profiled; then the FLOPs and the data pipeline alone."""
-    clock, profiled, skipped = StepClock(), ProfileStep(warmup + steps + 1), SkippedStepCounter(trainer)
+    clock, profiled, skipped = StepTimes(), ProfileStep(warmup + steps + 1), SkippedStepCounter(trainer)
     for callback in (clock, profiled, skipped):
         trainer.add_callback(callback)
     trainer.train()
@@ -248,16 +232,6 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
-def train_rows(params: Params, synthetic: bool, scratch: Path) -> tuple[Any, Path]:
-    """The training split: synthetic images made in `scratch`, or the pipeline's own split of data/."""
-    if synthetic:
-        image_root = generate_synthetic_breakhis(scratch, params.data.synthetic)
-        return select_split(read_folds(image_root / FOLDS_CSV), params.split)["train"], image_root
-    paths = pipeline_paths()
-    image_root = Path(paths["raw_dir"])
-    return read_split(Path(paths["split_dir"]) / "train.csv", image_root), image_root
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_override_argument(parser)
@@ -270,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     params = load_params(overrides=args.overrides)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
-        rows, image_root = train_rows(params, args.synthetic, Path(scratch) / "data")
+        rows, image_root = split_rows(params, "train", args.synthetic, Path(scratch) / "data")
         model, processor, info = load_base_model(params.model, params.train.precision)
         trainer = build_trainer(
             model=model,

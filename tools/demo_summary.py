@@ -12,9 +12,9 @@ from typing import Any
 
 import dvc.api
 import pandas as pd
-from ruamel.yaml import YAML
 
-from medgemma_breakhis.metrics import HEADLINE
+from medgemma_breakhis.core.files import pipeline_paths
+from medgemma_breakhis.evaluate.metrics import HEADLINE
 
 # Every headline figure (`metrics.HEADLINE`) but the count of unparseable answers (`score` never has any), each
 # interval under its figure, then the test set's size.
@@ -57,7 +57,7 @@ def baseline_finetuned_table(row: dict[str, Any]) -> str:
 def copy_test_images(experiment: str, out: Path, count: int = 3) -> list[Path]:
     """`count` test images of `experiment` (spread over its test split, so benign and malignant), read from the DVC
     cache at the experiment's commit: the workspace of a `--temp` experiment has none."""
-    paths = YAML(typ="safe").load(Path("paths.yaml"))
+    paths = pipeline_paths()
     with dvc.api.open(f"{paths['split_dir']}/test.csv", rev=experiment) as stream:
         filenames = pd.read_csv(stream)["filename"]
     out.mkdir(parents=True, exist_ok=True)

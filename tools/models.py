@@ -21,10 +21,11 @@ import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from medgemma_breakhis.errors import ExpectedError, run_stage
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument, load_params
-from medgemma_breakhis.tracking import EXPERIMENT_NAME, shown_uri, tracking_uri
+from medgemma_breakhis.core.errors import ExpectedError
+from medgemma_breakhis.core.logs import configure_logging, shown_uri
+from medgemma_breakhis.core.params import add_override_argument, load_params
+from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.track.runs import EXPERIMENT_NAME, tracking_uri
 
 logger = logging.getLogger(__name__)
 

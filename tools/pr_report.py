@@ -17,8 +17,8 @@ import dvc.api
 import pandas as pd
 from ruamel.yaml import YAML
 
-from medgemma_breakhis import dotted
-from medgemma_breakhis.metrics import HEADLINE, Headline
+from medgemma_breakhis.core.params import dotted_get
+from medgemma_breakhis.evaluate.metrics import HEADLINE, Headline
 
 # The headline figures with an interval (`metrics.HEADLINE`).
 INTERVAL_METRICS = tuple(figure for figure in HEADLINE if figure.interval)
@@ -50,7 +50,7 @@ def evaluation_metrics_at(rev: str | None) -> dict[str, dict[str, Any] | None]:
 
 def _figures(values: dict[str, Any] | None, figure: Headline) -> list[float] | None:
     """The figure and its interval's bounds, if `values` has them."""
-    found = [dotted.get(values or {}, f"{figure.key}{suffix}") for suffix in ("", "_ci95_low", "_ci95_high")]
+    found = [dotted_get(values or {}, f"{figure.key}{suffix}") for suffix in ("", "_ci95_low", "_ci95_high")]
     return None if None in found else found
 
 
@@ -58,7 +58,7 @@ def _interval(values: dict[str, Any] | None, figure: Headline) -> str:
     if values is None:
         return "no such file"
     if (found := _figures(values, figure)) is None:
-        value = dotted.get(values, figure.key)
+        value = dotted_get(values, figure.key)
         return "n/a" if value is None else f"{value:.3f} (no interval)"
     return f"{found[0]:.3f} [{found[1]:.3f}, {found[2]:.3f}]"
 

@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from mlflow.entities import Run
 
-from medgemma_breakhis.atomic import atomic_write_text
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument
-from medgemma_breakhis.tracking import experiment_id
+from medgemma_breakhis.core.files import atomic_write_text
+from medgemma_breakhis.core.logs import configure_logging
+from medgemma_breakhis.core.params import add_override_argument
+from medgemma_breakhis.track.runs import experiment_id
 
 logger = logging.getLogger(__name__)
 

@@ -24,11 +24,12 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from medgemma_breakhis.atomic import atomic_write_text
-from medgemma_breakhis.classifier import IMAGE_COLUMN, OUTPUT_COLUMNS, PROBABILITY_COLUMNS, AdapterClassifier
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.params import add_override_argument, load_params
+from medgemma_breakhis.core.files import atomic_write_text
+from medgemma_breakhis.core.logs import configure_logging
+from medgemma_breakhis.core.params import add_override_argument, load_params
+from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
+from medgemma_breakhis.registry.classifier import IMAGE_COLUMN, OUTPUT_COLUMNS, AdapterClassifier
 from tools.models import ModelNotFound, default_model_uri, experiment_model_uri, open_registry
 
 logger = logging.getLogger(__name__)

@@ -30,20 +30,20 @@ import mlflow
 import pandas as pd
 from ruamel.yaml import YAML
 
-from medgemma_breakhis.errors import run_stage
-from medgemma_breakhis.gemma3_tokenizer import FOLDER as TOKENIZER_FOLDER
-from medgemma_breakhis.logs import configure_logging
-from medgemma_breakhis.model_source import RANDOM_MEDGEMMA_ID
-from medgemma_breakhis.modeling import check_model
-from medgemma_breakhis.params import Params, add_override_argument, load_params
-from medgemma_breakhis.tracking import EXPERIMENT_NAME
+from medgemma_breakhis.core.files import pipeline_paths
+from medgemma_breakhis.core.logs import configure_logging
+from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, Params, add_override_argument, load_params
+from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.model.builtin import TOKENIZER_FOLDER
+from medgemma_breakhis.model.load import check_model
+from medgemma_breakhis.track.runs import EXPERIMENT_NAME
 from tools.bench_train import REFERENCE_TEST_IMAGES, REFERENCE_TRAIN_IMAGES, reference_steps
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "split_balance", "baseline", "train", "evaluate")
 # At 2 images per patient and magnification: 64 training images, 8 optimizer steps per epoch, 40 in all; a checkpoint
 # every 10 steps: 4 saves and 4 epoch boundaries to time.
-REHEARSAL = {"data.source": "synthetic", "model.id": RANDOM_MEDGEMMA_ID, "train.checkpoint_steps": 10}
+REHEARSAL = {"data.source": "synthetic", "model.id": RANDOM_MEDGEMMA_ID, "execution.checkpoint_steps": 10}
 LOG_TAIL_LINES = 30
 
 
@@ -54,9 +54,8 @@ class StageFailed(RuntimeError):
 def stage_commands(overrides: list[str]) -> dict[str, list[str]]:
     """Each stage's command as dvc.yaml writes it, its `${...}` paths filled in from paths.yaml (DVC's vars, the
     same `${name}` syntax as `string.Template`), run by this interpreter, with the overrides."""
-    yaml = YAML(typ="safe")
-    paths = yaml.load(REPO / "paths.yaml")
-    stages = yaml.load(REPO / "dvc.yaml")["stages"]
+    paths = pipeline_paths(REPO / "paths.yaml")
+    stages = YAML(typ="safe").load(REPO / "dvc.yaml")["stages"]
     commands = {}
     for name in STAGES:
         words = shlex.split(string.Template(stages[name]["cmd"]).substitute(paths))
@@ -139,8 +138,8 @@ def report(params: Params, scratch: Path, wall: dict[str, float], metrics: dict[
     train_summary = json.loads((scratch / "metrics" / "train.json").read_text())
     test_images = int(json.loads((scratch / "metrics" / "baseline.json").read_text())["n_images"])
     images = pd.read_csv(scratch / "data" / "raw" / "Folds.csv")["filename"].nunique()
-    ran = TrainShape.of(train_summary["global_steps"], params.train.epochs, params.train.checkpoint_steps)
-    reference_checkpoints = load_params(REPO / "params.yaml").train.checkpoint_steps
+    ran = TrainShape.of(train_summary["global_steps"], params.train.epochs, params.execution.checkpoint_steps)
+    reference_checkpoints = load_params(REPO / "params.yaml").execution.checkpoint_steps
     reference = TrainShape.of(reference_steps(params), params.train.epochs, reference_checkpoints)
     rows = []
     for name in STAGES:

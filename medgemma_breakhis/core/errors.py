@@ -1,0 +1,15 @@
+"""Errors the user causes and can fix: the stage entry (`core.stage.run_stage`) reports them in one line."""
+
+from __future__ import annotations
+
+
+class ExpectedError(Exception):
+    """A failure the user can fix; the message names the key, file, store or credential, and the fix."""
+
+
+class DataError(ExpectedError, RuntimeError):
+    """Input data that is missing, malformed or unreachable; the message names the file and the fix."""
+
+
+class ParamsError(ExpectedError):
+    """A value in params.yaml that the pipeline cannot run with."""

@@ -1,0 +1,124 @@
+"""Logging and progress bars for the stages and tools: secrets masked in every record and every shown URL, bars
+that suit a terminal or a log file (docs/design.md#logs)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import traceback
+from collections.abc import Iterable
+from typing import Any, TypeVar
+from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
+
+from tqdm import tqdm
+
+Item = TypeVar("Item")
+
+# In a log file, a bar starts reporting once its work has lasted this long: a quick loop writes no line at all.
+LOG_FILE_DELAY_S = 5.0
+
+# For a library imported later, the environment variable it reads; for one imported already, its switch.
+_LIBRARY_BARS_OFF = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+_LIBRARY_SWITCHES = (
+    ("huggingface_hub.utils", "disable_progress_bars"),
+    ("transformers.utils.logging", "disable_progress_bar"),  # at import, it follows huggingface_hub's variable
+    ("datasets", "disable_progress_bars"),
+)
+
+
+def in_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+def progress(iterable: Iterable[Item] | None = None, *, total: int | None = None, **kwargs: Any) -> tqdm:
+    """tqdm over `iterable` (or `total` steps); in a log file, a line per tenth of the work once it has lasted
+    LOG_FILE_DELAY_S."""
+    if not in_terminal():
+        total = len(iterable) if total is None else total  # type: ignore[arg-type]
+        # no time-based refresh (the monitor thread would drop miniters to 1 on a slow step)
+        tenth = max(1, math.ceil(total / 10))
+        kwargs |= {"mininterval": 0, "maxinterval": math.inf, "miniters": tenth, "delay": max(LOG_FILE_DELAY_S, 1e-9)}
+    return tqdm(iterable, total=total, **kwargs)
+
+
+def quiet_library_progress_bars() -> None:
+    for name, value in _LIBRARY_BARS_OFF.items():
+        os.environ.setdefault(name, value)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read on each download
+    for module, switch in _LIBRARY_SWITCHES:
+        if module in sys.modules:
+            getattr(sys.modules[module], switch)()
+
+
+# Variables whose values are credentials, for MLflow, the Hugging Face hub, Kaggle and git.
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "KAGGLE_KEY", "GIT_TOKEN")
+# Shorter values would mask ordinary words, and no real credential is that short.
+MIN_SECRET_LENGTH = 6
+
+
+def uri_credentials(uri: str) -> list[str]:
+    """The user name, password and query values of `uri`, as written and decoded, longest first."""
+    parts = urlsplit(uri)
+    raw = [parts.username, parts.password, *(value for _, value in parse_qsl(parts.query, True))]
+    return sorted({value for text in raw if text for value in (text, unquote(text))}, key=len, reverse=True)
+
+
+def without_user_info(parts: SplitResult) -> SplitResult:
+    """`parts` without a user name or password, its host and port as written (IPv6 brackets kept)."""
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2])
+
+
+def shown_uri(uri: str) -> str:
+    """`uri` without its user name and password, and with the values of its query string masked, for messages."""
+    parts = urlsplit(uri)
+    if not parts.netloc:  # sqlite:////path, file:///path: nothing to hide, and rebuilding would drop a slash
+        return uri
+    parts = without_user_info(parts)
+    if parts.query:
+        parts = parts._replace(query="&".join(f"{key}=***" for key, _ in parse_qsl(parts.query, True)))
+    return parts.geturl()
+
+
+def redacted(text: str, uri: str) -> str:
+    """`text` (an error that may quote `uri`) without the credentials in `uri`."""
+    for secret in uri_credentials(uri):
+        text = text.replace(secret, "***")
+    return text
+
+
+def secret_values() -> list[str]:
+    """The credentials in this process's environment: the variables above and those in MLFLOW_TRACKING_URI."""
+    values = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+    values += uri_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""))
+    return sorted({value for value in values if len(value) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
+
+
+class RedactSecrets(logging.Filter):
+    """Masks every credential of the environment in a record, its traceback included."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = secret_values()
+        if not secrets:
+            return True
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + "".join(traceback.format_exception(*record.exc_info)).rstrip()
+            record.exc_info, record.exc_text = None, None
+        for secret in secrets:
+            message = message.replace(secret, "***")
+        record.msg, record.args = message, ()
+        return True
+
+
+def configure_logging() -> None:
+    """INFO to stderr, every handler masking secrets; the libraries' own bars off outside a terminal."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not in_terminal():
+        quiet_library_progress_bars()
+    # every handler there is by now: the root's, and those of libraries that print on their own (mlflow, transformers)
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for handler in {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers}:
+        if not any(isinstance(f, RedactSecrets) for f in handler.filters):
+            handler.addFilter(RedactSecrets())

@@ -1,0 +1,99 @@
+"""BreakHis stated once: the classes and the malignant rule, folds, magnifications, the image format, labels and
+patients from image paths, and Folds.csv read with every value checked (docs/breakhis.md)."""
+
+from __future__ import annotations
+
+import re
+import typing
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.core.params import Fold, Magnification
+
+# Index = label, in the reference's order: 0-3 benign, 4-7 malignant.
+CLASS_NAMES: tuple[str, ...] = (
+    "benign_adenosis",
+    "benign_fibroadenoma",
+    "benign_phyllodes_tumor",
+    "benign_tubular_adenoma",
+    "malignant_ductal_carcinoma",
+    "malignant_lobular_carcinoma",
+    "malignant_mucinous_carcinoma",
+    "malignant_papillary_carcinoma",
+)
+NUM_CLASSES = len(CLASS_NAMES)
+# Tumour-type folder in a BreakHis path -> label, and its code in file names (SOB_B_A-…).
+TUMOR_TYPE_TO_LABEL: dict[str, int] = {name.split("_", 1)[1]: label for label, name in enumerate(CLASS_NAMES)}
+TUMOR_TYPE_CODES: tuple[str, ...] = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
+MAGNIFICATIONS: tuple[int, ...] = typing.get_args(Magnification)
+FOLDS: tuple[int, ...] = typing.get_args(Fold)
+# Every BreakHis image is a 700x460 RGB PNG: (width, height), as PIL gives sizes.
+IMAGE_SIZE: tuple[int, int] = (700, 460)
+IMAGE_MODE = "RGB"
+FOLDS_CSV = "Folds.csv"
+FOLDS_COLUMNS = ("fold", "mag", "grp", "filename")
+
+# SOB_B_A-14-22549AB-100-001.png -> tumour code, year, patient, magnification, sequence number.
+_FILE_NAME = re.compile(
+    r"^SOB_(?P<side>[BM])_(?P<code>[A-Z]+)-(?P<year>\d+)-(?P<patient>[^-]+)-(?P<mag>\d+)-(?P<seq>\d+)\.png$"
+)
+
+
+def is_malignant(label: int) -> bool:
+    """The reference's binary task: labels 4-7 are malignant."""
+    return label >= NUM_CLASSES // 2
+
+
+def binary_name(label: int) -> str:
+    return "malignant" if is_malignant(label) else "benign"
+
+
+def label_from_path(filename: str) -> int:
+    """The label of a BreakHis path's tumour-type folder; ValueError naming the path where it has none."""
+    for part in PurePosixPath(filename.replace("\\", "/").lower()).parts:
+        if part in TUMOR_TYPE_TO_LABEL:
+            return TUMOR_TYPE_TO_LABEL[part]
+    raise ValueError(f"no tumour-type folder ({', '.join(TUMOR_TYPE_TO_LABEL)}) in image path {filename!r}")
+
+
+def patient_from_path(filename: str) -> str:
+    """The patient id: the third hyphen field of the file name (SOB_B_A-14-22549AB-100-001.png -> 22549AB)."""
+    name = PurePosixPath(filename.replace("\\", "/")).name
+    match = _FILE_NAME.match(name)
+    if match is None:
+        raise ValueError(
+            f"image file name {name!r} does not follow the BreakHis pattern "
+            "SOB_<B|M>_<type>-<year>-<patient>-<magnification>-<seq>.png"
+        )
+    return match["patient"]
+
+
+def read_folds(path: Path) -> pd.DataFrame:
+    """A BreakHis Folds.csv, every value checked, in its row order."""
+    if not path.is_file():
+        raise DataError(f"{path} not found: the dataset must have a {FOLDS_CSV} at its top level")
+    try:
+        folds = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path} is not a readable CSV: {err}") from err
+    missing = [c for c in FOLDS_COLUMNS if c not in folds.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; expected columns {', '.join(FOLDS_COLUMNS)}")
+    problems = []
+    for column, allowed in (("fold", set(FOLDS)), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"})):
+        bad = folds[~folds[column].isin(allowed)]
+        if len(bad):
+            problems.append(
+                f"column {column} has {len(bad)} value(s) outside {sorted(allowed, key=str)}, first at "
+                f"row {bad.index[0] + 2}: {bad[column].tolist()[0]!r}"
+            )
+    empty = folds["filename"].isna() | (folds["filename"].astype(str).str.strip() == "")
+    if empty.any():
+        problems.append(
+            f"column filename is empty in {int(empty.sum())} row(s), first at row {folds.index[empty][0] + 2}"
+        )
+    if problems:
+        raise DataError(f"{path} is malformed: " + "; ".join(problems))
+    return folds

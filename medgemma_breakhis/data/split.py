@@ -1,0 +1,137 @@
+"""The `split_balance` stage: the reference's fold, magnification and balance selection from Folds.csv; and the split
+files read back by the model stages."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.core.files import atomic_directory, atomic_write_json
+from medgemma_breakhis.core.params import SplitParams
+from medgemma_breakhis.data.breakhis import CLASS_NAMES, label_from_path, patient_from_path, read_folds
+
+logger = logging.getLogger(__name__)
+
+SPLIT_COLUMNS = ("filename", "label", "class_name", "patient")
+
+
+def _with_labels(rows: pd.DataFrame) -> pd.DataFrame:
+    labels = rows["filename"].map(label_from_path)
+    return pd.DataFrame(
+        {
+            "filename": rows["filename"].to_numpy(),
+            "label": labels.to_numpy(),
+            "class_name": labels.map(lambda label: CLASS_NAMES[label]).to_numpy(),
+            "patient": rows["filename"].map(patient_from_path).to_numpy(),
+        }
+    )
+
+
+def _balance_binary(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
+    # Exactly the reference's code: substring match on the path, sample(n=min) per side, benign first.
+    benign = rows[rows["filename"].str.contains("benign")]
+    malignant = rows[rows["filename"].str.contains("malignant")]
+    n = min(len(benign), len(malignant))
+    return pd.concat([benign.sample(n=n, random_state=seed), malignant.sample(n=n, random_state=seed)])
+
+
+def select_split(folds: pd.DataFrame, split: SplitParams) -> dict[str, pd.DataFrame]:
+    """Train and test rows of one fold and magnification, balanced like the reference; keeps Folds.csv order."""
+    chosen = folds[folds["mag"] == split.magnification]
+    chosen = chosen[chosen["fold"] == split.fold]
+    if chosen.empty:
+        raise DataError(f"Folds.csv has no rows for fold {split.fold} at {split.magnification}X")
+    subsets = {}
+    for group in ("train", "test"):
+        rows = chosen[chosen["grp"] == group]
+        if split.balance == "binary":
+            rows = _balance_binary(rows, split.seed)
+        if rows.empty:
+            raise DataError(f"the {group} split of fold {split.fold} at {split.magnification}X is empty")
+        subsets[group] = _with_labels(rows)
+    check_patient_disjoint(subsets["train"], subsets["test"], f"fold {split.fold} at {split.magnification}X")
+    return subsets
+
+
+def check_patient_disjoint(train: pd.DataFrame, test: pd.DataFrame, where: str) -> None:
+    """Refuse a split with a patient in both train and test, listing every image of every such patient."""
+    leaked = sorted(set(train["patient"]) & set(test["patient"]))
+    if not leaked:
+        return
+    lines = []
+    for patient in leaked:
+        for group, rows in (("train", train), ("test", test)):
+            lines += [f"patient {patient}, {group}: {f}" for f in rows.loc[rows["patient"] == patient, "filename"]]
+    raise DataError(
+        f"{len(leaked)} patient(s) are in both train and test of {where}: {', '.join(leaked)}. "
+        "BreakHis folds are patient-disjoint, so Folds.csv is damaged or not the official one; "
+        "the offending images:\n  " + "\n  ".join(lines)
+    )
+
+
+def split_summary(subsets: dict[str, pd.DataFrame]) -> dict[str, dict]:
+    """Images and patients per split and class, and images per patient: the data summary kept as a DVC metric."""
+    summary = {}
+    for group, rows in subsets.items():
+        per_patient = rows.groupby("patient").size()
+        summary[group] = {
+            "images": len(rows),
+            "patients": int(rows["patient"].nunique()),
+            "images_per_patient": {
+                "min": int(per_patient.min()),
+                "median": float(per_patient.median()),
+                "max": int(per_patient.max()),
+            },
+            "per_class": {
+                name: {
+                    "images": int((rows["class_name"] == name).sum()),
+                    "patients": int(rows.loc[rows["class_name"] == name, "patient"].nunique()),
+                }
+                for name in CLASS_NAMES
+            },
+        }
+    return summary
+
+
+def write_split(folds_csv: Path, split: SplitParams, output_dir: Path, summary_path: Path) -> dict[str, pd.DataFrame]:
+    """The `split_balance` stage: write `<output_dir>/train.csv` and `test.csv`, and the data summary."""
+    subsets = select_split(read_folds(folds_csv), split)
+    with atomic_directory(output_dir) as staging:
+        for group, rows in subsets.items():
+            rows.to_csv(staging / f"{group}.csv", index=False)
+    summary = split_summary(subsets)
+    atomic_write_json(summary_path, summary)
+    for group, figures in summary.items():
+        logger.info(
+            "%s: %d images, %d patients, per class %s",
+            group,
+            figures["images"],
+            figures["patients"],
+            {name: counts["images"] for name, counts in figures["per_class"].items()},
+        )
+    return subsets
+
+
+def read_split(path: Path, image_root: Path) -> pd.DataFrame:
+    """A split CSV written by `write_split`, with its images checked to exist under `image_root`."""
+    if not path.is_file():
+        raise DataError(f"{path} not found; run `dvc repro split_balance` first")
+    rows = pd.read_csv(path, dtype={"patient": str})
+    missing = [c for c in SPLIT_COLUMNS if c not in rows.columns]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; re-run `dvc repro split_balance`")
+    check_images_exist(image_root, rows["filename"])
+    return rows
+
+
+def check_images_exist(image_root: Path, filenames: Iterable[str]) -> None:
+    """DataError listing (the first 20 of) the files missing under `image_root`."""
+    missing = [f for f in filenames if not (image_root / f).is_file()]
+    if missing:
+        shown = "\n  ".join(str(image_root / f) for f in missing[:20])
+        more = f"\n  … and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise DataError(f"{len(missing)} image(s) listed in Folds.csv are missing:\n  {shown}{more}")

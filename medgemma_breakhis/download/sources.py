@@ -1,0 +1,217 @@
+"""The `download` stage: BreakHis from Kaggle, a local copy or the synthetic generator into `data/raw`, every listed
+image validated (docs/design.md#what-each-stage-does).
+
+`data/raw` has one layout whatever the source: `Folds.csv` at the top and every listed image at
+`data/raw/<filename as in Folds.csv>`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import pandas as pd
+from PIL import Image
+
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.core.files import atomic_directory, atomic_write_text, in_main_repo
+from medgemma_breakhis.core.logs import progress
+from medgemma_breakhis.core.params import DataParams
+from medgemma_breakhis.data.breakhis import (
+    FOLDS_CSV,
+    IMAGE_MODE,
+    IMAGE_SIZE,
+    binary_name,
+    label_from_path,
+    patient_from_path,
+    read_folds,
+)
+from medgemma_breakhis.download.synthetic import generate_synthetic_breakhis
+
+logger = logging.getLogger(__name__)
+
+EXCLUDED_COLUMNS = ("filename", "reason")
+# The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (docs/breakhis.md#on-kaggle).
+_IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
+
+
+def path_problem(filename: str) -> str | None:
+    """Why a Folds.csv `filename` could lead outside the dataset or data/raw, if it could (checked as written)."""
+    as_posix = PurePosixPath(filename.replace("\\", "/"))
+    if as_posix.is_absolute() or PureWindowsPath(filename).drive:
+        return "absolute path; Folds.csv paths must be relative to the dataset folder"
+    if ".." in as_posix.parts:
+        return "path with '..' segments; Folds.csv paths must stay inside the dataset folder"
+    return None
+
+
+def lookup_problem(image_root: Path, filename: str) -> str | None:
+    """Why the listed file cannot be read from inside `image_root`: missing, a name the file system refuses, or a
+    symlink that leads outside the dataset."""
+    path = image_root / filename
+    try:
+        if not path.is_file():
+            return "missing"
+        target = path.resolve(strict=True)
+        if not target.is_relative_to(image_root.resolve()):
+            return (
+                f"a symlink to {target}, outside the dataset folder {image_root}; set data.path to where the images "
+                "are, or copy them into the dataset"
+            )
+    except (OSError, ValueError) as err:  # ENAMETOOLONG, ELOOP, an embedded NUL byte
+        return f"cannot be looked up: {err}"
+    return None
+
+
+def image_problem(image_root: Path, filename: str) -> str | None:
+    """Why the listed image cannot be used: unsafe path, missing, undecodable, wrong mode or size (read from the
+    header, before any pixel is decoded), or a label against its folder."""
+    if (unsafe := path_problem(filename)) is not None:
+        return unsafe  # never read, nor written under data/raw
+    if (unreadable := lookup_problem(image_root, filename)) is not None:
+        return unreadable
+    try:
+        with warnings.catch_warnings():
+            # PIL warns from 89 million pixels (the size is checked below, before decoding) and refuses from twice that
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(image_root / filename) as image:
+                if image.size != IMAGE_SIZE:
+                    return f"size {image.size[0]}x{image.size[1]}, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
+                if image.mode != IMAGE_MODE:
+                    return f"mode {image.mode}, expected {IMAGE_MODE}"
+                image.load()  # decodes every pixel: a truncated or corrupt file fails here
+    except Image.DecompressionBombError as err:
+        return f"declares more pixels than are safe to decode: {err}"
+    except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for files it cannot decode
+        return f"does not decode: {err}"
+    try:
+        side = binary_name(label_from_path(filename))
+        patient_from_path(filename)  # split_balance needs the patient from the file name
+    except ValueError as err:
+        return str(err)
+    folder = "malignant" if "/malignant/" in filename else "benign" if "/benign/" in filename else None
+    if folder != side:
+        return (
+            f"its tumour type is {side} but it is under "
+            f"{'/' + folder + '/' if folder else 'neither /benign/ nor /malignant/'}"
+        )
+    return None
+
+
+def validate_images(
+    folds: pd.DataFrame, image_root: Path, exclude_invalid: bool, excluded_report: Path
+) -> pd.DataFrame:
+    """Check every listed image; return the Folds.csv rows to keep, and write the excluded-images report. Without
+    `exclude_invalid`, any problem stops the stage with the whole list."""
+    filenames = list(dict.fromkeys(folds["filename"]))
+    problems = {
+        f: problem
+        for f in progress(filenames, desc="validating images", unit="img")
+        if (problem := image_problem(image_root, f)) is not None
+    }
+    if problems and not exclude_invalid:
+        listing = "\n  ".join(f"{image_root / f}: {reason}" for f, reason in problems.items())
+        raise DataError(
+            f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:\n  {listing}\n"
+            "Fix or re-download them, or set data.exclude_invalid=true to leave them out "
+            f"(they are then listed in {excluded_report})."
+        )
+    excluded = pd.DataFrame(list(problems.items()), columns=list(EXCLUDED_COLUMNS))
+    atomic_write_text(excluded_report, excluded.to_csv(index=False))
+    if problems:
+        logger.warning(
+            "left out %d of %d images (data.exclude_invalid=true); listed in %s",
+            len(problems),
+            len(filenames),
+            excluded_report,
+        )
+    return folds[~folds["filename"].isin(problems)]
+
+
+def find_image_root(dataset_root: Path, filenames: Iterable[str]) -> Path:
+    """The folder under which Folds.csv's `filename` paths resolve (the Kaggle download adds a BreaKHis_v1/ level)."""
+    safe = [f for f in filenames if path_problem(f) is None]
+    if not safe:
+        raise DataError("no filename in Folds.csv is a relative path inside the dataset folder")
+    # the first listed image that is there decides (one that is missing or unreadable is listed by validation)
+    for filename in safe:
+        for candidate in _IMAGE_ROOT_CANDIDATES:
+            if lookup_problem(dataset_root / candidate, filename) is None:
+                return dataset_root / candidate
+    first = safe[0]
+    tried = [dataset_root / candidate / first for candidate in _IMAGE_ROOT_CANDIDATES]
+    raise DataError(
+        "cannot find the images listed in Folds.csv; the first listed image is not at any of: "
+        + ", ".join(str(p) for p in tried)
+    )
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)  # same file system (the usual kagglehub cache): no second copy of ~4 GB
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, excluded_report: Path) -> int:
+    """Bring an extracted BreakHis copy into the repository layout, validated; returns the number of images."""
+    if dataset_root.is_file():
+        raise DataError(f"dataset folder {dataset_root} is a file; set data.path to the folder holding {FOLDS_CSV}")
+    if not dataset_root.is_dir():
+        raise DataError(
+            f"dataset folder {dataset_root} does not exist; set data.path to the folder holding {FOLDS_CSV}"
+        )
+    folds = read_folds(dataset_root / FOLDS_CSV)
+    image_root = find_image_root(dataset_root, folds["filename"])
+    kept = validate_images(folds, image_root, exclude_invalid, excluded_report)
+    filenames = list(dict.fromkeys(kept["filename"]))
+    with atomic_directory(output_dir) as staging:
+        if len(kept) == len(folds):
+            shutil.copy2(dataset_root / FOLDS_CSV, staging / FOLDS_CSV)
+        else:
+            kept.to_csv(staging / FOLDS_CSV, index=False)
+        for filename in progress(filenames, desc=f"importing {dataset_root}", unit="img"):
+            _link_or_copy(image_root / filename, staging / filename)
+    return len(filenames)
+
+
+def _kaggle_credentials_hint() -> str:
+    from kagglehub.config import get_kaggle_credentials
+
+    found = "were found" if get_kaggle_credentials() is not None else "were NOT found"
+    return (
+        f"Kaggle credentials {found}. Set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put "
+        "kaggle.json in ~/.kaggle/ (see https://www.kaggle.com/settings → API), and check network access. "
+        "To run offline, use data.source=synthetic, or data.source=local with data.path set."
+    )
+
+
+def download_kaggle(handle: str) -> Path:
+    """Download (or reuse kagglehub's cache of) a Kaggle dataset; returns the folder holding its files."""
+    import kagglehub
+
+    try:
+        return Path(kagglehub.dataset_download(handle))
+    except Exception as err:  # kagglehub raises many kinds (HTTP, auth, network); all need the same advice
+        raise DataError(f"downloading Kaggle dataset {handle!r} failed: {err}. {_kaggle_credentials_hint()}") from err
+
+
+def prepare_raw_data(params: DataParams, output_dir: Path, excluded_report: Path) -> int:
+    """The `download` stage: fill `output_dir` from the configured source, every image validated; returns the number
+    of images."""
+    if params.source == "synthetic":
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        # beside the output, on the same file system, so importing it hard-links rather than copies
+        with tempfile.TemporaryDirectory(prefix=".synthetic-breakhis-", dir=output_dir.parent) as generated:
+            root = generate_synthetic_breakhis(Path(generated), params.synthetic)
+            return import_dataset(root, output_dir, params.exclude_invalid, excluded_report)
+    if params.source == "local":
+        # from the main repository, like the checkpoints: `dvc exp run --temp/--queue` runs in a copy elsewhere
+        return import_dataset(in_main_repo(Path(params.path)), output_dir, params.exclude_invalid, excluded_report)
+    return import_dataset(download_kaggle(params.kaggle_dataset), output_dir, params.exclude_invalid, excluded_report)

@@ -1,0 +1,130 @@
+"""The `baseline` and `evaluate` stages: score the test split with the base model, or base + adapter, and write its
+metrics, per-image predictions and ROC curve."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from peft import PeftModel
+
+from medgemma_breakhis.core.errors import DataError
+from medgemma_breakhis.core.files import atomic_write_json, atomic_write_text
+from medgemma_breakhis.core.params import Params
+from medgemma_breakhis.data.breakhis import CLASS_NAMES
+from medgemma_breakhis.data.split import read_split
+from medgemma_breakhis.evaluate.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
+from medgemma_breakhis.evaluate.scoring import predict_split
+from medgemma_breakhis.model.load import NonFiniteError, check_model, load_base_model, non_finite_advice
+from medgemma_breakhis.track.figures import confusion_matrix_figure, roc_figure
+from medgemma_breakhis.track.runs import dvc_locked_md5, pipeline_children, stage_run, untracked_record
+
+logger = logging.getLogger(__name__)
+
+# Registers the adapter as a model version, as `registry.register.register_adapter` does; passed in by `evaluate`.
+Register = Callable[..., object]
+
+
+def evaluation_figures(predictions: pd.DataFrame, roc: pd.DataFrame, metrics: dict[str, Any], stage: str) -> dict:
+    """The 8-class and binary confusion matrices and, with both classes in the test set, the ROC curve."""
+    extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []  # a column of its own
+    figures: dict[str, Figure] = {
+        "confusion_matrix_eight_class.png": confusion_matrix_figure(
+            predictions["true_class"], predictions["predicted_class"], [*CLASS_NAMES, *extra], f"{stage}: 8 classes"
+        ),
+        "confusion_matrix_binary.png": confusion_matrix_figure(
+            predictions["true_binary"],
+            predictions["predicted_binary"],
+            ["benign", "malignant", *extra],
+            f"{stage}: benign / malignant",
+        ),
+    }
+    if "roc_auc" in metrics["binary"]:
+        figures["roc_curve.png"] = roc_figure(roc, metrics["binary"]["roc_auc"], stage)
+    return figures
+
+
+def tag_adapter_origin(adapter_dir: Path, md5: str, parent_run_id: str) -> None:
+    """Tag the `train` run of the same pipeline execution that wrote the adapter with the adapter's DVC hash."""
+    for train_run in pipeline_children(parent_run_id, "train", {"adapter_path": str(adapter_dir)})[:1]:
+        if train_run.info.status == "FINISHED":
+            mlflow.MlflowClient().set_tag(train_run.info.run_id, "adapter_dvc_md5", md5)
+
+
+def run_evaluation(
+    params: Params,
+    stage: str,
+    *,
+    image_root: Path,
+    test_csv: Path,
+    metrics_path: Path,
+    predictions_path: Path,
+    roc_path: Path,
+    adapter_dir: Path | None = None,
+    register: Register | None = None,
+) -> dict[str, Any]:
+    """Predict the test split and write the metrics, the predictions and the ROC curve; returns the metrics. With
+    `adapter_dir`, the adapter is applied unmerged (docs/design.md#the-adapter-is-applied-unmerged), and `register`
+    makes it a model version, last."""
+    rows = read_split(test_csv, image_root)
+    if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
+        raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
+    check_model(params.model)
+    with stage_run(stage, params, test_csv, untracked_record(metrics_path)) as run:
+        started = time.perf_counter()
+        model, processor, info = load_base_model(params.model, params.eval.precision)
+        run.tags |= info.tags(precision_ran=f"{info.dtype} weights, inference without autocast")
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(model, adapter_dir)
+        loaded = time.perf_counter()
+        try:
+            predictions = predict_split(model, processor, rows, image_root, params.eval)
+        except NonFiniteError as err:
+            advice = non_finite_advice(params.eval.precision, "eval.precision")
+            raise NonFiniteError(f"{stage}: {err}. {advice}") from err
+        run.metrics |= {
+            "time_model_load_s": loaded - started,
+            "images_per_second": len(rows) / (time.perf_counter() - loaded),
+        }
+        metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
+        run.refuse_if_params_changed()
+        roc = roc_points(predictions)
+        atomic_write_text(predictions_path, predictions.to_csv(index=False))
+        atomic_write_text(roc_path, roc.to_csv(index=False))
+        atomic_write_json(metrics_path, metrics)
+        run.artifacts += [(path, path.parent.name) for path in (metrics_path, predictions_path, roc_path)]
+        run.figures |= evaluation_figures(predictions, roc, metrics, stage)
+        if adapter_dir is not None:
+            md5 = dvc_locked_md5(adapter_dir)
+            run.tags["adapter_dvc_md5"] = md5 or "not in a dvc.lock (stage run outside DVC)"
+            if md5 is not None:
+                origin = functools.partial(tag_adapter_origin, adapter_dir, md5, run.parent_run_id)
+                run.then.append(("the adapter's DVC hash on its train run", origin))
+        if register is None or adapter_dir is None:
+            run.metrics |= headline(metrics)
+        else:  # the registration logs the metrics with the model it registers, once the scored copy is freed
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            registration = functools.partial(
+                register,
+                run_id=run.run_id,
+                adapter_dir=adapter_dir,
+                params=params,
+                base=info,
+                adapter_md5=md5,
+                headline=headline(metrics),
+            )
+            run.then.append((f"the model version of {params.registry.model_name} and the metrics", registration))
+    logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
+    return metrics

@@ -1,0 +1,118 @@
+"""Classifying images: one forward pass over the answer tokens "0".."7" (`score`), or, as the reference did, greedy
+generation and parsing the answer (`generate`) (docs/design.md#evaluation)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from transformers import PreTrainedModel, ProcessorMixin
+
+from medgemma_breakhis.core.logs import progress
+from medgemma_breakhis.core.params import EvalParams
+from medgemma_breakhis.evaluate.metrics import UNPARSEABLE, predictions_frame
+from medgemma_breakhis.model.load import NonFiniteError
+from medgemma_breakhis.model.prompt import answer_token_ids, end_of_turn_id, prompt_text
+
+# The reference's parsing: the first standalone digit 0-7 in the generated text.
+ANSWER_PATTERN = re.compile(r"\b([0-7])\b")
+
+
+# An image file, or an image already decoded (a registered model gets its images as bytes, checked before scoring).
+ImageSource = Path | Image.Image
+
+
+def _load_rgb(source: ImageSource) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    with Image.open(source) as image:
+        return image.convert("RGB")
+
+
+def _shown(source: ImageSource, index: int) -> str:
+    return source.name if isinstance(source, Path) else f"image {index}"
+
+
+def _batch_inputs(
+    processor: ProcessorMixin, text: str, images: list[ImageSource], device: torch.device, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    inputs = processor(
+        text=[text] * len(images),
+        images=[[_load_rgb(image)] for image in images],
+        padding=True,
+        padding_side="left",  # the last position is then every row's next-token position
+        add_special_tokens=False,  # the template already starts with <bos>
+        return_tensors="pt",
+    ).to(device)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+@torch.inference_mode()
+def score_images(
+    model: PreTrainedModel, processor: ProcessorMixin, images: list[ImageSource], batch_size: int
+) -> np.ndarray:
+    """Probabilities (n_images x 8) of each answer, from the logits of the first answer token."""
+    model.eval()
+    text = prompt_text(processor)
+    answer_ids = torch.tensor(answer_token_ids(processor))
+    probabilities = []
+    for start in progress(range(0, len(images), batch_size), desc="scoring", unit="batch"):
+        batch = images[start : start + batch_size]
+        inputs = _batch_inputs(processor, text, batch, model.device, model.dtype)
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
+        answer_logits = logits.float()[:, answer_ids.to(logits.device)]
+        if not torch.isfinite(answer_logits).all():
+            # A NaN would otherwise become class 0 at argmax, silently.
+            finite = torch.isfinite(answer_logits).all(dim=-1).tolist()
+            bad = [_shown(image, start + i) for i, (image, ok) in enumerate(zip(batch, finite)) if not ok]
+            raise NonFiniteError(f"non-finite logits with the model in {model.dtype} for {', '.join(bad)}")
+        probabilities.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
+    return np.concatenate(probabilities)
+
+
+def parse_answer(text: str) -> int:
+    """The class number in a generated answer, or UNPARSEABLE: never a guess."""
+    match = ANSWER_PATTERN.search(text)
+    return int(match.group(1)) if match else UNPARSEABLE
+
+
+@torch.inference_mode()
+def generate_answers(
+    model: PreTrainedModel, processor: ProcessorMixin, image_paths: list[Path], batch_size: int, max_new_tokens: int
+) -> list[str]:
+    """The reference's evaluation: greedy generation of up to `max_new_tokens`, decoded without special tokens."""
+    model.eval()
+    text = prompt_text(processor)
+    tokenizer = processor.tokenizer
+    # Stop at the end of the model's turn as well as <eos>: a model fine-tuned by the Trainer learnt to end its turn as
+    # its chat template does (Gemma 3: <end_of_turn>), which need not be an <eos>.
+    stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(processor)]))
+    answers = []
+    for start in progress(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
+        inputs = _batch_inputs(processor, text, image_paths[start : start + batch_size], model.device, model.dtype)
+        output = model.generate(
+            **inputs,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=stop_ids,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers += tokenizer.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    return answers
+
+
+def predict_split(
+    model: PreTrainedModel, processor: ProcessorMixin, rows: pd.DataFrame, image_root: Path, settings: EvalParams
+) -> pd.DataFrame:
+    """Per-image predictions of a split (see `metrics.predictions_frame`) by `settings.method`."""
+    paths = [image_root / f for f in rows["filename"]]
+    if settings.method == "score":
+        probabilities = score_images(model, processor, paths, settings.batch_size)
+        return predictions_frame(rows, probabilities.argmax(axis=1), probabilities=probabilities)
+    answers = generate_answers(model, processor, paths, settings.batch_size, settings.max_new_tokens)
+    return predictions_frame(rows, np.array([parse_answer(a) for a in answers]), answers=answers)

@@ -1,0 +1,183 @@
+"""The fine-tuned classifier as an MLflow `pyfunc` model: the base model plus a LoRA adapter, scoring images given as
+bytes, each checked before it is decoded (docs/model-registry.md).
+
+Input: a DataFrame with a binary column `image` of image files' bytes. Output, one row per input row: the probability
+of each class, the summed malignant probability, the predicted class and benign/malignant, and `error`, empty unless
+the image was refused (its probabilities then NaN): one bad image never fails the others.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, Schema
+from peft import PeftModel
+from PIL import Image, UnidentifiedImageError
+from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
+
+from medgemma_breakhis.core.errors import ExpectedError
+from medgemma_breakhis.core.params import ModelParams, Precision
+from medgemma_breakhis.data.breakhis import CLASS_NAMES, binary_name
+from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS, malignant_probability
+from medgemma_breakhis.evaluate.scoring import score_images
+from medgemma_breakhis.model.load import ModelLoadError, load_base_model
+from medgemma_breakhis.model.prompt import PROMPT
+
+logger = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "image"
+OUTPUT_COLUMNS = [*PROBABILITY_COLUMNS, "malignant_probability", "predicted_class", "predicted_binary", "error"]
+# Raster formats a microscope camera or slide scanner exports; PIL's other plugins (EPS through Ghostscript, for one)
+# are never tried on an untrusted file.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
+# Read from the header, before anything is decoded. BreakHis images are 700x460 (0.3 megapixels); the processor
+# resizes every image to the model's input (896x896 for MedGemma), so a larger field only costs memory: 40 megapixels
+# (a 7,300 x 5,500 camera frame) is far above any field of view and far below PIL's decompression-bomb limit.
+MAX_PIXELS = 40_000_000
+MIN_SIDE = 32
+# A hub model's resolved revision is a commit (loadable as is); a local folder's is a digest of its weights.
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+class ImageRejected(ExpectedError):
+    """An input that is not an image this classifier reads; the message says why, in one line."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The RGB image in `data`, or ImageRejected: a non-image, a format outside ACCEPTED_FORMATS, a size outside
+    [MIN_SIDE, MAX_PIXELS] (refused from the header, before decoding) or a corrupt or truncated file."""
+    if not data:
+        raise ImageRejected("empty file")
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:  # reads the header only
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageRejected(
+                    f"{width}x{height} pixels is more than {MAX_PIXELS:,} ({image.format} header), refused before "
+                    "decoding: cut the slide into fields of view (BreakHis images are 700x460)"
+                )
+            if min(width, height) < MIN_SIDE:
+                raise ImageRejected(
+                    f"{width}x{height} pixels is smaller than {MIN_SIDE}x{MIN_SIDE}: not a field of view to classify"
+                )
+            return image.convert("RGB")  # decodes the whole image: a truncated file fails here
+    except UnidentifiedImageError:
+        raise ImageRejected(f"not an image in a format read here ({', '.join(ACCEPTED_FORMATS)})") from None
+    except Image.DecompressionBombError as err:  # PIL's own guard, checked on opening: far larger than MAX_PIXELS
+        raise ImageRejected(f"refused before decoding: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:  # how PIL's plugins report a truncated or corrupt file
+        raise ImageRejected(f"corrupt or truncated image ({type(err).__name__}: {err})") from None
+
+
+def predictions_table(probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
+    """The output rows: `probabilities` fill the rows whose error is empty, in order."""
+    table = pd.DataFrame(np.nan, index=range(len(errors)), columns=PROBABILITY_COLUMNS)
+    scored = [i for i, error in enumerate(errors) if not error]
+    table.loc[scored, PROBABILITY_COLUMNS] = probabilities
+    table["malignant_probability"] = malignant_probability(table)
+    labels = probabilities.argmax(axis=1)
+    table["predicted_class"], table["predicted_binary"] = "", ""
+    table.loc[scored, "predicted_class"] = [CLASS_NAMES[label] for label in labels]
+    table.loc[scored, "predicted_binary"] = [binary_name(label) for label in labels]
+    table["error"] = errors
+    return table
+
+
+def classify(model: PreTrainedModel, processor: ProcessorMixin, images: list[bytes], batch_size: int) -> pd.DataFrame:
+    """Check and decode each image, score those that pass, and say why about the others (see the module doc)."""
+    decoded, errors = [], []
+    for data in images:
+        try:
+            decoded.append(decode_image(bytes(data)))
+            errors.append("")
+        except ImageRejected as err:
+            errors.append(str(err))
+    probabilities = score_images(model, processor, decoded, batch_size) if decoded else np.empty((0, len(CLASS_NAMES)))
+    return predictions_table(probabilities, errors)
+
+
+def signature() -> ModelSignature:
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
+        outputs=Schema(
+            [ColSpec("double", name) for name in [*PROBABILITY_COLUMNS, "malignant_probability"]]
+            + [ColSpec("string", name) for name in ("predicted_class", "predicted_binary", "error")]
+        ),
+    )
+
+
+def model_config(base: ModelParams, resolved_revision: str, precision: Precision, batch_size: int) -> dict[str, Any]:
+    """What the registered model records of its base model (loaded by id and revision, checked against
+    `resolved_revision`) and how it scores."""
+    return {
+        "base_model_id": base.id,
+        "base_model_revision": base.revision,
+        "base_model_resolved_revision": resolved_revision,
+        "attn_implementation": base.attn_implementation,
+        "precision": precision,
+        "batch_size": batch_size,
+        "prompt": PROMPT,
+        "class_names": list(CLASS_NAMES),
+    }
+
+
+def load_adapter_model(
+    adapter_dir: Path, base: ModelParams, precision: Precision, resolved_revision: str | None = None
+) -> tuple[PreTrainedModel, ProcessorMixin]:
+    """The base model with the adapter applied unmerged (as `evaluate` scores), and the processor saved with the
+    adapter. With `resolved_revision`, the base model must be the one the adapter was trained on."""
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise ModelLoadError(f"no LoRA adapter in {adapter_dir} (adapter_config.json is missing)")
+    if resolved_revision and _COMMIT.fullmatch(resolved_revision):
+        base = ModelParams(id=base.id, revision=resolved_revision, attn_implementation=base.attn_implementation)
+    model, _, info = load_base_model(base, precision)
+    if resolved_revision and info.resolved_revision != resolved_revision:
+        raise ModelLoadError(
+            f"base model {base.id} loaded as {info.resolved_revision}, but the adapter in {adapter_dir} was trained "
+            f"on {resolved_revision}: its scores would mean nothing. Load the base model it was trained on."
+        )
+    return PeftModel.from_pretrained(model, adapter_dir), AutoProcessor.from_pretrained(adapter_dir)
+
+
+class AdapterClassifier(mlflow.pyfunc.PythonModel):
+    """The registered model; `load_context` loads the base model and the adapter artifact as the model config says."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        config = context.model_config
+        if config["prompt"] != PROMPT or list(config["class_names"]) != list(CLASS_NAMES):
+            raise ModelLoadError(
+                "this model was registered with another prompt or other classes than this code scores with; "
+                "serve it with the code registered with it (mlflow models serve)"
+            )
+        base = ModelParams(
+            id=config["base_model_id"],
+            revision=config["base_model_revision"],
+            attn_implementation=config["attn_implementation"],
+        )
+        self.model, self.processor = load_adapter_model(
+            Path(context.artifacts["adapter"]), base, config["precision"], config["base_model_resolved_revision"]
+        )
+        self.batch_size = int(config["batch_size"])
+
+    def predict(
+        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        return classify(self.model, self.processor, list(model_input[IMAGE_COLUMN]), self.batch_size)
+
+    @classmethod
+    def from_adapter(
+        cls, adapter_dir: Path, base: ModelParams, precision: Precision, batch_size: int
+    ) -> AdapterClassifier:
+        """The same classifier on an adapter folder (the workspace's `models/adapter`), without MLflow."""
+        classifier = cls()
+        classifier.model, classifier.processor = load_adapter_model(adapter_dir, base, precision)
+        classifier.batch_size = batch_size
+        return classifier

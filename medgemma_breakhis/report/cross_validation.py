@@ -1,0 +1,149 @@
+"""The cross-validation summary: mean and spread over folds of every metric the per-fold stages wrote
+(cv/metrics/fold<f>-<m>x/{data,baseline,finetuned,train}.json), and its table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medgemma_breakhis.core.errors import ExpectedError
+from medgemma_breakhis.core.files import atomic_write_json, atomic_write_text
+from medgemma_breakhis.core.params import CrossValidationParams, dotted_get, flatten, nest
+from medgemma_breakhis.evaluate.metrics import headline_by_key
+
+METRICS_FILES = ("data", "baseline", "finetuned", "train")
+# A breakdown, not a figure of the fold: averaging it over folds with few patients per class would mostly be noise.
+NOT_AGGREGATED = frozenset({"per_class"})
+# (column, metrics file, dotted key): the data's size, then headline figures (`metrics.HEADLINE`), fine-tuned unless
+# the column says baseline.
+TABLE_COLUMNS = (
+    ("test images", "data", "test.images"),
+    ("test patients", "data", "test.patients"),
+    *((f"baseline {figure.label}", "baseline", figure.key) for figure in headline_by_key("eight_class.accuracy")),
+    *(
+        (figure.label, "finetuned", figure.key)
+        for figure in headline_by_key(
+            "eight_class.accuracy",
+            "eight_class.f1_weighted",
+            "binary.accuracy",
+            "binary.roc_auc",
+            "patient_level.accuracy",
+        )
+    ),
+)
+
+
+class CrossValidationError(ExpectedError, RuntimeError):
+    """A fold's metrics are missing or disagree in shape with the others; the message says which and what to run."""
+
+
+def fold_name(fold: int, magnification: int) -> str:
+    return f"fold{fold}-{magnification}x"
+
+
+def read_fold(metrics_dir: Path, fold: int, magnification: int) -> dict[str, Any]:
+    folder = metrics_dir / fold_name(fold, magnification)
+    missing = [f"{folder / name}.json" for name in METRICS_FILES if not (folder / f"{name}.json").is_file()]
+    if missing:
+        raise CrossValidationError(f"missing {', '.join(missing)}: run `dvc repro cv/dvc.yaml`, which writes them")
+    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name in METRICS_FILES}
+
+
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    """Every numeric leaf of a metrics file, as dotted keys (as `dvc metrics show` names them)."""
+    return {
+        key: float(value)
+        for key, value in flatten(metrics).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and NOT_AGGREGATED.isdisjoint(key.split("."))
+    }
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation, smallest and largest value over folds."""
+    array = np.asarray(values, dtype=float)
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)),
+        "min": float(array.min()),
+        "max": float(array.max()),
+    }
+
+
+def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Mean and spread over `folds` (name -> its metrics files) of every metric that every fold has."""
+    if len(folds) < 2:
+        raise CrossValidationError(f"a spread needs at least two folds, got {len(folds)}")
+    per_fold = {
+        name: {f"{file}.{key}": value for file, content in files.items() for key, value in _numbers(content).items()}
+        for name, files in folds.items()
+    }
+    shared = set.intersection(*(set(values) for values in per_fold.values()))
+    for name, values in per_fold.items():
+        if set(values) - shared:
+            # e.g. binary.roc_auc, absent where a fold's test set holds a single class: say so, never average less
+            raise CrossValidationError(
+                f"{name} has metrics other folds lack: {', '.join(sorted(set(values) - shared))}"
+            )
+    return {
+        "n_folds": len(folds),
+        "folds": list(folds),
+        **nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)}),
+    }
+
+
+def read_fold_metrics(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
+    """Per magnification, the metrics files of the folds `cv` asks for (and only those: stale folds are ignored)."""
+    return {
+        magnification: {
+            fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification) for fold in cv.folds
+        }
+        for magnification in cv.magnifications
+    }
+
+
+def summarise_magnifications(folds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:
+    """The summary of each magnification's folds (as `read_fold_metrics` gives them), keyed e.g. "100x"."""
+    return {f"{magnification}x": summarise(per_fold) for magnification, per_fold in folds.items()}
+
+
+def _number_cell(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if float(value).is_integer() and value > 1 else f"{value:.3f}"
+
+
+def summary_table(folds: dict[int, dict[str, dict[str, Any]]], summary: dict[str, Any]) -> str:
+    """Markdown: one row per fold, then mean ± std and [min, max]; fine-tuned unless the column says baseline."""
+    sections = []
+    for magnification, per_fold in folds.items():
+        aggregated = summary[f"{magnification}x"]
+        rows = {
+            name.removeprefix("fold").split("-")[0]: [
+                _number_cell(dotted_get(files[file], key)) for _, file, key in TABLE_COLUMNS
+            ]
+            for name, files in per_fold.items()
+        }
+        stats = [dotted_get(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
+        rows["mean ± std"] = ["n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}" for s in stats]
+        rows["[min, max]"] = [
+            "n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats
+        ]
+        table = pd.DataFrame.from_dict(rows, orient="index", columns=[label for label, _, _ in TABLE_COLUMNS])
+        # numparse off: tabulate would otherwise reformat the cells' fixed decimals
+        markdown = table.rename_axis("fold").to_markdown(disable_numparse=True)
+        sections.append(f"### {magnification}X, {aggregated['n_folds']} folds\n{markdown}")
+    return "\n\n".join(sections) + "\n"
+
+
+def write_summary(metrics_dir: Path, cv: CrossValidationParams, summary_path: Path, table_path: Path) -> str:
+    """The `cv/dvc.yaml:summary` stage: the summary JSON (a DVC metric) and its markdown table; returns the table."""
+    folds = read_fold_metrics(metrics_dir, cv)
+    summary = summarise_magnifications(folds)
+    table = summary_table(folds, summary)
+    atomic_write_json(summary_path, summary)
+    atomic_write_text(table_path, table)
+    return table

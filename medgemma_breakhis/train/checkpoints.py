@@ -1,0 +1,189 @@
+"""Training checkpoints that outlive an interrupted `train`, resumed only by a run of the same training inputs: each
+set of inputs has its own folder, named by their digest and holding them in `fingerprint.json` (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import shutil
+import time
+import zipfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from medgemma_breakhis.core.files import atomic_write_json, sha256
+from medgemma_breakhis.core.logs import progress
+from medgemma_breakhis.core.params import Params
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "fingerprint.json"
+FOLDER_PREFIX = "train-"
+# Under the checkpoint root: checkpoints found corrupt, kept for inspection, never resumed (delete them at will).
+CORRUPT_FOLDER = "corrupt"
+# The step of a checkpoint whose trainer state parses but holds none: corrupt, not an interrupted save.
+NO_STEP = -1
+# Param sections that decide what is trained; data and split params act through the data they select.
+TRAINING_SECTIONS = ("model", "lora", "train")
+# Code outside this repository that decides what a checkpoint holds and how it is read back.
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """The inputs a training run depends on; two runs with equal fingerprints train the same adapter."""
+
+    params: dict[str, Any]
+    model: dict[str, str]
+    data: dict[str, str]
+    libraries: dict[str, str]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, checkpoint: Fingerprint) -> list[str]:
+        """What a checkpoint was made under that this run does not have, one line per input."""
+        lines = []
+        for component, ours in asdict(self).items():
+            theirs = getattr(checkpoint, component)
+            for key in sorted(set(ours) | set(theirs)):
+                if ours.get(key) != theirs.get(key):
+                    lines.append(
+                        f"{component} {key}: {_short(theirs.get(key))} in the checkpoint, {_short(ours.get(key))} now"
+                    )
+        return lines
+
+    @classmethod
+    def load(cls, path: Path) -> Fingerprint:
+        return cls(**json.loads(path.read_text(encoding="utf-8")))
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, str) and value.startswith("sha256:"):
+        return value[:19]
+    return "absent" if value is None else repr(value)
+
+
+def images_sha256(image_root: Path, filenames: Iterable[str]) -> str:
+    """One digest over the bytes of every listed image, in order."""
+    digest = hashlib.sha256()
+    for filename in progress(list(filenames), desc="fingerprinting training images", unit="img", leave=False):
+        digest.update(sha256(image_root / filename).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def training_fingerprint(
+    params: Params, resolved_revision: str, prompt: str, train_csv: Path, image_root: Path, filenames: Iterable[str]
+) -> Fingerprint:
+    """The `model`, `lora` and `train` params, the base model's revision, the training data (the split, every image's
+    bytes, the templated `prompt`) and the library versions; no code of this repository."""
+    return Fingerprint(
+        params={key: value for key, value in params.flat().items() if key.split(".")[0] in TRAINING_SECTIONS},
+        model={"resolved_revision": resolved_revision},
+        data={
+            "train_split": sha256(train_csv),
+            "images": images_sha256(image_root, filenames),
+            "prompt": "sha256:" + hashlib.sha256(prompt.encode()).hexdigest(),
+        },
+        libraries={name: importlib.metadata.version(name) for name in LIBRARIES},
+    )
+
+
+def completed_step(checkpoint: Path) -> int | None:
+    """The optimizer step a checkpoint holds; None if it was not saved completely (trainer_state.json, written last,
+    missing or truncated); NO_STEP for a state that parses but holds no step."""
+    try:
+        state = json.loads((checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    step = state.get("global_step") if isinstance(state, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else NO_STEP
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a saved checkpoint cannot be resumed from, if it cannot: a state without a step, or a truncated or corrupt
+    file (safetensors' header against its size, the CRC of torch's zip members: nothing is unpickled)."""
+    if completed_step(checkpoint) == NO_STEP:
+        state = (checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8")
+        return f"{TRAINER_STATE_NAME} holds no optimizer step: {state[:60]!r}"
+    for path in sorted(checkpoint.iterdir()):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, framework="pt"):
+                    pass
+            elif path.suffix in (".pt", ".pth", ".bin"):
+                with zipfile.ZipFile(path) as archive:
+                    if (bad := archive.testzip()) is not None:
+                        return f"{path.name}: {bad} does not match its checksum"
+        except Exception as err:  # noqa: BLE001 - any way a file fails to read makes the checkpoint unusable
+            return f"{path.name}: {type(err).__name__}: {err}"
+    return None
+
+
+def _move_aside(checkpoint: Path, problem: str) -> None:
+    """Keep a corrupt checkpoint for inspection where no run looks for checkpoints: `<root>/corrupt/`."""
+    aside = checkpoint.parents[1] / CORRUPT_FOLDER / f"{checkpoint.parent.name}-{checkpoint.name}"
+    aside.parent.mkdir(parents=True, exist_ok=True)
+    if aside.exists():
+        aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    checkpoint.rename(aside)
+    logger.warning("%s is corrupt (%s): moved to %s, never loaded", checkpoint, problem, aside)
+
+
+def checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
+    return root / f"{FOLDER_PREFIX}{fingerprint.digest}"
+
+
+def report_other_folders(root: Path, fingerprint: Fingerprint) -> None:
+    """Log every checkpoint folder under `root` made under other inputs, with why it is not resumed."""
+    own = checkpoint_folder(root, fingerprint)
+    for folder in sorted(root.glob(f"{FOLDER_PREFIX}*")):
+        if folder == own or not folder.is_dir():
+            continue
+        try:
+            reason = "made under different inputs:\n    " + "\n    ".join(
+                fingerprint.differences(Fingerprint.load(folder / MANIFEST))
+            )
+        except (FileNotFoundError, json.JSONDecodeError, TypeError) as err:
+            reason = f"its {MANIFEST} cannot be read ({err}), so what it was made under is unknown"
+        logger.warning(
+            "not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)", folder, reason
+        )
+
+
+def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
+    """This run's checkpoint folder, created with its manifest if new; other folders are reported, never used."""
+    report_other_folders(root, fingerprint)
+    folder = checkpoint_folder(root, fingerprint)
+    if not (folder / MANIFEST).is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / MANIFEST, asdict(fingerprint))
+    return folder
+
+
+def last_complete_checkpoint(folder: Path, clean: bool) -> Path | None:
+    """The complete checkpoint of the highest step in `folder`, if any; with `clean` (the main process, first),
+    interrupted saves are deleted and corrupt checkpoints moved aside."""
+    complete: dict[int, Path] = {}
+    for checkpoint in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
+        step = completed_step(checkpoint)
+        if step is None:
+            if clean:
+                logger.warning("deleting %s: it was interrupted while being saved", checkpoint)
+                shutil.rmtree(checkpoint)
+        elif not clean:
+            complete[step] = checkpoint  # the main process has cleaned the folder already: no NO_STEP is left
+        elif (problem := checkpoint_problem(checkpoint)) is not None:
+            _move_aside(checkpoint, problem)
+        else:
+            complete[step] = checkpoint
+    return complete[max(complete)] if complete else None
