@@ -128,7 +128,9 @@ def test_evaluate_registers_a_version_with_its_origin_metrics_and_adapter_but_no
     assert [p.name for p in weights] == ["adapter_model.safetensors"], "the base model's weights must not be copied"
     # the code it runs when served: the package as it was, without compiled files
     code = local / "code" / "medgemma_breakhis"
-    assert (code / "registry" / "classifier.py").read_text() == (REPO / "medgemma_breakhis" / "registry" / "classifier.py").read_text()
+    assert (code / "registry" / "classifier.py").read_text() == (
+        REPO / "medgemma_breakhis" / "registry" / "classifier.py"
+    ).read_text()
     assert not list(code.rglob("__pycache__"))
     assert "roc_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
 
