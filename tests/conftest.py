@@ -29,7 +29,7 @@ from medgemma_breakhis.model.builtin import TokenizerMissing, verified_tokenizer
 def _mlflow_environment_restored() -> Iterator[None]:
     """A stage sets MLflow's variables in its own process (`tracking.bound_store_requests`); a test that runs one
     in-process leaves them as they were for the next."""
-    from medgemma_breakhis.track.runs import STORE_REQUEST_POLICY
+    from medgemma_breakhis.track.store import STORE_REQUEST_POLICY
 
     names = (*STORE_REQUEST_POLICY, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     saved = {name: os.environ.get(name) for name in names}

@@ -32,7 +32,7 @@ from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS as LABEL_COLUMNS
 from medgemma_breakhis.registry.classifier import ImageRejected, decode_image
 from medgemma_breakhis.registry.register import SERVING_DISTRIBUTIONS, register_adapter
-from medgemma_breakhis.track.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
+from medgemma_breakhis.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
 from tools import models, predict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,15 +26,9 @@ from medgemma_breakhis.core.errors import ParamsError
 from medgemma_breakhis.core.stage import run_stage
 from medgemma_breakhis.model.load import ModelLoadError, load_base_model
 from medgemma_breakhis.track import runs as tracking
-from medgemma_breakhis.track.runs import (
-    STORE_CHECK_TIMEOUT_S,
-    StageRun,
-    TrackingError,
-    check_tracking_store,
-    experiment_id,
-    pipeline_children,
-    stage_run,
-)
+from medgemma_breakhis.track import store as tracking_store
+from medgemma_breakhis.track.runs import StageRun, pipeline_children, stage_run
+from medgemma_breakhis.track.store import STORE_CHECK_TIMEOUT_S, TrackingError, check_tracking_store, experiment_id
 from medgemma_breakhis.train.trainer import run_training
 from tools.precision_comparison import _latest_stage_run
 
@@ -46,7 +40,7 @@ class HalfFailingStore(BaseHTTPRequestHandler):
     def _answer(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         if self.path.startswith("/api/2.0/mlflow/experiments/"):
-            experiment = {"experiment_id": "1", "name": tracking.EXPERIMENT_NAME, "lifecycle_stage": "active"}
+            experiment = {"experiment_id": "1", "name": tracking_store.EXPERIMENT_NAME, "lifecycle_stage": "active"}
             status, body = 200, {"experiment": experiment, "experiments": [experiment]}
         else:
             status, body = 500, {"error_code": "INTERNAL_ERROR", "message": "the database is gone"}
@@ -117,7 +111,7 @@ def test_a_store_failing_after_the_work_costs_seconds_and_lists_what_was_not_tra
     # the stage's run and its pipeline's, started while the store worked
     parent, run = (client.create_run(experiment).info.run_id for _ in range(2))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", half_failing_store)
-    tracking.bound_store_requests()
+    tracking_store.bound_store_requests()
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "train.json").write_text("{}")
@@ -151,7 +145,7 @@ def test_credentials_in_the_store_url_are_moved_to_mlflow_s_variables_and_never_
     message = f"API request to {uri.replace('%40', '@')} failed"
     assert "p@ss-w0rd" not in logs.redacted(message, uri) and "tok-123456" not in logs.redacted(message, uri)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://carol:p%40ss-w0rd@127.0.0.1:5000")
-    tracking.bound_store_requests()
+    tracking_store.bound_store_requests()
     assert os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     assert (os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]) == ("carol", "p@ss-w0rd")
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
@@ -434,7 +428,7 @@ def test_stages_starting_together_on_a_new_store_both_get_the_experiment(
     """DVC's queue workers start their stages at once: two processes creating a new sqlite store's tables together
     broke MLflow's schema migration ("No such index") before the store's first use took a lock."""
     env = stage_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    code = "from medgemma_breakhis.track.runs import experiment_id; print(experiment_id())"
+    code = "from medgemma_breakhis.track.store import experiment_id; print(experiment_id())"
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code],

@@ -1,6 +1,5 @@
 """MLflow runs of the stages: a parent run per pipeline execution (one `dvc repro` or DVC experiment) and a child run
-per stage. The store is checked before a stage's work, in seconds; what the stage records is written when it ends, so
-a store failing then costs the record, never the results (docs/tracking.md, docs/reliability.md)."""
+per stage, whose records are written when the stage ends (docs/design.md#tracking-at-the-stage-boundary)."""
 
 from __future__ import annotations
 
@@ -13,10 +12,8 @@ import json
 import logging
 import os
 import platform
-import re
 import resource
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,172 +22,40 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import mlflow
 import psutil
 import torch
-from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, Run, RunTag
 from ruamel.yaml import YAML
 
 from medgemma_breakhis.core.errors import ExpectedError, ParamsError
-from medgemma_breakhis.core.files import atomic_write_json, main_repo_root, sha256
-from medgemma_breakhis.core.logs import redacted, shown_uri, without_user_info
+from medgemma_breakhis.core.files import atomic_write_json, sha256
+from medgemma_breakhis.core.logs import redacted, shown_uri
 from medgemma_breakhis.core.params import Params, dotted_get, load_params
 from medgemma_breakhis.core.stage import dvc_process
+from medgemma_breakhis.track.store import (
+    check_sqlite_writable,
+    experiment_id,
+    refused_unless_store_answers,
+    sqlite_path,
+    tracking_uri,
+)
 
 logger = logging.getLogger(__name__)
 
-EXPERIMENT_NAME = "medgemma-breakhis"
-# MLflow 3's kind of a model-training experiment (its UI picks its view by its own switch: `make mlflow-ui`'s link).
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
 # The digest of params.yaml's values when a pipeline execution began, on its parent run: its later stages compare.
 PARAMS_DIGEST_TAG = "params_digest"
 TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "dvc")
-# The store check before any work: seconds per attempt, with MLflow's HTTP retries off.
-STORE_CHECK_TIMEOUT_S = 10
-# How long a stage waits for another that is creating a new sqlite store (seconds to tens of seconds when busy).
-FIRST_USE_LOCK_TIMEOUT_S = 180
-# Once a write has failed: how long a stage asks whether the sqlite store is still locked before each last write,
-# instead of MLflow's 20 s wait.
+# Once a write has failed: how long each last write first asks whether a sqlite store is still locked, instead of
+# MLflow's 20 s wait.
 SQLITE_PROBE_TIMEOUT_S = 1.0
-# Every other request to a tracking server, instead of MLflow's 7 retries of up to 120 s each; a user's own
-# MLFLOW_HTTP_REQUEST_* settings are kept.
-STORE_REQUEST_POLICY = {
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-}
 GIB = 2**30
-
-
-class TrackingError(ExpectedError):
-    """The MLflow tracking store cannot be used; the message names it and the fix."""
 
 
 class ParamsChangedError(ExpectedError):
     """params.yaml changed while a stage ran: its results would be recorded under params they were not made with."""
-
-
-def embedded_tracking_uri() -> str:
-    """The store at the repository's root, also from DVC's experiment copies (MLflow's default is relative)."""
-    return f"sqlite:///{main_repo_root() / 'mlflow.db'}"
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set (a team server), else the embedded store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-def bound_store_requests() -> None:
-    """Apply `STORE_REQUEST_POLICY`, and move a user name and password in MLFLOW_TRACKING_URI to MLflow's own
-    variables (sent as the same basic authentication), so that no URL MLflow quotes carries them."""
-    for name, value in STORE_REQUEST_POLICY.items():
-        os.environ.setdefault(name, value)
-    parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
-    if parts.username is None and parts.password is None:
-        return
-    os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
-    os.environ["MLFLOW_TRACKING_URI"] = without_user_info(parts).geturl()
-
-
-def store_error(uri: str, err: Exception) -> TrackingError:
-    """The one-line refusal of a store: its name, the error and the fix, no credential of `uri`."""
-    if (path := _sqlite_path(uri)) is not None:
-        fix = (
-            f"Check that {path} is a writable MLflow database that no other process holds locked (an `mlflow ui` "
-            "is fine; a copy in progress is not); a corrupt one can be moved aside, and MLflow creates a new one."
-        )
-    else:
-        fix = (
-            "Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
-            "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use the "
-            "repository's own store, mlflow.db."
-        )
-    reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
-    return TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {reason}\n{fix}")
-
-
-def _check_sqlite_writable(path: Path, timeout: float) -> None:
-    """Take and release the write lock, as MLflow will: a locked, read-only or corrupt file fails here."""
-    if not path.exists():
-        if not os.access(path.parent, os.W_OK):
-            raise PermissionError(f"{path.parent} is not writable, so {path.name} cannot be created")
-        return
-    connection = sqlite3.connect(path, timeout=timeout)
-    try:
-        connection.execute("BEGIN IMMEDIATE")
-        connection.rollback()
-    finally:
-        connection.close()
-
-
-def check_tracking_store(uri: str) -> None:
-    """TrackingError within seconds, naming the store and the fix, unless MLflow can read and write `uri`."""
-    checking = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)}
-    previous = {name: os.environ.get(name) for name in checking}
-    os.environ.update(checking)  # MLflow reads these per request
-    try:
-        if (path := _sqlite_path(uri)) is not None:
-            _check_sqlite_writable(path, STORE_CHECK_TIMEOUT_S)
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - any failure of the store (HTTP, SQL, file system) needs the same advice
-        raise store_error(uri, err) from None  # the cause quotes the URI
-    finally:
-        for name, value in previous.items():
-            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
-
-
-@contextmanager
-def _refused_unless_store_answers(uri: str) -> Iterator[None]:
-    """Requests before the stage's work: a store failing now stops the stage with `store_error`'s one line."""
-    try:
-        yield
-    except ExpectedError:
-        raise
-    except Exception as err:  # noqa: BLE001 - whatever the store raises (HTTP, SQL), the same refusal
-        raise store_error(uri, err) from None
-
-
-def experiment_id() -> str:
-    """The experiment's id, created on first use as a model-training experiment (artifacts at the repository root
-    with the embedded store), after the store has been checked."""
-    bound_store_requests()
-    uri = tracking_uri()
-    # Queue workers start their stages together: two processes creating a new sqlite store break each other's schema
-    # migration. The lock file is released when its holder exits, however it exits.
-    lock = FileLock(f"{_sqlite_path(uri)}.lock") if _sqlite_path(uri) else None
-    try:
-        if lock is not None:
-            lock.acquire(timeout=FIRST_USE_LOCK_TIMEOUT_S)
-    except Timeout:
-        raise TrackingError(
-            f"MLflow tracking store {shown_uri(uri)} cannot be used: another process has held {lock.lock_file} for "
-            f"{FIRST_USE_LOCK_TIMEOUT_S} s"
-        ) from None
-    try:
-        check_tracking_store(uri)
-        mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
-        client = mlflow.MlflowClient()
-        with _refused_unless_store_answers(uri):
-            if (experiment := client.get_experiment_by_name(EXPERIMENT_NAME)) is None:
-                location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
-                tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-                return client.create_experiment(EXPERIMENT_NAME, artifact_location=location, tags=tags)
-            if EXPERIMENT_KIND_TAG not in experiment.tags:
-                client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-            return experiment.experiment_id
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _git(*args: str) -> str | None:
@@ -199,21 +64,20 @@ def _git(*args: str) -> str | None:
 
 
 def pipeline_key() -> str:
-    """One pipeline execution: the stages of one `dvc repro` or DVC experiment share their `dvc` process; a stage run
-    by hand is an execution of its own. The experiment's name goes in as a digest (a name may hold any quote)."""
+    """One pipeline execution: the stages of one `dvc repro` or DVC experiment share their `dvc` process (a stage run
+    by hand is its own); the experiment's name goes in as a digest, since a name may hold any quote."""
     process = dvc_process() or psutil.Process()
     experiment = hashlib.sha256(os.environ.get("DVC_EXP_NAME", "workspace").encode()).hexdigest()[:12]
     return f"{experiment}:{socket.gethostname()}:{process.pid}:{process.create_time()}"
 
 
 def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
+    versions = {"python": platform.python_version(), "cuda": torch.version.cuda or "none"}
     for name in TRACKED_DISTRIBUTIONS:
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:  # e.g. mlflow installed as mlflow-skinny: recorded so
             versions[name] = "not installed"
-    versions["cuda"] = torch.version.cuda or "none"
     return versions
 
 
@@ -243,11 +107,10 @@ def peak_memory_gib() -> dict[str, float]:
 def dvc_locked_md5(out: Path) -> str | None:
     """DVC's hash of output `out` in the lock file of the pipeline that made it (dvc.lock, cv/dvc.lock), if any."""
     for lock_file in (Path("dvc.lock"), *sorted(Path().glob("*/dvc.lock"))):
-        if lock_file.is_file():
-            for stage in (YAML(typ="safe").load(lock_file) or {}).get("stages", {}).values():
-                for entry in stage.get("outs", []):
-                    if Path(entry["path"]) == out:
-                        return entry.get("md5")
+        stages = (YAML(typ="safe").load(lock_file) or {}).get("stages", {}) if lock_file.is_file() else {}
+        for entry in (entry for stage in stages.values() for entry in stage.get("outs", [])):
+            if Path(entry["path"]) == out:
+                return entry.get("md5")
     return None
 
 
@@ -262,34 +125,23 @@ def params_digest(path: Path = Path("params.yaml")) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-_SET_PARAM = re.compile(r"(?:(?P<file>[^=:]+):)?(?P<key>[A-Za-z_][\w.]*)=(?P<value>.*)", re.DOTALL)
-
-
 def dvc_set_params(command: Sequence[str]) -> dict[str, Any]:
-    """The values a `dvc exp run -S key=value` command line writes into params.yaml, by dotted key; sweeps, other
-    files' keys and Hydra's `+key`/`~key` forms are left out (what they set is not known from the command)."""
+    """The values a `dvc exp run -S key=value` command line writes into params.yaml, by dotted key, read by DVC's own
+    parsers; sweeps, other files' keys and Hydra's `+key`/`~key` forms are left out."""
     if ("exp", "run") not in itertools.pairwise(command):
         return {}
-    values: dict[str, Any] = {}
-    arguments = iter(command)
-    for argument in arguments:
-        if argument in ("-S", "--set-param"):
-            given = next(arguments, "")
-        elif argument.startswith("--set-param="):
-            given = argument.removeprefix("--set-param=")
-        else:
-            continue
-        match = _SET_PARAM.fullmatch(given)
-        if match is None or match["file"] not in (None, "params.yaml"):
-            continue
-        value = match["value"]
-        if value.startswith(("choice(", "range(", "glob(")) or ("," in value and not value.startswith(("[", "{"))):
-            continue
-        try:
-            values[match["key"]] = YAML(typ="safe").load(value)
-        except Exception:  # noqa: BLE001, S112 - a value YAML cannot read is not one the command sets
-            continue
-    return values
+    from dvc.cli import parse_args
+    from dvc.utils.cli_parse import to_path_overrides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+
+    arguments = parse_args(list(command[command.index("exp") :])).set_param or []
+    overrides = OverridesParser.create().parse_overrides(to_path_overrides(arguments).get("params.yaml", []))
+    return {
+        override.key_or_group: override.value()
+        for override in overrides
+        if override.type == OverrideType.CHANGE and not override.is_sweep_override()
+    }
 
 
 def params_requested_from_dvc() -> dict[str, Any]:
@@ -323,13 +175,18 @@ def refuse_changed_params(digest: str, asked: dict[str, Any], since: str) -> Non
         )
 
 
+def untracked_record(metrics_path: Path) -> Path:
+    """Where a stage lists what it could not write to MLflow: beside its metrics, e.g. metrics/train.untracked.json."""
+    return metrics_path.with_name(f"{metrics_path.stem}.untracked.json")
+
+
 def _sqlite_still_locked() -> bool:
     """For the embedded store: whether its write lock is still held elsewhere, asked in a second."""
-    if (path := _sqlite_path(mlflow.get_tracking_uri())) is None:
+    if (path := sqlite_path(mlflow.get_tracking_uri())) is None:
         return False
     try:
-        _check_sqlite_writable(path, SQLITE_PROBE_TIMEOUT_S)
-    except sqlite3.Error:
+        check_sqlite_writable(path, SQLITE_PROBE_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - locked, or worse: either way the store will not take the write now
         return True
     return False
 
@@ -356,39 +213,33 @@ class StageRun:
         refuse_changed_params(self.params_digest, self.requested, "this stage began")
 
     def log_step(self, metrics: dict[str, float], step: int) -> None:
-        """Per-step metrics during the work, asynchronously (what the store drops is written again at the end)."""
-        stamp = int(time.time() * 1000)
-        batch = [Metric(key, float(value), stamp, step) for key, value in metrics.items()]
+        """Per-step metrics during the work, asynchronously (what the store drops is written again by `end`)."""
+        batch = [Metric(key, float(value), int(time.time() * 1000), step) for key, value in metrics.items()]
         mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=False)
 
     def _restore_history(self, client: mlflow.MlflowClient) -> None:
-        """Log every (metric, step) of `history` that the store does not hold: MLflow's asynchronous logger drops a
-        batch that fails with only an ERROR line."""
+        """Log every (metric, step) of `history` the store lacks: MLflow's asynchronous logger drops a batch that
+        fails with only an ERROR line."""
         mlflow.flush_async_logging()
-        wanted = [
-            (key, value, entry["step"])
-            for entry in self.history
-            for key, value in entry.items()
-            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
-        ]
+        numbers = [(entry["step"], k, v) for entry in self.history for k, v in entry.items() if k != "step"]
+        wanted = [(k, v, step) for step, k, v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
         held = {key: {m.step for m in client.get_metric_history(self.run_id, key)} for key, _, _ in wanted}
-        stamp = int(time.time() * 1000)
-        missing = [Metric(key, float(value), stamp, step) for key, value, step in wanted if step not in held[key]]
+        now = int(time.time() * 1000)
+        missing = [Metric(key, float(value), now, step) for key, value, step in wanted if step not in held[key]]
         if missing:
             logger.warning("the MLflow store had dropped %d logged value(s); logging them again", len(missing))
             client.log_batch(self.run_id, metrics=missing)
 
     def _writes(self, client: mlflow.MlflowClient) -> list[tuple[str, Callable[[], object]]]:
-        stamp, writes = int(time.time() * 1000), []
+        now, log, writes = int(time.time() * 1000), functools.partial(client.log_batch, self.run_id), []
         if self.tags:
-            tags = [RunTag(key, value) for key, value in self.tags.items()]
-            writes.append(("the tags", lambda: client.log_batch(self.run_id, tags=tags)))
+            writes.append(("the tags", functools.partial(log, tags=[RunTag(k, v) for k, v in self.tags.items()])))
         if self.metrics:
-            metrics = [Metric(key, float(value), stamp, 0) for key, value in self.metrics.items()]
-            writes.append(("the metrics", lambda: client.log_batch(self.run_id, metrics=metrics)))
+            metrics = [Metric(k, float(v), now, 0) for k, v in self.metrics.items()]
+            writes.append(("the metrics", functools.partial(log, metrics=metrics)))
         if self.history:
             what = "the training metrics (loss, learning rate, gradient norm per step)"
-            writes.append((what, lambda: self._restore_history(client)))
+            writes.append((what, functools.partial(self._restore_history, client)))
         for path, folder in self.artifacts:
             writes.append(
                 (f"the artifact {path}", functools.partial(client.log_artifact, self.run_id, str(path), folder))
@@ -396,69 +247,58 @@ class StageRun:
         for name, figure in self.figures.items():
             writes.append((f"the figure {name}", functools.partial(client.log_figure, self.run_id, figure, name)))
         if self.parent_tags:
-            parent = [RunTag(key, value) for key, value in self.parent_tags.items()]
-            writes.append(("the pipeline run's tags", lambda: client.log_batch(self.parent_run_id, tags=parent)))
+            tags = [RunTag(key, value) for key, value in self.parent_tags.items()]
+            writes.append(
+                ("the pipeline run's tags", functools.partial(client.log_batch, self.parent_run_id, tags=tags))
+            )
         return writes + self.then
 
     def end(self, status: str) -> None:
         """Write what was recorded, then end the stage's and the pipeline's runs with `status` (FINISHED, FAILED,
         KILLED). After a failed write, the others are not attempted, and the last ones (a `tracking_incomplete` tag,
-        the ends) once each, without retries, and only while a sqlite store is not still locked; a finished stage lists
-        in `record` every item not written, and its run never looks complete."""
+        the ends) once each, without retries, while a sqlite store is not still locked; a finished stage lists in
+        `record` every item not written, and its run never looks complete."""
         client, failures = mlflow.MlflowClient(), []
 
         def attempt(what: str, call: Callable[[], object], last: bool = False) -> bool:
             if failures and not last:
                 failures.append(f"{what}: not attempted, the store had failed before")
-                return False
-            if failures and _sqlite_still_locked():
+            elif failures and _sqlite_still_locked():
                 failures.append(f"{what}: not attempted, the store is still locked")
-                return False
-            try:
-                call()
-            except Exception as err:  # noqa: BLE001 - whatever the store raises (SQL, HTTP, disk), the results stay
-                uri = mlflow.get_tracking_uri()
-                reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
-                logger.warning("could not track %s in MLflow (%s): %s", what, shown_uri(uri), reason)
-                failures.append(f"{what}: {reason}"[:1000])
-                os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
-                return False
-            return True
+            else:
+                try:
+                    call()
+                    return True
+                except Exception as err:  # noqa: BLE001 - whatever the store raises (SQL, HTTP, disk), the results stay
+                    uri = mlflow.get_tracking_uri()
+                    reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
+                    logger.warning("could not track %s in MLflow (%s): %s", what, shown_uri(uri), reason)
+                    failures.append(f"{what}: {reason}"[:1000])
+                    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+            return False
 
         for what, call in self._writes(client):
             attempt(what, call)
         note = f"{len(failures)} item(s) not tracked, listed in {self.record}"
-        marked = not failures or attempt(
-            "the tracking_incomplete tag", lambda: client.set_tag(self.run_id, "tracking_incomplete", note), last=True
+        tag = functools.partial(client.set_tag, self.run_id, "tracking_incomplete", note)
+        marked = not failures or attempt("the tracking_incomplete tag", tag, last=True)
+        end = functools.partial(client.set_terminated, self.run_id, status if marked else "FAILED")
+        attempt("the end of the stage's run", end, last=True)
+        attempt(
+            "the end of the pipeline's run", functools.partial(client.set_terminated, self.parent_run_id, status), True
         )
-        stage_status = status if marked else "FAILED"
-        attempt("the end of the stage's run", lambda: client.set_terminated(self.run_id, stage_status), last=True)
-        attempt("the end of the pipeline's run", lambda: client.set_terminated(self.parent_run_id, status), last=True)
         if status != "FINISHED":  # a stage that failed writes no output: DVC records nothing of it
             return
-        if not failures:
-            atomic_write_json(self.record, {"not_tracked": []})
-            return
-        shown = shown_uri(mlflow.get_tracking_uri())
-        atomic_write_json(self.record, {"tracking_uri": shown, "run_id": self.run_id, "not_tracked": failures})
-        logger.warning(
-            "%d item(s) could not be tracked in MLflow, listed in %s; the stage's results are written all the same",
-            len(failures),
-            self.record,
-        )
-
-
-def untracked_record(metrics_path: Path) -> Path:
-    """Where a stage lists what it could not write to MLflow: beside its metrics, e.g. metrics/train.untracked.json."""
-    return metrics_path.with_name(f"{metrics_path.stem}.untracked.json")
+        shown = {"tracking_uri": shown_uri(mlflow.get_tracking_uri()), "run_id": self.run_id} if failures else {}
+        atomic_write_json(self.record, {**shown, "not_tracked": failures})
+        if failures:
+            logger.warning("%d item(s) could not be tracked in MLflow, listed in %s", len(failures), self.record)
 
 
 def _pipeline_run(client: mlflow.MlflowClient, experiment: str, origin: dict[str, str], params: Params) -> Run:
     """The parent run of this pipeline execution, found by its key, or created by its first stage; running."""
-    found = client.search_runs(
-        [experiment], f"tags.pipeline_key = '{origin['pipeline_key']}' and tags.run_kind = 'pipeline'"
-    )
-    if found:
+    query = f"tags.pipeline_key = '{origin['pipeline_key']}' and tags.run_kind = 'pipeline'"
+    if found := client.search_runs([experiment], query):
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0]
     tags = {**origin, "run_kind": "pipeline", PARAMS_DIGEST_TAG: params_digest()}
@@ -470,18 +310,15 @@ def _pipeline_run(client: mlflow.MlflowClient, experiment: str, origin: dict[str
 @contextmanager
 def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iterator[StageRun]:
     """The stage's child run under its pipeline's parent run, with all params and its origin. The store is checked
-    first (TrackingError, in seconds); what the stage records is written when it ends, FINISHED, or FAILED and KILLED
+    first (TrackingError, in seconds); what the stage records is written when it ends: FINISHED, or FAILED or KILLED
     (Ctrl-C, SIGTERM) with the reason as a tag."""
     digest, requested = params_digest(), params_requested_from_dvc()
     refuse_changed_params(digest, requested, "this stage began")  # a dvc exp run's -S values, overwritten
-    experiment = experiment_id()
-    origin = origin_tags()
-    client = mlflow.MlflowClient()
-    with _refused_unless_store_answers(tracking_uri()):
+    experiment, origin, client = experiment_id(), origin_tags(), mlflow.MlflowClient()
+    with refused_unless_store_answers(tracking_uri()):
         parent = _pipeline_run(client, experiment, origin, params)
-        refuse_changed_params(
-            parent.data.tags.get(PARAMS_DIGEST_TAG, digest), requested, "this pipeline execution's first stage began"
-        )
+        first = parent.data.tags.get(PARAMS_DIGEST_TAG, digest)
+        refuse_changed_params(first, requested, "this pipeline execution's first stage began")
         tags = {
             **origin,
             "mlflow.parentRunId": parent.info.run_id,
@@ -506,8 +343,7 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
         yield run
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
-        run.tags["failure_reason"] = reason
+        run.tags["failure_reason"] = reason = f"{type(err).__name__}: {err}"[:4000]  # MLflow caps tag values
         run.parent_tags["failure_reason"] = f"{stage}: {reason}"
         raise
     finally:
@@ -516,11 +352,8 @@ def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iter
 
 
 def pipeline_children(parent_run_id: str, stage: str, tags: dict[str, str]) -> list[Run]:
-    """The runs of `stage` with `tags` under one pipeline execution's parent run, newest first."""
-    # Only ids and stage names go into the filter string; tag values such as paths may hold any quote.
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment_id()],
-        f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'",
-        order_by=["attributes.start_time DESC"],
-    )
+    """The runs of `stage` with `tags` under one pipeline execution's parent run, newest first (only ids and stage
+    names go into the filter string: tag values such as paths may hold any quote)."""
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'"
+    runs = mlflow.MlflowClient().search_runs([experiment_id()], query, order_by=["attributes.start_time DESC"])
     return [run for run in runs if tags.items() <= run.data.tags.items()]
