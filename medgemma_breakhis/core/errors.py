@@ -1,7 +1,5 @@
 """Errors the user causes and can fix: the stage entry (`core.stage.run_stage`) reports them in one line."""
 
-from __future__ import annotations
-
 
 class ExpectedError(Exception):
     """A failure the user can fix; the message names the key, file, store or credential, and the fix."""

@@ -1,7 +1,5 @@
 """Files: atomic outputs, content digests, and where the repository and its pipeline paths are."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 import os
@@ -13,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
-
-_DVC_EXPERIMENT_COPIES = (".dvc", "tmp", "exps")
 
 
 @contextmanager
@@ -69,11 +65,7 @@ def sha256(path: Path) -> str:
 def main_repo_root() -> Path:
     """The repository's own root, also from inside `dvc exp run --temp/--queue` (which runs in .dvc/tmp/exps/…)."""
     root = Path(os.environ.get("DVC_ROOT", Path.cwd())).resolve()
-    parts = root.parts
-    for index in range(len(parts) - len(_DVC_EXPERIMENT_COPIES) + 1):
-        if parts[index : index + len(_DVC_EXPERIMENT_COPIES)] == _DVC_EXPERIMENT_COPIES:
-            return Path(*parts[:index])
-    return root
+    return Path(str(root).partition(os.sep + os.path.join(".dvc", "tmp", "exps"))[0])
 
 
 def in_main_repo(path: Path) -> Path:

@@ -1,8 +1,6 @@
 """Logging and progress bars for the stages and tools: secrets masked in every record and every shown URL, bars
 that suit a terminal or a log file (docs/design.md#logs)."""
 
-from __future__ import annotations
-
 import logging
 import math
 import os

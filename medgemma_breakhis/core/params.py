@@ -1,11 +1,5 @@
-"""The schema of params.yaml (pydantic), and loading it: the file, then `-S section.key=value` overrides.
-
-params.yaml is the one source of values: the schema has no defaults, so every key is written there, where DVC and
-users see it. A bad value stops a stage before any heavy work, in one line naming the key, the value and what is
-allowed.
-"""
-
-from __future__ import annotations
+"""The schema of params.yaml (pydantic, no defaults: params.yaml holds every value), and loading it with
+`-S section.key=value` overrides; a bad value is one line naming the key, the value and what is allowed."""
 
 import argparse
 import reprlib
@@ -42,15 +36,15 @@ def between(low: int, high: int) -> Any:
     return Field(ge=low, le=high, description=f"an integer from {low} to {high}")
 
 
+def distinct_list(of: str, minimum: int) -> Any:
+    """A list field of at least `minimum` distinct values (YAML's list, kept as a tuple)."""
+    return Field(strict=False, min_length=minimum, description=f"a list of {of}")
+
+
 def _distinct(values: tuple) -> tuple:
     if len(set(values)) != len(values):
         raise ValueError("values repeat")
     return values
-
-
-def distinct_list(of: str, minimum: int) -> Any:
-    """A list field of at least `minimum` distinct values (YAML's list, kept as a tuple)."""
-    return Field(strict=False, min_length=minimum, description=f"a list of {of}")
 
 
 Magnifications = Annotated[tuple[Magnification, ...], AfterValidator(_distinct)]
@@ -77,7 +71,7 @@ class DataParams(Section):
     synthetic: SyntheticData
 
     @model_validator(mode="after")
-    def _local_needs_a_path(self) -> DataParams:
+    def _local_needs_a_path(self) -> "DataParams":
         if self.source == "local" and not self.path:
             raise ValueError(
                 f"params: data.path={_shown(self.path)} is not allowed; expected the folder that holds Folds.csv when "
@@ -188,7 +182,7 @@ class Params(Section):
     cv: CrossValidationParams
 
     @model_validator(mode="after")
-    def _consistent(self) -> Params:
+    def _consistent(self) -> "Params":
         train, execution = self.train, self.execution
         if train.batch_size % execution.num_processes:
             raise ValueError(
@@ -239,12 +233,6 @@ def _field_path(loc: tuple) -> tuple[list[str], Any]:
     return names, info
 
 
-def _describe(info: Any) -> str:
-    if info.description:
-        return info.description
-    return "one of " + ", ".join(str(value) for value in typing.get_args(info.annotation))
-
-
 def _message(error: ValidationError, raw: Any) -> str:
     """The first problem of `error`, in one line: the key, its value and what is allowed."""
     first = error.errors()[0]
@@ -264,7 +252,8 @@ def _message(error: ValidationError, raw: Any) -> str:
         return f"params: {key or 'the top level'} must be a mapping of keys, got {_shown(first['input'])}"
     if first["type"] == "missing":
         return f"params: {key} is missing; params.yaml sets every key (`git show HEAD:params.yaml` lists them)"
-    return f"params: {key}={_shown(dotted_get(raw, key))} is not allowed; expected {_describe(info)}"
+    allowed = info.description or "one of " + ", ".join(map(str, typing.get_args(info.annotation)))
+    return f"params: {key}={_shown(dotted_get(raw, key))} is not allowed; expected {allowed}"
 
 
 def params_from_dict(raw: Any) -> Params:
@@ -352,11 +341,3 @@ def set_in(tree: dict[str, Any], key: str, value: Any) -> None:
     for parent in parents:
         tree = tree.setdefault(parent, {})
     tree[leaf] = value
-
-
-def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-    """The nested dicts of `flat`'s dotted keys: the inverse of `flatten`."""
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        set_in(tree, key, value)
-    return tree

@@ -1,8 +1,6 @@
 """How every stage starts and ends: its arguments and params, logging, signals (SIGTERM and a vanished `dvc` stop it
 as Ctrl-C does), and an expected failure reported in one line with its exit status (docs/reliability.md)."""
 
-from __future__ import annotations
-
 import argparse
 import errno
 import logging

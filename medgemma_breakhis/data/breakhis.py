@@ -1,8 +1,6 @@
 """BreakHis stated once: the classes and the malignant rule, folds, magnifications, the image format, labels and
 patients from image paths, and Folds.csv read with every value checked (docs/breakhis.md)."""
 
-from __future__ import annotations
-
 import re
 import typing
 from pathlib import Path, PurePosixPath

@@ -1,10 +1,7 @@
 """The `split_balance` stage: the reference's fold, magnification and balance selection from Folds.csv; and the split
 files read back by the model stages."""
 
-from __future__ import annotations
-
 import logging
-from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -19,26 +16,6 @@ logger = logging.getLogger(__name__)
 SPLIT_COLUMNS = ("filename", "label", "class_name", "patient")
 
 
-def _with_labels(rows: pd.DataFrame) -> pd.DataFrame:
-    labels = rows["filename"].map(label_from_path)
-    return pd.DataFrame(
-        {
-            "filename": rows["filename"].to_numpy(),
-            "label": labels.to_numpy(),
-            "class_name": labels.map(lambda label: CLASS_NAMES[label]).to_numpy(),
-            "patient": rows["filename"].map(patient_from_path).to_numpy(),
-        }
-    )
-
-
-def _balance_binary(rows: pd.DataFrame, seed: int) -> pd.DataFrame:
-    # Exactly the reference's code: substring match on the path, sample(n=min) per side, benign first.
-    benign = rows[rows["filename"].str.contains("benign")]
-    malignant = rows[rows["filename"].str.contains("malignant")]
-    n = min(len(benign), len(malignant))
-    return pd.concat([benign.sample(n=n, random_state=seed), malignant.sample(n=n, random_state=seed)])
-
-
 def select_split(folds: pd.DataFrame, split: SplitParams) -> dict[str, pd.DataFrame]:
     """Train and test rows of one fold and magnification, balanced like the reference; keeps Folds.csv order."""
     chosen = folds[folds["mag"] == split.magnification]
@@ -48,11 +25,22 @@ def select_split(folds: pd.DataFrame, split: SplitParams) -> dict[str, pd.DataFr
     subsets = {}
     for group in ("train", "test"):
         rows = chosen[chosen["grp"] == group]
-        if split.balance == "binary":
-            rows = _balance_binary(rows, split.seed)
+        if (
+            split.balance == "binary"
+        ):  # exactly the reference's code: substring of the path, sample(n=min), benign first
+            sides = [rows[rows["filename"].str.contains(side)] for side in ("benign", "malignant")]
+            rows = pd.concat([side.sample(n=min(map(len, sides)), random_state=split.seed) for side in sides])
         if rows.empty:
             raise DataError(f"the {group} split of fold {split.fold} at {split.magnification}X is empty")
-        subsets[group] = _with_labels(rows)
+        labels = rows["filename"].map(label_from_path)
+        subsets[group] = pd.DataFrame(
+            {
+                "filename": rows["filename"],
+                "label": labels,
+                "class_name": labels.map(CLASS_NAMES.__getitem__),
+                "patient": rows["filename"].map(patient_from_path),
+            }
+        ).reset_index(drop=True)
     check_patient_disjoint(subsets["train"], subsets["test"], f"fold {split.fold} at {split.magnification}X")
     return subsets
 
@@ -106,12 +94,9 @@ def write_split(folds_csv: Path, split: SplitParams, output_dir: Path, summary_p
     summary = split_summary(subsets)
     atomic_write_json(summary_path, summary)
     for group, figures in summary.items():
+        per_class = {name: counts["images"] for name, counts in figures["per_class"].items()}
         logger.info(
-            "%s: %d images, %d patients, per class %s",
-            group,
-            figures["images"],
-            figures["patients"],
-            {name: counts["images"] for name, counts in figures["per_class"].items()},
+            "%s: %d images, %d patients, per class %s", group, figures["images"], figures["patients"], per_class
         )
     return subsets
 
@@ -124,14 +109,8 @@ def read_split(path: Path, image_root: Path) -> pd.DataFrame:
     missing = [c for c in SPLIT_COLUMNS if c not in rows.columns]
     if missing:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; re-run `dvc repro split_balance`")
-    check_images_exist(image_root, rows["filename"])
-    return rows
-
-
-def check_images_exist(image_root: Path, filenames: Iterable[str]) -> None:
-    """DataError listing (the first 20 of) the files missing under `image_root`."""
-    missing = [f for f in filenames if not (image_root / f).is_file()]
-    if missing:
+    if missing := [f for f in rows["filename"] if not (image_root / f).is_file()]:
         shown = "\n  ".join(str(image_root / f) for f in missing[:20])
         more = f"\n  … and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise DataError(f"{len(missing)} image(s) listed in Folds.csv are missing:\n  {shown}{more}")
+    return rows

@@ -5,8 +5,6 @@ image validated (docs/design.md#what-each-stage-does).
 `data/raw/<filename as in Folds.csv>`.
 """
 
-from __future__ import annotations
-
 import logging
 import os
 import shutil
@@ -124,12 +122,8 @@ def validate_images(
     excluded = pd.DataFrame(list(problems.items()), columns=list(EXCLUDED_COLUMNS))
     atomic_write_text(excluded_report, excluded.to_csv(index=False))
     if problems:
-        logger.warning(
-            "left out %d of %d images (data.exclude_invalid=true); listed in %s",
-            len(problems),
-            len(filenames),
-            excluded_report,
-        )
+        left_out = "left out %d of %d images (data.exclude_invalid=true); listed in %s"
+        logger.warning(left_out, len(problems), len(filenames), excluded_report)
     return folds[~folds["filename"].isin(problems)]
 
 
@@ -151,14 +145,6 @@ def find_image_root(dataset_root: Path, filenames: Iterable[str]) -> Path:
     )
 
 
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)  # same file system (the usual kagglehub cache): no second copy of ~4 GB
-    except OSError:
-        shutil.copy2(source, target)
-
-
 def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, excluded_report: Path) -> int:
     """Bring an extracted BreakHis copy into the repository layout, validated; returns the number of images."""
     if dataset_root.is_file():
@@ -177,29 +163,29 @@ def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, 
         else:
             kept.to_csv(staging / FOLDS_CSV, index=False)
         for filename in progress(filenames, desc=f"importing {dataset_root}", unit="img"):
-            _link_or_copy(image_root / filename, staging / filename)
+            (staging / filename).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(image_root / filename, staging / filename)  # kagglehub's cache: no second copy of ~4 GB
+            except OSError:
+                shutil.copy2(image_root / filename, staging / filename)
     return len(filenames)
-
-
-def _kaggle_credentials_hint() -> str:
-    from kagglehub.config import get_kaggle_credentials
-
-    found = "were found" if get_kaggle_credentials() is not None else "were NOT found"
-    return (
-        f"Kaggle credentials {found}. Set KAGGLE_USERNAME and KAGGLE_KEY (or KAGGLE_API_TOKEN), or put "
-        "kaggle.json in ~/.kaggle/ (see https://www.kaggle.com/settings → API), and check network access. "
-        "To run offline, use data.source=synthetic, or data.source=local with data.path set."
-    )
 
 
 def download_kaggle(handle: str) -> Path:
     """Download (or reuse kagglehub's cache of) a Kaggle dataset; returns the folder holding its files."""
     import kagglehub
+    from kagglehub.config import get_kaggle_credentials
 
     try:
         return Path(kagglehub.dataset_download(handle))
     except Exception as err:  # kagglehub raises many kinds (HTTP, auth, network); all need the same advice
-        raise DataError(f"downloading Kaggle dataset {handle!r} failed: {err}. {_kaggle_credentials_hint()}") from err
+        found = "were found" if get_kaggle_credentials() is not None else "were NOT found"
+        raise DataError(
+            f"downloading Kaggle dataset {handle!r} failed: {err}. Kaggle credentials {found}. Set KAGGLE_USERNAME and "
+            "KAGGLE_KEY (or KAGGLE_API_TOKEN), or put kaggle.json in ~/.kaggle/ (see https://www.kaggle.com/settings → "
+            "API), and check network access. To run offline, use data.source=synthetic, or data.source=local with "
+            "data.path set."
+        ) from err
 
 
 def prepare_raw_data(params: DataParams, output_dir: Path, excluded_report: Path) -> int:

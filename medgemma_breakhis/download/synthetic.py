@@ -2,8 +2,7 @@
 its Folds.csv, paths and 700x460 RGB PNGs, a stain colour and nucleus size per class, more images per malignant
 patient."""
 
-from __future__ import annotations
-
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from medgemma_breakhis.data.breakhis import (
     IMAGE_SIZE,
     MAGNIFICATIONS,
     TUMOR_TYPE_CODES,
-    TUMOR_TYPE_TO_LABEL,
+    binary_name,
     is_malignant,
 )
 
@@ -47,19 +46,13 @@ _X = np.arange(IMAGE_WIDTH, dtype=np.float32)
 _Y = np.arange(IMAGE_HEIGHT, dtype=np.float32)
 
 
-def synthetic_patient_id(label: int, index: int) -> str:
-    return f"{90000 + 100 * label + index}S"
-
-
 def synthetic_filename(label: int, patient: str, magnification: int, seq: int) -> str:
     """A path relative to the dataset root, in the real Folds.csv pattern (docs/breakhis.md#file-names)."""
-    tumor_type = next(t for t, lbl in TUMOR_TYPE_TO_LABEL.items() if lbl == label)
-    side, side_code, code = (
-        ("malignant", "M", TUMOR_TYPE_CODES[label]) if is_malignant(label) else ("benign", "B", TUMOR_TYPE_CODES[label])
-    )
+    tumor_type, side, code = CLASS_NAMES[label].split("_", 1)[1], binary_name(label), TUMOR_TYPE_CODES[label]
+    sob = f"SOB_{side[0].upper()}_{code}"
     return (
-        f"BreaKHis_v1/histology_slides/breast/{side}/SOB/{tumor_type}/SOB_{side_code}_{code}_{YEAR}-{patient}/"
-        f"{magnification}X/SOB_{side_code}_{code}-{YEAR}-{patient}-{magnification}-{seq:03d}.png"
+        f"BreaKHis_v1/histology_slides/breast/{side}/SOB/{tumor_type}/{sob}_{YEAR}-{patient}/"
+        f"{magnification}X/{sob}-{YEAR}-{patient}-{magnification}-{seq:03d}.png"
     )
 
 
@@ -84,46 +77,28 @@ def render_image(label: int, patient_shift: np.ndarray, rng: np.random.Generator
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode=IMAGE_MODE)
 
 
-def _rng(spec: SyntheticData, *key: int) -> np.random.Generator:
-    """A generator per patient and image: an image's pixels never depend on which other images are drawn."""
-    return np.random.default_rng([spec.seed, *key])
-
-
 def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
-    """Write Folds.csv and the PNGs of `spec.magnifications` under `output_dir`, the same bytes for the same spec."""
-    images: list[dict] = []
-    for label in range(len(CLASS_NAMES)):
-        for index in range(spec.patients_per_class):
-            patient = synthetic_patient_id(label, index)
-            patient_shift = _rng(spec, label, index).normal(0, 8, size=3)
-            for magnification in (m for m in MAGNIFICATIONS if m in spec.magnifications):  # Folds.csv's order
-                for seq in range(1, images_per_patient(label, spec.images_per_patient) + 1):
-                    images.append(
-                        {
-                            "filename": synthetic_filename(label, patient, magnification, seq),
-                            "mag": magnification,
-                            "patient_index": index,
-                            "label": label,
-                            "patient_shift": patient_shift,
-                            "rng": _rng(spec, label, index, magnification, seq),
-                        }
-                    )
-
-    for image in progress(images, desc="synthetic images", unit="img"):
-        path = output_dir / image["filename"]
+    """Write Folds.csv and the PNGs of `spec.magnifications` under `output_dir`, the same bytes for the same spec; each
+    image has a generator of its own, so it never depends on which other images are drawn."""
+    images, rows = [], []
+    for label, index in itertools.product(range(len(CLASS_NAMES)), range(spec.patients_per_class)):
+        patient, shift = (
+            f"{90000 + 100 * label + index}S",
+            np.random.default_rng([spec.seed, label, index]).normal(0, 8, 3),
+        )
+        for magnification in (m for m in MAGNIFICATIONS if m in spec.magnifications):  # Folds.csv's order
+            for seq in range(1, images_per_patient(label, spec.images_per_patient) + 1):
+                filename = synthetic_filename(label, patient, magnification, seq)
+                rng = np.random.default_rng([spec.seed, label, index, magnification, seq])
+                images.append((output_dir / filename, label, shift, rng))
+                # patient-disjoint folds: in fold f the patient with index = f-1 (mod 5) of every class is in test
+                rows += [
+                    (fold, magnification, "test" if index % len(FOLDS) == fold - 1 else "train", filename)
+                    for fold in FOLDS
+                ]
+    for path, label, shift, rng in progress(images, desc="synthetic images", unit="img"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        render_image(image["label"], image["patient_shift"], image["rng"]).save(path, compress_level=1)
-
-    # Patient-disjoint folds: in fold f the patient with index ≡ f-1 (mod 5) of every class is in test.
-    rows = [
-        {
-            "fold": fold,
-            "mag": image["mag"],
-            "grp": "test" if image["patient_index"] % len(FOLDS) == fold - 1 else "train",
-            "filename": image["filename"],
-        }
-        for fold in FOLDS
-        for image in images
-    ]
-    pd.DataFrame(rows, columns=list(FOLDS_COLUMNS)).to_csv(output_dir / FOLDS_CSV, index=False)
+        render_image(label, shift, rng).save(path, compress_level=1)
+    folds = pd.DataFrame(rows, columns=list(FOLDS_COLUMNS)).sort_values("fold", kind="stable")
+    folds.to_csv(output_dir / FOLDS_CSV, index=False)
     return output_dir

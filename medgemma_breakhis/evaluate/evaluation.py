@@ -1,8 +1,6 @@
 """The `baseline` and `evaluate` stages: score the test split with the base model, or base + adapter, and write its
 metrics, per-image predictions and ROC curve."""
 
-from __future__ import annotations
-
 import functools
 import gc
 import logging
@@ -25,8 +23,14 @@ from medgemma_breakhis.data.split import read_split
 from medgemma_breakhis.evaluate.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
 from medgemma_breakhis.evaluate.scoring import predict_split
 from medgemma_breakhis.model.load import NonFiniteError, check_model, load_base_model, non_finite_advice
-from medgemma_breakhis.track.figures import confusion_matrix_figure, roc_figure
-from medgemma_breakhis.track.runs import dvc_locked_md5, pipeline_children, stage_run, untracked_record
+from medgemma_breakhis.track.runs import (
+    confusion_matrix_figure,
+    dvc_locked_md5,
+    pipeline_children,
+    roc_figure,
+    stage_run,
+    untracked_record,
+)
 
 logger = logging.getLogger(__name__)
 

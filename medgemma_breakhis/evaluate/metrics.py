@@ -1,8 +1,6 @@
 """Test-set metrics of a predictions table (one row per image), with 95% intervals from a bootstrap over patients
 (docs/metrics.md). Free of any model: tested on hand-made rows."""
 
-from __future__ import annotations
-
 import logging
 from dataclasses import dataclass
 from typing import Any

@@ -1,8 +1,6 @@
 """Classifying images: one forward pass over the answer tokens "0".."7" (`score`), or, as the reference did, greedy
 generation and parsing the answer (`generate`) (docs/design.md#evaluation)."""
 
-from __future__ import annotations
-
 import re
 from pathlib import Path
 
@@ -33,7 +31,7 @@ def _load_rgb(source: ImageSource) -> Image.Image:
         return image.convert("RGB")
 
 
-def _shown(source: ImageSource, index: int) -> str:
+def _image_name(source: ImageSource, index: int) -> str:
     return source.name if isinstance(source, Path) else f"image {index}"
 
 
@@ -69,7 +67,7 @@ def score_images(
         if not torch.isfinite(answer_logits).all():
             # A NaN would otherwise become class 0 at argmax, silently.
             finite = torch.isfinite(answer_logits).all(dim=-1).tolist()
-            bad = [_shown(image, start + i) for i, (image, ok) in enumerate(zip(batch, finite)) if not ok]
+            bad = [_image_name(image, start + i) for i, (image, ok) in enumerate(zip(batch, finite)) if not ok]
             raise NonFiniteError(f"non-finite logits with the model in {model.dtype} for {', '.join(bad)}")
         probabilities.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
     return np.concatenate(probabilities)

@@ -6,8 +6,6 @@
   by `make tokenizer`), for timing and sizing a real run on a GPU, never for results.
 """
 
-from __future__ import annotations
-
 import functools
 import hashlib
 import json

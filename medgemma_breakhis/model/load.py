@@ -1,8 +1,6 @@
 """Where a `model.id` loads from (a built-in model, a local folder, or the Hugging Face hub at `model.revision`), the
 checks that refuse in seconds, before any weights load, a model that cannot be used as the params say, and loading it."""
 
-from __future__ import annotations
-
 import logging
 import os
 import platform

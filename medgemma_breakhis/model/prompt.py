@@ -1,8 +1,6 @@
 """The conversation the model is trained on and scored by: the reference's prompt with the image, and the answer, the
 class number alone; and its tokens as the processor's chat template and the trainer write them."""
 
-from __future__ import annotations
-
 from typing import Any
 
 from transformers import ProcessorMixin

@@ -6,10 +6,7 @@ of each class, the summed malignant probability, the predicted class and benign/
 the image was refused (its probabilities then NaN): one bad image never fails the others.
 """
 
-from __future__ import annotations
-
 import io
-import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -30,8 +27,6 @@ from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS, malignant_pr
 from medgemma_breakhis.evaluate.scoring import score_images
 from medgemma_breakhis.model.load import ModelLoadError, load_base_model
 from medgemma_breakhis.model.prompt import PROMPT
-
-logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = [*PROBABILITY_COLUMNS, "malignant_probability", "predicted_class", "predicted_binary", "error"]
@@ -77,22 +72,8 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageRejected(f"corrupt or truncated image ({type(err).__name__}: {err})") from None
 
 
-def predictions_table(probabilities: np.ndarray, errors: list[str]) -> pd.DataFrame:
-    """The output rows: `probabilities` fill the rows whose error is empty, in order."""
-    table = pd.DataFrame(np.nan, index=range(len(errors)), columns=PROBABILITY_COLUMNS)
-    scored = [i for i, error in enumerate(errors) if not error]
-    table.loc[scored, PROBABILITY_COLUMNS] = probabilities
-    table["malignant_probability"] = malignant_probability(table)
-    labels = probabilities.argmax(axis=1)
-    table["predicted_class"], table["predicted_binary"] = "", ""
-    table.loc[scored, "predicted_class"] = [CLASS_NAMES[label] for label in labels]
-    table.loc[scored, "predicted_binary"] = [binary_name(label) for label in labels]
-    table["error"] = errors
-    return table
-
-
 def classify(model: PreTrainedModel, processor: ProcessorMixin, images: list[bytes], batch_size: int) -> pd.DataFrame:
-    """Check and decode each image, score those that pass, and say why about the others (see the module doc)."""
+    """One row per image (see the module doc): each checked and decoded, those that pass scored, the others with why."""
     decoded, errors = [], []
     for data in images:
         try:
@@ -100,8 +81,18 @@ def classify(model: PreTrainedModel, processor: ProcessorMixin, images: list[byt
             errors.append("")
         except ImageRejected as err:
             errors.append(str(err))
-    probabilities = score_images(model, processor, decoded, batch_size) if decoded else np.empty((0, len(CLASS_NAMES)))
-    return predictions_table(probabilities, errors)
+    scored = [i for i, error in enumerate(errors) if not error]
+    table = pd.DataFrame(np.nan, index=range(len(errors)), columns=PROBABILITY_COLUMNS)
+    if decoded:
+        table.loc[scored, PROBABILITY_COLUMNS] = probabilities = score_images(model, processor, decoded, batch_size)
+    table["malignant_probability"] = malignant_probability(table)
+    table["predicted_class"] = table["predicted_binary"] = ""
+    if decoded:
+        labels = probabilities.argmax(axis=1)
+        table.loc[scored, "predicted_class"] = [CLASS_NAMES[label] for label in labels]
+        table.loc[scored, "predicted_binary"] = [binary_name(label) for label in labels]
+    table["error"] = errors
+    return table
 
 
 def signature() -> ModelSignature:
@@ -175,7 +166,7 @@ class AdapterClassifier(mlflow.pyfunc.PythonModel):
     @classmethod
     def from_adapter(
         cls, adapter_dir: Path, base: ModelParams, precision: Precision, batch_size: int
-    ) -> AdapterClassifier:
+    ) -> "AdapterClassifier":
         """The same classifier on an adapter folder (the workspace's `models/adapter`), without MLflow."""
         classifier = cls()
         classifier.model, classifier.processor = load_adapter_model(adapter_dir, base, precision)

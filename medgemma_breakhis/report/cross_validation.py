@@ -1,18 +1,15 @@
 """The cross-validation summary: mean and spread over folds of every metric the per-fold stages wrote
 (cv/metrics/fold<f>-<m>x/{data,baseline,finetuned,train}.json), and its table."""
 
-from __future__ import annotations
-
 import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.files import atomic_write_json, atomic_write_text
-from medgemma_breakhis.core.params import CrossValidationParams, dotted_get, flatten, nest
+from medgemma_breakhis.core.params import CrossValidationParams, dotted_get, flatten, set_in
 from medgemma_breakhis.evaluate.metrics import headline_by_key
 
 METRICS_FILES = ("data", "baseline", "finetuned", "train")
@@ -62,37 +59,24 @@ def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    """Mean, sample standard deviation, smallest and largest value over folds."""
-    array = np.asarray(values, dtype=float)
-    return {
-        "mean": float(array.mean()),
-        "std": float(array.std(ddof=1)),
-        "min": float(array.min()),
-        "max": float(array.max()),
-    }
-
-
 def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Mean and spread over `folds` (name -> its metrics files) of every metric that every fold has."""
+    """Mean, sample standard deviation, smallest and largest value over `folds` (name -> its metrics files) of every
+    metric; one that a fold lacks (binary.roc_auc, where a test set holds one class) is an error, never averaged."""
     if len(folds) < 2:
         raise CrossValidationError(f"a spread needs at least two folds, got {len(folds)}")
-    per_fold = {
-        name: {f"{file}.{key}": value for file, content in files.items() for key, value in _numbers(content).items()}
-        for name, files in folds.items()
-    }
-    shared = set.intersection(*(set(values) for values in per_fold.values()))
-    for name, values in per_fold.items():
-        if set(values) - shared:
-            # e.g. binary.roc_auc, absent where a fold's test set holds a single class: say so, never average less
-            raise CrossValidationError(
-                f"{name} has metrics other folds lack: {', '.join(sorted(set(values) - shared))}"
-            )
-    return {
-        "n_folds": len(folds),
-        "folds": list(folds),
-        **nest({key: spread([per_fold[name][key] for name in folds]) for key in sorted(shared)}),
-    }
+    table = pd.DataFrame(
+        {
+            name: {f"{file}.{key}": v for file, metrics in files.items() for key, v in _numbers(metrics).items()}
+            for name, files in folds.items()
+        }
+    ).sort_index()
+    for name in table:
+        if len(extra := table.index[table[name].notna() & table.isna().any(axis=1)]):
+            raise CrossValidationError(f"{name} has metrics other folds lack: {', '.join(extra)}")
+    summary: dict[str, Any] = {"n_folds": len(folds), "folds": list(folds)}
+    for key, stats in table.agg(["mean", "std", "min", "max"], axis=1).iterrows():
+        set_in(summary, key, {name: float(value) for name, value in stats.items()})
+    return summary
 
 
 def read_fold_metrics(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:

@@ -1,8 +1,6 @@
 """MLflow runs of the stages: a parent run per pipeline execution (one `dvc repro` or DVC experiment) and a child run
 per stage, whose records are written when the stage ends (docs/design.md#tracking-at-the-stage-boundary)."""
 
-from __future__ import annotations
-
 import contextlib
 import functools
 import hashlib
@@ -24,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import pandas as pd
 import psutil
 import torch
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, Run, RunTag
 from ruamel.yaml import YAML
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from medgemma_breakhis.core.errors import ExpectedError, ParamsError
 from medgemma_breakhis.core.files import atomic_write_json, sha256
@@ -357,3 +357,35 @@ def pipeline_children(parent_run_id: str, stage: str, tags: dict[str, str]) -> l
     query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = '{stage}'"
     runs = mlflow.MlflowClient().search_runs([experiment_id()], query, order_by=["attributes.start_time DESC"])
     return [run for run in runs if tags.items() <= run.data.tags.items()]
+
+
+def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[str], title: str) -> Figure:
+    """Counts of true (rows) against predicted (columns) classes, every class shown even when absent."""
+    figure = Figure(figsize=(2 + 0.9 * len(names), 1.5 + 0.9 * len(names)), layout="constrained")
+    axes = figure.subplots()
+    ConfusionMatrixDisplay.from_predictions(
+        truth, predicted, labels=names, ax=axes, colorbar=False, xticks_rotation="vertical"
+    )
+    axes.set_title(title)
+    return figure
+
+
+def roc_figure(roc: pd.DataFrame, auc: float, stage: str) -> Figure:
+    """The ROC curve (malignant positive) of `metrics.roc_points`."""
+    figure = Figure(figsize=(5, 5), layout="constrained")
+    axes = figure.subplots()
+    RocCurveDisplay(fpr=roc["false_positive_rate"], tpr=roc["true_positive_rate"], roc_auc=auc, name=stage).plot(
+        ax=axes, plot_chance_level=True
+    )
+    axes.set_title(f"{stage}: ROC, malignant positive")
+    return figure
+
+
+def loss_figure(curve: pd.DataFrame) -> Figure:
+    """The training loss per optimizer step, from the loss curve `train` writes."""
+    figure = Figure(figsize=(6, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.plot(curve["step"], curve["loss"], marker="." if len(curve) < 50 else None)
+    axes.set(xlabel="optimizer step", ylabel="loss", title="Training loss per optimizer step")
+    axes.grid(alpha=0.3)
+    return figure

@@ -1,8 +1,6 @@
 """The MLflow tracking store, set up the same way for the stages and the tools: found, bounded in time, its
 credentials out of every URL, checked in seconds, and the experiment made on first use (docs/tracking.md)."""
 
-from __future__ import annotations
-
 import os
 import sqlite3
 from collections.abc import Iterator

@@ -1,8 +1,6 @@
 """What runs beside the trainer's loop: the non-finite loss guard, stopping at a signal with a checkpoint, fp16's
 skipped steps, where the time goes, the progress bar, and each logged step to the stage's MLflow run."""
 
-from __future__ import annotations
-
 import logging
 import signal
 import time
@@ -85,7 +83,7 @@ class StopOnSignal(TrainerCallback):
         self.received: str | None = None
 
     @contextmanager
-    def installed(self) -> Iterator[StopOnSignal]:
+    def installed(self) -> Iterator["StopOnSignal"]:
         """The handlers, for the duration of training only."""
         previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         try:

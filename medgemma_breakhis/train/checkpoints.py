@@ -1,8 +1,6 @@
 """Training checkpoints that outlive an interrupted `train`, resumed only by a run of the same training inputs: each
 set of inputs has its own folder, named by their digest and holding them in `fingerprint.json` (docs/reliability.md)."""
 
-from __future__ import annotations
-
 import hashlib
 import importlib.metadata
 import json
@@ -50,7 +48,7 @@ class Fingerprint:
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
-    def differences(self, checkpoint: Fingerprint) -> list[str]:
+    def differences(self, checkpoint: "Fingerprint") -> list[str]:
         """What a checkpoint was made under that this run does not have, one line per input."""
         lines = []
         for component, ours in asdict(self).items():
@@ -63,7 +61,7 @@ class Fingerprint:
         return lines
 
     @classmethod
-    def load(cls, path: Path) -> Fingerprint:
+    def load(cls, path: Path) -> "Fingerprint":
         return cls(**json.loads(path.read_text(encoding="utf-8")))
 
 

@@ -2,8 +2,6 @@
 torch.compile, dataloader workers, and the processes of a distributed run under `accelerate launch`. None of it
 changes what is trained (docs/gpu.md), so no stage depends on it."""
 
-from __future__ import annotations
-
 import os
 import sys
 from collections.abc import Sequence

@@ -1,14 +1,12 @@
 """The `train` stage: LoRA fine-tuning with peft and trl's SFTTrainer on prompt-completion examples, so the loss is
 on the answer only; resumable from checkpoints (docs/design.md#training)."""
 
-from __future__ import annotations
-
 import json
 import logging
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +24,7 @@ from medgemma_breakhis.core.params import Params
 from medgemma_breakhis.data.split import read_split
 from medgemma_breakhis.model.load import LoadedModelInfo, check_model, device, load_base_model
 from medgemma_breakhis.model.prompt import completion_messages, prompt_messages, prompt_text
-from medgemma_breakhis.track.figures import loss_figure
-from medgemma_breakhis.track.runs import stage_run, untracked_record
+from medgemma_breakhis.track.runs import loss_figure, stage_run, untracked_record
 from medgemma_breakhis.train.callbacks import (
     GuardedSFTTrainer,
     LogSteps,
@@ -47,16 +44,6 @@ from medgemma_breakhis.train.checkpoints import (
 from medgemma_breakhis.train.execution import is_main_process, plan_execution
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    model: LoadedModelInfo
-    precision_ran: str
-    global_steps: int
-    resumed_from_step: int
-    train_loss_mean: float
-    train_loss_last: float
 
 
 def build_sft_dataset(rows: pd.DataFrame, image_root: Path) -> datasets.Dataset:
@@ -176,10 +163,10 @@ def run_training(
     metrics_path: Path,
     loss_path: Path,
     checkpoint_root: Path,
-) -> TrainResult | None:
+) -> dict[str, Any] | None:
     """The `train` stage: fine-tune, resuming from the last complete checkpoint of the same inputs, and write the
-    adapter, a training summary and the loss curve; None in the other processes of a distributed run. A signal saves a
-    checkpoint and ends in TrainingInterrupted, a non-finite loss in TrainingDivergedError, with no adapter either way."""
+    adapter, the loss curve and the training summary, which it returns (None in the other processes of a distributed
+    run). A signal saves a checkpoint and ends in TrainingInterrupted, a non-finite loss in TrainingDivergedError."""
     rows = read_split(train_csv, image_root)
     check_model(params.model, params.lora)
     main = is_main_process()
@@ -187,9 +174,9 @@ def run_training(
         started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.train.precision)
         load_seconds = time.perf_counter() - started
-        prompt = prompt_text(processor)
+        images = rows["filename"]
         fingerprint = training_fingerprint(
-            params, info.resolved_revision, prompt, train_csv, image_root, rows["filename"]
+            params, info.resolved_revision, prompt_text(processor), train_csv, image_root, images
         )
         folder = checkpoint_folder(checkpoint_root, fingerprint)
         trainer = build_trainer(
@@ -209,23 +196,21 @@ def run_training(
         stop, skipped, times = StopOnSignal(), SkippedStepCounter(trainer), StepTimes()
         for callback in (stop, skipped, times, *([LogSteps(run.log_step)] if main else [])):
             trainer.add_callback(callback)
+        world, plan = trainer.args.world_size, trainer.plan
         logger.info(
-            "training on %d process(es), %d examples per optimizer step; each process: %s",
-            trainer.args.world_size,
-            params.train.batch_size,
-            trainer.plan.describe(),
+            "training on %d process(es), %d examples a step; each: %s", world, params.train.batch_size, plan.describe()
         )
+        if resume_from:
+            logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed)
         if main:
             run.tags |= info.tags(trainer.precision_ran) | {
                 "adapter_path": str(adapter_dir),
                 "checkpoint_folder": str(folder),
                 "resumed_from_step": str(resumed),
-                "num_processes": str(trainer.args.world_size),
+                "num_processes": str(world),
                 "distributed_backend": str(trainer.accelerator.state.backend or "none"),
-                **{f"execution_{key}": str(value) for key, value in asdict(trainer.plan).items()},
+                **{f"execution_{key}": str(value) for key, value in asdict(plan).items()},
             }
-        if resume_from:
-            logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed)
         try:
             with stop.installed():
                 trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
@@ -234,8 +219,8 @@ def run_training(
                 run.history.append({"loss": err.loss, "step": err.step})
                 run.tags["diverged_at_step"] = str(err.step)
             raise
+        step = trainer.state.global_step
         if stop.received:
-            step = trainer.state.global_step
             raise TrainingInterrupted(
                 f"{stop.received}: training stopped at optimizer step {step} of {trainer.state.max_steps} and saved "
                 f"{folder / f'{PREFIX_CHECKPOINT_DIR}-{step}'}; run `dvc repro` (or this stage) again to resume from it"
@@ -243,19 +228,11 @@ def run_training(
         if not main:
             return None
         run.refuse_if_params_changed()  # the checkpoints stay: the same params resume from them
-        curve = loss_curve(trainer.state.log_history)
-        result = TrainResult(  # from the log history, which a resumed run restores: an uninterrupted run's figures
-            info,
-            trainer.precision_ran,
-            trainer.state.global_step,
-            resumed,
-            float(curve["loss"].mean()),
-            float(curve["loss"].iloc[-1]),
-        )
+        curve = loss_curve(trainer.state.log_history)  # which a resumed run restores: an uninterrupted run's figures
         summary = {
-            "train_loss_mean": result.train_loss_mean,
-            "train_loss_last": result.train_loss_last,
-            "global_steps": result.global_steps,
+            "train_loss_mean": float(curve["loss"].mean()),
+            "train_loss_last": float(curve["loss"].iloc[-1]),
+            "global_steps": step,
             "n_images": len(rows),
             "skipped_optimizer_steps": len(skipped.steps),
         }
@@ -263,23 +240,25 @@ def run_training(
         atomic_write_text(loss_path, curve.to_csv(index=False))
         with atomic_directory(adapter_dir) as staging:
             save_adapter(trainer, staging)
-        run.metrics |= {"skipped_optimizer_steps": len(skipped.steps), "time_model_load_s": load_seconds}
-        run.metrics |= times.metrics()
+        run.metrics |= {
+            "skipped_optimizer_steps": len(skipped.steps),
+            "time_model_load_s": load_seconds,
+        } | times.metrics()
         if skipped.steps:
             run.tags["skipped_optimizer_steps_at"] = ",".join(map(str, skipped.steps))
         # the steps up to a resumed checkpoint belong to the run that made them, which tracked them
         run.history += [entry for entry in trainer.state.log_history if entry["step"] > resumed]
         run.figures["loss_curve.png"] = loss_figure(curve)
-        run.artifacts += [(metrics_path, metrics_path.parent.name), (loss_path, loss_path.parent.name)]
+        run.artifacts += [(path, path.parent.name) for path in (metrics_path, loss_path)]
         run.artifacts.append((adapter_dir / "adapter_config.json", "adapter"))
-    # Last: before, a failure would leave the adapter unrecorded by DVC and the next run would train from step 1.
-    shutil.rmtree(folder)
+    shutil.rmtree(folder)  # last: a failure before would leave the adapter unrecorded by DVC, to be trained again
+    last = summary["train_loss_last"]
     logger.info(
-        "trained %d steps (resumed after step %d), last logged loss %.4f, adapter in %s; precision that ran: %s",
-        result.global_steps,
-        result.resumed_from_step,
-        result.train_loss_last,
+        "trained %d steps (after step %d), last loss %.4f, adapter in %s; precision: %s",
+        step,
+        resumed,
+        last,
         adapter_dir,
-        result.precision_ran,
+        trainer.precision_ran,
     )
-    return result
+    return summary
