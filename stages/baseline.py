@@ -8,7 +8,7 @@ Run: dvc repro baseline
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.core.stage import setup_stage, stage_entry
 from medgemma_breakhis.evaluate.evaluation import run_evaluation
 
 
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
     parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
-    args, params = start_stage(parser, argv)
+    args, params = setup_stage(parser, argv)
     run_evaluation(
         params,
         "baseline",
@@ -32,4 +32,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

@@ -7,7 +7,7 @@ Run: dvc repro cv/dvc.yaml
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.core.stage import setup_stage, stage_entry
 from medgemma_breakhis.report.cross_validation import write_summary
 
 
@@ -16,9 +16,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="folder of the per-fold metrics folders")
     parser.add_argument("--out", type=Path, required=True, help="summary JSON to write (mean, std, min, max)")
     parser.add_argument("--table", type=Path, required=True, help="markdown table to write, one row per fold")
-    args, params = start_stage(parser, argv)
+    args, params = setup_stage(parser, argv)
     print(write_summary(args.metrics, params.cv, args.out, args.table), end="")
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

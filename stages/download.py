@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.core.stage import setup_stage, stage_entry
 from medgemma_breakhis.download.sources import prepare_raw_data
 
 
@@ -20,10 +20,10 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="CSV listing the images left out by data.exclude_invalid, with the reason",
     )
-    args, params = start_stage(parser, argv)
+    args, params = setup_stage(parser, argv)
     count = prepare_raw_data(params.data, args.out, args.excluded)
     logging.getLogger(__name__).info("%s: %d images from source %s", args.out, count, params.data.source)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

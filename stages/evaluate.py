@@ -9,7 +9,7 @@ Run: dvc repro evaluate
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.core.stage import setup_stage, stage_entry
 from medgemma_breakhis.evaluate.evaluation import run_evaluation
 from medgemma_breakhis.registry.register import register_adapter
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="register the adapter as a new version of the MLflow model registry.model_name (docs/model-registry.md)",
     )
-    args, params = start_stage(parser, argv)
+    args, params = setup_stage(parser, argv)
     run_evaluation(
         params,
         "evaluate",
@@ -42,4 +42,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

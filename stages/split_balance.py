@@ -7,7 +7,7 @@ Run: dvc repro split_balance   (or: python -m stages.split_balance --folds data/
 import argparse
 from pathlib import Path
 
-from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.core.stage import setup_stage, stage_entry
 from medgemma_breakhis.data.split import write_split
 
 
@@ -21,9 +21,9 @@ def main(argv: list[str] | None = None) -> None:
         required=True,
         help="data summary JSON to write: images and patients per split and class",
     )
-    args, params = start_stage(parser, argv)
+    args, params = setup_stage(parser, argv)
     write_split(args.folds, params.split, args.out, args.summary)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from medgemma_breakhis.core.files import in_main_repo
-from medgemma_breakhis.core.stage import run_stage, start_stage
+from medgemma_breakhis.core.stage import setup_stage, stage_entry
 from medgemma_breakhis.train.execution import run_distributed_if_asked
 from medgemma_breakhis.train.trainer import run_training
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
         "experiment copies share it",
     )
     arguments = sys.argv[1:] if argv is None else argv
-    args, params = start_stage(parser, arguments)
+    args, params = setup_stage(parser, arguments)
     run_distributed_if_asked(params.execution.num_processes, "stages.train", arguments)
     # A cloud job sets MEDGEMMA_CHECKPOINTS_DIR to a bucket mount, so that a preempted job resumes on its next machine
     # (docs/cloud.md). Not a param: where checkpoints live does not change what is trained.
@@ -49,4 +49,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

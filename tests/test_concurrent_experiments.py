@@ -18,7 +18,7 @@ from dvc_task.proc.process import ProcessInfo
 from repo_params import raw_params, write_params
 
 from medgemma_breakhis.core.params import load_params
-from medgemma_breakhis.track.runs import ParamsChangedError, changed_since, dvc_set_params, params_digest, stage_run
+from medgemma_breakhis.track.runs import ParamsChangedError, changed_since, dvc_set_params, params_digest, tracked_run
 from medgemma_breakhis.track.store import experiment_id
 from stages import baseline
 
@@ -59,7 +59,7 @@ def test_params_yaml_changed_while_a_stage_ran_is_refused_before_its_results_are
     write(stage_folder, 100)
     with (
         pytest.raises(ParamsChangedError, match=r"^params.yaml changed while this stage ran \(since this stage began"),
-        stage_run("baseline", load_params(), split_dir / "test.csv", stage_folder / "untracked.json") as tracked,
+        tracked_run("baseline", load_params(), split_dir / "test.csv", stage_folder / "untracked.json") as tracked,
     ):
         write(stage_folder, 200)
         tracked.refuse_if_params_changed()

@@ -23,11 +23,11 @@ from ruamel.yaml import YAML
 
 from medgemma_breakhis.core import logs
 from medgemma_breakhis.core.errors import ParamsError
-from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.model.load import ModelLoadError, load_base_model
 from medgemma_breakhis.track import runs as tracking
 from medgemma_breakhis.track import store as tracking_store
-from medgemma_breakhis.track.runs import StageRun, pipeline_children, stage_run
+from medgemma_breakhis.track.runs import StageRun, pipeline_children, tracked_run
 from medgemma_breakhis.track.store import STORE_CHECK_TIMEOUT_S, TrackingError, check_tracking_store, experiment_id
 from medgemma_breakhis.train.trainer import run_training
 from tools.precision_comparison import _latest_stage_run
@@ -94,7 +94,7 @@ def test_a_store_that_passes_the_check_and_then_fails_refuses_the_stage_in_secon
         pytest.raises(
             TrackingError, match=r"^MLflow tracking store http://127\.0\.0\.1:\d+ cannot be used: "
         ) as caught,
-        stage_run("baseline", params, split_dir / "test.csv", tmp_path / "untracked.json"),
+        tracked_run("baseline", params, split_dir / "test.csv", tmp_path / "untracked.json"),
     ):
         pytest.fail("the stage's work must not start")
     assert time.monotonic() - started < 15
@@ -247,7 +247,7 @@ def test_what_was_not_tracked_is_a_dvc_output_of_every_tracked_stage_so_experime
 
 def test_a_fully_tracked_stage_writes_an_empty_record(store: Path, split_dir: Path, tmp_path: Path) -> None:
     record = tmp_path / "metrics" / "baseline.untracked.json"
-    with stage_run("baseline", with_params({}), split_dir / "test.csv", record):
+    with tracked_run("baseline", with_params({}), split_dir / "test.csv", record):
         pass
     assert json.loads(record.read_text()) == {"not_tracked": []}  # always there, as DVC wants an output
 
@@ -262,9 +262,9 @@ def test_interruptions_and_a_full_disk_end_a_stage_in_one_line(caplog: pytest.Lo
         raise OSError(errno.ENOSPC, "No space left on device", "metrics/baseline.json")
 
     with pytest.raises(SystemExit) as stopped:
-        run_stage(interrupted)
+        stage_entry(interrupted)
     with pytest.raises(SystemExit) as full:
-        run_stage(disk_full)
+        stage_entry(disk_full)
     assert (stopped.value.code, full.value.code) == (130, 1)
     assert [record.getMessage() for record in caplog.records] == [
         "KeyboardInterrupt: SIGTERM received",
@@ -274,7 +274,7 @@ def test_interruptions_and_a_full_disk_end_a_stage_in_one_line(caplog: pytest.Lo
         ),
     ]
     with pytest.raises(FileNotFoundError):  # any other OSError is a bug: its traceback stays
-        run_stage(lambda: Path("/proc/no-such-place/x").write_text("x"))
+        stage_entry(lambda: Path("/proc/no-such-place/x").write_text("x"))
 
 
 def test_expected_errors_are_one_message_without_traceback(tmp_path: Path, stage_env: dict[str, str]) -> None:
@@ -309,9 +309,9 @@ def test_names_with_quotes_cannot_break_a_search(
     monkeypatch.setenv("DVC_EXP_NAME", name)
     params = with_params({"model": {"id": "tiny-gemma3"}})
     adapter = str(tmp_path / "it's" / "adapter")
-    with stage_run("train", params, split_dir / "train.csv", tmp_path / "train.untracked.json") as train:
+    with tracked_run("train", params, split_dir / "train.csv", tmp_path / "train.untracked.json") as train:
         train.tags["adapter_path"] = adapter
-    with stage_run("evaluate", params, split_dir / "test.csv", tmp_path / "eval.untracked.json") as evaluate:
+    with tracked_run("evaluate", params, split_dir / "test.csv", tmp_path / "eval.untracked.json") as evaluate:
         pass
     parent = train.parent_run_id
     assert evaluate.parent_run_id == parent  # the second stage found its pipeline's run

@@ -24,7 +24,7 @@ from mlflow.exceptions import MlflowException
 from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.logs import configure_logging, shown_uri
 from medgemma_breakhis.core.params import add_override_argument, load_params
-from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.track.store import EXPERIMENT_NAME, tracking_uri
 
 logger = logging.getLogger(__name__)
@@ -177,4 +177,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

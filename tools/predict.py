@@ -27,7 +27,7 @@ import pandas as pd
 from medgemma_breakhis.core.files import atomic_write_text
 from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import add_override_argument, load_params
-from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
 from medgemma_breakhis.registry.classifier import IMAGE_COLUMN, OUTPUT_COLUMNS, AdapterClassifier
 from tools.models import ModelNotFound, default_model_uri, experiment_model_uri, open_registry
@@ -171,4 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

@@ -33,7 +33,7 @@ from ruamel.yaml import YAML
 from medgemma_breakhis.core.files import pipeline_paths
 from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, Params, add_override_argument, load_params
-from medgemma_breakhis.core.stage import run_stage
+from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.model.builtin import TOKENIZER_FOLDER
 from medgemma_breakhis.model.load import check_model
 from medgemma_breakhis.track.store import EXPERIMENT_NAME
@@ -228,4 +228,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    stage_entry(main)

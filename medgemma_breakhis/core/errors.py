@@ -1,4 +1,4 @@
-"""Errors the user causes and can fix: the stage entry (`core.stage.run_stage`) reports them in one line."""
+"""Errors the user causes and can fix: the stage entry (`core.stage.stage_entry`) reports them in one line."""
 
 
 class ExpectedError(Exception):

@@ -30,7 +30,7 @@ PARENT_GONE = signal.SIGHUP
 _received: list[str] = []
 
 
-def start_stage(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Params]:
+def setup_stage(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Params]:
     """Parse the stage's arguments and `-S` overrides, set up logging and signals, and load the validated params."""
     add_override_argument(parser)
     args = parser.parse_args(argv)
@@ -42,7 +42,7 @@ def start_stage(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     return args, load_params(overrides=args.overrides)
 
 
-def run_stage(main: Callable[[], None]) -> None:
+def stage_entry(main: Callable[[], None]) -> None:
     """Run a stage's `main`: an expected error, a stop or a full disk end it in one line (exit 1, 130, 1); any other
     exception is a bug and keeps its traceback."""
     try:

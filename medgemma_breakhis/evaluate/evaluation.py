@@ -28,7 +28,7 @@ from medgemma_breakhis.track.runs import (
     dvc_locked_md5,
     pipeline_children,
     roc_figure,
-    stage_run,
+    tracked_run,
     untracked_record,
 )
 
@@ -83,7 +83,7 @@ def run_evaluation(
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
     check_model(params.model)
-    with stage_run(stage, params, test_csv, untracked_record(metrics_path)) as run:
+    with tracked_run(stage, params, test_csv, untracked_record(metrics_path)) as run:
         started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.eval.precision)
         run.tags |= info.tags(precision_ran=f"{info.dtype} weights, inference without autocast")

@@ -7,9 +7,10 @@ import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from huggingface_hub import get_token
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoConfig,
@@ -70,8 +71,7 @@ class LoadedModelInfo:
         }
 
 
-@dataclass(frozen=True)
-class ModelSource:
+class ModelSource(NamedTuple):
     """What `from_pretrained` loads for a model id: a folder, or a hub id at a revision (None for a folder)."""
 
     model: ModelParams
@@ -116,17 +116,6 @@ def resolve(model: ModelParams, weights: bool = True) -> ModelSource:
     return ModelSource(model, str(random_medgemma_folder(weights=weights)), None)
 
 
-def _hub_error_advice(model_id: str) -> str:
-    from huggingface_hub import get_token
-
-    token = "a Hugging Face token was found" if get_token() else "no Hugging Face token was found"
-    return (
-        f"{token}. {model_id} may be gated: accept its terms on https://huggingface.co/{model_id} with your "
-        "account, then set HF_TOKEN or run `hf auth login`, and check network access (or HF_HUB_OFFLINE with a "
-        "filled cache). To run offline without it, use model.id=tiny-gemma3."
-    )
-
-
 def _from_source(source: ModelSource, what: str, load: Callable[..., Any], **kwargs: Any) -> Any:
     """`load(location, revision=…, **kwargs)`, a hub failure (an OSError in transformers) turned into ModelLoadError."""
     try:
@@ -137,9 +126,12 @@ def _from_source(source: ModelSource, what: str, load: Callable[..., Any], **kwa
             raise ModelLoadError(
                 f"could not load the {what} of model {model_id!r} from {source.location}: {err}"
             ) from err
+        token = "a Hugging Face token was found" if get_token() else "no Hugging Face token was found"
         raise ModelLoadError(
-            f"could not load the {what} of model {model_id!r} at revision {source.revision!r}: {err}\n"
-            f"{_hub_error_advice(model_id)}"
+            f"could not load the {what} of model {model_id!r} at revision {source.revision!r}: {err}\n{token}. "
+            f"{model_id} may be gated: accept its terms on https://huggingface.co/{model_id} with your account, then "
+            "set HF_TOKEN or run `hf auth login`, and check network access (or HF_HUB_OFFLINE with a filled cache). "
+            "To run offline without it, use model.id=tiny-gemma3."
         ) from err
 
 
@@ -154,7 +146,9 @@ def model_on_meta(config: PretrainedConfig) -> PreTrainedModel:
         return AutoModelForImageTextToText.from_config(config)
 
 
-def _load_processor(source: ModelSource) -> ProcessorMixin:
+def load_processor(model: ModelParams, source: ModelSource | None = None) -> ProcessorMixin:
+    """The model's processor, with its chat template (from `source`, else without resolving the weights)."""
+    source = source or resolve(model, weights=False)
     processor = _from_source(source, "processor", AutoProcessor.from_pretrained)
     if processor.chat_template is None:  # a model saved by an older transformers keeps it in tokenizer_config.json
         processor.chat_template = getattr(processor.tokenizer, "chat_template", None)
@@ -164,11 +158,6 @@ def _load_processor(source: ModelSource) -> ProcessorMixin:
             "prompt is written in it: add the template of the model's chat format to the model's folder"
         )
     return processor
-
-
-def load_processor(model: ModelParams) -> ProcessorMixin:
-    """The model's processor, with its chat template, without the weights."""
-    return _load_processor(resolve(model, weights=False))
 
 
 def check_model(model: ModelParams, lora: LoraParams | None = None) -> None:
@@ -206,7 +195,7 @@ def load_base_model(
         # one process: spread over the GPUs there are; one of several (DDP): a whole copy on its own GPU
         device_map=None if target.type != "cuda" else "auto" if world_size() == 1 else {"": target.index},
     )
-    processor = _load_processor(source)
+    processor = load_processor(model, source)
     if source.revision is not None:
         resolved = getattr(loaded.config, "_commit_hash", None) or "unknown"
     elif (digest := Path(source.location) / DIGEST_FILE).is_file():

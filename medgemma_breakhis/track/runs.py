@@ -308,7 +308,7 @@ def _pipeline_run(client: mlflow.MlflowClient, experiment: str, origin: dict[str
 
 
 @contextmanager
-def stage_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iterator[StageRun]:
+def tracked_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iterator[StageRun]:
     """The stage's child run under its pipeline's parent run, with all params and its origin. The store is checked
     first (TrackingError, in seconds); what the stage records is written when it ends: FINISHED, or FAILED or KILLED
     (Ctrl-C, SIGTERM) with the reason as a tag."""

@@ -24,7 +24,7 @@ from medgemma_breakhis.core.params import Params
 from medgemma_breakhis.data.split import read_split
 from medgemma_breakhis.model.load import LoadedModelInfo, check_model, device, load_base_model
 from medgemma_breakhis.model.prompt import completion_messages, prompt_messages, prompt_text
-from medgemma_breakhis.track.runs import loss_figure, stage_run, untracked_record
+from medgemma_breakhis.track.runs import loss_figure, tracked_run, untracked_record
 from medgemma_breakhis.train.callbacks import (
     GuardedSFTTrainer,
     LogSteps,
@@ -170,7 +170,7 @@ def run_training(
     rows = read_split(train_csv, image_root)
     check_model(params.model, params.lora)
     main = is_main_process()
-    with stage_run("train", params, train_csv, untracked_record(metrics_path)) if main else nullcontext() as run:
+    with tracked_run("train", params, train_csv, untracked_record(metrics_path)) if main else nullcontext() as run:
         started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.train.precision)
         load_seconds = time.perf_counter() - started
