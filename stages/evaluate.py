@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medgemma_breakhis.core.stage import setup_stage, stage_entry
 from medgemma_breakhis.evaluate.evaluation import run_evaluation
-from medgemma_breakhis.registry.register import register_adapter
+from medgemma_breakhis.registry.model import register_adapter
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -29,7 +29,7 @@ from medgemma_breakhis.model.builtin import TokenizerMissing, verified_tokenizer
 def _mlflow_environment_restored() -> Iterator[None]:
     """A stage sets MLflow's variables in its own process (`tracking.bound_store_requests`); a test that runs one
     in-process leaves them as they were for the next."""
-    from medgemma_breakhis.track.store import STORE_REQUEST_POLICY
+    from medgemma_breakhis.track.runs import STORE_REQUEST_POLICY
 
     names = (*STORE_REQUEST_POLICY, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     saved = {name: os.environ.get(name) for name in names}
@@ -73,7 +73,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic BreakHis copy (two images per benign patient and magnification, three per malignant)."""
-    from medgemma_breakhis.download.synthetic import generate_synthetic_breakhis
+    from medgemma_breakhis.download.sources import generate_synthetic_breakhis
 
     spec = params({"data": {"synthetic": {"images_per_patient": 2}}}).data.synthetic
     return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis"), spec)
@@ -82,7 +82,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_root_100x(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 100X part of `synthetic_root` (the same images), for tests that read every image: a quarter of the work."""
-    from medgemma_breakhis.download.synthetic import generate_synthetic_breakhis
+    from medgemma_breakhis.download.sources import generate_synthetic_breakhis
 
     spec = params({"data": {"synthetic": {"images_per_patient": 2, "magnifications": [100]}}}).data.synthetic
     return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis-100x"), spec)

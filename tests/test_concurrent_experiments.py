@@ -18,8 +18,14 @@ from dvc_task.proc.process import ProcessInfo
 from repo_params import raw_params, write_params
 
 from medgemma_breakhis.core.params import load_params
-from medgemma_breakhis.track.runs import ParamsChangedError, changed_since, dvc_set_params, params_digest, tracked_run
-from medgemma_breakhis.track.store import experiment_id
+from medgemma_breakhis.track.runs import (
+    ParamsChangedError,
+    changed_since,
+    dvc_set_params,
+    experiment_id,
+    params_digest,
+    tracked_run,
+)
 from stages import baseline
 
 

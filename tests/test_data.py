@@ -11,8 +11,13 @@ from repo_params import params
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.data.breakhis import CLASS_NAMES, label_from_path, patient_from_path, read_folds
 from medgemma_breakhis.data.split import read_split, select_split, split_summary, write_split
-from medgemma_breakhis.download.sources import find_image_root, import_dataset
-from medgemma_breakhis.download.synthetic import IMAGE_HEIGHT, IMAGE_WIDTH, synthetic_filename
+from medgemma_breakhis.download.sources import (
+    IMAGE_HEIGHT,
+    IMAGE_WIDTH,
+    find_image_root,
+    import_dataset,
+    synthetic_filename,
+)
 
 
 def reference_selection(folds: pd.DataFrame, fold: int, mag: int, seed: int) -> tuple[list[str], list[str]]:

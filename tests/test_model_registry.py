@@ -30,9 +30,8 @@ from repo_params import params, write_params
 from medgemma_breakhis.evaluate.evaluation import run_evaluation
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS as LABEL_COLUMNS
-from medgemma_breakhis.registry.classifier import ImageRejected, decode_image
-from medgemma_breakhis.registry.register import SERVING_DISTRIBUTIONS, register_adapter
-from medgemma_breakhis.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
+from medgemma_breakhis.registry.model import SERVING_DISTRIBUTIONS, ImageRejected, decode_image, register_adapter
+from medgemma_breakhis.track.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
 from tools import models, predict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,8 +127,8 @@ def test_evaluate_registers_a_version_with_its_origin_metrics_and_adapter_but_no
     assert [p.name for p in weights] == ["adapter_model.safetensors"], "the base model's weights must not be copied"
     # the code it runs when served: the package as it was, without compiled files
     code = local / "code" / "medgemma_breakhis"
-    assert (code / "registry" / "classifier.py").read_text() == (
-        REPO / "medgemma_breakhis" / "registry" / "classifier.py"
+    assert (code / "registry" / "model.py").read_text() == (
+        REPO / "medgemma_breakhis" / "registry" / "model.py"
     ).read_text()
     assert not list(code.rglob("__pycache__"))
     assert "roc_curve.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -276,7 +275,7 @@ def third_party_imports(path: Path, seen: set[Path]) -> set[str]:
 def test_the_registered_requirements_cover_every_library_the_classifier_imports() -> None:
     distributions = importlib.metadata.packages_distributions()
     pinned = {name.lower() for name in SERVING_DISTRIBUTIONS}
-    imported = third_party_imports(REPO / "medgemma_breakhis" / "registry" / "classifier.py", set())
+    imported = third_party_imports(REPO / "medgemma_breakhis" / "registry" / "model.py", set())
     unpinned = {name for name in imported if not {d.lower() for d in distributions[name]} & pinned}
     assert not unpinned, f"imported by the registered model's code, not in registry.SERVING_DISTRIBUTIONS: {unpinned}"
 

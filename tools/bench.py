@@ -26,7 +26,7 @@ from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import EvalParams, LoraParams, Params, add_override_argument, load_params
 from medgemma_breakhis.data.breakhis import FOLDS_CSV, read_folds
 from medgemma_breakhis.data.split import read_split, select_split
-from medgemma_breakhis.download.synthetic import generate_synthetic_breakhis
+from medgemma_breakhis.download.sources import generate_synthetic_breakhis
 from medgemma_breakhis.evaluate.scoring import generate_answers, parse_answer, score_images
 from medgemma_breakhis.model.load import load_base_model
 

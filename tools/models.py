@@ -25,7 +25,7 @@ from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.logs import configure_logging, shown_uri
 from medgemma_breakhis.core.params import add_override_argument, load_params
 from medgemma_breakhis.core.stage import stage_entry
-from medgemma_breakhis.track.store import EXPERIMENT_NAME, tracking_uri
+from medgemma_breakhis.track.runs import EXPERIMENT_NAME, tracking_uri
 
 logger = logging.getLogger(__name__)
 

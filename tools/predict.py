@@ -29,7 +29,7 @@ from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import add_override_argument, load_params
 from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
-from medgemma_breakhis.registry.classifier import IMAGE_COLUMN, OUTPUT_COLUMNS, AdapterClassifier
+from medgemma_breakhis.registry.model import IMAGE_COLUMN, OUTPUT_COLUMNS, AdapterClassifier
 from tools.models import ModelNotFound, default_model_uri, experiment_model_uri, open_registry
 
 logger = logging.getLogger(__name__)

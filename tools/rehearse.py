@@ -36,7 +36,7 @@ from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, Params, add_overri
 from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.model.builtin import TOKENIZER_FOLDER
 from medgemma_breakhis.model.load import check_model
-from medgemma_breakhis.track.store import EXPERIMENT_NAME
+from medgemma_breakhis.track.runs import EXPERIMENT_NAME
 from tools.bench_train import REFERENCE_TEST_IMAGES, REFERENCE_TRAIN_IMAGES, reference_steps
 
 REPO = Path(__file__).resolve().parents[1]

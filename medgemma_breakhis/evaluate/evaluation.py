@@ -9,10 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import mlflow
-import pandas as pd
 import torch
-from matplotlib.figure import Figure
 from peft import PeftModel
 
 from medgemma_breakhis.core.errors import DataError
@@ -26,42 +23,13 @@ from medgemma_breakhis.model.load import NonFiniteError, check_model, load_base_
 from medgemma_breakhis.track.runs import (
     confusion_matrix_figure,
     dvc_locked_md5,
-    pipeline_children,
     roc_figure,
+    tag_train_run,
     tracked_run,
     untracked_record,
 )
 
 logger = logging.getLogger(__name__)
-
-# Registers the adapter as a model version, as `registry.register.register_adapter` does; passed in by `evaluate`.
-Register = Callable[..., object]
-
-
-def evaluation_figures(predictions: pd.DataFrame, roc: pd.DataFrame, metrics: dict[str, Any], stage: str) -> dict:
-    """The 8-class and binary confusion matrices and, with both classes in the test set, the ROC curve."""
-    extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []  # a column of its own
-    figures: dict[str, Figure] = {
-        "confusion_matrix_eight_class.png": confusion_matrix_figure(
-            predictions["true_class"], predictions["predicted_class"], [*CLASS_NAMES, *extra], f"{stage}: 8 classes"
-        ),
-        "confusion_matrix_binary.png": confusion_matrix_figure(
-            predictions["true_binary"],
-            predictions["predicted_binary"],
-            ["benign", "malignant", *extra],
-            f"{stage}: benign / malignant",
-        ),
-    }
-    if "roc_auc" in metrics["binary"]:
-        figures["roc_curve.png"] = roc_figure(roc, metrics["binary"]["roc_auc"], stage)
-    return figures
-
-
-def tag_adapter_origin(adapter_dir: Path, md5: str, parent_run_id: str) -> None:
-    """Tag the `train` run of the same pipeline execution that wrote the adapter with the adapter's DVC hash."""
-    for train_run in pipeline_children(parent_run_id, "train", {"adapter_path": str(adapter_dir)})[:1]:
-        if train_run.info.status == "FINISHED":
-            mlflow.MlflowClient().set_tag(train_run.info.run_id, "adapter_dvc_md5", md5)
 
 
 def run_evaluation(
@@ -74,11 +42,11 @@ def run_evaluation(
     predictions_path: Path,
     roc_path: Path,
     adapter_dir: Path | None = None,
-    register: Register | None = None,
+    register: Callable[..., object] | None = None,
 ) -> dict[str, Any]:
     """Predict the test split and write the metrics, the predictions and the ROC curve; returns the metrics. With
     `adapter_dir`, the adapter is applied unmerged (docs/design.md#the-adapter-is-applied-unmerged), and `register`
-    makes it a model version, last."""
+    (`registry.model.register_adapter`) makes it a model version, last."""
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
@@ -93,8 +61,9 @@ def run_evaluation(
         try:
             predictions = predict_split(model, processor, rows, image_root, params.eval)
         except NonFiniteError as err:
-            advice = non_finite_advice(params.eval.precision, "eval.precision")
-            raise NonFiniteError(f"{stage}: {err}. {advice}") from err
+            raise NonFiniteError(
+                f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}"
+            ) from err
         run.metrics |= {
             "time_model_load_s": loaded - started,
             "images_per_second": len(rows) / (time.perf_counter() - loaded),
@@ -106,13 +75,22 @@ def run_evaluation(
         atomic_write_text(roc_path, roc.to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
         run.artifacts += [(path, path.parent.name) for path in (metrics_path, predictions_path, roc_path)]
-        run.figures |= evaluation_figures(predictions, roc, metrics, stage)
+        extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []  # a column of its own
+        for name, column, labels, title in (
+            ("eight_class", "class", CLASS_NAMES, "8 classes"),
+            ("binary", "binary", ("benign", "malignant"), "benign / malignant"),
+        ):
+            truth, predicted = predictions[f"true_{column}"], predictions[f"predicted_{column}"]
+            figure = confusion_matrix_figure(truth, predicted, [*labels, *extra], f"{stage}: {title}")
+            run.figures[f"confusion_matrix_{name}.png"] = figure
+        if "roc_auc" in metrics["binary"]:
+            run.figures["roc_curve.png"] = roc_figure(roc, metrics["binary"]["roc_auc"], stage)
+        md5 = None if adapter_dir is None else dvc_locked_md5(adapter_dir)
         if adapter_dir is not None:
-            md5 = dvc_locked_md5(adapter_dir)
             run.tags["adapter_dvc_md5"] = md5 or "not in a dvc.lock (stage run outside DVC)"
             if md5 is not None:
-                origin = functools.partial(tag_adapter_origin, adapter_dir, md5, run.parent_run_id)
-                run.then.append(("the adapter's DVC hash on its train run", origin))
+                lineage = functools.partial(tag_train_run, run.parent_run_id, adapter_dir, {"adapter_dvc_md5": md5})
+                run.then.append(("the adapter's DVC hash on its train run", lineage))
         if register is None or adapter_dir is None:
             run.metrics |= headline(metrics)
         else:  # the registration logs the metrics with the model it registers, once the scored copy is freed

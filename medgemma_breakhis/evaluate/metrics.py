@@ -104,20 +104,13 @@ def evaluation_metrics(predictions: pd.DataFrame, resamples: int, seed: int) -> 
     precision, recall, f1, support = precision_recall_fscore_support(
         labels, predicted, labels=list(range(NUM_CLASSES)), zero_division=0
     )
+    per_class = zip(CLASS_NAMES, precision, recall, f1, support, strict=True)
     eight_class = {
         **_accuracy_with_ci(labels, predicted, patients, resamples, seed),
         "f1_weighted": float(
-            f1_score(labels, predicted, labels=list(range(NUM_CLASSES)), average="weighted", zero_division=0)
+            f1_score(labels, predicted, labels=range(NUM_CLASSES), average="weighted", zero_division=0)
         ),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(CLASS_NAMES)
-        },
+        "per_class": {n: {"precision": p, "recall": r, "f1": f, "support": int(s)} for n, p, r, f, s in per_class},
     }
     true_binary, predicted_binary = predictions["true_binary"], predictions["predicted_binary"]
     binary = {
@@ -178,12 +171,6 @@ HEADLINE = (
     Headline("patient_level.accuracy", "patient-level accuracy"),
     Headline("n_unparseable", "unparseable answers"),  # generate only can have any
 )
-
-
-def headline_by_key(*keys: str) -> tuple[Headline, ...]:
-    """The headline figures of `keys`, in that order (what a table selects)."""
-    by_key = {figure.key: figure for figure in HEADLINE}
-    return tuple(by_key[key] for key in keys)
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:

@@ -10,27 +10,22 @@ import pandas as pd
 from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.files import atomic_write_json, atomic_write_text
 from medgemma_breakhis.core.params import CrossValidationParams, dotted_get, flatten, set_in
-from medgemma_breakhis.evaluate.metrics import headline_by_key
+from medgemma_breakhis.evaluate.metrics import HEADLINE
 
 METRICS_FILES = ("data", "baseline", "finetuned", "train")
 # A breakdown, not a figure of the fold: averaging it over folds with few patients per class would mostly be noise.
 NOT_AGGREGATED = frozenset({"per_class"})
-# (column, metrics file, dotted key): the data's size, then headline figures (`metrics.HEADLINE`), fine-tuned unless
-# the column says baseline.
+_LABEL = {figure.key: figure.label for figure in HEADLINE}
+# (column, metrics file, dotted key): the data's size, then headline figures, fine-tuned unless the column says baseline.
 TABLE_COLUMNS = (
     ("test images", "data", "test.images"),
     ("test patients", "data", "test.patients"),
-    *((f"baseline {figure.label}", "baseline", figure.key) for figure in headline_by_key("eight_class.accuracy")),
+    (f"baseline {_LABEL['eight_class.accuracy']}", "baseline", "eight_class.accuracy"),
     *(
-        (figure.label, "finetuned", figure.key)
-        for figure in headline_by_key(
-            "eight_class.accuracy",
-            "eight_class.f1_weighted",
-            "binary.accuracy",
-            "binary.roc_auc",
-            "patient_level.accuracy",
-        )
+        (_LABEL[key], "finetuned", key)
+        for key in ("eight_class.accuracy", "eight_class.f1_weighted", "binary.accuracy", "binary.roc_auc")
     ),
+    (_LABEL["patient_level.accuracy"], "finetuned", "patient_level.accuracy"),
 )
 
 

@@ -127,41 +127,23 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
     return None
 
 
-def _move_aside(checkpoint: Path, problem: str) -> None:
-    """Keep a corrupt checkpoint for inspection where no run looks for checkpoints: `<root>/corrupt/`."""
-    aside = checkpoint.parents[1] / CORRUPT_FOLDER / f"{checkpoint.parent.name}-{checkpoint.name}"
-    aside.parent.mkdir(parents=True, exist_ok=True)
-    if aside.exists():
-        aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    checkpoint.rename(aside)
-    logger.warning("%s is corrupt (%s): moved to %s, never loaded", checkpoint, problem, aside)
-
-
 def checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
     return root / f"{FOLDER_PREFIX}{fingerprint.digest}"
 
 
-def report_other_folders(root: Path, fingerprint: Fingerprint) -> None:
-    """Log every checkpoint folder under `root` made under other inputs, with why it is not resumed."""
-    own = checkpoint_folder(root, fingerprint)
-    for folder in sorted(root.glob(f"{FOLDER_PREFIX}*")):
-        if folder == own or not folder.is_dir():
-            continue
+def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
+    """This run's checkpoint folder, created with its manifest if new; every other one is reported (with why it is not
+    resumed), never used."""
+    folder = checkpoint_folder(root, fingerprint)
+    for other in sorted(path for path in root.glob(f"{FOLDER_PREFIX}*") if path != folder and path.is_dir()):
         try:
-            reason = "made under different inputs:\n    " + "\n    ".join(
-                fingerprint.differences(Fingerprint.load(folder / MANIFEST))
-            )
+            differences = fingerprint.differences(Fingerprint.load(other / MANIFEST))
+            reason = "made under different inputs:\n    " + "\n    ".join(differences)
         except (FileNotFoundError, json.JSONDecodeError, TypeError) as err:
             reason = f"its {MANIFEST} cannot be read ({err}), so what it was made under is unknown"
         logger.warning(
-            "not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)", folder, reason
+            "not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)", other, reason
         )
-
-
-def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
-    """This run's checkpoint folder, created with its manifest if new; other folders are reported, never used."""
-    report_other_folders(root, fingerprint)
-    folder = checkpoint_folder(root, fingerprint)
     if not (folder / MANIFEST).is_file():
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / MANIFEST, asdict(fingerprint))
@@ -180,8 +162,13 @@ def last_complete_checkpoint(folder: Path, clean: bool) -> Path | None:
                 shutil.rmtree(checkpoint)
         elif not clean:
             complete[step] = checkpoint  # the main process has cleaned the folder already: no NO_STEP is left
-        elif (problem := checkpoint_problem(checkpoint)) is not None:
-            _move_aside(checkpoint, problem)
+        elif (problem := checkpoint_problem(checkpoint)) is not None:  # kept for inspection where no run looks
+            aside = checkpoint.parents[1] / CORRUPT_FOLDER / f"{checkpoint.parent.name}-{checkpoint.name}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            if aside.exists():
+                aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            checkpoint.rename(aside)
+            logger.warning("%s is corrupt (%s): moved to %s, never loaded", checkpoint, problem, aside)
         else:
             complete[step] = checkpoint
     return complete[max(complete)] if complete else None

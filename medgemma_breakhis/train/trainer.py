@@ -129,15 +129,8 @@ def build_trainer(
 
 def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
     """Loss, learning rate and gradient norm per logged optimizer step."""
-    logged = [entry for entry in log_history if "loss" in entry]
-    return pd.DataFrame(
-        {
-            "step": [entry["step"] for entry in logged],
-            "loss": [entry["loss"] for entry in logged],
-            "learning_rate": [entry["learning_rate"] for entry in logged],
-            "grad_norm": [entry.get("grad_norm") for entry in logged],
-        }
-    )
+    columns = ["step", "loss", "learning_rate", "grad_norm"]
+    return pd.DataFrame([entry for entry in log_history if "loss" in entry]).reindex(columns=columns)
 
 
 def save_adapter(trainer: GuardedSFTTrainer, folder: Path) -> None:
