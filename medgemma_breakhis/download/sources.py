@@ -1,10 +1,5 @@
-"""The `download` stage: BreakHis from Kaggle, a local copy or the synthetic generator into `data/raw`, every listed
-image validated (docs/design.md#what-each-stage-does). The synthetic set has the Kaggle download's exact layout, a
-stain colour and nucleus size per class, and more images per malignant patient (docs/design.md#the-synthetic-data).
-
-`data/raw` has one layout whatever the source: `Folds.csv` at the top and every listed image at
-`data/raw/<filename as in Folds.csv>`.
-"""
+"""The `download` stage: BreakHis from Kaggle, a local copy or the synthetic generator (docs/design.md#the-synthetic-
+data) into `data/raw` (Folds.csv, and every listed image at its Folds.csv path), every listed image validated."""
 
 import itertools
 import logging
@@ -17,7 +12,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageColor
 
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.core.files import atomic_directory, atomic_write_text, in_main_repo
@@ -199,20 +194,9 @@ def download_kaggle(handle: str) -> Path:
 IMAGE_WIDTH, IMAGE_HEIGHT = IMAGE_SIZE
 YEAR = "14"
 
-# (R, G, B) stain per class: far apart, so that even a 64x64 view separates them.
-_STAIN = np.array(
-    [
-        (236, 160, 200),
-        (150, 80, 160),
-        (240, 200, 120),
-        (120, 170, 230),
-        (200, 90, 90),
-        (90, 160, 110),
-        (170, 170, 170),
-        (240, 120, 40),
-    ],
-    dtype=np.float32,
-)
+# The stain of each class: far apart, so that even a 64x64 view separates them.
+_STAIN_COLOURS = ("#eca0c8", "#9650a0", "#f0c878", "#78aae6", "#c85a5a", "#5aa06e", "#aaaaaa", "#f07828")
+_STAIN = np.array([ImageColor.getrgb(colour) for colour in _STAIN_COLOURS], dtype=np.float32)
 _NUCLEUS_RADIUS = (6, 10, 14, 18, 8, 12, 16, 20)
 _X = np.arange(IMAGE_WIDTH, dtype=np.float32)
 _Y = np.arange(IMAGE_HEIGHT, dtype=np.float32)
@@ -226,10 +210,6 @@ def synthetic_filename(label: int, patient: str, magnification: int, seq: int) -
         f"BreaKHis_v1/histology_slides/breast/{side}/SOB/{tumor_type}/{sob}_{YEAR}-{patient}/"
         f"{magnification}X/{sob}-{YEAR}-{patient}-{magnification}-{seq:03d}.png"
     )
-
-
-def images_per_patient(label: int, base: int) -> int:
-    return base + (base // 2 if is_malignant(label) else 0)
 
 
 def render_image(label: int, patient_shift: np.ndarray, rng: np.random.Generator) -> Image.Image:
@@ -254,12 +234,11 @@ def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
     image has a generator of its own, so it never depends on which other images are drawn."""
     images, rows = [], []
     for label, index in itertools.product(range(len(CLASS_NAMES)), range(spec.patients_per_class)):
-        patient, shift = (
-            f"{90000 + 100 * label + index}S",
-            np.random.default_rng([spec.seed, label, index]).normal(0, 8, 3),
-        )
+        patient = f"{90000 + 100 * label + index}S"
+        shift = np.random.default_rng([spec.seed, label, index]).normal(0, 8, 3)
+        count = spec.images_per_patient + (spec.images_per_patient // 2 if is_malignant(label) else 0)
         for magnification in (m for m in MAGNIFICATIONS if m in spec.magnifications):  # Folds.csv's order
-            for seq in range(1, images_per_patient(label, spec.images_per_patient) + 1):
+            for seq in range(1, count + 1):
                 filename = synthetic_filename(label, patient, magnification, seq)
                 rng = np.random.default_rng([spec.seed, label, index, magnification, seq])
                 images.append((output_dir / filename, label, shift, rng))

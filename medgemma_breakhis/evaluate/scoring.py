@@ -31,10 +31,6 @@ def _load_rgb(source: ImageSource) -> Image.Image:
         return image.convert("RGB")
 
 
-def _image_name(source: ImageSource, index: int) -> str:
-    return source.name if isinstance(source, Path) else f"image {index}"
-
-
 def _batch_inputs(
     processor: ProcessorMixin, text: str, images: list[ImageSource], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
@@ -67,7 +63,11 @@ def score_images(
         if not torch.isfinite(answer_logits).all():
             # A NaN would otherwise become class 0 at argmax, silently.
             finite = torch.isfinite(answer_logits).all(dim=-1).tolist()
-            bad = [_image_name(image, start + i) for i, (image, ok) in enumerate(zip(batch, finite)) if not ok]
+            bad = [
+                getattr(image, "name", f"image {start + i}")
+                for i, (image, ok) in enumerate(zip(batch, finite))
+                if not ok
+            ]
             raise NonFiniteError(f"non-finite logits with the model in {model.dtype} for {', '.join(bad)}")
         probabilities.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
     return np.concatenate(probabilities)

@@ -1,10 +1,5 @@
-"""The built-in models, built locally and never downloaded (docs/design.md#the-built-in-models):
-
-- `tiny-gemma3`, the offline default: a tiny random Gemma 3 (`Gemma3ForConditionalGeneration`, SigLIP, Gemma 3's chat
-  template) with a small tokenizer trained here, that trains on two CPU cores in minutes;
-- `medgemma-4b-random`, MedGemma 4B's architecture with random weights and Gemma 3's own tokenizer (pinned, fetched
-  by `make tokenizer`), for timing and sizing a real run on a GPU, never for results.
-"""
+"""The built-in models, built locally, never downloaded (docs/design.md#the-tiny-model): `tiny-gemma3`, the offline
+default, and `medgemma-4b-random`, MedGemma 4B's shapes and Gemma 3's pinned tokenizer for timing on a GPU."""
 
 import functools
 import hashlib
@@ -96,10 +91,6 @@ class TokenizerMissing(ExpectedError, FileNotFoundError):
     """Gemma 3's tokenizer is not where it should be, or not the pinned one; the message says how to get it."""
 
 
-def tokenizer_folder() -> Path:
-    return in_main_repo(TOKENIZER_FOLDER)
-
-
 def tokenizer_problem(folder: Path) -> str | None:
     """Why `folder` does not hold the pinned tokenizer, if it does not."""
     for member, expected in TOKENIZER_FILES.items():
@@ -113,7 +104,7 @@ def tokenizer_problem(folder: Path) -> str | None:
 
 def verified_tokenizer_folder() -> Path:
     """The folder holding the pinned tokenizer files, checked; TokenizerMissing, in one line, otherwise."""
-    folder = tokenizer_folder()
+    folder = in_main_repo(TOKENIZER_FOLDER)
     if (reason := tokenizer_problem(folder)) is not None:
         raise TokenizerMissing(
             f"Gemma 3's tokenizer is not usable in {folder} ({reason}): run `make tokenizer`, which fetches "

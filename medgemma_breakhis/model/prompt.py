@@ -26,18 +26,19 @@ def completion_messages(label: int) -> list[dict[str, Any]]:
     return [{"role": "assistant", "content": [{"type": "text", "text": str(label)}]}]
 
 
-def _templated(processor: ProcessorMixin, label: int) -> dict[str, str]:
+def templated(processor: ProcessorMixin, label: int) -> dict[str, str]:
+    """The prompt and the model's turn answering `label`, as the processor's chat template writes them."""
     return apply_chat_template({"prompt": prompt_messages(), "completion": completion_messages(label)}, processor)
 
 
 def prompt_text(processor: ProcessorMixin) -> str:
     """The templated prompt, ending where the model's answer starts, exactly as in training."""
-    return _templated(processor, 0)["prompt"]
+    return templated(processor, 0)["prompt"]
 
 
 def completion_tokens(processor: ProcessorMixin, label: int) -> list[int]:
     """The model's turn answering `label`, tokenised as the trainer tokenises completions."""
-    return processor.tokenizer(_templated(processor, label)["completion"], add_special_tokens=False)["input_ids"]
+    return processor.tokenizer(templated(processor, label)["completion"], add_special_tokens=False)["input_ids"]
 
 
 def answer_token_ids(processor: ProcessorMixin) -> list[int]:

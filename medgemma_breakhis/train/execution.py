@@ -78,20 +78,10 @@ def is_main_process() -> bool:
 def accelerate_launch_command(num_processes: int, module: str, arguments: Sequence[str]) -> list[str]:
     """`accelerate launch` of `python -m module arguments` on `num_processes` processes of this machine, every
     setting given (no `accelerate config` file is read; port 0: concurrent runs never share accelerate's 29500)."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        f"--num_processes={num_processes}",
-        "--num_machines=1",
-        "--main_process_port=0",
-        "--mixed_precision=no",  # the trainer sets it from train.precision
-        "--dynamo_backend=no",
-        "--module",
-        module,
-        *arguments,
-    ]
+    settings = f"--multi_gpu --num_processes={num_processes} --num_machines=1 --main_process_port=0"
+    # mixed precision: the trainer sets it from train.precision
+    settings += " --mixed_precision=no --dynamo_backend=no --module"
+    return [sys.executable, "-m", "accelerate.commands.launch", *settings.split(), module, *arguments]
 
 
 def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequence[str]) -> None:
