@@ -7,18 +7,20 @@ import os
 import sys
 import traceback
 from collections.abc import Iterable
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from tqdm import tqdm
-
-Item = TypeVar("Item")
 
 # In a log file, a bar starts reporting once its work has lasted this long: a quick loop writes no line at all.
 LOG_FILE_DELAY_S = 5.0
 
 # For a library imported later, the environment variable it reads; for one imported already, its switch.
-_LIBRARY_BARS_OFF = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+_LIBRARY_BARS_OFF = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # read on each download
+}
 _LIBRARY_SWITCHES = (
     ("huggingface_hub.utils", "disable_progress_bars"),
     ("transformers.utils.logging", "disable_progress_bar"),  # at import, it follows huggingface_hub's variable
@@ -30,7 +32,7 @@ def in_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-def progress(iterable: Iterable[Item] | None = None, *, total: int | None = None, **kwargs: Any) -> tqdm:
+def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, **kwargs: Any) -> tqdm:
     """tqdm over `iterable` (or `total` steps); in a log file, a line per tenth of the work once it has lasted
     LOG_FILE_DELAY_S."""
     if not in_terminal():
@@ -39,15 +41,6 @@ def progress(iterable: Iterable[Item] | None = None, *, total: int | None = None
         tenth = max(1, math.ceil(total / 10))
         kwargs |= {"mininterval": 0, "maxinterval": math.inf, "miniters": tenth, "delay": max(LOG_FILE_DELAY_S, 1e-9)}
     return tqdm(iterable, total=total, **kwargs)
-
-
-def quiet_library_progress_bars() -> None:
-    for name, value in _LIBRARY_BARS_OFF.items():
-        os.environ.setdefault(name, value)
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # read on each download
-    for module, switch in _LIBRARY_SWITCHES:
-        if module in sys.modules:
-            getattr(sys.modules[module], switch)()
 
 
 # Variables whose values are credentials, for MLflow, the Hugging Face hub, Kaggle and git.
@@ -86,18 +79,14 @@ def redacted(text: str, uri: str) -> str:
     return text
 
 
-def secret_values() -> list[str]:
-    """The credentials in this process's environment: the variables above and those in MLFLOW_TRACKING_URI."""
-    values = [os.environ.get(name, "") for name in SECRET_VARIABLES]
-    values += uri_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""))
-    return sorted({value for value in values if len(value) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
-
-
 class RedactSecrets(logging.Filter):
-    """Masks every credential of the environment in a record, its traceback included."""
+    """Masks every credential of the environment (the variables above and those in MLFLOW_TRACKING_URI) in a record,
+    its traceback included."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        secrets = secret_values()
+        values = [os.environ.get(name, "") for name in SECRET_VARIABLES]
+        values += uri_credentials(os.environ.get("MLFLOW_TRACKING_URI", ""))
+        secrets = sorted({value for value in values if len(value) >= MIN_SECRET_LENGTH}, key=len, reverse=True)
         if not secrets:
             return True
         message = record.getMessage()
@@ -114,7 +103,11 @@ def configure_logging() -> None:
     """INFO to stderr, every handler masking secrets; the libraries' own bars off outside a terminal."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if not in_terminal():
-        quiet_library_progress_bars()
+        for name, value in _LIBRARY_BARS_OFF.items():
+            os.environ.setdefault(name, value)
+        for module, switch in _LIBRARY_SWITCHES:
+            if module in sys.modules:
+                getattr(sys.modules[module], switch)()
     # every handler there is by now: the root's, and those of libraries that print on their own (mlflow, transformers)
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     for handler in {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers}:

@@ -241,13 +241,10 @@ def _message(error: ValidationError, raw: Any) -> str:
     if first["type"] == "value_error" and str(first["ctx"]["error"]).startswith("params: "):
         return str(first["ctx"]["error"])
     if first["type"] == "extra_forbidden":
-        section = ".".join(names)
         unknown = [".".join(map(str, e["loc"])) for e in error.errors() if e["type"] == "extra_forbidden"]
-        allowed = info.annotation.model_fields if info else Params.model_fields
-        prefix = f"{section}." if section else ""
-        return f"params: unknown key {_shown(', '.join(unknown)).strip(chr(39))}; allowed keys here: " + ", ".join(
-            prefix + name for name in sorted(allowed)
-        )
+        fields = info.annotation.model_fields if info else Params.model_fields
+        allowed = ", ".join(f"{key}.{name}" if key else name for name in sorted(fields))
+        return f"params: unknown key {_shown(', '.join(unknown)).strip(chr(39))}; allowed keys here: {allowed}"
     if first["type"] == "model_type":
         return f"params: {key or 'the top level'} must be a mapping of keys, got {_shown(first['input'])}"
     if first["type"] == "missing":

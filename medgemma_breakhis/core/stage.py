@@ -2,6 +2,7 @@
 as Ctrl-C does), and an expected failure reported in one line with its exit status (docs/reliability.md)."""
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
@@ -91,12 +92,8 @@ def dvc_process() -> psutil.Process | None:
 
 def _stop_when_gone(dvc: psutil.Process) -> None:
     """DVC does not pass on a signal sent to dvc alone: without this the stage would run on as an orphan."""
-    while True:
-        try:
-            if not dvc.is_running() or dvc.status() == psutil.STATUS_ZOMBIE:
-                break
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(DVC_POLL_S)
+    with contextlib.suppress(psutil.NoSuchProcess):
+        while dvc.is_running() and dvc.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(DVC_POLL_S)
     logger.warning("dvc (process %d) is gone: stopping this stage as on SIGTERM", dvc.pid)
     os.kill(os.getpid(), PARENT_GONE)

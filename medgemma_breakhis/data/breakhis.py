@@ -76,8 +76,7 @@ def read_folds(path: Path) -> pd.DataFrame:
         folds = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DataError(f"{path} is not a readable CSV: {err}") from err
-    missing = [c for c in FOLDS_COLUMNS if c not in folds.columns]
-    if missing:
+    if missing := [c for c in FOLDS_COLUMNS if c not in folds.columns]:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; expected columns {', '.join(FOLDS_COLUMNS)}")
     problems = []
     for column, allowed in (("fold", set(FOLDS)), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"})):

@@ -18,16 +18,14 @@ SPLIT_COLUMNS = ("filename", "label", "class_name", "patient")
 
 def select_split(folds: pd.DataFrame, split: SplitParams) -> dict[str, pd.DataFrame]:
     """Train and test rows of one fold and magnification, balanced like the reference; keeps Folds.csv order."""
-    chosen = folds[folds["mag"] == split.magnification]
-    chosen = chosen[chosen["fold"] == split.fold]
+    chosen = folds[(folds["mag"] == split.magnification) & (folds["fold"] == split.fold)]
     if chosen.empty:
         raise DataError(f"Folds.csv has no rows for fold {split.fold} at {split.magnification}X")
     subsets = {}
     for group in ("train", "test"):
         rows = chosen[chosen["grp"] == group]
-        if (
-            split.balance == "binary"
-        ):  # exactly the reference's code: substring of the path, sample(n=min), benign first
+        # balanced exactly as the reference's code does: by a substring of the path, sample(n=min), benign first
+        if split.balance == "binary":
             sides = [rows[rows["filename"].str.contains(side)] for side in ("benign", "malignant")]
             rows = pd.concat([side.sample(n=min(map(len, sides)), random_state=split.seed) for side in sides])
         if rows.empty:
@@ -106,8 +104,7 @@ def read_split(path: Path, image_root: Path) -> pd.DataFrame:
     if not path.is_file():
         raise DataError(f"{path} not found; run `dvc repro split_balance` first")
     rows = pd.read_csv(path, dtype={"patient": str})
-    missing = [c for c in SPLIT_COLUMNS if c not in rows.columns]
-    if missing:
+    if missing := [c for c in SPLIT_COLUMNS if c not in rows.columns]:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; re-run `dvc repro split_balance`")
     if missing := [f for f in rows["filename"] if not (image_root / f).is_file()]:
         shown = "\n  ".join(str(image_root / f) for f in missing[:20])

@@ -18,25 +18,11 @@ from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.core.files import atomic_directory, atomic_write_text, in_main_repo
 from medgemma_breakhis.core.logs import progress
 from medgemma_breakhis.core.params import DataParams, SyntheticData
-from medgemma_breakhis.data.breakhis import (
-    CLASS_NAMES,
-    FOLDS,
-    FOLDS_COLUMNS,
-    FOLDS_CSV,
-    IMAGE_MODE,
-    IMAGE_SIZE,
-    MAGNIFICATIONS,
-    TUMOR_TYPE_CODES,
-    binary_name,
-    is_malignant,
-    label_from_path,
-    patient_from_path,
-    read_folds,
-)
+from medgemma_breakhis.data import breakhis
 
 logger = logging.getLogger(__name__)
 
-EXCLUDED_COLUMNS = ("filename", "reason")
+IMAGE_WIDTH, IMAGE_HEIGHT = breakhis.IMAGE_SIZE
 # The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (docs/breakhis.md#on-kaggle).
 _IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
 
@@ -81,18 +67,18 @@ def image_problem(image_root: Path, filename: str) -> str | None:
             # PIL warns from 89 million pixels (the size is checked below, before decoding) and refuses from twice that
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(image_root / filename) as image:
-                if image.size != IMAGE_SIZE:
-                    return f"size {image.size[0]}x{image.size[1]}, expected {IMAGE_SIZE[0]}x{IMAGE_SIZE[1]}"
-                if image.mode != IMAGE_MODE:
-                    return f"mode {image.mode}, expected {IMAGE_MODE}"
+                if image.size != (IMAGE_WIDTH, IMAGE_HEIGHT):
+                    return f"size {image.size[0]}x{image.size[1]}, expected {IMAGE_WIDTH}x{IMAGE_HEIGHT}"
+                if image.mode != breakhis.IMAGE_MODE:
+                    return f"mode {image.mode}, expected {breakhis.IMAGE_MODE}"
                 image.load()  # decodes every pixel: a truncated or corrupt file fails here
     except Image.DecompressionBombError as err:
         return f"declares more pixels than are safe to decode: {err}"
     except (OSError, SyntaxError, ValueError) as err:  # what PIL raises for files it cannot decode
         return f"does not decode: {err}"
     try:
-        side = binary_name(label_from_path(filename))
-        patient_from_path(filename)  # split_balance needs the patient from the file name
+        side = breakhis.binary_name(breakhis.label_from_path(filename))
+        breakhis.patient_from_path(filename)  # split_balance needs the patient from the file name
     except ValueError as err:
         return str(err)
     folder = "malignant" if "/malignant/" in filename else "benign" if "/benign/" in filename else None
@@ -122,7 +108,7 @@ def validate_images(
             "Fix or re-download them, or set data.exclude_invalid=true to leave them out "
             f"(they are then listed in {excluded_report})."
         )
-    excluded = pd.DataFrame(list(problems.items()), columns=list(EXCLUDED_COLUMNS))
+    excluded = pd.DataFrame(list(problems.items()), columns=["filename", "reason"])
     atomic_write_text(excluded_report, excluded.to_csv(index=False))
     if problems:
         left_out = "left out %d of %d images (data.exclude_invalid=true); listed in %s"
@@ -140,31 +126,24 @@ def find_image_root(dataset_root: Path, filenames: Iterable[str]) -> Path:
         for candidate in _IMAGE_ROOT_CANDIDATES:
             if lookup_problem(dataset_root / candidate, filename) is None:
                 return dataset_root / candidate
-    first = safe[0]
-    tried = [dataset_root / candidate / first for candidate in _IMAGE_ROOT_CANDIDATES]
-    raise DataError(
-        "cannot find the images listed in Folds.csv; the first listed image is not at any of: "
-        + ", ".join(str(p) for p in tried)
-    )
+    tried = ", ".join(str(dataset_root / candidate / safe[0]) for candidate in _IMAGE_ROOT_CANDIDATES)
+    raise DataError(f"cannot find the images listed in Folds.csv; the first listed image is not at any of: {tried}")
 
 
 def import_dataset(dataset_root: Path, output_dir: Path, exclude_invalid: bool, excluded_report: Path) -> int:
     """Bring an extracted BreakHis copy into the repository layout, validated; returns the number of images."""
-    if dataset_root.is_file():
-        raise DataError(f"dataset folder {dataset_root} is a file; set data.path to the folder holding {FOLDS_CSV}")
     if not dataset_root.is_dir():
-        raise DataError(
-            f"dataset folder {dataset_root} does not exist; set data.path to the folder holding {FOLDS_CSV}"
-        )
-    folds = read_folds(dataset_root / FOLDS_CSV)
+        problem = "is a file" if dataset_root.is_file() else "does not exist"
+        raise DataError(f"dataset folder {dataset_root} {problem}; set data.path to the folder holding Folds.csv")
+    folds = breakhis.read_folds(dataset_root / breakhis.FOLDS_CSV)
     image_root = find_image_root(dataset_root, folds["filename"])
     kept = validate_images(folds, image_root, exclude_invalid, excluded_report)
     filenames = list(dict.fromkeys(kept["filename"]))
     with atomic_directory(output_dir) as staging:
         if len(kept) == len(folds):
-            shutil.copy2(dataset_root / FOLDS_CSV, staging / FOLDS_CSV)
+            shutil.copy2(dataset_root / breakhis.FOLDS_CSV, staging / breakhis.FOLDS_CSV)
         else:
-            kept.to_csv(staging / FOLDS_CSV, index=False)
+            kept.to_csv(staging / breakhis.FOLDS_CSV, index=False)
         for filename in progress(filenames, desc=f"importing {dataset_root}", unit="img"):
             (staging / filename).parent.mkdir(parents=True, exist_ok=True)
             try:
@@ -191,7 +170,6 @@ def download_kaggle(handle: str) -> Path:
         ) from err
 
 
-IMAGE_WIDTH, IMAGE_HEIGHT = IMAGE_SIZE
 YEAR = "14"
 
 # The stain of each class: far apart, so that even a 64x64 view separates them.
@@ -204,8 +182,8 @@ _Y = np.arange(IMAGE_HEIGHT, dtype=np.float32)
 
 def synthetic_filename(label: int, patient: str, magnification: int, seq: int) -> str:
     """A path relative to the dataset root, in the real Folds.csv pattern (docs/breakhis.md#file-names)."""
-    tumor_type, side, code = CLASS_NAMES[label].split("_", 1)[1], binary_name(label), TUMOR_TYPE_CODES[label]
-    sob = f"SOB_{side[0].upper()}_{code}"
+    side, tumor_type = breakhis.binary_name(label), breakhis.CLASS_NAMES[label].split("_", 1)[1]
+    sob = f"SOB_{side[0].upper()}_{breakhis.TUMOR_TYPE_CODES[label]}"
     return (
         f"BreaKHis_v1/histology_slides/breast/{side}/SOB/{tumor_type}/{sob}_{YEAR}-{patient}/"
         f"{magnification}X/{sob}-{YEAR}-{patient}-{magnification}-{seq:03d}.png"
@@ -226,32 +204,32 @@ def render_image(label: int, patient_shift: np.ndarray, rng: np.random.Generator
         disk = (_Y[y0:y1, None] - cy) ** 2 + (_X[None, x0:x1] - cx) ** 2 <= radius**2
         nuclei = image[y0:y1, x0:x1]
         nuclei[disk] *= 0.35
-    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode=IMAGE_MODE)
+    return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode=breakhis.IMAGE_MODE)
 
 
 def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
     """Write Folds.csv and the PNGs of `spec.magnifications` under `output_dir`, the same bytes for the same spec; each
     image has a generator of its own, so it never depends on which other images are drawn."""
     images, rows = [], []
-    for label, index in itertools.product(range(len(CLASS_NAMES)), range(spec.patients_per_class)):
+    for label, index in itertools.product(range(len(breakhis.CLASS_NAMES)), range(spec.patients_per_class)):
         patient = f"{90000 + 100 * label + index}S"
         shift = np.random.default_rng([spec.seed, label, index]).normal(0, 8, 3)
-        count = spec.images_per_patient + (spec.images_per_patient // 2 if is_malignant(label) else 0)
-        for magnification in (m for m in MAGNIFICATIONS if m in spec.magnifications):  # Folds.csv's order
+        count = spec.images_per_patient + (spec.images_per_patient // 2 if breakhis.is_malignant(label) else 0)
+        for magnification in (m for m in breakhis.MAGNIFICATIONS if m in spec.magnifications):  # Folds.csv's order
             for seq in range(1, count + 1):
                 filename = synthetic_filename(label, patient, magnification, seq)
                 rng = np.random.default_rng([spec.seed, label, index, magnification, seq])
                 images.append((output_dir / filename, label, shift, rng))
                 # patient-disjoint folds: in fold f the patient with index = f-1 (mod 5) of every class is in test
                 rows += [
-                    (fold, magnification, "test" if index % len(FOLDS) == fold - 1 else "train", filename)
-                    for fold in FOLDS
+                    (fold, magnification, "test" if index % len(breakhis.FOLDS) == fold - 1 else "train", filename)
+                    for fold in breakhis.FOLDS
                 ]
     for path, label, shift, rng in progress(images, desc="synthetic images", unit="img"):
         path.parent.mkdir(parents=True, exist_ok=True)
         render_image(label, shift, rng).save(path, compress_level=1)
-    folds = pd.DataFrame(rows, columns=list(FOLDS_COLUMNS)).sort_values("fold", kind="stable")
-    folds.to_csv(output_dir / FOLDS_CSV, index=False)
+    folds = pd.DataFrame(rows, columns=list(breakhis.FOLDS_COLUMNS)).sort_values("fold", kind="stable")
+    folds.to_csv(output_dir / breakhis.FOLDS_CSV, index=False)
     return output_dir
 
 
@@ -264,7 +242,6 @@ def prepare_raw_data(params: DataParams, output_dir: Path, excluded_report: Path
         with tempfile.TemporaryDirectory(prefix=".synthetic-breakhis-", dir=output_dir.parent) as generated:
             root = generate_synthetic_breakhis(Path(generated), params.synthetic)
             return import_dataset(root, output_dir, params.exclude_invalid, excluded_report)
-    if params.source == "local":
-        # from the main repository, like the checkpoints: `dvc exp run --temp/--queue` runs in a copy elsewhere
-        return import_dataset(in_main_repo(Path(params.path)), output_dir, params.exclude_invalid, excluded_report)
-    return import_dataset(download_kaggle(params.kaggle_dataset), output_dir, params.exclude_invalid, excluded_report)
+    # a local copy from the main repository, like the checkpoints: `dvc exp run --temp/--queue` runs in a copy elsewhere
+    root = in_main_repo(Path(params.path)) if params.source == "local" else download_kaggle(params.kaggle_dataset)
+    return import_dataset(root, output_dir, params.exclude_invalid, excluded_report)

@@ -20,14 +20,7 @@ from medgemma_breakhis.data.split import read_split
 from medgemma_breakhis.evaluate.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
 from medgemma_breakhis.evaluate.scoring import predict_split
 from medgemma_breakhis.model.load import NonFiniteError, check_model, load_base_model, non_finite_advice
-from medgemma_breakhis.track.runs import (
-    confusion_matrix_figure,
-    dvc_locked_md5,
-    roc_figure,
-    tag_train_run,
-    tracked_run,
-    untracked_record,
-)
+from medgemma_breakhis.track import runs
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +44,7 @@ def run_evaluation(
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
     check_model(params.model)
-    with tracked_run(stage, params, test_csv, untracked_record(metrics_path)) as run:
+    with runs.tracked_run(stage, params, test_csv, runs.untracked_record(metrics_path)) as run:
         started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.eval.precision)
         run.tags |= info.tags(precision_ran=f"{info.dtype} weights, inference without autocast")
@@ -64,10 +57,8 @@ def run_evaluation(
             raise NonFiniteError(
                 f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}"
             ) from err
-        run.metrics |= {
-            "time_model_load_s": loaded - started,
-            "images_per_second": len(rows) / (time.perf_counter() - loaded),
-        }
+        seconds = time.perf_counter() - loaded
+        run.metrics |= {"time_model_load_s": loaded - started, "images_per_second": len(rows) / seconds}
         metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
         run.refuse_if_params_changed()
         roc = roc_points(predictions)
@@ -81,32 +72,26 @@ def run_evaluation(
             ("binary", "binary", ("benign", "malignant"), "benign / malignant"),
         ):
             truth, predicted = predictions[f"true_{column}"], predictions[f"predicted_{column}"]
-            figure = confusion_matrix_figure(truth, predicted, [*labels, *extra], f"{stage}: {title}")
+            figure = runs.confusion_matrix_figure(truth, predicted, [*labels, *extra], f"{stage}: {title}")
             run.figures[f"confusion_matrix_{name}.png"] = figure
         if "roc_auc" in metrics["binary"]:
-            run.figures["roc_curve.png"] = roc_figure(roc, metrics["binary"]["roc_auc"], stage)
-        md5 = None if adapter_dir is None else dvc_locked_md5(adapter_dir)
+            run.figures["roc_curve.png"] = runs.roc_figure(roc, metrics["binary"]["roc_auc"], stage)
         if adapter_dir is not None:
+            md5 = runs.dvc_locked_md5(adapter_dir)
             run.tags["adapter_dvc_md5"] = md5 or "not in a dvc.lock (stage run outside DVC)"
             if md5 is not None:
-                lineage = functools.partial(tag_train_run, run.parent_run_id, adapter_dir, {"adapter_dvc_md5": md5})
+                lineage = functools.partial(
+                    runs.tag_train_run, run.parent_run_id, adapter_dir, {"adapter_dvc_md5": md5}
+                )
                 run.then.append(("the adapter's DVC hash on its train run", lineage))
         if register is None or adapter_dir is None:
             run.metrics |= headline(metrics)
         else:  # the registration logs the metrics with the model it registers, once the scored copy is freed
             del model
             gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            registration = functools.partial(
-                register,
-                run_id=run.run_id,
-                adapter_dir=adapter_dir,
-                params=params,
-                base=info,
-                adapter_md5=md5,
-                headline=headline(metrics),
-            )
+            torch.cuda.empty_cache()  # a no-op without CUDA
+            md5 = run.tags["adapter_dvc_md5"]
+            registration = functools.partial(register, run.run_id, adapter_dir, params, info, md5, headline(metrics))
             run.then.append((f"the model version of {params.registry.model_name} and the metrics", registration))
     logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
     return metrics

@@ -22,25 +22,19 @@ PROBABILITY_COLUMNS = [f"prob_{name}" for name in CLASS_NAMES]
 MALIGNANT_COLUMNS = [column for label, column in enumerate(PROBABILITY_COLUMNS) if is_malignant(label)]
 
 
-def binary_of(label: int) -> str:
-    return "unparseable" if label == UNPARSEABLE else binary_name(label)
-
-
-def class_name(label: int) -> str:
-    return "unparseable" if label == UNPARSEABLE else CLASS_NAMES[label]
-
-
 def predictions_frame(
     rows: pd.DataFrame, predicted: np.ndarray, probabilities: np.ndarray | None = None, answers: list[str] | None = None
 ) -> pd.DataFrame:
     """One row per image: its file, patient, true and predicted class (number and name, 8-class and binary), and the
     probability of each class (scoring) or the generated answer (generation)."""
+    class_names = dict(enumerate(CLASS_NAMES)) | {UNPARSEABLE: "unparseable"}
+    binary_names = {label: binary_name(label) for label in range(NUM_CLASSES)} | {UNPARSEABLE: "unparseable"}
     frame = rows[["filename", "patient", "label"]].reset_index(drop=True)
     frame["predicted"] = np.asarray(predicted, dtype=int)
-    frame["true_class"] = frame["label"].map(class_name)
-    frame["predicted_class"] = frame["predicted"].map(class_name)
-    frame["true_binary"] = frame["label"].map(binary_of)
-    frame["predicted_binary"] = frame["predicted"].map(binary_of)
+    frame["true_class"] = frame["label"].map(class_names)
+    frame["predicted_class"] = frame["predicted"].map(class_names)
+    frame["true_binary"] = frame["label"].map(binary_names)
+    frame["predicted_binary"] = frame["predicted"].map(binary_names)
     if probabilities is not None:
         frame[PROBABILITY_COLUMNS] = probabilities
     if answers is not None:
@@ -107,9 +101,7 @@ def evaluation_metrics(predictions: pd.DataFrame, resamples: int, seed: int) -> 
     per_class = zip(CLASS_NAMES, precision, recall, f1, support, strict=True)
     eight_class = {
         **_accuracy_with_ci(labels, predicted, patients, resamples, seed),
-        "f1_weighted": float(
-            f1_score(labels, predicted, labels=range(NUM_CLASSES), average="weighted", zero_division=0)
-        ),
+        "f1_weighted": float(np.average(f1, weights=support)),  # as sklearn's average="weighted"
         "per_class": {n: {"precision": p, "recall": r, "f1": f, "support": int(s)} for n, p, r, f, s in per_class},
     }
     true_binary, predicted_binary = predictions["true_binary"], predictions["predicted_binary"]

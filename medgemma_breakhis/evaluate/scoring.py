@@ -18,8 +18,6 @@ from medgemma_breakhis.model.prompt import answer_token_ids, end_of_turn_id, pro
 
 # The reference's parsing: the first standalone digit 0-7 in the generated text.
 ANSWER_PATTERN = re.compile(r"\b([0-7])\b")
-
-
 # An image file, or an image already decoded (a registered model gets its images as bytes, checked before scoring).
 ImageSource = Path | Image.Image
 
@@ -63,11 +61,7 @@ def score_images(
         if not torch.isfinite(answer_logits).all():
             # A NaN would otherwise become class 0 at argmax, silently.
             finite = torch.isfinite(answer_logits).all(dim=-1).tolist()
-            bad = [
-                getattr(image, "name", f"image {start + i}")
-                for i, (image, ok) in enumerate(zip(batch, finite))
-                if not ok
-            ]
+            bad = [getattr(image, "name", f"image {start + i}") for i, image in enumerate(batch) if not finite[i]]
             raise NonFiniteError(f"non-finite logits with the model in {model.dtype} for {', '.join(bad)}")
         probabilities.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())
     return np.concatenate(probabilities)

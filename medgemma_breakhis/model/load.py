@@ -12,14 +12,8 @@ from typing import Any, NamedTuple
 import torch
 from huggingface_hub import get_token
 from peft import LoraConfig, get_peft_model
-from transformers import (
-    AutoConfig,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-    PretrainedConfig,
-    PreTrainedModel,
-    ProcessorMixin,
-)
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel
+from transformers.processing_utils import ProcessorMixin
 
 from medgemma_breakhis.core.errors import ExpectedError, ParamsError
 from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, TINY_MODEL_ID, LoraParams, ModelParams, Precision

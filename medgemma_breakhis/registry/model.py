@@ -1,11 +1,6 @@
-"""The registered model: every evaluated adapter as a version of one MLflow model (`registry.model_name`), with what
-it came from and how it scored (docs/model-registry.md); and the `pyfunc` classifier it is, the base model plus the
-adapter scoring images given as bytes, each checked before it is decoded.
-
-The classifier's input: a DataFrame with a binary column `image` of image files' bytes. Its output, one row per input
-row: the probability of each class, the summed malignant probability, the predicted class and benign/malignant, and
-`error`, empty unless the image was refused (its probabilities then NaN): one bad image never fails the others.
-"""
+"""The registered model: each evaluated adapter as a version of one MLflow model, and the pyfunc classifier it is: image
+files' bytes in (column `image`), per image the class probabilities, the malignant probability, the predicted class and
+benign/malignant, and an `error` that is empty unless the image was refused, out (docs/model-registry.md)."""
 
 import importlib.metadata
 import io
@@ -14,7 +9,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -38,12 +32,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
 OUTPUT_COLUMNS = [*PROBABILITY_COLUMNS, "malignant_probability", "predicted_class", "predicted_binary", "error"]
-# Raster formats a microscope camera or slide scanner exports; PIL's other plugins (EPS through Ghostscript, for one)
-# are never tried on an untrusted file.
+# What microscope cameras and slide scanners export; PIL's other plugins are never tried on an untrusted file.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
-# Read from the header, before anything is decoded. BreakHis images are 700x460 (0.3 megapixels); the processor
-# resizes every image to the model's input (896x896 for MedGemma), so a larger field only costs memory: 40 megapixels
-# (a 7,300 x 5,500 camera frame) is far above any field of view and far below PIL's decompression-bomb limit.
+# From the header: far above any field of view (BreakHis: 0.3 megapixels), far below PIL's decompression-bomb limit.
 MAX_PIXELS = 40_000_000
 MIN_SIDE = 32
 # A hub model's resolved revision is a commit (loadable as is); a local folder's is a digest of its weights.
@@ -91,41 +82,24 @@ def classify(model: PreTrainedModel, processor: ProcessorMixin, images: list[byt
             errors.append(str(err))
     scored = [i for i, error in enumerate(errors) if not error]
     table = pd.DataFrame(np.nan, index=range(len(errors)), columns=PROBABILITY_COLUMNS)
+    table[["predicted_class", "predicted_binary"]] = ""
     if decoded:
         table.loc[scored, PROBABILITY_COLUMNS] = probabilities = score_images(model, processor, decoded, batch_size)
-    table["malignant_probability"] = malignant_probability(table)
-    table["predicted_class"] = table["predicted_binary"] = ""
-    if decoded:
         labels = probabilities.argmax(axis=1)
         table.loc[scored, "predicted_class"] = [CLASS_NAMES[label] for label in labels]
         table.loc[scored, "predicted_binary"] = [binary_name(label) for label in labels]
+    table.insert(len(PROBABILITY_COLUMNS), "malignant_probability", malignant_probability(table))
     table["error"] = errors
     return table
 
 
-def signature() -> ModelSignature:
-    return ModelSignature(
-        inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
-        outputs=Schema(
-            [ColSpec("double", name) for name in [*PROBABILITY_COLUMNS, "malignant_probability"]]
-            + [ColSpec("string", name) for name in ("predicted_class", "predicted_binary", "error")]
-        ),
-    )
-
-
-def model_config(base: ModelParams, resolved_revision: str, precision: Precision, batch_size: int) -> dict[str, Any]:
-    """What the registered model records of its base model (loaded by id and revision, checked against
-    `resolved_revision`) and how it scores."""
-    return {
-        "base_model_id": base.id,
-        "base_model_revision": base.revision,
-        "base_model_resolved_revision": resolved_revision,
-        "attn_implementation": base.attn_implementation,
-        "precision": precision,
-        "batch_size": batch_size,
-        "prompt": PROMPT,
-        "class_names": list(CLASS_NAMES),
-    }
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
+    outputs=Schema(
+        [ColSpec("double", name) for name in [*PROBABILITY_COLUMNS, "malignant_probability"]]
+        + [ColSpec("string", name) for name in ("predicted_class", "predicted_binary", "error")]
+    ),
+)
 
 
 def load_adapter_model(
@@ -190,8 +164,7 @@ from {PACKAGE}.registry.model import AdapterClassifier
 
 set_model(AdapterClassifier())
 """
-# The distributions the classifier's modules import, pinned at the versions installed here: what a fresh environment
-# needs to serve the model (`mlflow models serve --env-manager virtualenv`).
+# What the classifier's modules import, pinned as installed here, for `mlflow models serve --env-manager virtualenv`.
 SERVING_DISTRIBUTIONS = (  # noqa: SIM905 - names, read as a sentence
     "mlflow torch transformers tokenizers safetensors huggingface_hub peft trl accelerate pillow numpy pandas scipy "
     "scikit-learn tqdm ruamel.yaml pydantic"
@@ -201,20 +174,14 @@ ORIGIN_TAGS = ("dvc_exp_name", "git_commit", "git_dirty")
 
 
 def register_adapter(
-    *,
-    run_id: str,
-    adapter_dir: Path,
-    params: Params,
-    base: LoadedModelInfo,
-    adapter_md5: str | None,
-    headline: dict[str, float],
+    run_id: str, adapter_dir: Path, params: Params, base: LoadedModelInfo, md5: str, headline: dict[str, float]
 ) -> ModelInfo:
     """Log the adapter (weights and processor, never the base weights), this package's code and a blank input example
     as a pyfunc model of run `run_id`, register it as a new version of `params.registry.model_name`, log the
     `headline` metrics linked to it, and put them and the version's origin on the version (its page shows tags)."""
     name, origin = params.registry.model_name, mlflow.MlflowClient().get_run(run_id).data.tags
     tags = {key: origin[key] for key in ORIGIN_TAGS} | {
-        "adapter_dvc_md5": adapter_md5 or "not in a dvc.lock (stage run outside DVC)",
+        "adapter_dvc_md5": md5,
         "base_model_id": base.model_id,
         "base_model_resolved_revision": base.resolved_revision,
     }
@@ -228,11 +195,18 @@ def register_adapter(
             name="model",
             python_model=Path(staging) / "model.py",
             artifacts={"adapter": str(adapter_dir)},
-            model_config=model_config(
-                params.model, base.resolved_revision, params.eval.precision, params.eval.batch_size
-            ),
+            model_config={  # the base model, loaded by id and revision and checked against the resolved one
+                "base_model_id": params.model.id,
+                "base_model_revision": params.model.revision,
+                "base_model_resolved_revision": base.resolved_revision,
+                "attn_implementation": params.model.attn_implementation,
+                "precision": params.eval.precision,
+                "batch_size": params.eval.batch_size,
+                "prompt": PROMPT,
+                "class_names": list(CLASS_NAMES),
+            },
             code_paths=[str(code)],
-            signature=signature(),
+            signature=SIGNATURE,
             input_example=pd.DataFrame({IMAGE_COLUMN: [example.getvalue()]}),
             pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in SERVING_DISTRIBUTIONS],
             registered_model_name=name,

@@ -1,6 +1,7 @@
 """The cross-validation summary: mean and spread over folds of every metric the per-fold stages wrote
 (cv/metrics/fold<f>-<m>x/{data,baseline,finetuned,train}.json), and its table."""
 
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -37,19 +38,11 @@ def fold_name(fold: int, magnification: int) -> str:
     return f"fold{fold}-{magnification}x"
 
 
-def read_fold(metrics_dir: Path, fold: int, magnification: int) -> dict[str, Any]:
-    folder = metrics_dir / fold_name(fold, magnification)
-    missing = [f"{folder / name}.json" for name in METRICS_FILES if not (folder / f"{name}.json").is_file()]
-    if missing:
-        raise CrossValidationError(f"missing {', '.join(missing)}: run `dvc repro cv/dvc.yaml`, which writes them")
-    return {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name in METRICS_FILES}
-
-
-def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
-    """Every numeric leaf of a metrics file, as dotted keys (as `dvc metrics show` names them)."""
+def _numbers(files: dict[str, Any]) -> dict[str, float]:
+    """Every numeric leaf of a fold's metrics files, by dotted key (`finetuned.binary.accuracy`)."""
     return {
         key: float(value)
-        for key, value in flatten(metrics).items()
+        for key, value in flatten(files).items()
         if isinstance(value, (int, float)) and not isinstance(value, bool) and NOT_AGGREGATED.isdisjoint(key.split("."))
     }
 
@@ -59,12 +52,7 @@ def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
     metric; one that a fold lacks (binary.roc_auc, where a test set holds one class) is an error, never averaged."""
     if len(folds) < 2:
         raise CrossValidationError(f"a spread needs at least two folds, got {len(folds)}")
-    table = pd.DataFrame(
-        {
-            name: {f"{file}.{key}": v for file, metrics in files.items() for key, v in _numbers(metrics).items()}
-            for name, files in folds.items()
-        }
-    ).sort_index()
+    table = pd.DataFrame({name: _numbers(files) for name, files in folds.items()}).sort_index()
     for name in table:
         if len(extra := table.index[table[name].notna() & table.isna().any(axis=1)]):
             raise CrossValidationError(f"{name} has metrics other folds lack: {', '.join(extra)}")
@@ -76,12 +64,14 @@ def summarise(folds: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def read_fold_metrics(metrics_dir: Path, cv: CrossValidationParams) -> dict[int, dict[str, dict[str, Any]]]:
     """Per magnification, the metrics files of the folds `cv` asks for (and only those: stale folds are ignored)."""
-    return {
-        magnification: {
-            fold_name(fold, magnification): read_fold(metrics_dir, fold, magnification) for fold in cv.folds
-        }
-        for magnification in cv.magnifications
-    }
+    folds: dict[int, dict[str, dict[str, Any]]] = {}
+    for magnification, fold in itertools.product(cv.magnifications, cv.folds):
+        folder = metrics_dir / fold_name(fold, magnification)
+        if missing := [f"{folder / name}.json" for name in METRICS_FILES if not (folder / f"{name}.json").is_file()]:
+            raise CrossValidationError(f"missing {', '.join(missing)}: run `dvc repro cv/dvc.yaml`, which writes them")
+        files = {name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8")) for name in METRICS_FILES}
+        folds.setdefault(magnification, {})[folder.name] = files
+    return folds
 
 
 def summarise_magnifications(folds: dict[int, dict[str, dict[str, Any]]]) -> dict[str, Any]:

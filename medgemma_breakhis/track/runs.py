@@ -154,8 +154,7 @@ def experiment_id() -> str:
     repository's root with the embedded store)."""
     bound_store_requests()
     uri, path = tracking_uri(), sqlite_path(tracking_uri())
-    # Queue workers start their stages together: two processes creating a new sqlite store break each other's schema
-    # migration. The lock file is released when its holder exits, however it exits.
+    # two processes creating a new sqlite store (queue workers) break each other's schema migration
     lock = FileLock(f"{path}.lock", timeout=FIRST_USE_LOCK_TIMEOUT_S) if path else nullcontext()
     try:
         with lock:
@@ -193,14 +192,6 @@ def _git(*args: str) -> str | None:
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def pipeline_key() -> str:
-    """One pipeline execution: the stages of one `dvc repro` or DVC experiment share their `dvc` process (a stage run
-    by hand is its own); the experiment's name goes in as a digest, since a name may hold any quote."""
-    process = dvc_process() or psutil.Process()
-    experiment = hashlib.sha256(os.environ.get("DVC_EXP_NAME", "workspace").encode()).hexdigest()[:12]
-    return f"{experiment}:{socket.gethostname()}:{process.pid}:{process.create_time()}"
-
-
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "cuda": torch.version.cuda or "none"}
     for name in TRACKED_DISTRIBUTIONS:
@@ -212,13 +203,17 @@ def library_versions() -> dict[str, str]:
 
 
 def origin_tags() -> dict[str, str]:
-    """Tags that tie a run to its code and DVC execution (inside `dvc exp run`, HEAD is DVC's own commit)."""
+    """Tags that tie a run to its code (inside `dvc exp run`, HEAD is DVC's own commit) and its pipeline execution: the
+    stages of one `dvc repro` or DVC experiment share their `dvc` process (a stage run by hand is its own), and the
+    experiment's name goes into the key as a digest, since a name may hold any quote."""
     status = _git("status", "--porcelain", "--untracked-files=no")
+    process = dvc_process() or psutil.Process()
+    experiment = hashlib.sha256(os.environ.get("DVC_EXP_NAME", "workspace").encode()).hexdigest()[:12]
     return {
         "git_commit": os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD") or "not a git repository",
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
         "dvc_exp_name": os.environ.get("DVC_EXP_NAME", "workspace"),
-        "pipeline_key": pipeline_key(),
+        "pipeline_key": f"{experiment}:{socket.gethostname()}:{process.pid}:{process.create_time()}",
         **{f"version.{name}": version for name, version in library_versions().items()},
     }
 
@@ -274,14 +269,6 @@ def dvc_set_params(command: Sequence[str]) -> dict[str, Any]:
     }
 
 
-def params_requested_from_dvc() -> dict[str, Any]:
-    """The values that the `dvc exp run` running this stage was asked to write into params.yaml (`-S`)."""
-    try:
-        return dvc_set_params(dvc.cmdline()) if (dvc := dvc_process()) is not None else {}
-    except psutil.Error:  # dvc is gone: the stage is being stopped anyway
-        return {}
-
-
 def changed_since(digest: str, asked: dict[str, Any], path: Path = Path("params.yaml")) -> str | None:
     """Why `path` is not what a stage started from, if it is not: its values' digest is not `digest`, or it lacks a
     value the running `dvc exp run` was asked for (`asked`)."""
@@ -312,13 +299,12 @@ def untracked_record(metrics_path: Path) -> Path:
 
 def _sqlite_still_locked() -> bool:
     """For the embedded store: whether its write lock is still held elsewhere, asked in a second."""
-    if (path := sqlite_path(mlflow.get_tracking_uri())) is None:
-        return False
     try:
-        check_sqlite_writable(path, SQLITE_PROBE_TIMEOUT_S)
+        if (path := sqlite_path(mlflow.get_tracking_uri())) is not None:
+            check_sqlite_writable(path, SQLITE_PROBE_TIMEOUT_S)
+        return False
     except Exception:  # noqa: BLE001 - locked, or worse: either way the store will not take the write now
         return True
-    return False
 
 
 @dataclass
@@ -442,7 +428,11 @@ def tracked_run(stage: str, params: Params, split_csv: Path, record: Path) -> It
     """The stage's child run under its pipeline's parent run, with all params and its origin. The store is checked
     first (TrackingError, in seconds); what the stage records is written when it ends: FINISHED, or FAILED or KILLED
     (Ctrl-C, SIGTERM) with the reason as a tag."""
-    digest, requested = params_digest(), params_requested_from_dvc()
+    try:  # the values the `dvc exp run` running this stage was asked to write into params.yaml
+        requested = dvc_set_params(dvc.cmdline()) if (dvc := dvc_process()) is not None else {}
+    except psutil.Error:  # dvc is gone: the stage is being stopped anyway
+        requested = {}
+    digest = params_digest()
     refuse_changed_params(digest, requested, "this stage began")  # a dvc exp run's -S values, overwritten
     experiment, origin, client = experiment_id(), origin_tags(), mlflow.MlflowClient()
     with refused_unless_store_answers(tracking_uri()):

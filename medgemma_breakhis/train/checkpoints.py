@@ -71,25 +71,20 @@ def _short(value: Any) -> str:
     return "absent" if value is None else repr(value)
 
 
-def images_sha256(image_root: Path, filenames: Iterable[str]) -> str:
-    """One digest over the bytes of every listed image, in order."""
-    digest = hashlib.sha256()
-    for filename in progress(list(filenames), desc="fingerprinting training images", unit="img", leave=False):
-        digest.update(sha256(image_root / filename).encode())
-    return "sha256:" + digest.hexdigest()
-
-
 def training_fingerprint(
     params: Params, resolved_revision: str, prompt: str, train_csv: Path, image_root: Path, filenames: Iterable[str]
 ) -> Fingerprint:
     """The `model`, `lora` and `train` params, the base model's revision, the training data (the split, every image's
     bytes, the templated `prompt`) and the library versions; no code of this repository."""
+    images = hashlib.sha256()
+    for filename in progress(list(filenames), desc="fingerprinting training images", unit="img", leave=False):
+        images.update(sha256(image_root / filename).encode())
     return Fingerprint(
         params={key: value for key, value in params.flat().items() if key.split(".")[0] in TRAINING_SECTIONS},
         model={"resolved_revision": resolved_revision},
         data={
             "train_split": sha256(train_csv),
-            "images": images_sha256(image_root, filenames),
+            "images": "sha256:" + images.hexdigest(),
             "prompt": "sha256:" + hashlib.sha256(prompt.encode()).hexdigest(),
         },
         libraries={name: importlib.metadata.version(name) for name in LIBRARIES},

@@ -13,8 +13,7 @@ from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.params import ExecutionParams
 from medgemma_breakhis.model.load import world_size
 
-# What `auto` takes on a GPU of at least this much memory (GiB, as torch reports it): (micro-batch, gradient
-# checkpointing), the plans `make gpu-memory` derives for MedGemma 4B (tests/test_gpu_memory.py holds them equal).
+# (GiB at least, micro-batch, gradient checkpointing) of `auto`: what `make gpu-memory` derives for MedGemma 4B.
 AUTO_BY_GPU_MEMORY = ((120.0, 8, False), (60.0, 4, False), (30.0, 2, False), (0.0, 8, True))
 MAX_WORKERS = 4
 
@@ -75,18 +74,10 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def accelerate_launch_command(num_processes: int, module: str, arguments: Sequence[str]) -> list[str]:
-    """`accelerate launch` of `python -m module arguments` on `num_processes` processes of this machine, every
-    setting given (no `accelerate config` file is read; port 0: concurrent runs never share accelerate's 29500)."""
-    settings = f"--multi_gpu --num_processes={num_processes} --num_machines=1 --main_process_port=0"
-    # mixed precision: the trainer sets it from train.precision
-    settings += " --mixed_precision=no --dynamo_backend=no --module"
-    return [sys.executable, "-m", "accelerate.commands.launch", *settings.split(), module, *arguments]
-
-
 def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequence[str]) -> None:
-    """Replace this process by `accelerate launch` when `num_processes` > 1 and it is not one of several yet; refuse a
-    hand launch on another number of processes than the params say."""
+    """Replace this process by `accelerate launch` of `python -m module arguments` when `num_processes` > 1 and it is not
+    one of several yet, every setting given (no `accelerate config` file is read; port 0: concurrent runs never share
+    accelerate's 29500); refuse a hand launch on another number of processes than the params say."""
     launched = world_size()
     if launched > 1 or "LOCAL_RANK" in os.environ:
         if launched != num_processes:
@@ -96,7 +87,10 @@ def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequenc
             )
         return
     if num_processes > 1:
-        command = accelerate_launch_command(num_processes, module, arguments)
+        # mixed precision: the trainer sets it from train.precision
+        settings = f"--multi_gpu --num_processes={num_processes} --num_machines=1 --main_process_port=0"
+        settings += " --mixed_precision=no --dynamo_backend=no --module"
+        command = [sys.executable, "-m", "accelerate.commands.launch", *settings.split(), module, *arguments]
         sys.stdout.flush()
         sys.stderr.flush()
         os.execv(command[0], command)  # exec: Ctrl-C and SIGTERM reach the launcher, which passes them to every rank

@@ -25,22 +25,8 @@ from medgemma_breakhis.data.split import read_split
 from medgemma_breakhis.model.load import LoadedModelInfo, check_model, device, load_base_model
 from medgemma_breakhis.model.prompt import completion_messages, prompt_messages, prompt_text
 from medgemma_breakhis.track.runs import loss_figure, tracked_run, untracked_record
-from medgemma_breakhis.train.callbacks import (
-    GuardedSFTTrainer,
-    LogSteps,
-    SkippedStepCounter,
-    StepTimes,
-    StopOnSignal,
-    TrainingDivergedError,
-    TrainingInterrupted,
-    TrainingProgress,
-)
-from medgemma_breakhis.train.checkpoints import (
-    checkpoint_folder,
-    last_complete_checkpoint,
-    prepare_checkpoint_folder,
-    training_fingerprint,
-)
+from medgemma_breakhis.train import callbacks, checkpoints
+from medgemma_breakhis.train.callbacks import GuardedSFTTrainer, TrainingDivergedError
 from medgemma_breakhis.train.execution import is_main_process, plan_execution
 
 logger = logging.getLogger(__name__)
@@ -59,7 +45,6 @@ def build_sft_dataset(rows: pd.DataFrame, image_root: Path) -> datasets.Dataset:
 
 
 def build_trainer(
-    *,
     model: PreTrainedModel,
     processor: ProcessorMixin,
     info: LoadedModelInfo,
@@ -67,6 +52,7 @@ def build_trainer(
     rows: pd.DataFrame,
     image_root: Path,
     output_dir: Path,
+    *,
     config_overrides: dict[str, Any] | None = None,
 ) -> GuardedSFTTrainer:
     """The trainer of a LoRA adapter on `model` as `params` say, executed as planned for this device (`trainer.plan`),
@@ -118,7 +104,7 @@ def build_trainer(
         plan=plan,
     )
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(TrainingProgress)
+    trainer.add_callback(callbacks.TrainingProgress)
     if plan.compile:  # per layer: one graph per layer instead of some fifteen small kernels per LoRA-wrapped linear
         layers = [m for m in trainer.model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for layer in layers:
@@ -141,9 +127,7 @@ def save_adapter(trainer: GuardedSFTTrainer, folder: Path) -> None:
     trainer.processing_class.save_pretrained(folder)
     config_path = folder / "adapter_config.json"
     saved = json.loads(config_path.read_text(encoding="utf-8"))
-    for key, value in vars(model.peft_config["default"]).items():
-        if isinstance(value, set):
-            saved[key] = sorted(value)
+    saved |= {key: sorted(value) for key, value in vars(model.peft_config["default"]).items() if isinstance(value, set)}
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True), encoding="utf-8")
 
 
@@ -167,27 +151,17 @@ def run_training(
         started = time.perf_counter()
         model, processor, info = load_base_model(params.model, params.train.precision)
         load_seconds = time.perf_counter() - started
-        images = rows["filename"]
-        fingerprint = training_fingerprint(
-            params, info.resolved_revision, prompt_text(processor), train_csv, image_root, images
-        )
-        folder = checkpoint_folder(checkpoint_root, fingerprint)
-        trainer = build_trainer(
-            model=model,
-            processor=processor,
-            info=info,
-            params=params,
-            rows=rows,
-            image_root=image_root,
-            output_dir=folder,
-        )
+        revision, prompt, images = info.resolved_revision, prompt_text(processor), rows["filename"]
+        fingerprint = checkpoints.training_fingerprint(params, revision, prompt, train_csv, image_root, images)
+        folder = checkpoints.checkpoint_folder(checkpoint_root, fingerprint)
+        trainer = build_trainer(model, processor, info, params, rows, image_root, folder)
         with trainer.args.main_process_first(desc="preparing the checkpoint folder"):
             if main:
-                prepare_checkpoint_folder(checkpoint_root, fingerprint)
-            resume_from = last_complete_checkpoint(folder, clean=main)
+                checkpoints.prepare_checkpoint_folder(checkpoint_root, fingerprint)
+            resume_from = checkpoints.last_complete_checkpoint(folder, clean=main)
         resumed = int(resume_from.name.rsplit("-", 1)[1]) if resume_from else 0
-        stop, skipped, times = StopOnSignal(), SkippedStepCounter(trainer), StepTimes()
-        for callback in (stop, skipped, times, *([LogSteps(run.log_step)] if main else [])):
+        stop, skipped, times = callbacks.StopOnSignal(), callbacks.SkippedStepCounter(trainer), callbacks.StepTimes()
+        for callback in (stop, skipped, times, *([callbacks.LogSteps(run.log_step)] if main else [])):
             trainer.add_callback(callback)
         world, plan = trainer.args.world_size, trainer.plan
         logger.info(
@@ -214,7 +188,7 @@ def run_training(
             raise
         step = trainer.state.global_step
         if stop.received:
-            raise TrainingInterrupted(
+            raise callbacks.TrainingInterrupted(
                 f"{stop.received}: training stopped at optimizer step {step} of {trainer.state.max_steps} and saved "
                 f"{folder / f'{PREFIX_CHECKPOINT_DIR}-{step}'}; run `dvc repro` (or this stage) again to resume from it"
             )
@@ -233,10 +207,8 @@ def run_training(
         atomic_write_text(loss_path, curve.to_csv(index=False))
         with atomic_directory(adapter_dir) as staging:
             save_adapter(trainer, staging)
-        run.metrics |= {
-            "skipped_optimizer_steps": len(skipped.steps),
-            "time_model_load_s": load_seconds,
-        } | times.metrics()
+        run.metrics |= {"skipped_optimizer_steps": len(skipped.steps), "time_model_load_s": load_seconds}
+        run.metrics |= times.metrics()
         if skipped.steps:
             run.tags["skipped_optimizer_steps_at"] = ",".join(map(str, skipped.steps))
         # the steps up to a resumed checkpoint belong to the run that made them, which tracked them
@@ -245,13 +217,6 @@ def run_training(
         run.artifacts += [(path, path.parent.name) for path in (metrics_path, loss_path)]
         run.artifacts.append((adapter_dir / "adapter_config.json", "adapter"))
     shutil.rmtree(folder)  # last: a failure before would leave the adapter unrecorded by DVC, to be trained again
-    last = summary["train_loss_last"]
-    logger.info(
-        "trained %d steps (after step %d), last loss %.4f, adapter in %s; precision: %s",
-        step,
-        resumed,
-        last,
-        adapter_dir,
-        trainer.precision_ran,
-    )
+    logger.info("trained %d steps (after step %d), last loss %.4f", step, resumed, summary["train_loss_last"])
+    logger.info("adapter in %s; precision: %s", adapter_dir, trainer.precision_ran)
     return summary
