@@ -12,10 +12,7 @@ data.source=kaggle, and a team MLflow server's MLFLOW_TRACKING_USERNAME/PASSWORD
 against the params schema first. Results: `dvc exp pull origin <name>` then `dvc exp show` (docs/cloud.md).
 """
 
-from __future__ import annotations
-
 import argparse
-import datetime
 import itertools
 import logging
 import os
@@ -23,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -35,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from medgemma_breakhis.core.errors import ParamsError
 from medgemma_breakhis.core.logs import without_user_info
-from medgemma_breakhis.core.params import Params, parse_params
+from medgemma_breakhis.core.params import Params, add_override_argument, parse_params
 
 logger = logging.getLogger(__name__)
 
@@ -53,15 +51,14 @@ class LaunchError(RuntimeError):
 
 def split_values(value: str) -> list[str]:
     """`8,16,32` into its values, DVC's sweep syntax; commas inside brackets belong to a list value (`[40,100]`)."""
-    values, depth, current = [], 0, ""
+    values, depth = [""], 0
     for char in value:
         depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(char, 0)
         if char == "," and depth == 0:
-            values.append(current)
-            current = ""
+            values.append("")
         else:
-            current += char
-    return [*values, current]
+            values[-1] += char
+    return values
 
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
@@ -76,8 +73,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def job_params(params_yaml: str, overrides: list[str]) -> Params:
-    """The params a job will run with (params.yaml at the commit, then its -S overrides), validated by the schema the
-    stages use; `LaunchError` with the schema's message if a stage would refuse them."""
+    """The job's params (params.yaml at the commit, then its -S overrides); `LaunchError` where a stage would refuse."""
     ours = [override.removeprefix("params.yaml:") for override in overrides]
     try:
         return parse_params(params_yaml, [o for o in ours if ":" not in o.partition("=")[0]])
@@ -86,9 +82,7 @@ def job_params(params_yaml: str, overrides: list[str]) -> Params:
 
 
 def tracking_server(environ: dict[str, str]) -> tuple[str, dict[str, str]]:
-    """MLFLOW_TRACKING_URI for the job's plain variables, without the credentials it may hold, and the credentials as
-    secrets: the user name and password of the URL, as MLflow's own variables (which it sends as the same basic
-    authentication), or those set. Empty without a server: the job then keeps its own store on the bucket."""
+    """The tracking server's URL without credentials, for the job's plain variables, and its credentials; "" if none."""
     uri = environ.get("MLFLOW_TRACKING_URI", "")
     if not uri:
         return "", {}
@@ -111,8 +105,7 @@ def tracking_server(environ: dict[str, str]) -> tuple[str, dict[str, str]]:
 
 
 def hf_token_secret(environ: dict[str, str]) -> str:
-    """CLOUD_HF_TOKEN_SECRET, checked: a Secret Manager secret's id, or its projects/<project>/secrets/<id> name. The
-    job reads its latest version on its own machine, with the machine's service account: the token never travels."""
+    """CLOUD_HF_TOKEN_SECRET, checked: the id or projects/<project>/secrets/<id> of the secret the job reads."""
     name = environ.get("CLOUD_HF_TOKEN_SECRET", "")
     if name and not re.fullmatch(r"(projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/secrets/)?[A-Za-z0-9_-]{1,255}", name):
         raise LaunchError(
@@ -123,26 +116,21 @@ def hf_token_secret(environ: dict[str, str]) -> str:
 
 
 def secrets_for(params_yaml: str, overrides: list[str], environ: dict[str, str]) -> dict[str, str]:
-    """Exactly the credentials the job needs, from `environ`: HF_TOKEN for a hub model (unless the job reads it from
-    Secret Manager, CLOUD_HF_TOKEN_SECRET), Kaggle's for data.source=kaggle, a tracking server's. Fails on the first
-    one the params need that is not set."""
+    """Exactly the credentials the job needs, from `environ`: HF_TOKEN for a hub model (without CLOUD_HF_TOKEN_SECRET),
+    Kaggle's for data.source=kaggle, a tracking server's; `LaunchError` naming the first one missing."""
     params = job_params(params_yaml, overrides)
-    needed = []
+    needed = {}  # each credential the params need, and how to set it
     if params.model.kind == "hub" and not hf_token_secret(environ):
-        needed.append("HF_TOKEN")
+        needed["HF_TOKEN"] = (
+            "accept MedGemma's terms on huggingface.co and `export HF_TOKEN=…`, or keep it in Secret Manager "
+            "and `export CLOUD_HF_TOKEN_SECRET=<secret name>` (docs/cloud.md)"
+        )
     if params.data.source == "kaggle":
-        needed += KAGGLE_SECRETS
-    for name in needed:
+        needed |= dict.fromkeys(KAGGLE_SECRETS, "`export KAGGLE_USERNAME=… KAGGLE_KEY=…` (Kaggle → Settings → API)")
+    for name, fix in needed.items():
         if not environ.get(name):
-            fix = (
-                "accept MedGemma's terms on huggingface.co and `export HF_TOKEN=…`, or keep it in Secret Manager "
-                "and `export CLOUD_HF_TOKEN_SECRET=<secret name>` (docs/cloud.md)"
-                if name == "HF_TOKEN"
-                else "`export KAGGLE_USERNAME=… KAGGLE_KEY=…` (Kaggle → Settings → API)"
-            )
-            raise LaunchError(
-                f"{name} is not set, and the experiment needs it ({' '.join(overrides) or 'params.yaml'}): {fix}"
-            )
+            shown = " ".join(overrides) or "params.yaml"
+            raise LaunchError(f"{name} is not set, and the experiment needs it ({shown}): {fix}")
     return {name: environ[name] for name in needed} | tracking_server(environ)[1]
 
 
@@ -154,11 +142,7 @@ def task_config(envs: dict[str, str], secrets: dict[str, str], gpus: str | None 
     # A declared secret left without a value would make SkyPilot look for a secrets provider: drop the unneeded ones.
     config["secrets"] = {name: None for name in config.get("secrets") or {} if name in secrets}
     task = sky.Task.from_yaml_config(config, env_overrides=list(envs.items()), secrets_overrides=list(secrets.items()))
-    overrides: dict[str, Any] = {}
-    if gpus:
-        overrides["accelerators"] = gpus
-    if on_demand:
-        overrides["use_spot"] = False
+    overrides = ({"accelerators": gpus} if gpus else {}) | ({"use_spot": False} if on_demand else {})
     if overrides:
         task.set_resources_override(overrides)
     return task
@@ -170,8 +154,7 @@ def git(*args: str) -> str:
 
 
 def repository_url() -> str:
-    """origin's URL, without a user name or token in it: SkyPilot clones with GIT_TOKEN from the environment of
-    `sky jobs launch` (a token in the URL becomes that, for this process) and keeps it a secret."""
+    """origin's URL without a user name or token; a token in it becomes GIT_TOKEN, which SkyPilot clones with."""
     url = git("remote", "get-url", "origin")
     if not url:
         raise LaunchError(
@@ -187,8 +170,7 @@ def repository_url() -> str:
 
 
 def pushed_commit() -> str:
-    """HEAD, once it is committed and on origin, the remote the job clones (as of the last fetch): the job runs the
-    commit, not this working tree."""
+    """HEAD, once it is committed and on origin (as of the last fetch): the job runs that commit, not this tree."""
     if git("status", "--porcelain", "--untracked-files=no"):
         raise LaunchError("uncommitted changes: the job runs a commit; commit them and push, or stash them")
     head = git("rev-parse", "HEAD")
@@ -201,9 +183,8 @@ def pushed_commit() -> str:
 
 def experiments_on_origin() -> set[str]:
     """The names of the DVC experiments origin has (refs/exps/<baseline>/<name>)."""
-    result = subprocess.run(
-        ["git", "ls-remote", "--refs", "origin", "refs/exps/*"], cwd=REPO, capture_output=True, text=True, check=False
-    )
+    listing = ["git", "ls-remote", "--refs", "origin", "refs/exps/*"]
+    result = subprocess.run(listing, cwd=REPO, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise LaunchError(f"cannot list origin's experiments (git ls-remote origin): {result.stderr.strip()[:300]}")
     return {line.rsplit("/", 1)[-1] for line in result.stdout.splitlines() if line.strip()}
@@ -225,7 +206,7 @@ def bucket_url(environ: dict[str, str]) -> str:
 
 def experiment_names(count: int, prefix: str | None) -> list[str]:
     """Unique names, valid as DVC experiment names and as SkyPilot job names."""
-    prefix = prefix or "cloud-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    prefix = prefix or time.strftime("cloud-%Y%m%d-%H%M%S")
     if not re.fullmatch(r"[a-z][a-z0-9-]*", prefix):
         raise LaunchError(f"--name {prefix}: use lowercase letters, digits and '-', starting with a letter")
     return [prefix] if count == 1 else [f"{prefix}-{index}" for index in range(1, count + 1)]
@@ -233,16 +214,8 @@ def experiment_names(count: int, prefix: str | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "-S",
-        "--set-param",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="a `dvc exp run -S` override; with --sweep, comma-separated values make one job each",
-    )
-    parser.add_argument("--sweep", action="store_true", help="one job per value (per combination of values)")
+    add_override_argument(parser)
+    parser.add_argument("--sweep", action="store_true", help="one job per -S value (key=a,b), per combination of them")
     parser.add_argument("--name", help="experiment name (a sweep appends -1, -2, …); default cloud-<date>-<time>")
     parser.add_argument("--gpus", help="SkyPilot accelerators instead of the task's L4:1, e.g. A100:1 or H100:1")
     parser.add_argument("--on-demand", action="store_true", help="on-demand instead of spot machines")
@@ -260,8 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         params_yaml = git("show", f"{commit}:params.yaml")
         tracking_uri, _ = tracking_server(environ)
         names = experiment_names(len(jobs), args.name)
-        taken = sorted(set(names) & experiments_on_origin())
-        if taken:
+        if taken := sorted(set(names) & experiments_on_origin()):
             raise LaunchError(
                 f"experiment {', '.join(taken)} already exists on origin: choose another --name, or get it with "
                 f"`dvc exp pull origin {taken[0]}`"
@@ -278,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
                 "EXP_ARGS": shlex.join(arg for override in overrides for arg in ("-S", override)),
                 "DVC_REMOTE": environ.get("CLOUD_DVC_REMOTE", ""),
                 "MLFLOW_TRACKING_URI": tracking_uri,
-                "HF_TOKEN_SECRET": hf_token_secret(environ) if needs_token and "HF_TOKEN" not in secrets else "",
+                "HF_TOKEN_SECRET": hf_token_secret(environ) if needs_token else "",  # "" where HF_TOKEN is sent
             }
             tasks.append((name, task_config(envs, secrets, args.gpus, args.on_demand), secrets))
     except LaunchError as err:
@@ -287,17 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     import sky
 
     for name, task, secrets in tasks:
+        shown = task.envs["EXP_ARGS"] or "(params.yaml)"
         resources = ", ".join(map(str, task.resources))
-        logger.info(
-            "%s: %s on %s, secrets %s",
-            name,
-            task.envs["EXP_ARGS"] or "(params.yaml)",
-            resources,
-            ", ".join(secrets) or "none",
-        )
-        if args.dry_run:
-            continue
-        sky.stream_and_get(sky.jobs.launch(task, name=name))
+        logger.info("%s: %s on %s, secrets %s", name, shown, resources, ", ".join(secrets) or "none")
+        if not args.dry_run:
+            sky.stream_and_get(sky.jobs.launch(task, name=name))
     if not args.dry_run:
         logger.info("follow: sky jobs queue; sky jobs logs <id>. Results: dvc exp pull origin <name>; dvc exp show")
 

@@ -22,11 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics", type=Path, required=True, help="metrics JSON to write")
     parser.add_argument("--predictions", type=Path, required=True, help="per-image predictions CSV to write")
     parser.add_argument("--roc", type=Path, required=True, help="ROC curve points CSV to write")
-    parser.add_argument(
-        "--register",
-        action="store_true",
-        help="register the adapter as a new version of the MLflow model registry.model_name (docs/model-registry.md)",
-    )
+    parser.add_argument("--register", action="store_true", help="register the adapter as a registry.model_name version")
     args, params = setup_stage(parser, argv)
     run_evaluation(
         params,

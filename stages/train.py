@@ -24,13 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adapter", type=Path, required=True, help="folder for the LoRA adapter")
     parser.add_argument("--metrics", type=Path, required=True, help="training summary JSON to write")
     parser.add_argument("--loss", type=Path, required=True, help="loss curve CSV to write")
-    parser.add_argument(
-        "--checkpoints",
-        type=Path,
-        required=True,
-        help="checkpoint root; a relative path is taken from the main repository's root, so DVC "
-        "experiment copies share it",
-    )
+    parser.add_argument("--checkpoints", type=Path, required=True, help="checkpoint root, shared by DVC experiments")
     arguments = sys.argv[1:] if argv is None else argv
     args, params = setup_stage(parser, arguments)
     run_distributed_if_asked(params.execution.num_processes, "stages.train", arguments)

@@ -5,14 +5,10 @@ Run: make bench-train              (params.yaml's model on this machine's GPU, o
      make bench-train OFFLINE=1    (tiny-gemma3 on synthetic images, on a CPU)
      (or: python -m tools.bench_train [--synthetic] [-S key=value ...] [--steps N] [--warmup N])
 Timing a MedGemma-sized run without the gated weights: -S model.id=medgemma-4b-random --synthetic (`make tokenizer`
-first). The projection covers training steps only; `make rehearse` times the whole `train` stage (model load,
-checkpoints, logging, epoch boundaries) and the other stages.
+first). The projection covers training steps only; `make rehearse` times whole stages.
 """
 
-from __future__ import annotations
-
 import argparse
-import logging
 import math
 import re
 import tempfile
@@ -35,8 +31,6 @@ from medgemma_breakhis.train.callbacks import GuardedSFTTrainer, SkippedStepCoun
 from medgemma_breakhis.train.trainer import build_trainer
 from tools.bench import split_rows
 from tools.gpu_memory import decoder_tokens_per_example
-
-logger = logging.getLogger(__name__)
 
 # Images in the reference run's training and test splits (fold 1, 100x, benign/malignant balanced, the Kaggle data).
 REFERENCE_TRAIN_IMAGES = 766
@@ -67,15 +61,6 @@ def _addmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_sha
     return 2 * m * k * n
 
 
-def _flop_counter() -> FlopCounterMode:
-    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm: _addmm_flop})
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 class ProfileStep(TrainerCallback):
     """torch.profiler over one optimizer step: operator calls, and on a GPU the kernels it launched."""
 
@@ -90,7 +75,8 @@ class ProfileStep(TrainerCallback):
 
     def on_step_end(self, args: Any, state: Any, *rest: Any, **kwargs: Any) -> None:
         if self.profiler is not None and state.global_step == self.step:
-            _synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             self.profiler.__exit__(None, None, None)
 
     def counts(self) -> dict[str, int]:
@@ -123,15 +109,13 @@ class Measurement:
 
 
 def flops_per_example(trainer: GuardedSFTTrainer) -> float:
-    """FLOPs of one micro-batch's forward and backward pass, as the trainer runs it, per example (torch's FLOP
-    counter): per micro-batch, because some costs are shared by its examples, such as trl's LM head, computed in
-    chunks of 256 rows over the few supervised tokens of the whole micro-batch. The backward pass computes activation
-    gradients through every layer, weight gradients only for LoRA's: frozen weights get none. Under gradient
-    checkpointing, the recomputed forward is counted too."""
+    """FLOPs of one whole micro-batch's forward and backward pass as the trainer runs it (costs such as trl's chunked LM
+    head are shared by its examples), per example: weight gradients for LoRA only, and under gradient checkpointing
+    the recomputed forward too (docs/gpu.md)."""
     micro_batch = trainer.args.per_device_train_batch_size
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(micro_batch)])
     trainer.model.train()
-    counter = _flop_counter()
+    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm: _addmm_flop})
     with counter, trainer.autocast_smart_context_manager():
         trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch)).backward()
     trainer.model.zero_grad(set_to_none=True)
@@ -204,6 +188,10 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
     )
     steps = reference_steps(params)
     launches = ", ".join(f"{count:,.0f} {name}" for name, count in m.launches_per_example.items())
+    memory = ", ".join(
+        f"{name.removeprefix('peak_').removesuffix('_gib').replace('_', ' ')} {gib:.2f}"
+        for name, gib in m.peak_memory_gib.items()
+    )
     rows = [
         ("model", f"{params.model.id} on {device_name}, train.precision={params.train.precision}"),
         ("execution", plan),
@@ -212,13 +200,7 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
         ("seconds per optimizer step", f"median {m.median_seconds:.3f} ({spread(m.step_seconds)})"),
         ("examples/s", f"{examples_per_second:.2f}"),
         ("data pipeline alone, examples/s", f"{m.data_examples_per_second:.1f}"),
-        (
-            "peak memory (GiB)",
-            ", ".join(
-                f"{name.removeprefix('peak_').removesuffix('_gib').replace('_', ' ')} {gib:.2f}"
-                for name, gib in m.peak_memory_gib.items()
-            ),
-        ),
+        ("peak memory (GiB)", memory),
         ("launches per example", launches),
         ("FLOPs per example", f"{m.flops_per_example / 1e12:.4g} TFLOP (over {counted})"),
         (utilisation, mfu),
@@ -246,16 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
         rows, image_root = split_rows(params, "train", args.synthetic, Path(scratch) / "data")
         model, processor, info = load_base_model(params.model, params.train.precision)
+        # the steps measured, one more profiled; nothing saved or tracked
+        overrides = {"max_steps": args.warmup + args.steps + 1, "save_strategy": "no", "report_to": []}
         trainer = build_trainer(
-            model=model,
-            processor=processor,
-            info=info,
-            params=params,
-            rows=rows,
-            image_root=image_root,
-            output_dir=Path(scratch) / "out",
-            # the steps measured, one more profiled; nothing saved or tracked
-            config_overrides={"max_steps": args.warmup + args.steps + 1, "save_strategy": "no", "report_to": []},
+            model, processor, info, params, rows, image_root, Path(scratch) / "out", config_overrides=overrides
         )
         measurement = measure(trainer, args.warmup, args.steps, params.train.batch_size)
     device_name = torch.cuda.get_device_name() if device().type == "cuda" else "cpu"

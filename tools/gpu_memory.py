@@ -1,6 +1,6 @@
 """GPU memory of MedGemma 4B LoRA training per execution setting, from the model's shapes and its processor's tokens
 per example (no GPU, no weights), and the setting it recommends on common GPUs: what `execution: auto` takes
-(`medgemma_breakhis.train.execution.AUTO_BY_GPU_MEMORY`, held equal by tests/test_gpu_memory.py).
+(`medgemma_breakhis.train.execution.AUTO_BY_GPU_MEMORY`, held equal by tests/test_execution.py).
 
 Run: make gpu-memory   (or: python -m tools.gpu_memory [--model ID] [--tokens N] [--lora-r 8])
 
@@ -9,10 +9,7 @@ The model is `medgemma-4b-random` by default: MedGemma 4B's architecture and pro
 estimate is fitted to peak CUDA memory measured on one H100, the step-time model to step times there (docs/gpu.md).
 """
 
-from __future__ import annotations
-
 import argparse
-import dataclasses
 from dataclasses import dataclass
 
 import pandas as pd
@@ -39,18 +36,8 @@ ACTIVATION_SCALE = {(False, False): 0.929, (True, False): 1.279, (False, True): 
 # GPU seconds per example; and the factor of recomputing activations under checkpointing.
 STEP_COST = {False: (0.44, 0.073), True: (0.29, 0.049)}
 CHECKPOINTING_COST = 1.61
-# (micro-batch, gradient checkpointing, torch.compile) of the table
-SETTINGS = (
-    (1, True, False),
-    (2, True, False),
-    (4, True, False),
-    (8, True, False),
-    (1, False, True),
-    (2, False, True),
-    (4, False, True),
-    (8, False, True),
-    (8, False, False),
-)
+# (micro-batch, gradient checkpointing, torch.compile) of the table: checkpointed, compiled, then neither
+SETTINGS = (*((m, True, False) for m in (1, 2, 4, 8)), *((m, False, True) for m in (1, 2, 4, 8)), (8, False, False))
 # Memory of common GPUs as torch reports it (GiB)
 GPUS = {"H200 141GB": 139.0, "H100 80GB": 79.2, "A100 40GB": 39.4, "L4 24GB": 22.0}
 
@@ -62,12 +49,12 @@ class ModelShape:
     parameters: int
     weight_bytes: int
     lora_parameters: int
-    text: dict[str, int]
-    vision: dict[str, int]
+    text: PretrainedConfig
+    vision: PretrainedConfig
 
     @property
     def patches(self) -> int:
-        return (self.vision["image_size"] // self.vision["patch_size"]) ** 2
+        return (self.vision.image_size // self.vision.patch_size) ** 2
 
 
 def activation_elements_per_token(hidden: int, intermediate: int, attention: int, kv: int, gated: bool) -> int:
@@ -81,43 +68,22 @@ def activation_elements_per_token(hidden: int, intermediate: int, attention: int
 
 
 def model_shape(model: nn.Module, lora_r: int) -> ModelShape:
-    """The shape of `model` (on any device, meta included) with LoRA of rank `lora_r` on every linear layer but the
-    LM head."""
-    parameters = list({id(p): p for p in model.parameters()}.values())
+    """The shape of `model` (on any device, meta included) with bf16 weights, as `train` loads them, and LoRA of rank
+    `lora_r` on every linear layer but the LM head."""
+    parameters = sum(p.numel() for p in model.parameters())  # each shared parameter once
     output = model.get_output_embeddings()
     lora = sum(
         lora_r * (m.in_features + m.out_features)
         for m in model.modules()
         if isinstance(m, nn.Linear) and m is not output
     )
-    config: PretrainedConfig = model.config
-    text, vision = config.text_config, config.vision_config
-    return ModelShape(
-        parameters=sum(p.numel() for p in parameters),
-        weight_bytes=sum(p.numel() * p.element_size() for p in parameters),
-        lora_parameters=lora,
-        text={
-            "hidden": text.hidden_size,
-            "intermediate": text.intermediate_size,
-            "layers": text.num_hidden_layers,
-            "attention": text.num_attention_heads * text.head_dim,
-            "kv": text.num_key_value_heads * text.head_dim,
-        },
-        vision={
-            "hidden": vision.hidden_size,
-            "intermediate": vision.intermediate_size,
-            "layers": vision.num_hidden_layers,
-            "image_size": vision.image_size,
-            "patch_size": vision.patch_size,
-        },
-    )
+    return ModelShape(parameters, 2 * parameters, lora, model.config.text_config, model.config.vision_config)
 
 
 def bf16_shape(model_id: str, lora_r: int) -> ModelShape:
-    """The model's shapes with bf16 weights, as `train` loads them."""
+    """The shapes of model `model_id`, built on the meta device."""
     model = load_params().model.model_copy(update={"id": model_id})
-    shape = model_shape(model_on_meta(model_config(model)), lora_r)
-    return dataclasses.replace(shape, weight_bytes=2 * shape.parameters)
+    return model_shape(model_on_meta(model_config(model)), lora_r)
 
 
 def estimate_peak_gib(
@@ -126,20 +92,21 @@ def estimate_peak_gib(
     """Estimated peak memory of one bf16 training step, by component (GiB); trl's chunked LM head keeps no float32
     logits over the whole vocabulary."""
     text, vision = shape.text, shape.vision
+    attention, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
     per_text_layer = tokens * activation_elements_per_token(
-        text["hidden"], text["intermediate"], text["attention"], text["kv"], gated=True
+        text.hidden_size, text.intermediate_size, attention, kv, gated=True
     )
     per_vision_layer = shape.patches * activation_elements_per_token(
-        vision["hidden"], vision["intermediate"], vision["hidden"], vision["hidden"], gated=False
+        vision.hidden_size, vision.intermediate_size, vision.hidden_size, vision.hidden_size, gated=False
     )
     if checkpointing:  # each layer keeps its input; one layer's activations exist again while recomputed
         kept = (
-            text["layers"] * tokens * text["hidden"]
-            + vision["layers"] * shape.patches * vision["hidden"]
+            text.num_hidden_layers * tokens * text.hidden_size
+            + vision.num_hidden_layers * shape.patches * vision.hidden_size
             + max(per_text_layer, per_vision_layer)
         )
     else:
-        kept = text["layers"] * per_text_layer + vision["layers"] * per_vision_layer
+        kept = text.num_hidden_layers * per_text_layer + vision.num_hidden_layers * per_vision_layer
     return {
         "weights": shape.weight_bytes / GIB,
         "lora + optimizer": shape.lora_parameters * 4 * 4 / GIB,  # float32 weights, gradients, AdamW's two moments
@@ -162,9 +129,8 @@ def recommend(shape: ModelShape, tokens: int, memory_gib: float, batch_size: int
     for micro in (m for m in range(batch_size, 0, -1) if batch_size % m == 0):
         for checkpointing in (False, True):
             peak = sum(estimate_peak_gib(shape, micro, checkpointing, tokens, compiled=not checkpointing).values())
-            candidates.append(
-                (step_seconds(batch_size, micro, checkpointing, not checkpointing), peak, micro, checkpointing)
-            )
+            seconds = step_seconds(batch_size, micro, checkpointing, not checkpointing)
+            candidates.append((seconds, peak, micro, checkpointing))
     fitting = sorted(c for c in candidates if c[1] <= MEMORY_FRACTION * memory_gib)
     _, peak, micro, checkpointing = fitting[0] if fitting else min(candidates, key=lambda c: c[1])
     return micro, checkpointing, not checkpointing, peak
@@ -178,35 +144,26 @@ def decoder_tokens_per_example(processor: ProcessorMixin) -> int:
     return int(collator([example])["attention_mask"].sum())
 
 
+def _setting(checkpointing: bool, compiled: bool) -> dict[str, str]:
+    return {"gradient checkpointing": "on" if checkpointing else "off", "torch.compile": "on" if compiled else "off"}
+
+
 def estimates(shape: ModelShape, tokens: int) -> pd.DataFrame:
+    """The estimate of each of `SETTINGS`, by component and in total."""
     rows = []
     for micro, checkpointing, compiled in SETTINGS:
         parts = estimate_peak_gib(shape, micro, checkpointing, tokens, compiled=compiled)
-        rows.append(
-            {
-                "micro-batch": micro,
-                "gradient checkpointing": "on" if checkpointing else "off",
-                "torch.compile": "on" if compiled else "off",
-                **parts,
-                "total": sum(parts.values()),
-            }
-        )
+        rows.append({"micro-batch": micro, **_setting(checkpointing, compiled), **parts, "total": sum(parts.values())})
     return pd.DataFrame(rows)
 
 
 def auto_plans(shape: ModelShape, tokens: int, batch_size: int = 8) -> pd.DataFrame:
+    """The recommendation on each of `GPUS`."""
     rows = []
     for gpu, gib in GPUS.items():
         micro, checkpointing, compiled, peak = recommend(shape, tokens, gib, batch_size)
-        rows.append(
-            {
-                "GPU": gpu,
-                "micro-batch x accumulation": f"{micro} x {batch_size // micro}",
-                "gradient checkpointing": "on" if checkpointing else "off",
-                "torch.compile": "on" if compiled else "off",
-                "estimated peak": peak,
-            }
-        )
+        plan = {"micro-batch x accumulation": f"{micro} x {batch_size // micro}", **_setting(checkpointing, compiled)}
+        rows.append({"GPU": gpu, **plan, "estimated peak": peak})
     return pd.DataFrame(rows)
 
 

@@ -1,17 +1,10 @@
 """Install a pinned requirements file into the running virtual environment: with uv (pinned) where it can be had,
-with pip otherwise, and either way from the same indexes, find-links and constraints as `pip install` would use.
+with pip otherwise, and either way from the same indexes, find-links and constraints as `pip install` would use
+(pip's own parser reads its configuration for uv; a setting uv has no equivalent for means pip installs).
 
-uv reads no pip configuration, so pip's own option parser reads it (files and PIP_* variables, with pip's
-precedence) and each setting that can change what is installed is handed to uv as the flag that means the same.
-uv then resolves like pip: the best version across every index (`--index-strategy unsafe-best-match`), bytecode
-compiled as pip compiles it. A setting with no uv equivalent, or a uv that cannot be installed, means pip installs.
-
-Run (what `make setup` does; it needs only the standard library and the environment's own pip, so it runs in a
-fresh venv):
+Run (what `make setup` does; it needs only the standard library and the environment's own pip: a fresh venv has them):
     .venv/bin/python -m tools.install_requirements requirements.txt --uv-version 0.13.8
 """
-
-from __future__ import annotations
 
 import argparse
 import logging
@@ -26,29 +19,24 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 # pip settings that change nothing installed: how pip talks, logs and caches (uv keeps a cache of its own).
-_NO_EFFECT_ON_WHAT_IS_INSTALLED = frozenset(
-    {
-        "cache_dir",
-        "debug_mode",
-        "disable_pip_version_check",
-        "exists_action",
-        "log",
-        "no_clean",
-        "no_color",
-        "no_input",
-        "no_python_version_warning",
-        "progress_bar",
-        "quiet",
-        "require_venv",
-        "root_user_action",
-        "src_dir",
-        "verbose",
-        "warn_about_conflicts",
-        "warn_script_location",
-    }
-)
-# uv's own configuration would make it differ from pip: only where its cache lives is kept.
-_UV_ENVIRONMENT_KEPT = frozenset({"UV_CACHE_DIR"})
+_NO_EFFECT_ON_WHAT_IS_INSTALLED = (  # noqa: SIM905 - names, read as a sentence
+    "cache_dir debug_mode disable_pip_version_check exists_action log no_clean no_color no_input "
+    "no_python_version_warning progress_bar quiet require_venv root_user_action src_dir verbose warn_about_conflicts "
+    "warn_script_location"
+).split()
+PIP_INSTALL = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+# pip's list settings with the uv flag given once per item, and its switches with the uv flags they become.
+_UV_LIST_FLAGS = {
+    "extra_index_urls": "--index",
+    "find_links": "--find-links",
+    "constraints": "--constraints",
+    "trusted_hosts": "--allow-insecure-host",
+}
+_UV_SWITCHES = {"no_index": ["--no-index"], "pre": ["--prerelease", "allow"], "require_hashes": ["--require-hashes"]}
+# pip's certificate and proxy settings, and the environment variables uv reads them from.
+_UV_VARIABLES = {"cert": ["SSL_CERT_FILE"], "client_cert": ["SSL_CLIENT_CERT"], "proxy": ["HTTP_PROXY", "HTTPS_PROXY"]}
+# The other pip settings uv_arguments translates.
+_TRANSLATED_OTHERWISE = {"compile", "index_url", "format_control", "timeout", "retries"}
 
 
 class UntranslatableSettingError(Exception):
@@ -67,61 +55,40 @@ def pip_install_options() -> tuple[dict[str, Any], dict[str, Any]]:
 def uv_arguments(options: dict[str, Any], defaults: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
     """The `uv pip install` flags and environment variables that mean what the pip settings mean."""
     arguments = ["--index-strategy", "unsafe-best-match"]  # pip's: the best version across every index
-    environment: dict[str, str] = {}
     changed = {key for key, value in options.items() if key in defaults and value != defaults[key]}
     if options["compile"]:
         arguments.append("--compile-bytecode")
     if options["index_url"] != defaults["index_url"]:
         arguments += ["--default-index", options["index_url"]]
-    for url in options["extra_index_urls"]:
-        arguments += ["--index", url]
-    for location in options["find_links"]:
-        arguments += ["--find-links", location]
-    for constraints in options["constraints"]:
-        arguments += ["--constraints", constraints]
-    for host in options["trusted_hosts"]:
-        arguments += ["--allow-insecure-host", host]
-    if options["no_index"]:
-        arguments.append("--no-index")
-    if options["pre"]:
-        arguments += ["--prerelease", "allow"]
-    if options["require_hashes"]:
-        arguments.append("--require-hashes")
+    for key, flag in _UV_LIST_FLAGS.items():
+        arguments += [part for value in options[key] for part in (flag, value)]
+    for key, flags in _UV_SWITCHES.items():
+        if options[key]:
+            arguments += flags
     # the one option pip fills by mutating its default in place: read it, never compare it
     formats = options["format_control"]
     for flag, packages in (("--no-binary", formats.no_binary), ("--only-binary", formats.only_binary)):
-        for package in sorted(packages):
-            arguments += [flag, package]
-    if options["cert"]:
-        environment["SSL_CERT_FILE"] = options["cert"]
-    if options["client_cert"]:
-        environment["SSL_CLIENT_CERT"] = options["client_cert"]
-    if options["proxy"]:
-        environment["HTTP_PROXY"] = environment["HTTPS_PROXY"] = options["proxy"]
+        arguments += [part for package in sorted(packages) for part in (flag, package)]
+    environment = {name: options[key] for key, names in _UV_VARIABLES.items() if options[key] for name in names}
     if "timeout" in changed:
         environment["UV_HTTP_TIMEOUT"] = str(round(options["timeout"]))
     if "retries" in changed:
         environment["UV_HTTP_RETRIES"] = str(options["retries"])
-    translated = {
-        *("compile", "index_url", "extra_index_urls", "find_links", "constraints", "trusted_hosts", "no_index"),
-        *("pre", "require_hashes", "format_control", "cert", "client_cert", "proxy", "timeout", "retries"),
-    }
-    if untranslatable := sorted(changed - translated - _NO_EFFECT_ON_WHAT_IS_INSTALLED):
+    translated = {*_UV_LIST_FLAGS, *_UV_SWITCHES, *_UV_VARIABLES, *_TRANSLATED_OTHERWISE}
+    if untranslatable := sorted(changed - translated - set(_NO_EFFECT_ON_WHAT_IS_INSTALLED)):
         settings = ", ".join(f"{key}={options[key]!r}" for key in untranslatable)
         raise UntranslatableSettingError(f"the pip configuration sets {settings}, which uv has no equivalent for")
     return arguments, environment
 
 
 def bootstrap_uv(version: str) -> Path | None:
-    """uv `version`, installed by pip into the environment's folder (beside, not inside, its packages, so the
-    environment holds exactly the pins); None, and why, where it cannot be had."""
+    """uv `version`, installed by pip beside (not among) the environment's packages; None, and why, if it cannot be."""
     target = Path(sys.prefix) / f"uv-{version}"
     binary = target / "bin" / "uv"
     if not binary.is_file():
         if target.exists():  # what an interrupted bootstrap left
             shutil.rmtree(target)
-        install = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-        command = [*install, "--target", str(target), f"uv=={version}"]
+        command = [*PIP_INSTALL, "--target", str(target), f"uv=={version}"]
         done = subprocess.run(command, check=False, capture_output=True, text=True)
         if done.returncode != 0 or not binary.is_file():
             logger.warning("uv %s cannot be installed here, so pip installs instead:\n%s", version, done.stderr.strip())
@@ -139,13 +106,13 @@ def install(requirements: Path, uv_version: str | None) -> str:
         else:
             if (uv := bootstrap_uv(uv_version)) is not None:
                 logger.info("installing %s with uv %s %s", requirements, uv_version, " ".join(arguments))
-                child = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k in _UV_ENVIRONMENT_KEPT}
+                # uv's own configuration would make it differ from pip: only where its cache lives is kept
+                child = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k == "UV_CACHE_DIR"}
                 command = [str(uv), "pip", "install", "--no-config", "--quiet", "--python", sys.executable]
                 subprocess.run([*command, *arguments, "-r", str(requirements)], env=child | environment, check=True)
                 return f"uv {uv_version}"
     logger.info("installing %s with pip", requirements)
-    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, "-r", str(requirements)], check=True)
+    subprocess.run([*PIP_INSTALL, "-r", str(requirements)], check=True)
     return "pip"
 
 
@@ -164,14 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         installer = install(args.requirements, args.uv_version)
     except subprocess.CalledProcessError as err:
-        with_uv = Path(err.cmd[0]).name == "uv"
-        sys.exit(
-            f"installing {args.requirements} failed (exit status {err.returncode}); its output is above"
-            + (". `make setup INSTALLER=pip` installs with pip instead of uv" if with_uv else "")
-        )
-    logger.info(
-        "installed %s into %s with %s in %.0f s", args.requirements, sys.prefix, installer, time.monotonic() - started
-    )
+        fix = ". `make setup INSTALLER=pip` installs with pip instead of uv" if Path(err.cmd[0]).name == "uv" else ""
+        sys.exit(f"installing {args.requirements} failed (exit status {err.returncode}); its output is above{fix}")
+    elapsed = time.monotonic() - started
+    logger.info("installed %s into %s with %s in %.0f s", args.requirements, sys.prefix, installer, elapsed)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,6 @@ The model is `registry.model_name` of params.yaml, in the tracking store the sta
 the repository's mlflow.db). Rolling back is promoting the earlier version again.
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 import os
@@ -25,7 +23,7 @@ from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.logs import configure_logging, shown_uri
 from medgemma_breakhis.core.params import add_override_argument, load_params
 from medgemma_breakhis.core.stage import stage_entry
-from medgemma_breakhis.track.runs import EXPERIMENT_NAME, tracking_uri
+from medgemma_breakhis.track.runs import EXPERIMENT_NAME, open_store, tracking_uri
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +33,6 @@ LISTED_METRICS = (("8-class acc", "eight_class_accuracy"), ("binary ROC-AUC", "b
 
 class ModelNotFound(ExpectedError):
     """No registered model, version, alias or experiment matches; the message says what exists and how to make one."""
-
-
-def open_registry() -> mlflow.MlflowClient:
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient(uri)
 
 
 def versions(name: str) -> list[ModelVersion]:
@@ -131,9 +123,7 @@ def promote(name: str, version: str, alias: str) -> str:
 
 
 def training_view_url(server: str) -> str:
-    """The experiment's runs in MLflow's UI at `server`. MLflow 3.17's UI shows an experiment in the view of its
-    GenAI / Model training switch (kept in the browser, GenAI at first), whatever the experiment's kind tag says; the
-    link sets the switch."""
+    """The experiment's runs in MLflow's UI at `server`, its GenAI / Model training switch set to Model training."""
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is None:
         raise ModelNotFound(f"no experiment {EXPERIMENT_NAME!r} in {shown_uri(tracking_uri())} yet: run make demo")
@@ -156,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging()
     name = load_params(overrides=args.overrides).registry.model_name
-    open_registry()  # which exports MLFLOW_TRACKING_URI, for the server too
+    open_store()  # which exports MLFLOW_TRACKING_URI, for the server too
     if args.command == "list":
         print(f"Model {name} in {shown_uri(tracking_uri())}")
         print(version_table(name).to_string(index=False))

@@ -1,15 +1,11 @@
-"""DVC plots that draw without a network: the HTML template with Vega, Vega-Lite and vega-embed inlined, and PNG
-images of the plots, both from the pinned vl-convert-python (no CDN, no browser).
+"""DVC plots that draw without a network, where hospital data usually is (DVC's own page loads its libraries from a
+CDN): the HTML template with Vega, Vega-Lite and vega-embed inlined, and PNG images of the plots, both from the
+pinned vl-convert-python (no CDN, no browser; docs/model-registry.md#plots-offline).
 
 Run: python -m tools.plots_offline template   (writes .dvc/plots/offline.html, which .dvc/config names as DVC's
                                               html_template: every `dvc plots show/diff` then uses it)
      python -m tools.plots_offline png [REV...] [--out dvc_plots/png]   (one PNG per plot of `dvc plots diff REV...`)
-
-DVC's own page loads the three libraries from a public CDN and stays blank on a network without internet access,
-where hospital data usually is (docs/model-registry.md#plots-offline).
 """
-
-from __future__ import annotations
 
 import argparse
 import importlib.metadata
@@ -19,6 +15,8 @@ import subprocess
 from pathlib import Path
 
 import vl_convert
+
+from medgemma_breakhis.core.files import atomic_write_text
 
 # The Vega-Lite major version of DVC's plot templates ($schema .../vega-lite/v5.json).
 VEGA_LITE = "5.21"
@@ -63,24 +61,12 @@ def offline_template() -> str:
 
 def plot_specs(revisions: list[str]) -> dict[str, dict]:
     """The Vega-Lite spec, data included, of each plot of `dvc plots diff <revisions>`, by plot id."""
-    shown = subprocess.run(
-        ["dvc", "plots", "diff", *revisions, "--json"], capture_output=True, text=True, check=True
-    ).stdout
+    shown = subprocess.run(["dvc", "plots", "diff", *revisions, "--json"], capture_output=True, text=True, check=True)
     return {
         plot_id: rendered[0]["content"]
-        for plot_id, rendered in json.loads(shown)["data"].items()
+        for plot_id, rendered in json.loads(shown.stdout)["data"].items()
         if rendered and rendered[0]["type"] == "vega"
     }
-
-
-def write_pngs(specs: dict[str, dict], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for plot_id, spec in specs.items():
-        path = out / f"{plot_id}.png"
-        path.write_bytes(vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE, scale=2))
-        written.append(path)
-    return written
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,11 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     images.add_argument("--out", type=Path, default=Path("dvc_plots/png"))
     args = parser.parse_args(argv)
     if args.command == "template":
-        TEMPLATE.parent.mkdir(parents=True, exist_ok=True)
-        TEMPLATE.write_text(offline_template(), encoding="utf-8")
+        atomic_write_text(TEMPLATE, offline_template())
         print(f"wrote {TEMPLATE}")
     else:
-        for path in write_pngs(plot_specs(args.revisions), args.out):
+        args.out.mkdir(parents=True, exist_ok=True)
+        for plot_id, spec in plot_specs(args.revisions).items():
+            path = args.out / f"{plot_id}.png"
+            path.write_bytes(vl_convert.vegalite_to_png(spec, vl_version=VEGA_LITE, scale=2))
             print(path)
 
 

@@ -6,8 +6,6 @@ Run: make report BASE=main
 The same markdown is posted on every pull request by .github/workflows/pull-request.yml.
 """
 
-from __future__ import annotations
-
 import argparse
 import subprocess
 from pathlib import Path
@@ -20,10 +18,6 @@ from ruamel.yaml import YAML
 from medgemma_breakhis.core.params import dotted_get
 from medgemma_breakhis.evaluate.metrics import HEADLINE, Headline
 
-# The headline figures with an interval (`metrics.HEADLINE`).
-INTERVAL_METRICS = tuple(figure for figure in HEADLINE if figure.interval)
-EVALUATION_STAGES = ("baseline", "evaluate")
-
 
 def dvc_markdown(command: str, base: str) -> str:
     """`dvc <command> diff --md <base>`: what reviewers would run themselves."""
@@ -31,16 +25,11 @@ def dvc_markdown(command: str, base: str) -> str:
     return result.stdout.strip() or f"No {command} changed."
 
 
-def evaluation_metrics_files(dvc_yaml: Path = Path("dvc.yaml")) -> list[str]:
-    """The metrics files of the evaluation stages, as dvc.yaml declares them."""
-    stages = YAML(typ="safe").load(dvc_yaml)["stages"]
-    return [path for stage in EVALUATION_STAGES for entry in stages[stage]["metrics"] for path in entry]
-
-
 def evaluation_metrics_at(rev: str | None) -> dict[str, dict[str, Any] | None]:
-    """Each evaluation metrics file at `rev` (None: the workspace); None where the revision does not have it."""
+    """Each metrics file of dvc.yaml's evaluation stages at `rev` (None: the workspace); None where `rev` lacks it."""
+    stages = YAML(typ="safe").load(Path("dvc.yaml"))["stages"]
     found: dict[str, dict[str, Any] | None] = {}
-    for path in evaluation_metrics_files():
+    for path in (path for stage in ("baseline", "evaluate") for entry in stages[stage]["metrics"] for path in entry):
         try:
             found[path] = dvc.api.metrics_show(path, rev=rev)  # one target: its metrics, not keyed by path
         except FileNotFoundError:  # e.g. a base branch from before the pipeline produced it
@@ -83,7 +72,8 @@ def interval_table(base: dict[str, dict[str, Any]], head: dict[str, dict[str, An
             "95% intervals overlap": _overlap(base.get(path), head.get(path), figure),
         }
         for path in sorted(set(base) | set(head))
-        for figure in INTERVAL_METRICS
+        for figure in HEADLINE
+        if figure.interval
     ]
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
@@ -96,24 +86,21 @@ def pr_report(base: str, plots_url: str | None = None) -> str:
         else f"Plots: run `dvc plots diff {base}` and open `dvc_plots/index.html` (it draws offline); "
         f"`python -m tools.plots_offline png {base}` writes each plot as a PNG."
     )
-    return (
-        "\n\n".join(
-            [
-                f"## Metrics against `{base}`",
-                dvc_markdown("metrics", base),
-                "### Accuracy with 95% intervals (bootstrap over patients)",
-                interval_table(evaluation_metrics_at(base), evaluation_metrics_at(None)),
-                (
-                    "Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals "
-                    "mean the change may be noise; they are not a test."
-                ),
-                f"## Params against `{base}`",
-                dvc_markdown("params", base),
-                plots,
-            ]
-        )
-        + "\n"
+    intervals = (
+        "Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals "
+        "mean the change may be noise; they are not a test."
     )
+    sections = [
+        f"## Metrics against `{base}`",
+        dvc_markdown("metrics", base),
+        "### Accuracy with 95% intervals (bootstrap over patients)",
+        interval_table(evaluation_metrics_at(base), evaluation_metrics_at(None)),
+        intervals,
+        f"## Params against `{base}`",
+        dvc_markdown("params", base),
+        plots,
+    ]
+    return "\n\n".join(sections) + "\n"
 
 
 def main() -> None:

@@ -9,14 +9,11 @@ depends on run and are tracked afresh; `baseline`, which no precision changes, i
 (the fp16 overflow of docs/reference-experiment.md#precision) is reported as diverged, with the step, not as a crash.
 """
 
-from __future__ import annotations
-
 import argparse
 import datetime
 import logging
 import math
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -44,24 +41,10 @@ CPU_NOTE = (
 )
 
 
-@dataclass(frozen=True)
-class PrecisionRuns:
-    """What MLflow holds for one precision's experiment."""
-
-    precision: str
-    experiment: str
-    exit_code: int
-    train: Run | None
-    evaluate: Run | None
-    loss: list[float]
-    grad_norm: list[float]
-
-
 def run_experiment(name: str, precision: str, overrides: list[str]) -> int:
     """`dvc exp run --temp --force evaluate` with train.precision set; returns dvc's exit code instead of raising."""
     command = ["dvc", "exp", "run", "--temp", "--force", "--name", name, "-S", f"train.precision={precision}"]
-    for override in overrides:
-        command += ["-S", override]
+    command += [arg for override in overrides for arg in ("-S", override)]
     # evaluate with train and its inputs; the baseline (minutes of GPU at real size) tells nothing here
     command.append("evaluate")
     logger.info("running %s", " ".join(command))
@@ -76,34 +59,21 @@ def _latest_stage_run(client: mlflow.MlflowClient, experiment: str, dvc_exp_name
     return next((run for run in runs if run.data.tags.get("dvc_exp_name") == dvc_exp_name), None)
 
 
-def collect_runs(precision: str, dvc_exp_name: str, exit_code: int) -> PrecisionRuns:
-    client, experiment = mlflow.MlflowClient(), experiment_id()
-    train = _latest_stage_run(client, experiment, dvc_exp_name, "train")
-    history = {
-        key: [m.value for m in sorted(client.get_metric_history(train.info.run_id, key), key=lambda m: m.step)]
-        if train
-        else []
-        for key in ("loss", "grad_norm")
-    }
-    return PrecisionRuns(
-        precision,
-        dvc_exp_name,
-        exit_code,
-        train,
-        _latest_stage_run(client, experiment, dvc_exp_name, "evaluate"),
-        history["loss"],
-        history["grad_norm"],
-    )
+def _history(client: mlflow.MlflowClient, run: Run | None, key: str) -> list[float]:
+    """The values of metric `key` of `run` by step; none without a run."""
+    if run is None:
+        return []
+    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
 
 
-def _training_outcome(runs: PrecisionRuns) -> str:
-    if runs.train is None:
-        return f"no train run in MLflow (dvc exited {runs.exit_code})"
-    tags = runs.train.data.tags
+def _training_outcome(train: Run | None, exit_code: int) -> str:
+    if train is None:
+        return f"no train run in MLflow (dvc exited {exit_code})"
+    tags = train.data.tags
     if "diverged_at_step" in tags:
         return f"diverged at step {tags['diverged_at_step']} (non-finite loss)"
-    if runs.train.info.status != "FINISHED":
-        return f"{runs.train.info.status.lower()}: {tags.get('failure_reason', 'no reason recorded')}"
+    if train.info.status != "FINISHED":
+        return f"{train.info.status.lower()}: {tags.get('failure_reason', 'no reason recorded')}"
     return "finished"
 
 
@@ -118,24 +88,25 @@ def _loss_curve(loss: list[float]) -> str:
     return f"{finite[0]:.3f} → {loss[-1]:.3f} (min {min(finite):.3f})"
 
 
-def summary_column(runs: PrecisionRuns) -> dict[str, str]:
-    """One column of the comparison: row label → cell."""
-    train_metrics = runs.train.data.metrics if runs.train else {}
-    train_tags = runs.train.data.tags if runs.train else {}
-    eval_metrics = runs.evaluate.data.metrics if runs.evaluate and runs.evaluate.info.status == "FINISHED" else {}
-    wall = (
-        (runs.train.info.end_time - runs.train.info.start_time) / 1000
-        if runs.train and runs.train.info.end_time
-        else None
-    )
+def summary_column(dvc_exp_name: str, exit_code: int) -> dict[str, str]:
+    """One precision's column of the comparison, from what MLflow holds for its experiment: row label → cell."""
+    experiment = experiment_id()  # which sets the tracking URI the client reads
+    client = mlflow.MlflowClient()
+    train = _latest_stage_run(client, experiment, dvc_exp_name, "train")
+    evaluate = _latest_stage_run(client, experiment, dvc_exp_name, "evaluate")
+    loss, grad_norm = _history(client, train, "loss"), _history(client, train, "grad_norm")
+    train_metrics = train.data.metrics if train else {}
+    train_tags = train.data.tags if train else {}
+    eval_metrics = evaluate.data.metrics if evaluate and evaluate.info.status == "FINISHED" else {}
+    wall = (train.info.end_time - train.info.start_time) / 1000 if train and train.info.end_time else None
     column = {
-        "DVC experiment": runs.experiment,
-        "training": _training_outcome(runs),
+        "DVC experiment": dvc_exp_name,
+        "training": _training_outcome(train, exit_code),
         "precision that ran": train_tags.get("precision_ran", "n/a"),
-        "loss: first → last (min)": _loss_curve(runs.loss),
-        "optimizer steps logged": str(len(runs.loss)),
-        "non-finite loss steps": str(sum(not math.isfinite(v) for v in runs.loss)),
-        "non-finite grad-norm steps": str(sum(not math.isfinite(v) for v in runs.grad_norm)),
+        "loss: first → last (min)": _loss_curve(loss),
+        "optimizer steps logged": str(len(loss)),
+        "non-finite loss steps": str(sum(not math.isfinite(v) for v in loss)),
+        "non-finite grad-norm steps": str(sum(not math.isfinite(v) for v in grad_norm)),
         # fp16's loss scaler drops a step whose gradients overflowed (typically the first ones) instead of diverging
         "optimizer steps skipped by the fp16 loss scaler": _number(train_metrics.get("skipped_optimizer_steps"), 0),
         "trainer runtime (s)": _number(train_metrics.get("train_runtime"), 1),
@@ -148,12 +119,6 @@ def summary_column(runs: PrecisionRuns) -> dict[str, str]:
     for label, key in EVAL_METRICS:
         column[f"test {label}"] = _number(eval_metrics[key]) if key in eval_metrics else "not evaluated"
     return column
-
-
-def precision_table(columns: list[PrecisionRuns]) -> str:
-    """A markdown table, one column per precision."""
-    table = pd.DataFrame({runs.precision: summary_column(runs) for runs in columns})
-    return table.to_markdown(disable_numparse=True)
 
 
 def main() -> None:
@@ -170,20 +135,18 @@ def main() -> None:
     for note in notes:
         logger.warning(note)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    columns = []
+    columns = {}
     for precision in PRECISIONS:
         name = f"precision-{stamp}-{precision}"
-        columns.append(collect_runs(precision, name, run_experiment(name, precision, args.overrides)))
-    table = precision_table(columns)
+        columns[precision] = summary_column(name, run_experiment(name, precision, args.overrides))
+    table = pd.DataFrame(columns).to_markdown(disable_numparse=True)
     overrides = " ".join(f"-S {o}" for o in args.overrides) or "none"
-    report = (
-        "\n\n".join([f"# bf16 vs fp16 ({stamp})", f"Other params: params.yaml, overrides: {overrides}", table, *notes])
-        + "\n"
-    )
+    heading = f"# bf16 vs fp16 ({stamp})\n\nOther params: params.yaml, overrides: {overrides}"
+    report = "\n\n".join([heading, table, *notes]) + "\n"
     atomic_write_text(args.out, report)
     print(report)
     print(f"saved to {args.out}")
-    outcomes = [_training_outcome(runs) for runs in columns]
+    outcomes = [column["training"] for column in columns.values()]
     if not all(outcome == "finished" or outcome.startswith("diverged") for outcome in outcomes):
         raise SystemExit("a run failed for a reason other than divergence; see the table and the dvc output above")
 

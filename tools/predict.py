@@ -12,13 +12,10 @@ when any was refused (each gets one line on stderr and a row with its `error` in
 all the same) or nothing could run.
 """
 
-from __future__ import annotations
-
 import argparse
 import logging
 import sys
-from collections.abc import Callable, Iterator
-from functools import partial
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -30,7 +27,8 @@ from medgemma_breakhis.core.params import add_override_argument, load_params
 from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
 from medgemma_breakhis.registry.model import IMAGE_COLUMN, OUTPUT_COLUMNS, AdapterClassifier
-from tools.models import ModelNotFound, default_model_uri, experiment_model_uri, open_registry
+from medgemma_breakhis.track.runs import open_store
+from tools.models import ModelNotFound, default_model_uri, experiment_model_uri
 
 logger = logging.getLogger(__name__)
 
@@ -79,11 +77,6 @@ def read_bytes(path: Path) -> bytes | str:
         return f"cannot be read: {err.strerror or err}"
 
 
-def chunks(files: list[Path]) -> Iterator[list[Path]]:
-    for start in range(0, len(files), CHUNK):
-        yield files[start : start + CHUNK]
-
-
 def load_model(choice: str | None, params_overrides: list[str]) -> tuple[Predict, str]:
     """(the model's `predict(DataFrame)`, what it is) for `--model` (see the module doc)."""
     params = load_params(overrides=params_overrides)
@@ -91,8 +84,8 @@ def load_model(choice: str | None, params_overrides: list[str]) -> tuple[Predict
         classifier = AdapterClassifier.from_adapter(
             Path(choice), params.model, params.eval.precision, params.eval.batch_size
         )
-        return partial(classifier.predict, None), f"the adapter in {choice} on {params.model.id}"
-    open_registry()
+        return lambda images: classifier.predict(None, images), f"the adapter in {choice} on {params.model.id}"
+    open_store()
     name = params.registry.model_name
     if choice is None:
         uri = default_model_uri(name)
@@ -106,33 +99,31 @@ def load_model(choice: str | None, params_overrides: list[str]) -> tuple[Predict
         raise ModelNotFound(f"cannot load model {uri}: {err.message}") from None
 
 
-def classify_files(predict: Predict, files: list[Path]) -> pd.DataFrame:
+def classify_files(predict: Predict | None, files: list[Path]) -> pd.DataFrame:
     """One row per file (`file` and the model's output columns), in order."""
+    columns = ["file", *OUTPUT_COLUMNS]
     tables = []
-    for chunk in chunks(files):
+    for start in range(0, len(files), CHUNK):
+        chunk = files[start : start + CHUNK]
         contents = [read_bytes(path) for path in chunk]
         readable = [i for i, content in enumerate(contents) if isinstance(content, bytes)]
-        table = pd.DataFrame(index=range(len(chunk)), columns=OUTPUT_COLUMNS)
+        # an unreadable file's error is why; a readable one's is the model's
+        table = pd.DataFrame({"file": [str(path) for path in chunk], "error": contents}, columns=columns, dtype=object)
         if readable:
             predicted = predict(pd.DataFrame({IMAGE_COLUMN: [contents[i] for i in readable]}))
             table.loc[readable, OUTPUT_COLUMNS] = predicted[OUTPUT_COLUMNS].to_numpy()
-        for i, content in enumerate(contents):
-            if isinstance(content, str):
-                table.loc[i, "error"] = content
-        tables.append(table.assign(file=[str(path) for path in chunk]))
-    columns = ["file", *OUTPUT_COLUMNS]
-    return pd.concat(tables, ignore_index=True)[columns] if tables else pd.DataFrame(columns=columns)
+        tables.append(table)
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
 
 
 def summary(results: pd.DataFrame) -> str:
     """The classified images as a short table: file, prediction, its probability, and the malignant probability."""
     done = results[results["error"] == ""]
-    probabilities = done[PROBABILITY_COLUMNS].astype(float)
     table = pd.DataFrame(
         {
             "file": done["file"].map(lambda f: Path(f).name),
             "predicted": done["predicted_class"],
-            "p": probabilities.max(axis=1).map("{:.3f}".format),
+            "p": done[PROBABILITY_COLUMNS].astype(float).max(axis=1).map("{:.3f}".format),
             "benign/malignant": done["predicted_binary"],
             "p(malignant)": done["malignant_probability"].astype(float).map("{:.3f}".format),
         }
@@ -150,10 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging()
     files, failures = find_images(args.images)
-    results, shown = pd.DataFrame(columns=["file", *OUTPUT_COLUMNS]), "no model (no image to classify)"
-    if files:
-        predict, shown = load_model(args.model, args.overrides)
-        results = classify_files(predict, files)
+    predict, shown = load_model(args.model, args.overrides) if files else (None, "no model (no image to classify)")
+    results = classify_files(predict, files)
     failed = pd.DataFrame({"file": list(failures), "error": list(failures.values())})
     results = pd.concat([results, failed.reindex(columns=results.columns)], ignore_index=True)
     results["error"] = results["error"].fillna("")

@@ -1,17 +1,14 @@
 """A rehearsal of the real run on any CUDA GPU, without the gated weights: the five stages at real size, timed.
 
-`medgemma-4b-random` (MedGemma 4B's architecture with random weights and Gemma 3's own tokenizer) goes through
-download, split_balance, baseline, train and evaluate on synthetic images, each stage run with the command dvc.yaml
-gives it, in a scratch folder with its own MLflow store (the workspace, its outputs and your MLflow runs are left as
-they are). Then, per stage: wall time, peak CUDA memory and throughput; the reference run projected from them, model
-loading, checkpoint saves, logging and epoch boundaries included; and, beside it, what `make bench-train` projects
-from training steps alone.
+`medgemma-4b-random` (MedGemma 4B's architecture, random weights, Gemma 3's own tokenizer) goes through every stage
+on synthetic images, each run with its dvc.yaml command in a scratch folder with its own MLflow store (the workspace,
+its outputs and your MLflow runs are left as they are). Printed: each stage's wall time, peak CUDA memory and
+throughput; the reference run projected from them, model loading, saves, logging and epoch boundaries included; and
+`make bench-train`'s projection of the training steps alone.
 
 Run: make rehearse   (a CUDA GPU; `make tokenizer` first; about 8 minutes on one H100)
      (or: python -m tools.rehearse [--images-per-patient N] [--no-bench] [--keep DIR] [-S key=value ...])
 """
-
-from __future__ import annotations
 
 import argparse
 import json
@@ -25,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import mlflow
 import pandas as pd
@@ -41,6 +39,7 @@ from tools.bench_train import REFERENCE_TEST_IMAGES, REFERENCE_TRAIN_IMAGES, ref
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "split_balance", "baseline", "train", "evaluate")
+SCORING = ("baseline", "evaluate")
 # At 2 images per patient and magnification: 64 training images, 8 optimizer steps per epoch, 40 in all; a checkpoint
 # every 10 steps: 4 saves and 4 epoch boundaries to time.
 REHEARSAL = {"data.source": "synthetic", "model.id": RANDOM_MEDGEMMA_ID, "execution.checkpoint_steps": 10}
@@ -105,7 +104,7 @@ class TrainShape:
     saves: int
 
     @classmethod
-    def of(cls, steps: int, epochs: int, checkpoint_steps: int) -> TrainShape:
+    def of(cls, steps: int, epochs: int, checkpoint_steps: int) -> Self:
         # a checkpoint every `checkpoint_steps` steps, and one at the end unless the last step made one
         return cls(steps, epochs, steps // checkpoint_steps + (1 if steps % checkpoint_steps else 0))
 
@@ -122,16 +121,13 @@ class TrainShape:
 
 
 def projected_train_seconds(wall: float, times: dict[str, float], ran: TrainShape, reference: TrainShape) -> float:
-    """The reference run's `train` stage: what this one spent outside its optimizer steps, between-step logging,
-    saves and epoch boundaries (process start, model loading, building the trainer, writing the adapter, tracking)
-    kept as it was, and those four taken to the reference run's counts."""
+    """The reference run's `train` stage: this one's time outside its steps, logging, saves and epoch boundaries (model
+    loading, the adapter written, tracking) as it was, and those four at the reference run's counts."""
     return wall - ran.seconds(times) + reference.seconds(times)
 
 
-def projected_scoring_seconds(wall: float, metrics: dict[str, float], images: int, reference_images: int) -> float:
-    """A scoring stage over the reference test set: the same time outside scoring, its images at the same rate."""
-    rate = metrics["images_per_second"]
-    return wall - images / rate + reference_images / rate
+def _shown(figures: dict[str, float], key: str, spec: str) -> str:
+    return format(figures[key], spec) if key in figures else ""
 
 
 def report(params: Params, scratch: Path, wall: dict[str, float], metrics: dict[str, dict[str, float]]) -> str:
@@ -141,30 +137,25 @@ def report(params: Params, scratch: Path, wall: dict[str, float], metrics: dict[
     ran = TrainShape.of(train_summary["global_steps"], params.train.epochs, params.execution.checkpoint_steps)
     reference_checkpoints = load_params(REPO / "params.yaml").execution.checkpoint_steps
     reference = TrainShape.of(reference_steps(params), params.train.epochs, reference_checkpoints)
-    rows = []
-    for name in STAGES:
-        figures = metrics.get(name, {})
-        throughput = {
-            "download": f"{images / wall[name]:.1f} images/s",
-            "train": f"{train_summary['global_steps'] / figures.get('train_runtime', float('nan')):.2f} steps/s",
-            "baseline": f"{figures.get('images_per_second', float('nan')):.1f} images/s",
-            "evaluate": f"{figures.get('images_per_second', float('nan')):.1f} images/s",
-        }.get(name, "")
-        peak = figures.get("peak_cuda_memory_allocated_gib")
-        rows.append(
-            {
-                "stage": name,
-                "wall time (s)": f"{wall[name]:.1f}",
-                "model load (s)": f"{figures['time_model_load_s']:.1f}" if "time_model_load_s" in figures else "",
-                "peak CUDA allocated (GiB)": f"{peak:.2f}" if peak is not None else "",
-                "throughput": throughput,
-            }
-        )
-    train = projected_train_seconds(wall["train"], metrics["train"], ran, reference)
-    scoring = {
-        name: projected_scoring_seconds(wall[name], metrics[name], test_images, REFERENCE_TEST_IMAGES)
-        for name in ("baseline", "evaluate")
+    throughput = {
+        "download": f"{images / wall['download']:.1f} images/s",
+        "train": f"{ran.steps / metrics['train'].get('train_runtime', float('nan')):.2f} steps/s",
+        **{name: f"{metrics[name].get('images_per_second', float('nan')):.1f} images/s" for name in SCORING},
     }
+    rows = [
+        {
+            "stage": name,
+            "wall time (s)": f"{wall[name]:.1f}",
+            "model load (s)": _shown(metrics.get(name, {}), "time_model_load_s", ".1f"),
+            "peak CUDA allocated (GiB)": _shown(metrics.get(name, {}), "peak_cuda_memory_allocated_gib", ".2f"),
+            "throughput": throughput.get(name, ""),
+        }
+        for name in STAGES
+    ]
+    train = projected_train_seconds(wall["train"], metrics["train"], ran, reference)
+    # a scoring stage over the reference test set: the same time outside scoring, the other images at the same rate
+    extra = REFERENCE_TEST_IMAGES - test_images
+    scoring = {name: wall[name] + extra / metrics[name]["images_per_second"] for name in SCORING}
     times = ", ".join(
         f"{key.removeprefix('time_')} {value:.2f}" for key, value in metrics["train"].items() if key.startswith("time_")
     )
