@@ -212,9 +212,10 @@ def test_an_edit_to_download_code_reruns_download_alone_and_one_to_registration_
     sources.write_text(sources.read_text() + "\n# an edit\n")
     assert sorted(run_json(workspace, "dvc", "status", "--json")) == ["download"]
     sources.write_text(sources.read_text().removesuffix("\n# an edit\n"))
-    register = workspace / "medgemma_breakhis" / "registry" / "register.py"
-    register.write_text(register.read_text() + "\n# an edit\n")
+    registration = workspace / "medgemma_breakhis" / "registry" / "model.py"
+    registration.write_text(registration.read_text() + "\n# an edit\n")
     assert sorted(run_json(workspace, "dvc", "status", "--json")) == ["evaluate"]
+    registration.write_text(registration.read_text().removesuffix("\n# an edit\n"))
 
 
 def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next_repro(

@@ -357,16 +357,14 @@ class StageRun:
             what = "the training metrics (loss, learning rate, gradient norm per step)"
             writes.append((what, functools.partial(self._restore_history, client)))
         for path, folder in self.artifacts:
-            writes.append(
-                (f"the artifact {path}", functools.partial(client.log_artifact, self.run_id, str(path), folder))
-            )
+            artifact = functools.partial(client.log_artifact, self.run_id, str(path), folder)
+            writes.append((f"the artifact {path}", artifact))
         for name, figure in self.figures.items():
             writes.append((f"the figure {name}", functools.partial(client.log_figure, self.run_id, figure, name)))
         if self.parent_tags:
             tags = [RunTag(key, value) for key, value in self.parent_tags.items()]
-            writes.append(
-                ("the pipeline run's tags", functools.partial(client.log_batch, self.parent_run_id, tags=tags))
-            )
+            parent = functools.partial(client.log_batch, self.parent_run_id, tags=tags)
+            writes.append(("the pipeline run's tags", parent))
         return writes + self.then
 
     def end(self, status: str) -> None:
@@ -400,9 +398,8 @@ class StageRun:
         marked = not failures or attempt("the tracking_incomplete tag", tag, last=True)
         end = functools.partial(client.set_terminated, self.run_id, status if marked else "FAILED")
         attempt("the end of the stage's run", end, last=True)
-        attempt(
-            "the end of the pipeline's run", functools.partial(client.set_terminated, self.parent_run_id, status), True
-        )
+        end = functools.partial(client.set_terminated, self.parent_run_id, status)
+        attempt("the end of the pipeline's run", end, last=True)
         if status != "FINISHED":  # a stage that failed writes no output: DVC records nothing of it
             return
         shown = {"tracking_uri": shown_uri(mlflow.get_tracking_uri()), "run_id": self.run_id} if failures else {}

@@ -165,7 +165,10 @@ def run_training(
             trainer.add_callback(callback)
         world, plan = trainer.args.world_size, trainer.plan
         logger.info(
-            "training on %d process(es), %d examples a step; each: %s", world, params.train.batch_size, plan.describe()
+            "training on %d process(es), %d examples per optimizer step; each process: %s",
+            world,
+            params.train.batch_size,
+            plan.describe(),
         )
         if resume_from:
             logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed)
