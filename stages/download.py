@@ -14,12 +14,7 @@ from medgemma_breakhis.download.sources import prepare_raw_data
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, required=True, help="folder to fill: Folds.csv and the images")
-    parser.add_argument(
-        "--excluded",
-        type=Path,
-        required=True,
-        help="CSV listing the images left out by data.exclude_invalid, with the reason",
-    )
+    parser.add_argument("--excluded", type=Path, required=True, help="CSV of the images left out, with the reason")
     args, params = setup_stage(parser, argv)
     count = prepare_raw_data(params.data, args.out, args.excluded)
     logging.getLogger(__name__).info("%s: %d images from source %s", args.out, count, params.data.source)

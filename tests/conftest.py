@@ -26,14 +26,24 @@ from medgemma_breakhis.model.builtin import TokenizerMissing, verified_tokenizer
 
 
 @pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process stages see the hub as the subprocesses do (HF_HUB_OFFLINE=1): no test reaches the network; a test
+    of the hub check turns it back on."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import: the env var is too late
+
+
+@pytest.fixture(autouse=True)
 def _mlflow_environment_restored() -> Iterator[None]:
     """A stage sets MLflow's variables in its own process (`tracking.bound_store_requests`); a test that runs one
     in-process leaves them as they were for the next."""
-    from medgemma_breakhis.track.runs import STORE_REQUEST_POLICY
+    import mlflow
+
+    from medgemma_breakhis.track.store import STORE_REQUEST_POLICY
 
     names = (*STORE_REQUEST_POLICY, "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
     saved = {name: os.environ.get(name) for name in names}
     yield
+    mlflow.set_tracking_uri(None)  # nor the tracking URI a stage set in this process, which outranks the variable
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)

@@ -49,8 +49,10 @@ def command_env() -> dict[str, str]:
     return env
 
 
-def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False) -> str:
-    result = subprocess.run(args, cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=1200, check=False)
+def run(cwd: Path, *args: str, check: bool = True, stdout_only: bool = False, env: dict[str, str] | None = None) -> str:
+    """`args` in `cwd` with `command_env` updated by `env`, its output checked for secrets."""
+    env = command_env() | (env or {})
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert not any(secret in (result.stdout + result.stderr).encode() for secret in SECRET_VALUES), args
     if check:
         assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"

@@ -167,7 +167,7 @@ def test_cross_validation_runs_every_fold_and_writes_mean_and_spread(workspace: 
     lock = YAML(typ="safe").load(repo / "cv" / "dvc.lock")["stages"]
     for train in trains:
         fold = train.data.params["split.fold"]
-        assert train.info.run_name == f"train (fold {fold}, 100X)"
+        assert train.info.run_name == f"train fold{fold} 100x"
         (adapter,) = [o for o in lock[f"train@{fold}-100"]["outs"] if o["path"].endswith("adapter")]
         assert train.data.tags["adapter_dvc_md5"] == adapter["md5"]
     assert "Running stage" not in run(repo, "dvc", "repro", "cv/dvc.yaml")

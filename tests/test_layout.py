@@ -15,6 +15,7 @@ import pytest
 from dvc.dependency.param import ParamsDependency
 from dvc.repo import Repo
 
+from medgemma_breakhis.core.files import pipeline_paths
 from medgemma_breakhis.train.checkpoints import TRAINING_SECTIONS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def import_closure(script: Path) -> set[str]:
 
 # The pipeline files, read in a bare DVC project of their own: the repository's .dvcignore keeps cv/dvc.yaml out of
 # its project until the cross-validation first runs.
-PIPELINE_FILES = ("dvc.yaml", "cv/dvc.yaml", "paths.yaml", "params.yaml")
+PIPELINE_FILES = ("dvc.yaml", "cv/dvc.yaml", "params.yaml")
 
 
 @dataclass(frozen=True)
@@ -202,3 +203,10 @@ def test_nothing_refers_outside_the_repository() -> None:
         check=False,
     )
     assert found.returncode == 1, found.stdout  # 1: no match
+
+
+def test_the_cross_validation_shares_the_pipeline_paths_it_reuses() -> None:
+    main, cross_validation = pipeline_paths(REPO / "dvc.yaml"), pipeline_paths(REPO / "cv" / "dvc.yaml")
+    shared = main.keys() & cross_validation.keys()
+    assert shared == {"raw_dir", "checkpoints_dir"}
+    assert {key: cross_validation[key] for key in shared} == {key: main[key] for key in shared}

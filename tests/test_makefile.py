@@ -36,5 +36,7 @@ def test_a_branch_name_that_is_shell_code_is_refused_not_run(tmp_path: Path) -> 
         check=False,
     )
     assert result.returncode != 0
-    assert f"""'main";touch {planted};"' is not a branch, tag or commit of this repository""" in result.stderr
+    assert (
+        f"""'main";touch {planted};"' is no branch, tag, commit or DVC experiment of this repository""" in result.stderr
+    )
     assert not planted.exists()

@@ -120,3 +120,16 @@ def test_every_headline_figure_reaches_mlflow_with_its_interval() -> None:
     }
     assert set(flat) == expected
     assert flat["binary_accuracy_ci95_high"] == metrics["binary"]["accuracy_ci95_high"]
+
+
+def test_benign_or_malignant_of_scores_is_the_summed_malignant_probability_not_the_top_class() -> None:
+    # a benign top class (0.30) but the four malignant classes sum to 0.503; a malignant top class (0.26) but 0.49
+    probabilities = np.array(
+        [[0.30, 0.10, 0.047, 0.05, 0.20, 0.103, 0.10, 0.10], [0.20, 0.11, 0.10, 0.10, 0.26, 0.08, 0.08, 0.07]]
+    )
+    table = predictions_frame(rows([4, 0], ["a", "b"]), probabilities.argmax(axis=1), probabilities)
+    assert table["predicted_class"].tolist() == ["benign_adenosis", "malignant_ductal_carcinoma"]
+    assert table["predicted_binary"].tolist() == ["malignant", "benign"]
+    assert evaluation_metrics(table, resamples=100, seed=0)["binary"]["accuracy"] == 1.0
+    generated = predictions_frame(rows([4, 0], ["a", "b"]), np.array([0, 4]), answers=["0", "4"])
+    assert generated["predicted_binary"].tolist() == ["benign", "malignant"]  # no probabilities: the class's side

@@ -31,7 +31,7 @@ from medgemma_breakhis.evaluate.evaluation import run_evaluation
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS as LABEL_COLUMNS
 from medgemma_breakhis.registry.model import SERVING_DISTRIBUTIONS, ImageRejected, decode_image, register_adapter
-from medgemma_breakhis.track.runs import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
+from medgemma_breakhis.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
 from tools import models, predict
 
 REPO = Path(__file__).resolve().parents[1]

@@ -122,6 +122,14 @@ def test_one_repro_is_one_mlflow_parent_run_with_a_child_per_stage(repo: Path) -
     assert parent.info.status == "FINISHED"
     assert all(child.info.status == "FINISHED" for child in children.values())
     assert {child.data.tags["pipeline_key"] for child in children.values()} == {parent.data.tags["pipeline_key"]}
+    assert {child.info.run_name for child in children.values()} == {f"{stage} fold1 100x" for stage in children}
+    # the experiment's view in MLflow: its headline on the parent run, and what it changed in its description
+    finetuned, baseline = (read_json(repo / "metrics" / f"{name}.json") for name in ("finetuned", "baseline"))
+    assert parent.data.metrics["finetuned_eight_class_accuracy"] == finetuned["eight_class"]["accuracy"]
+    assert parent.data.metrics["baseline_binary_accuracy_ci95_low"] == baseline["binary"]["accuracy_ci95_low"]
+    assert parent.data.metrics["train_loss_last"] == read_json(repo / "metrics" / "train.json")["train_loss_last"]
+    assert parent.data.params["lora.r"] == "8"
+    assert parent.data.tags["mlflow.note.content"].endswith("; changed params: none")
 
 
 def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> None:
@@ -291,6 +299,12 @@ def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace
     assert stages_run(output) == ["baseline", "evaluate"]
     assert run(repo, "git", "status", "--porcelain").strip() == ""
     assert "eval-generate" in run(repo, "dvc", "exp", "show", "--no-pager", "--md")
+    # the same adapter: no second version, the new evaluation's metrics linked to the one there is
+    (version,) = mlflow_client(repo).search_model_versions("name = 'medgemma-breakhis'")
+    _, children = pipeline_group(repo, "eval-generate")
+    linked = mlflow_client(repo).get_logged_model(version.model_id).metrics
+    assert children["evaluate"].info.run_id in {metric.run_id for metric in linked}
+    assert "is version 1 of medgemma-breakhis already: its new metrics are linked to it" in output
 
 
 def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(
@@ -314,19 +328,45 @@ def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(
     assert list((repo / ".dvc").rglob("mlruns")) == []
 
 
-def test_lora_rank_experiment_retrains_and_metrics_diff_shows_it(workspace: Path) -> None:
+def test_lora_rank_experiment_retrains_and_metrics_diff_and_exp_show_show_it_on_one_screen(workspace: Path) -> None:
     repo = workspace
     output = run(repo, "dvc", "exp", "run", "-S", "lora.r=16", "-S", "train.epochs=1")
     assert stages_run(output) == ["train", "evaluate"]
     diff = run_json(repo, "dvc", "metrics", "diff", "--json")
-    assert "metrics/train.json" in diff
-    assert diff["metrics/train.json"]["train_loss_mean"]["diff"] != 0
+    assert set(diff) == {"metrics/headline/finetuned.json"}  # the baseline did not change
+    assert any(change["diff"] != 0 for change in diff["metrics/headline/finetuned.json"].values())
     params_diff = run_json(repo, "dvc", "params", "diff", "--json")
     assert (params_diff["params.yaml"]["lora.r"]["old"], params_diff["params.yaml"]["lora.r"]["new"]) == (8, 16)
     experiment_name = next(line.split()[-1] for line in output.splitlines() if line.startswith("Ran experiment(s):"))
-    _, children = pipeline_group(repo, experiment_name)
+    parent, children = pipeline_group(repo, experiment_name)
     assert set(children) == {"train", "evaluate"}
     assert children["train"].data.params["lora.r"] == "16"
+    assert parent.data.tags["mlflow.note.content"].endswith("; changed params: lora.r=16, train.epochs=1")
+    assert "finetuned_binary_accuracy" in parent.data.metrics and "train_loss_last" in parent.data.metrics
+    run(repo, "dvc", "exp", "run", "-S", "lora.r=4", "-S", "train.epochs=1")
+    header = run(repo, "dvc", "exp", "show", "--csv", stdout_only=True).splitlines()[0].split(",")
+    assert len(header) - len({"rev", "typ", "parent"}) <= 70  # csv's own columns; 214 at feb5c85
+    table = run(repo, "dvc", "exp", "show", "--only-changed", "--no-pager", stdout_only=True, env={"COLUMNS": "1000"})
+    assert max(map(len, table.splitlines())) <= 200, table  # 4,000 or so at feb5c85
+    assert "lora.r" in table.split() and any(word.startswith("finetuned.") for word in table.split()), table
+
+
+def test_an_experiment_whose_model_cannot_be_had_fails_in_seconds_naming_the_offline_profile(workspace: Path) -> None:
+    """No network to the hub: refused at the first stage it runs, before any data or model, and params.yaml is left as
+    it was (a workspace `dvc exp run` writes its -S values there first)."""
+    params = (workspace / "params.yaml").read_text()
+    started = time.monotonic()
+    output = run(
+        workspace,
+        *("dvc", "exp", "run", "-S", "model.id=google/medgemma-4b-it", "-S", "lora.r=16"),
+        check=False,
+        env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens on port 9
+    )
+    assert time.monotonic() - started <= 15, output
+    (refusal,) = [line for line in output.splitlines() if "cannot reach model 'google/medgemma-4b-it'" in line]
+    assert refusal.endswith("or run offline: -S data.source=synthetic -S model.id=tiny-gemma3"), refusal
+    assert "Running stage 'baseline'" in output and "Retrying" not in output
+    assert (workspace / "params.yaml").read_text() == params
 
 
 def test_push_and_pull_round_trip_through_a_remote_without_checkpoints(workspace: Path, tmp_path: Path) -> None:

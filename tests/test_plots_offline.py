@@ -63,7 +63,7 @@ def test_plots_diff_draws_offline_and_each_plot_renders_to_png(tmp_path: Path, s
     def run(*command: str) -> None:
         subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True)
 
-    for name in ("dvc.yaml", "paths.yaml", "params.yaml", ".dvc/config", str(plots_offline.TEMPLATE)):
+    for name in ("dvc.yaml", "params.yaml", ".dvc/config", str(plots_offline.TEMPLATE)):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, tmp_path / name)
     run("git", "init", "-q")

@@ -54,7 +54,7 @@ def make_report(repo: Path, *arguments: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def two_commits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     repo = tmp_path_factory.mktemp("report-repo")
-    for name in ("Makefile", "dvc.yaml", "paths.yaml", "params.yaml", "requirements.txt"):
+    for name in ("Makefile", "params.yaml", "requirements.txt"):
         shutil.copy2(REPO / name, repo / name)
     for package in ("medgemma_breakhis", "tools"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -76,31 +76,60 @@ def two_commits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 
 @pytest.mark.slow  # make, git and the dvc CLI in subprocesses
-def test_report_shows_diffs_and_intervals_side_by_side(two_commits: tuple[Path, str]) -> None:
+def test_report_leads_with_the_intervals_and_folds_the_diffs(two_commits: tuple[Path, str]) -> None:
     repo, base = two_commits
     result = make_report(repo, f"BASE={base}", "PLOTS_URL=https://ci.example/plots")
     assert result.returncode == 0, result.stderr
     report = re.sub(" +", " ", result.stdout)  # dvc pads its markdown columns
-    assert report.startswith(f"## Metrics against `{base}`")
-    assert "| metrics/finetuned.json | eight_class.accuracy | 0.5 | 0.875 | 0.375 |" in report
-    assert "| metrics/finetuned.json | binary.accuracy_ci95_low | 0.375 | 0.75 | 0.375 |" in report
-    assert "metrics/baseline.json" not in report.split("### Accuracy")[0]  # unchanged: not in the diff
+    assert report.startswith(f"## Against `{base}`: accuracy with 95% intervals")
+    lead, folded = report.split("<details>", 1)
     assert (
         "| metrics/finetuned.json | 8-class accuracy | 0.500 [0.375, 0.625] | 0.875 [0.750, 1.000] "
         "| no: unlikely to be noise |"
-    ) in report
+    ) in lead
     assert (
         "| metrics/baseline.json | binary accuracy | 0.250 [0.125, 0.375] | 0.250 [0.125, 0.375] | unchanged |"
-    ) in report
-    assert "| params.yaml | lora.r | 8 | 16 |" in report
-    assert "[Plots: confusion matrices, ROC, training loss, base vs this change](https://ci.example/plots)" in report
+    ) in lead
+    assert "[Plots: confusion matrices, ROC, training loss, base vs this change](https://ci.example/plots)" in lead
+    assert "| metrics/finetuned.json | eight_class.accuracy | 0.5 | 0.875 | 0.375 |" in folded
+    assert "| metrics/finetuned.json | binary.accuracy_ci95_low | 0.375 | 0.75 | 0.375 |" in folded
+    assert "metrics/baseline.json" not in folded.split("Params")[0]  # unchanged: not in the diff
+    assert "| params.yaml | lora.r | 8 | 16 |" in folded
+
+
+@pytest.mark.slow  # make, git and the dvc CLI in subprocesses
+def test_report_takes_an_experiment_name_and_says_when_there_is_nothing_to_compare(
+    two_commits: tuple[Path, str], tmp_path: Path
+) -> None:
+    repo = shutil.copytree(two_commits[0], tmp_path / "repo")
+    (repo / "metrics" / "finetuned.json").write_text(json.dumps(metrics(0.625, 0.5, 0.75)))
+    subprocess.run([VENV / "bin" / "dvc", "exp", "save", "-q", "-n", "another-try"], cwd=repo, check=True)
+    git(repo, "checkout", "-q", "--", "metrics")
+    result = make_report(repo, "BASE=another-try")
+    assert result.returncode == 0, result.stderr
+    assert "| metrics/finetuned.json | 8-class accuracy | 0.625 [0.500, 0.750] | 0.875 [0.750, 1.000] |" in (
+        re.sub(" +", " ", result.stdout)
+    )
+    git(repo, "checkout", "-q", "-b", "empty", git(repo, "rev-list", "--max-parents=0", "HEAD"))
+    git(repo, "rm", "-q", "-r", "metrics")
+    git(repo, "commit", "-qm", "nothing measured yet")
+    result = make_report(repo, "BASE=empty")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (
+        "`empty` holds no metrics/baseline.json or metrics/finetuned.json, so there is nothing to compare with: compare "
+        "with a revision whose reproduced outputs were committed, or with an experiment (`make report BASE=<name>`, "
+        "names from `dvc exp show`).\n"
+    )
+    result = make_report(repo, "BASE=no-such-thing")
+    assert result.returncode != 0
+    assert "'no-such-thing' is no branch, tag, commit or DVC experiment of this repository" in result.stderr
 
 
 @pytest.mark.slow  # make in a subprocess, on the repository the fixture builds with git and dvc
 def test_report_without_base_says_how_to_call_it(two_commits: tuple[Path, str]) -> None:
     result = make_report(two_commits[0])
     assert result.returncode != 0
-    assert "usage: make report BASE=<branch, tag or commit>" in result.stderr
+    assert "usage: make report BASE=<branch, tag, commit or experiment>" in result.stderr
 
 
 def test_interval_table_marks_overlap_and_missing_files() -> None:

@@ -22,7 +22,7 @@ def test_each_stage_runs_the_command_dvc_yaml_gives_it() -> None:
     assert list(commands) == list(rehearse.STAGES)
     train = commands["train"]
     assert train[1:3] == ["-m", "stages.train"] and train[-2:] == ["-S", "model.id=tiny-gemma3"]
-    assert "--adapter" in train and train[train.index("--adapter") + 1] == "models/adapter"  # paths.yaml's value
+    assert "--adapter" in train and train[train.index("--adapter") + 1] == "models/adapter"  # dvc.yaml's var
     assert not any("${" in word for command in commands.values() for word in command)
 
 

@@ -26,16 +26,9 @@ from medgemma_breakhis.core.errors import ParamsError
 from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.model.load import ModelLoadError, load_base_model
 from medgemma_breakhis.track import runs as tracking
-from medgemma_breakhis.track import runs as tracking_store
-from medgemma_breakhis.track.runs import (
-    STORE_CHECK_TIMEOUT_S,
-    StageRun,
-    TrackingError,
-    check_tracking_store,
-    experiment_id,
-    tag_train_run,
-    tracked_run,
-)
+from medgemma_breakhis.track import store as tracking_store
+from medgemma_breakhis.track.runs import StageRun, tag_train_run, tracked_run
+from medgemma_breakhis.track.store import STORE_CHECK_TIMEOUT_S, TrackingError, check_tracking_store, experiment_id
 from medgemma_breakhis.train.trainer import run_training
 from tools.precision_comparison import _latest_stage_run
 
@@ -435,7 +428,7 @@ def test_stages_starting_together_on_a_new_store_both_get_the_experiment(
     """DVC's queue workers start their stages at once: two processes creating a new sqlite store's tables together
     broke MLflow's schema migration ("No such index") before the store's first use took a lock."""
     env = stage_env | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    code = "from medgemma_breakhis.track.runs import experiment_id; print(experiment_id())"
+    code = "from medgemma_breakhis.track.store import experiment_id; print(experiment_id())"
     processes = [
         subprocess.Popen(
             [sys.executable, "-c", code],

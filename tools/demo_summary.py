@@ -5,13 +5,17 @@ Run: python -m tools.demo_summary <experiment name> [--images reports/demo-image
 """
 
 import argparse
+import json
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import dvc.api
 import pandas as pd
+from dvc.exceptions import PathMissingError
+from dvc.scm import RevError
 
 from medgemma_breakhis.core.files import pipeline_paths
+from medgemma_breakhis.core.params import dotted_get
 from medgemma_breakhis.evaluate.metrics import HEADLINE
 
 # Every headline figure (`metrics.HEADLINE`) but the count of unparseable answers (`score` never has any), each
@@ -22,28 +26,28 @@ ROWS = [
     if figure.key != "n_unparseable"
     for row in [(figure.label, figure.key)] + ([("  95% interval", f"{figure.key}_ci95")] if figure.interval else [])
 ] + [("test images", "n_images")]
+STAGES = ("baseline", "finetuned")
 
 
-def experiment_metrics(name: str) -> dict[str, Any]:
-    """The `dvc exp show` row of experiment `name`."""
-    for row in dvc.api.exp_show():
-        if row.get("Experiment") == name:
-            return row
-    raise LookupError(f"no DVC experiment named {name!r}; `dvc exp show` lists them")
+def experiment_metrics(name: str) -> dict[str, dict[str, Any]]:
+    """The baseline's and the fine-tuned model's metrics files at DVC experiment `name`'s commit."""
+    try:
+        return {stage: json.loads(dvc.api.read(f"metrics/{stage}.json", rev=name)) for stage in STAGES}
+    except (PathMissingError, RevError) as err:
+        raise SystemExit(f"experiment {name!r}: {err}; `dvc exp show` lists the experiments") from None
 
 
-def _exp_show_cell(row: dict[str, Any], key: str) -> str:
+def _cell(metrics: dict[str, Any], key: str) -> str:
     if key.endswith("_ci95"):
-        return f"{row[key + '_low']:.2f}-{row[key + '_high']:.2f}"
-    if key.endswith("n_images"):
-        return f"{int(row[key])}"  # `dvc exp show` may return counts as floats
-    return "n/a" if row.get(key) is None else f"{row[key]:.3f}"
+        return f"{dotted_get(metrics, key + '_low'):.2f}-{dotted_get(metrics, key + '_high'):.2f}"
+    value = dotted_get(metrics, key)
+    return "n/a" if value is None else f"{value}" if key == "n_images" else f"{value:.3f}"
 
 
-def baseline_finetuned_table(row: dict[str, Any]) -> str:
+def baseline_finetuned_table(metrics: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'metric':<28}{'baseline':>10}{'fine-tuned':>12}"]
     for label, key in ROWS:
-        cells = [_exp_show_cell(row, f"metrics/{name}.json:{key}") for name in ("baseline", "finetuned")]
+        cells = [_cell(metrics[stage], key) for stage in STAGES]
         lines.append(f"{label:<28}{cells[0]:>10}  {cells[1]:>10}")
     return "\n".join(lines)
 

@@ -1,10 +1,6 @@
 """The registered versions of the fine-tuned classifier: list them with where they came from and how they scored,
-and move an alias (promote, roll back).
-
-Run: make models                              (or: python -m tools.models list)
-     make promote VERSION=3 [ALIAS=champion]  (or: python -m tools.models promote 3 [--alias champion])
-     make serve [MODEL=models:/…] [PORT=5001]  (or: python -m tools.models serve [--model URI] [--port 5001])
-     make mlflow-ui [PORT=5000]                (or: python -m tools.models ui [--port 5000])
+move an alias (promote, roll back), serve one, open the MLflow UI on the runs: `make models`, `make promote`,
+`make serve`, `make mlflow-ui` (docs/model-registry.md), or `python -m tools.models --help`.
 
 The model is `registry.model_name` of params.yaml, in the tracking store the stages use (MLFLOW_TRACKING_URI, else
 the repository's mlflow.db). Rolling back is promoting the earlier version again.
@@ -13,6 +9,10 @@ the repository's mlflow.db). Rolling back is promoting the earlier version again
 import argparse
 import logging
 import os
+import socket
+import subprocess
+import time
+import urllib.request
 
 import mlflow
 import pandas as pd
@@ -23,7 +23,7 @@ from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.logs import configure_logging, shown_uri
 from medgemma_breakhis.core.params import add_override_argument, load_params
 from medgemma_breakhis.core.stage import stage_entry
-from medgemma_breakhis.track.runs import EXPERIMENT_NAME, open_store, tracking_uri
+from medgemma_breakhis.track.store import EXPERIMENT_NAME, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +41,8 @@ def versions(name: str) -> list[ModelVersion]:
     found = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
     if not found:
         raise ModelNotFound(
-            f"no version of model {name!r} in the MLflow store {shown_uri(tracking_uri())}: `evaluate` registers "
-            "one per run (make demo, dvc repro, dvc exp run)"
+            f"no version of model {name!r} in the MLflow store {shown_uri(mlflow.get_tracking_uri())}: `evaluate` "
+            "registers one per run (make demo, dvc repro, dvc exp run)"
         )
     return sorted(found, key=lambda version: int(version.version), reverse=True)
 
@@ -50,12 +50,10 @@ def versions(name: str) -> list[ModelVersion]:
 def default_model_uri(name: str) -> str:
     """The version with the alias `champion`, else the newest one."""
     newest = versions(name)[0]
-    try:
-        mlflow.MlflowClient().get_model_version_by_alias(name, DEFAULT_ALIAS)
-    except MlflowException:
-        logger.info("model %s version %s, the newest: no version has the alias %s", name, newest.version, DEFAULT_ALIAS)
-        return f"models:/{name}/{newest.version}"
-    return f"models:/{name}@{DEFAULT_ALIAS}"
+    if DEFAULT_ALIAS in mlflow.MlflowClient().get_registered_model(name).aliases:
+        return f"models:/{name}@{DEFAULT_ALIAS}"
+    logger.info("model %s version %s, the newest: no version has the alias %s", name, newest.version, DEFAULT_ALIAS)
+    return f"models:/{name}/{newest.version}"
 
 
 def experiment_model_uri(name: str, experiment: str) -> str:
@@ -78,16 +76,16 @@ def logged_model_id(version: ModelVersion) -> str | None:
 
 
 def version_table(name: str) -> pd.DataFrame:
-    client = mlflow.MlflowClient()
-    rows = []
-    for version in versions(name):
+    client, listed, rows = mlflow.MlflowClient(), versions(name), []
+    named = client.get_registered_model(name).aliases  # the versions search_model_versions returns carry none (sqlite)
+    for version in listed:
         metrics, model_id = {}, logged_model_id(version)
         if model_id:
             metrics = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics or []}
         rows.append(
             {
                 "version": str(version.version),
-                "aliases": ", ".join(version.aliases),
+                "aliases": ", ".join(alias for alias, number in named.items() if number == version.version),
                 "registered": pd.Timestamp(version.creation_timestamp, unit="ms").strftime("%Y-%m-%d %H:%M"),
                 "DVC experiment": version.tags.get("dvc_exp_name", ""),
                 "git commit": version.tags.get("git_commit", "")[:10],
@@ -99,23 +97,17 @@ def version_table(name: str) -> pd.DataFrame:
 
 def promote(name: str, version: str, alias: str) -> str:
     """Point `alias` at `version`; returns what changed, and how to undo it."""
-    client = mlflow.MlflowClient()
+    listed = [str(v.version) for v in versions(name)]
+    if version not in listed:
+        raise ModelNotFound(f"model {name!r} has no version {version!r}; its versions: {', '.join(listed)}")
+    previous = mlflow.MlflowClient().get_registered_model(name).aliases.get(alias)
     try:
-        client.get_model_version(name, version)
-    except MlflowException:
-        listed = ", ".join(str(v.version) for v in versions(name))
-        raise ModelNotFound(f"model {name!r} has no version {version!r}; its versions: {listed}") from None
-    try:
-        previous = str(client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        previous = None
-    try:
-        client.set_registered_model_alias(name, alias, version)
+        mlflow.MlflowClient().set_registered_model_alias(name, alias, version)
     except MlflowException as err:  # e.g. an alias MLflow reserves (`latest`, `v3`)
         raise ExpectedError(f"cannot set alias {alias!r}: {err.message}") from None
     if previous is None:
         return f"{name}@{alias} is version {version} (no version had it before)"
-    if previous == version:
+    if str(previous) == version:
         return f"{name}@{alias} was version {version} already"
     return (
         f"{name}@{alias}: version {previous} -> {version} (to roll back: make promote VERSION={previous} ALIAS={alias})"
@@ -126,8 +118,27 @@ def training_view_url(server: str) -> str:
     """The experiment's runs in MLflow's UI at `server`, its GenAI / Model training switch set to Model training."""
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is None:
-        raise ModelNotFound(f"no experiment {EXPERIMENT_NAME!r} in {shown_uri(tracking_uri())} yet: run make demo")
+        raise ModelNotFound(f"no experiment {EXPERIMENT_NAME!r} in {shown_uri(mlflow.get_tracking_uri())}: make demo")
     return f"{server.rstrip('/')}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+
+
+def run_ui(uri: str, port: int) -> None:
+    """mlflow ui of `uri` on 127.0.0.1, one worker, no job runner (docs/model-registry.md), its link once it answers."""
+    link = training_view_url(f"http://127.0.0.1:{port}")
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:
+            raise ExpectedError(f"port {port} is taken on 127.0.0.1: stop its server, or make mlflow-ui PORT=<another>")
+    ui = ["mlflow", "ui", "--backend-store-uri", uri, "-h", "127.0.0.1", "-p", str(port), "--workers", "1"]
+    process = subprocess.Popen(ui, env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+    while process.poll() is None:
+        try:
+            urllib.request.urlopen(link, timeout=5).close()
+        except OSError:  # not answering yet
+            time.sleep(0.5)
+        else:
+            print(f"Open {link} (Ctrl-C stops the UI)", flush=True)
+            process.wait()
+    raise SystemExit(process.returncode)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -147,18 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     name = load_params(overrides=args.overrides).registry.model_name
     open_store()  # which exports MLFLOW_TRACKING_URI, for the server too
+    uri = mlflow.get_tracking_uri()
     if args.command == "list":
-        print(f"Model {name} in {shown_uri(tracking_uri())}")
+        print(f"Model {name} in {shown_uri(uri)}")
         print(version_table(name).to_string(index=False))
     elif args.command == "promote":
         print(promote(name, args.version, args.alias))
+    elif args.command == "ui" and not uri.startswith("sqlite:"):  # a team server has its own UI
+        print(f"Open {training_view_url(shown_uri(uri))}")
     elif args.command == "ui":
-        uri = tracking_uri()
-        if not uri.startswith("sqlite:"):  # a team server has its own UI
-            print(f"Open {training_view_url(shown_uri(uri))}")
-            return
-        print(f"Open {training_view_url(f'http://127.0.0.1:{args.port}')} (Ctrl-C stops the UI)", flush=True)
-        os.execvp("mlflow", ["mlflow", "ui", "--backend-store-uri", uri, "-h", "127.0.0.1", "-p", str(args.port)])
+        run_ui(uri, args.port)
     else:
         uri = args.model or default_model_uri(name)
         logger.info("serving %s on http://127.0.0.1:%d/invocations", uri, args.port)

@@ -1,38 +1,48 @@
-"""The pull-request report: metrics and params against a base revision, and the accuracies with their intervals.
+"""The pull-request report against a base revision: the headline figures with their intervals first, then every
+metric's and param's diff, folded.
 
-Run: make report BASE=main
+Run: make report BASE=main   (a branch, tag, commit or DVC experiment name: what `dvc metrics diff` takes)
      (or: python -m tools.pr_report main [--plots-url URL])
 
 The same markdown is posted on every pull request by .github/workflows/pull-request.yml.
 """
 
 import argparse
+import json
 import subprocess
-from pathlib import Path
 from typing import Any
 
 import dvc.api
 import pandas as pd
-from ruamel.yaml import YAML
+from dvc.exceptions import PathMissingError
+from dvc.scm import RevError
 
 from medgemma_breakhis.core.params import dotted_get
 from medgemma_breakhis.evaluate.metrics import HEADLINE, Headline
 
+EVALUATIONS = ("metrics/baseline.json", "metrics/finetuned.json")
+# Every figure the stages write, where the headline metrics DVC shows (metrics/headline/) leave them out.
+DETAILS = (*EVALUATIONS, "metrics/train.json", "metrics/data.json")
+INTERVALS = (
+    "Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals mean the "
+    "change may be noise; they are not a test."
+)
 
-def dvc_markdown(command: str, base: str) -> str:
-    """`dvc <command> diff --md <base>`: what reviewers would run themselves."""
-    result = subprocess.run(["dvc", command, "diff", "--md", base], capture_output=True, text=True, check=True)
+
+def dvc_markdown(command: str, base: str, *targets: str) -> str:
+    """`dvc <command> diff --md <base> [--targets …]`: what reviewers would run themselves."""
+    command_line = ["dvc", command, "diff", "--md", base, *(["--targets", *targets] if targets else [])]
+    result = subprocess.run(command_line, capture_output=True, text=True, check=True)
     return result.stdout.strip() or f"No {command} changed."
 
 
 def evaluation_metrics_at(rev: str | None) -> dict[str, dict[str, Any] | None]:
-    """Each metrics file of dvc.yaml's evaluation stages at `rev` (None: the workspace); None where `rev` lacks it."""
-    stages = YAML(typ="safe").load(Path("dvc.yaml"))["stages"]
+    """Each evaluation's metrics file at `rev` (None: the workspace); None where `rev` lacks it."""
     found: dict[str, dict[str, Any] | None] = {}
-    for path in (path for stage in ("baseline", "evaluate") for entry in stages[stage]["metrics"] for path in entry):
+    for path in EVALUATIONS:
         try:
-            found[path] = dvc.api.metrics_show(path, rev=rev)  # one target: its metrics, not keyed by path
-        except FileNotFoundError:  # e.g. a base branch from before the pipeline produced it
+            found[path] = json.loads(dvc.api.read(path, rev=rev))
+        except (FileNotFoundError, PathMissingError):  # e.g. a base branch from before the pipeline produced it
             found[path] = None
     return found
 
@@ -78,7 +88,19 @@ def interval_table(base: dict[str, dict[str, Any]], head: dict[str, dict[str, An
     return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)
 
 
+def folded(summary: str, body: str) -> str:
+    return f"<details><summary>{summary}</summary>\n\n{body}\n\n</details>"
+
+
 def pr_report(base: str, plots_url: str | None = None) -> str:
+    """The report's markdown; one line saying what to do when `base` holds no evaluation to compare with."""
+    base_metrics = evaluation_metrics_at(base)
+    if not any(base_metrics.values()):
+        return (
+            f"`{base}` holds no {' or '.join(EVALUATIONS)}, so there is nothing to compare with: compare with a "
+            "revision whose reproduced outputs were committed, or with an experiment (`make report BASE=<name>`, "
+            "names from `dvc exp show`).\n"
+        )
     plots = (
         f"[Plots: confusion matrices, ROC, training loss, base vs this change]({plots_url}): `index.html` draws "
         "without a network, `png/` holds each plot as an image (`roc_malignant.png`, `training_loss.png`, …)."
@@ -86,32 +108,29 @@ def pr_report(base: str, plots_url: str | None = None) -> str:
         else f"Plots: run `dvc plots diff {base}` and open `dvc_plots/index.html` (it draws offline); "
         f"`python -m tools.plots_offline png {base}` writes each plot as a PNG."
     )
-    intervals = (
-        "Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals "
-        "mean the change may be noise; they are not a test."
-    )
     sections = [
-        f"## Metrics against `{base}`",
-        dvc_markdown("metrics", base),
-        "### Accuracy with 95% intervals (bootstrap over patients)",
-        interval_table(evaluation_metrics_at(base), evaluation_metrics_at(None)),
-        intervals,
-        f"## Params against `{base}`",
-        dvc_markdown("params", base),
+        f"## Against `{base}`: accuracy with 95% intervals (bootstrap over patients)",
+        interval_table(base_metrics, evaluation_metrics_at(None)),
+        INTERVALS,
         plots,
+        folded(
+            "Every metric: per class, calibration, patients, training, the split",
+            dvc_markdown("metrics", base, *DETAILS),
+        ),
+        folded("Params", dvc_markdown("params", base)),
     ]
     return "\n\n".join(sections) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("base", help="the revision to compare with (a branch, tag or commit)")
+    parser.add_argument("base", help="the revision to compare with: a branch, tag, commit or DVC experiment name")
     parser.add_argument("--plots-url", help="where the rendered `dvc plots diff` can be seen (set by CI)")
     args = parser.parse_args()
-    known = ["git", "rev-parse", "--verify", "--quiet", "--end-of-options", f"{args.base}^{{commit}}"]
-    if subprocess.run(known, capture_output=True, check=False).returncode != 0:
-        parser.error(f"{args.base!r} is not a branch, tag or commit of this repository (`git fetch` it first?)")
-    print(pr_report(args.base, args.plots_url), end="")
+    try:
+        print(pr_report(args.base, args.plots_url), end="")
+    except RevError:
+        parser.error(f"{args.base!r} is no branch, tag, commit or DVC experiment of this repository (`git fetch` it?)")
 
 
 if __name__ == "__main__":

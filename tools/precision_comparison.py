@@ -24,7 +24,7 @@ from mlflow.entities import Run
 from medgemma_breakhis.core.files import atomic_write_text
 from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import add_override_argument
-from medgemma_breakhis.track.runs import experiment_id
+from medgemma_breakhis.track.store import experiment_id
 
 logger = logging.getLogger(__name__)
 

@@ -7,15 +7,15 @@ Run: make predict IMAGES='new/slide-1.png new/batch/' [MODEL=...] [OUT=reports/p
 MODEL: a registered version (`models:/medgemma-breakhis@champion`, `models:/medgemma-breakhis/3`, any MLflow model
 URI), a DVC experiment's name (the version its `evaluate` registered), or an adapter folder such as `models/adapter`
 (the base model then comes from params.yaml and -S). Without it: the version with the alias `champion`, else the
-newest version. A folder is searched recursively for image files. Exit status 0 when every image was classified, 1
-when any was refused (each gets one line on stderr and a row with its `error` in the CSV; the others are classified
-all the same) or nothing could run.
-"""
+newest version. A folder is searched recursively for image files. A refused image gets a line on stderr and its
+`error` in the CSV, one unlike BreakHis's a line and its `warning` (classified all the same); exit status 1 when any
+was refused or nothing could run, else 0."""
 
 import argparse
 import logging
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -26,8 +26,8 @@ from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import add_override_argument, load_params
 from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
-from medgemma_breakhis.registry.model import IMAGE_COLUMN, OUTPUT_COLUMNS, AdapterClassifier
-from medgemma_breakhis.track.runs import open_store
+from medgemma_breakhis.registry.model import IMAGE_COLUMN, OUTPUT_COLUMNS, classify, load_adapter_model
+from medgemma_breakhis.track.store import open_store
 from tools.models import ModelNotFound, default_model_uri, experiment_model_uri
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,9 @@ def load_model(choice: str | None, params_overrides: list[str]) -> tuple[Predict
     """(the model's `predict(DataFrame)`, what it is) for `--model` (see the module doc)."""
     params = load_params(overrides=params_overrides)
     if choice is not None and Path(choice).is_dir():
-        classifier = AdapterClassifier.from_adapter(
-            Path(choice), params.model, params.eval.precision, params.eval.batch_size
-        )
-        return lambda images: classifier.predict(None, images), f"the adapter in {choice} on {params.model.id}"
+        model, processor = load_adapter_model(Path(choice), params.model, params.eval.precision)
+        predict = partial(classify, model, processor, batch_size=params.eval.batch_size)
+        return predict, f"the adapter in {choice} on {params.model.id}"
     open_store()
     name = params.registry.model_name
     if choice is None:
@@ -145,11 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     results = classify_files(predict, files)
     failed = pd.DataFrame({"file": list(failures), "error": list(failures.values())})
     results = pd.concat([results, failed.reindex(columns=results.columns)], ignore_index=True)
-    results["error"] = results["error"].fillna("")
+    results[["error", "warning"]] = results[["error", "warning"]].fillna("")
     atomic_write_text(args.out, results.to_csv(index=False))
     refused = results[results["error"] != ""]
-    for file, error in zip(refused["file"], refused["error"]):
-        print(f"refused {file}: {error}", file=sys.stderr)
+    for file, error, warning in results[["file", "error", "warning"]].itertuples(index=False):
+        if error or warning:  # a warning: classified all the same
+            print(f"refused {file}: {error}" if error else f"warning {file}: {warning}", file=sys.stderr)
     classified = len(results) - len(refused)
     if classified:
         print(summary(results))

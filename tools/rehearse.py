@@ -34,7 +34,7 @@ from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, Params, add_overri
 from medgemma_breakhis.core.stage import stage_entry
 from medgemma_breakhis.model.builtin import TOKENIZER_FOLDER
 from medgemma_breakhis.model.load import check_model
-from medgemma_breakhis.track.runs import EXPERIMENT_NAME
+from medgemma_breakhis.track.store import EXPERIMENT_NAME
 from tools.bench_train import REFERENCE_TEST_IMAGES, REFERENCE_TRAIN_IMAGES, reference_steps
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,9 +51,9 @@ class StageFailed(RuntimeError):
 
 
 def stage_commands(overrides: list[str]) -> dict[str, list[str]]:
-    """Each stage's command as dvc.yaml writes it, its `${...}` paths filled in from paths.yaml (DVC's vars, the
-    same `${name}` syntax as `string.Template`), run by this interpreter, with the overrides."""
-    paths = pipeline_paths(REPO / "paths.yaml")
+    """Each stage's command as dvc.yaml writes it, its `${...}` paths filled in from dvc.yaml's vars (the same `${name}`
+    syntax as `string.Template`), run by this interpreter, with the overrides."""
+    paths = pipeline_paths(REPO / "dvc.yaml")
     stages = YAML(typ="safe").load(REPO / "dvc.yaml")["stages"]
     commands = {}
     for name in STAGES:

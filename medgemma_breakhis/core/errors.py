@@ -11,3 +11,7 @@ class DataError(ExpectedError, RuntimeError):
 
 class ParamsError(ExpectedError):
     """A value in params.yaml that the pipeline cannot run with."""
+
+
+class ParamsChangedError(ExpectedError):
+    """params.yaml changed while a stage ran: its results would be recorded under params they were not made with."""

@@ -73,6 +73,6 @@ def in_main_repo(path: Path) -> Path:
     return path if path.is_absolute() else main_repo_root() / path
 
 
-def pipeline_paths(paths_file: Path = Path("paths.yaml")) -> dict[str, str]:
-    """The pipelines' paths, from the one file that holds them."""
-    return YAML(typ="safe").load(paths_file)
+def pipeline_paths(pipeline: Path = Path("dvc.yaml")) -> dict[str, str]:
+    """The paths a pipeline file sets as its vars (`raw_dir`, `split_dir`, …)."""
+    return YAML(typ="safe").load(pipeline)["vars"][0]

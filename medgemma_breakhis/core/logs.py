@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Iterable
 from typing import Any
 from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
@@ -102,6 +103,8 @@ class RedactSecrets(logging.Filter):
 def configure_logging() -> None:
     """INFO to stderr, every handler masking secrets; the libraries' own bars off outside a terminal."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # peft and trl read the old name of a model property: nothing a user of this repository can change
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     if not in_terminal():
         for name, value in _LIBRARY_BARS_OFF.items():
             os.environ.setdefault(name, value)

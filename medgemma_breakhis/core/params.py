@@ -18,6 +18,8 @@ from medgemma_breakhis.core.errors import ParamsError
 # The built-in models (model/builtin.py), built locally: the offline default, and MedGemma 4B's shapes for timing.
 TINY_MODEL_ID = "tiny-gemma3"
 RANDOM_MEDGEMMA_ID = "medgemma-4b-random"
+# Every override that takes the pipeline offline (make demo's profile): no Kaggle, no Hugging Face hub.
+OFFLINE = f"-S data.source=synthetic -S model.id={TINY_MODEL_ID}"
 Fold = Literal[1, 2, 3, 4, 5]
 Magnification = Literal[40, 100, 200, 400]
 Precision = Literal["bf16", "fp16", "fp32"]

@@ -17,7 +17,7 @@ from PIL import Image, ImageColor
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.core.files import atomic_directory, atomic_write_text, in_main_repo
 from medgemma_breakhis.core.logs import progress
-from medgemma_breakhis.core.params import DataParams, SyntheticData
+from medgemma_breakhis.core.params import OFFLINE, DataParams, SyntheticData
 from medgemma_breakhis.data import breakhis
 
 logger = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ def download_kaggle(handle: str) -> Path:
         raise DataError(
             f"downloading Kaggle dataset {handle!r} failed: {err}. Kaggle credentials {found}. Set KAGGLE_USERNAME and "
             "KAGGLE_KEY (or KAGGLE_API_TOKEN), or put kaggle.json in ~/.kaggle/ (see https://www.kaggle.com/settings → "
-            "API), and check network access. To run offline, use data.source=synthetic, or data.source=local with "
-            "data.path set."
+            f"API), and check network access; or use a local copy (-S data.source=local -S data.path=<its folder>); or run "
+            f"offline: {OFFLINE}"
         ) from err
 
 

@@ -17,7 +17,14 @@ from medgemma_breakhis.core.files import atomic_write_json, atomic_write_text
 from medgemma_breakhis.core.params import Params
 from medgemma_breakhis.data.breakhis import CLASS_NAMES
 from medgemma_breakhis.data.split import read_split
-from medgemma_breakhis.evaluate.metrics import UNPARSEABLE, evaluation_metrics, headline, roc_points
+from medgemma_breakhis.evaluate.metrics import (
+    ON_SCREEN,
+    UNPARSEABLE,
+    evaluation_metrics,
+    headline,
+    headline_table,
+    roc_points,
+)
 from medgemma_breakhis.evaluate.scoring import predict_split
 from medgemma_breakhis.model.load import NonFiniteError, check_model, load_base_model, non_finite_advice
 from medgemma_breakhis.track import runs
@@ -34,12 +41,13 @@ def run_evaluation(
     metrics_path: Path,
     predictions_path: Path,
     roc_path: Path,
+    headline_path: Path | None = None,
     adapter_dir: Path | None = None,
     register: Callable[..., object] | None = None,
 ) -> dict[str, Any]:
-    """Predict the test split and write the metrics, the predictions and the ROC curve; returns the metrics. With
-    `adapter_dir`, the adapter is applied unmerged (docs/design.md#the-adapter-is-applied-unmerged), and `register`
-    (`registry.model.register_adapter`) makes it a model version, last."""
+    """Predict the test split and write the metrics (and the few `ON_SCREEN`), the predictions and the ROC curve;
+    returns the metrics. With `adapter_dir`, the adapter is applied unmerged (docs/design.md#the-adapter-is-applied-
+    unmerged), and `register` (`registry.model.register_adapter`) makes it a model version, last."""
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
@@ -65,6 +73,10 @@ def run_evaluation(
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc.to_csv(index=False))
         atomic_write_json(metrics_path, metrics)
+        run.parent_metrics |= {f"{metrics_path.stem}_{name}": value for name, value in headline(metrics).items()}
+        if headline_path is not None:  # by the stage's name: `dvc exp show` gives each figure a column of its own
+            figures = headline(metrics)
+            atomic_write_json(headline_path, {headline_path.stem: {k: figures[k] for k in ON_SCREEN if k in figures}})
         run.artifacts += [(path, path.parent.name) for path in (metrics_path, predictions_path, roc_path)]
         extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []  # a column of its own
         for name, column, labels, title in (
@@ -93,5 +105,7 @@ def run_evaluation(
             md5 = run.tags["adapter_dvc_md5"]
             registration = functools.partial(register, run.run_id, adapter_dir, params, info, md5, headline(metrics))
             run.then.append((f"the model version of {params.registry.model_name} and the metrics", registration))
-    logger.info("%s (%s): %s", stage, params.eval.method, headline(metrics))
+    logger.info(
+        "%s (eval.method=%s) on %d test images:\n%s", stage, params.eval.method, len(rows), headline_table(metrics)
+    )
     return metrics

@@ -25,8 +25,8 @@ MALIGNANT_COLUMNS = [column for label, column in enumerate(PROBABILITY_COLUMNS) 
 def predictions_frame(
     rows: pd.DataFrame, predicted: np.ndarray, probabilities: np.ndarray | None = None, answers: list[str] | None = None
 ) -> pd.DataFrame:
-    """One row per image: its file, patient, true and predicted class (number and name, 8-class and binary), and the
-    probability of each class (scoring) or the generated answer (generation)."""
+    """One row per image: file, patient, true and predicted class (number and name, 8-class and binary: by
+    `binary_prediction` where there are probabilities), and the probability of each class or the generated answer."""
     class_names = dict(enumerate(CLASS_NAMES)) | {UNPARSEABLE: "unparseable"}
     binary_names = {label: binary_name(label) for label in range(NUM_CLASSES)} | {UNPARSEABLE: "unparseable"}
     frame = rows[["filename", "patient", "label"]].reset_index(drop=True)
@@ -37,6 +37,7 @@ def predictions_frame(
     frame["predicted_binary"] = frame["predicted"].map(binary_names)
     if probabilities is not None:
         frame[PROBABILITY_COLUMNS] = probabilities
+        frame["predicted_binary"] = binary_prediction(frame)
     if answers is not None:
         frame["answer"] = answers
     return frame
@@ -74,6 +75,11 @@ def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins
 def malignant_probability(predictions: pd.DataFrame) -> pd.Series:
     """The summed probability of the four malignant classes (NaN where a row has no probabilities)."""
     return predictions[MALIGNANT_COLUMNS].sum(axis=1, min_count=1)
+
+
+def binary_prediction(predictions: pd.DataFrame) -> pd.Series:
+    """Benign/malignant by the one rule: malignant where the four malignant classes' summed probability is >= 0.5."""
+    return malignant_probability(predictions).ge(0.5).map({True: "malignant", False: "benign"})
 
 
 def roc_points(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -163,6 +169,8 @@ HEADLINE = (
     Headline("patient_level.accuracy", "patient-level accuracy"),
     Headline("n_unparseable", "unparseable answers"),  # generate only can have any
 )
+# The few that `dvc exp show` and `dvc metrics diff` list (metrics/headline/), by their MLflow names.
+ON_SCREEN = ("eight_class_accuracy", "binary_accuracy", "binary_roc_auc")
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, float]:
@@ -176,3 +184,15 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
             for bound in ("ci95_low", "ci95_high"):
                 flat[f"{figure.mlflow_name}_{bound}"] = dotted_get(metrics, f"{figure.key}_{bound}")
     return flat
+
+
+def headline_table(metrics: dict[str, Any]) -> str:
+    """The headline figures a metrics file has, a line each: label, value and 95% interval."""
+    lines = []
+    for figure in HEADLINE:
+        if isinstance(value := dotted_get(metrics, figure.key), float):
+            value = f"{value:.3f}"  # a count is shown as it is
+        low, high = (dotted_get(metrics, f"{figure.key}_ci95_{bound}") for bound in ("low", "high"))
+        if value is not None:
+            lines.append(f"  {figure.label:<28}{value}" + (f" [{low:.3f}, {high:.3f}]" if figure.interval else ""))
+    return "\n".join(lines)

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from huggingface_hub import get_token
 from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, PretrainedConfig, PreTrainedModel
 from transformers.processing_utils import ProcessorMixin
 
-from medgemma_breakhis.core.errors import ExpectedError, ParamsError
+from medgemma_breakhis.core.errors import ParamsError
+from medgemma_breakhis.core.hub import ModelLoadError, hub_problem
 from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, TINY_MODEL_ID, LoraParams, ModelParams, Precision
 from medgemma_breakhis.model.builtin import DIGEST_FILE, random_medgemma_folder, tiny_model_folder, weights_digest
 
@@ -23,10 +23,6 @@ logger = logging.getLogger(__name__)
 
 DTYPES: dict[Precision, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CHAT_TEMPLATE_FILES = "chat_template.jinja, chat_template.json or the chat_template of tokenizer_config.json"
-
-
-class ModelLoadError(ExpectedError, RuntimeError):
-    """The model cannot be loaded here; the message says what to set."""
 
 
 class NonFiniteError(FloatingPointError):
@@ -120,13 +116,7 @@ def _from_source(source: ModelSource, what: str, load: Callable[..., Any], **kwa
             raise ModelLoadError(
                 f"could not load the {what} of model {model_id!r} from {source.location}: {err}"
             ) from err
-        token = "a Hugging Face token was found" if get_token() else "no Hugging Face token was found"
-        raise ModelLoadError(
-            f"could not load the {what} of model {model_id!r} at revision {source.revision!r}: {err}\n{token}. "
-            f"{model_id} may be gated: accept its terms on https://huggingface.co/{model_id} with your account, then "
-            "set HF_TOKEN or run `hf auth login`, and check network access (or HF_HUB_OFFLINE with a filled cache). "
-            "To run offline without it, use model.id=tiny-gemma3."
-        ) from err
+        raise ModelLoadError(f"could not load the {what} of {hub_problem(source.model, err)}") from err
 
 
 def model_config(model: ModelParams) -> PretrainedConfig:

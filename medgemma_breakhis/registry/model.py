@@ -1,7 +1,8 @@
 """The registered model: each evaluated adapter as a version of one MLflow model, and the pyfunc classifier it is: image
-files' bytes in (column `image`), per image the class probabilities, the malignant probability, the predicted class and
-benign/malignant, and an `error` that is empty unless the image was refused, out (docs/model-registry.md)."""
+files' bytes (or their base64 text) in, per image OUTPUT_COLUMNS out: the probabilities, class and benign/malignant, why
+it was refused (`error`) or looks unlike BreakHis (`warning`), null where it has no value (docs/model-registry.md)."""
 
+import base64
 import importlib.metadata
 import io
 import logging
@@ -14,16 +15,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.models import ModelSignature
-from mlflow.models.model import ModelInfo
 from mlflow.types import ColSpec, Schema
 from peft import PeftModel
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
 from medgemma_breakhis.core.errors import ExpectedError
+from medgemma_breakhis.core.files import sha256
 from medgemma_breakhis.core.params import ModelParams, Params, Precision
-from medgemma_breakhis.data.breakhis import CLASS_NAMES, IMAGE_SIZE, binary_name
-from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS, malignant_probability
+from medgemma_breakhis.data.breakhis import CLASS_NAMES, IMAGE_SIZE
+from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS, binary_prediction, malignant_probability
 from medgemma_breakhis.evaluate.scoring import score_images
 from medgemma_breakhis.model.load import LoadedModelInfo, ModelLoadError, load_base_model
 from medgemma_breakhis.model.prompt import PROMPT
@@ -31,7 +32,8 @@ from medgemma_breakhis.model.prompt import PROMPT
 logger = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
-OUTPUT_COLUMNS = [*PROBABILITY_COLUMNS, "malignant_probability", "predicted_class", "predicted_binary", "error"]
+TEXT_COLUMNS = ["predicted_class", "predicted_binary", "error", "warning"]
+OUTPUT_COLUMNS = [*PROBABILITY_COLUMNS, "malignant_probability", *TEXT_COLUMNS]
 # What microscope cameras and slide scanners export; PIL's other plugins are never tried on an untrusted file.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 # From the header: far above any field of view (BreakHis: 0.3 megapixels), far below PIL's decompression-bomb limit.
@@ -45,9 +47,18 @@ class ImageRejected(ExpectedError):
     """An input that is not an image this classifier reads; the message says why, in one line."""
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """The RGB image in `data`, or ImageRejected: a non-image, a format outside ACCEPTED_FORMATS, a size outside
-    [MIN_SIDE, MAX_PIXELS] (refused from the header, before decoding) or a corrupt or truncated file."""
+def image_bytes(value: object) -> bytes:
+    """A row's image bytes: as sent, or decoded from base64 text (MLflow decodes it in `dataframe_*` formats only)."""
+    data = value if isinstance(value, bytes) else str(value).encode()
+    try:  # an image file's own bytes are never base64 text
+        return base64.b64decode(data) if re.fullmatch(rb"[A-Za-z0-9+/\s]*=*\s*", data) else data
+    except ValueError:  # base64's letters, but not base64: decode_image says what it is
+        return data
+
+
+def decode_image(data: bytes) -> tuple[Image.Image, str]:
+    """The RGB image in `data` and `unusual`'s warning, or ImageRejected: a non-image, a format outside ACCEPTED_FORMATS,
+    a size outside [MIN_SIDE, MAX_PIXELS] (refused from the header, before decoding) or a corrupt or truncated file."""
     if not data:
         raise ImageRejected("empty file")
     try:
@@ -62,7 +73,8 @@ def decode_image(data: bytes) -> Image.Image:
                 raise ImageRejected(
                     f"{width}x{height} pixels is smaller than {MIN_SIDE}x{MIN_SIDE}: not a field of view to classify"
                 )
-            return image.convert("RGB")  # decodes the whole image: a truncated file fails here
+            rgb = image.convert("RGB")  # decodes the whole image: a truncated file fails here
+            return rgb, unusual(rgb, image.mode)
     except UnidentifiedImageError:
         raise ImageRejected(f"not an image in a format read here ({', '.join(ACCEPTED_FORMATS)})") from None
     except Image.DecompressionBombError as err:  # PIL's own guard, checked on opening: far larger than MAX_PIXELS
@@ -71,34 +83,41 @@ def decode_image(data: bytes) -> Image.Image:
         raise ImageRejected(f"corrupt or truncated image ({type(err).__name__}: {err})") from None
 
 
-def classify(model: PreTrainedModel, processor: ProcessorMixin, images: list[bytes], batch_size: int) -> pd.DataFrame:
-    """One row per image (see the module doc): each checked and decoded, those that pass scored, the others with why."""
-    decoded, errors = [], []
-    for data in images:
+def unusual(image: Image.Image, mode: str) -> str:
+    """Why an RGB image (read as `mode`) is far from BreakHis's 700x460 RGB H&E fields of view, or "" (a thumbnail's)."""
+    (width, height), pixels = image.size, np.asarray(image.reduce(max(1, min(image.size) // 64)), dtype=np.int16)
+    reasons = {
+        f"{width}x{height} pixels": not (0.5 <= width / IMAGE_SIZE[0] <= 2 and 0.5 <= height / IMAGE_SIZE[1] <= 2),
+        f"{mode} pixels": mode not in ("RGB", "L"),
+        "grayscale": not np.ptp(pixels, axis=2).any(),  # red, green and blue equal everywhere, whatever the mode
+        "mostly dark": (pixels.mean(axis=2) < 50).mean() > 1 / 3,  # a slide is back-lit: its glass is bright
+    }
+    found = ", ".join(reason for reason, far in reasons.items() if far)
+    return found and f"unlike the 700x460 RGB H&E images it was trained on ({found}): its answer may mean little"
+
+
+def classify(model: PreTrainedModel, processor: ProcessorMixin, images: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    """One row per image in column `image` (see the module doc): checked and decoded, then scored or refused with why."""
+    table = pd.DataFrame(index=range(len(images)), columns=OUTPUT_COLUMNS).assign(error="", warning="")
+    decoded = {}
+    for row, data in enumerate(images[IMAGE_COLUMN]):
         try:
-            decoded.append(decode_image(bytes(data)))
-            errors.append("")
+            decoded[row], table.loc[row, "warning"] = decode_image(image_bytes(data))
         except ImageRejected as err:
-            errors.append(str(err))
-    scored = [i for i, error in enumerate(errors) if not error]
-    table = pd.DataFrame(np.nan, index=range(len(errors)), columns=PROBABILITY_COLUMNS)
-    table[["predicted_class", "predicted_binary"]] = ""
+            table.loc[row, "error"] = str(err)
     if decoded:
-        table.loc[scored, PROBABILITY_COLUMNS] = probabilities = score_images(model, processor, decoded, batch_size)
-        labels = probabilities.argmax(axis=1)
-        table.loc[scored, "predicted_class"] = [CLASS_NAMES[label] for label in labels]
-        table.loc[scored, "predicted_binary"] = [binary_name(label) for label in labels]
-    table.insert(len(PROBABILITY_COLUMNS), "malignant_probability", malignant_probability(table))
-    table["error"] = errors
-    return table
+        probabilities = score_images(model, processor, list(decoded.values()), batch_size)
+        scored = pd.DataFrame(probabilities, index=list(decoded), columns=PROBABILITY_COLUMNS)
+        scored["malignant_probability"] = malignant_probability(scored)
+        scored["predicted_class"] = [CLASS_NAMES[label] for label in probabilities.argmax(axis=1)]
+        scored["predicted_binary"] = binary_prediction(scored)
+        table.loc[scored.index, scored.columns] = scored
+    return table.astype(object).where(table.notna(), None)
 
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("binary", IMAGE_COLUMN)]),
-    outputs=Schema(
-        [ColSpec("double", name) for name in [*PROBABILITY_COLUMNS, "malignant_probability"]]
-        + [ColSpec("string", name) for name in ("predicted_class", "predicted_binary", "error")]
-    ),
+    outputs=Schema([ColSpec("string" if name in TEXT_COLUMNS else "double", name) for name in OUTPUT_COLUMNS]),
 )
 
 
@@ -143,17 +162,7 @@ class AdapterClassifier(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        return classify(self.model, self.processor, list(model_input[IMAGE_COLUMN]), self.batch_size)
-
-    @classmethod
-    def from_adapter(
-        cls, adapter_dir: Path, base: ModelParams, precision: Precision, batch_size: int
-    ) -> "AdapterClassifier":
-        """The same classifier on an adapter folder (the workspace's `models/adapter`), without MLflow."""
-        classifier = cls()
-        classifier.model, classifier.processor = load_adapter_model(adapter_dir, base, precision)
-        classifier.batch_size = batch_size
-        return classifier
+        return classify(self.model, self.processor, model_input, self.batch_size)
 
 
 PACKAGE = "medgemma_breakhis"
@@ -175,12 +184,23 @@ ORIGIN_TAGS = ("dvc_exp_name", "git_commit", "git_dirty")
 
 def register_adapter(
     run_id: str, adapter_dir: Path, params: Params, base: LoadedModelInfo, md5: str, headline: dict[str, float]
-) -> ModelInfo:
+) -> None:
     """Log the adapter (weights and processor, never the base weights), this package's code and a blank input example
     as a pyfunc model of run `run_id`, register it as a new version of `params.registry.model_name`, log the
-    `headline` metrics linked to it, and put them and the version's origin on the version (its page shows tags)."""
-    name, origin = params.registry.model_name, mlflow.MlflowClient().get_run(run_id).data.tags
+    `headline` metrics linked to it, and put them and the version's origin on the version (its page shows tags). An
+    adapter registered before gets no second version: the metrics are linked to its logged model instead."""
+    client, name = mlflow.MlflowClient(), params.registry.model_name
+    origin, digest = client.get_run(run_id).data.tags, sha256(adapter_dir / "adapter_model.safetensors")
+    # only the params' name (no quote allowed) and a digest go into the filter
+    if found := client.search_model_versions(f"name = '{name}' and tags.adapter_sha256 = '{digest}'"):
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_metrics(headline, model_id=found[0].model_id)
+        logger.info(
+            "%s is version %s of %s already: its new metrics are linked to it", adapter_dir, found[0].version, name
+        )
+        return
     tags = {key: origin[key] for key in ORIGIN_TAGS} | {
+        "adapter_sha256": digest,
         "adapter_dvc_md5": md5,
         "base_model_id": base.model_id,
         "base_model_resolved_revision": base.resolved_revision,
@@ -215,7 +235,7 @@ def register_adapter(
             model_type="image classifier (LoRA adapter on a vision-language model)",
         )
         mlflow.log_metrics(headline, model_id=info.model_id)
-    version, client = str(info.registered_model_version), mlflow.MlflowClient()
+    version = str(info.registered_model_version)
     for key, value in headline.items():  # `metric.eight_class_accuracy`: `0.875 [0.613, 1.000]`
         if not key.endswith(("_ci95_low", "_ci95_high")):
             low, high = headline.get(f"{key}_ci95_low"), headline.get(f"{key}_ci95_high")
@@ -224,9 +244,15 @@ def register_adapter(
         client.set_model_version_tag(name, version, key, value)
     labels = (("8-class accuracy", "eight_class_accuracy"), ("binary ROC-AUC", "binary_roc_auc"))
     figures = ", ".join(f"{label} {headline[key]:.3f}" for label, key in labels if key in headline)
+    experiment = origin["dvc_exp_name"]
+    kept = (
+        f"`dvc exp push origin {experiment}` keeps the experiment's own commit"
+        if experiment != "workspace"
+        else "commit the outputs (dvc.lock, metrics/) to keep them"
+    )
     description = (
-        f"LoRA adapter of DVC experiment {origin['dvc_exp_name']} (git {origin['git_commit'][:12]}) on "
-        f"{params.model.id}, fold {params.split.fold} at {params.split.magnification}X: {figures}"
+        f"LoRA adapter of DVC experiment {experiment} on {params.model.id}, fold {params.split.fold} at "
+        f"{params.split.magnification}X: {figures}. Made from git {origin['git_commit'][:12]}; {kept}."
     )
     client.update_model_version(name, version, description=description)
     logger.info("registered %s as version %s of model %s (models:/%s/%s)", adapter_dir, version, name, name, version)

@@ -1,178 +1,48 @@
-"""MLflow: the tracking store, set up the same way for the stages and the tools (found, bounded in time, its
-credentials out of every URL, checked in seconds), and the stages' runs, a parent per pipeline execution and a child
-per stage whose records are written when the stage ends (docs/design.md#tracking-at-the-stage-boundary)."""
+"""The stages' MLflow runs: a parent per pipeline execution and a child per stage, whose records are written when the
+stage ends (docs/design.md#tracking-at-the-stage-boundary)."""
 
 import contextlib
 import functools
 import hashlib
 import importlib.metadata
-import itertools
 import json
 import logging
 import os
 import platform
 import resource
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from unittest import mock
-from urllib.parse import unquote, urlsplit
 
 import mlflow
 import pandas as pd
 import psutil
 import torch
-from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, Run, RunTag
 from ruamel.yaml import YAML
 from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
-from medgemma_breakhis.core.errors import ExpectedError, ParamsError
-from medgemma_breakhis.core.files import atomic_write_json, main_repo_root, sha256
-from medgemma_breakhis.core.logs import redacted, shown_uri, without_user_info
+from medgemma_breakhis.core.errors import ParamsChangedError, ParamsError
+from medgemma_breakhis.core.files import atomic_write_json, sha256
+from medgemma_breakhis.core.logs import redacted, shown_uri
 from medgemma_breakhis.core.params import Params, dotted_get, load_params
-from medgemma_breakhis.core.stage import dvc_process
+from medgemma_breakhis.core.stage import dvc_process, dvc_set_params
+from medgemma_breakhis.track.store import (
+    check_sqlite_writable,
+    experiment_id,
+    refused_unless_store_answers,
+    sqlite_path,
+    tracking_uri,
+)
 
 logger = logging.getLogger(__name__)
-
-EXPERIMENT_NAME = "medgemma-breakhis"
-# MLflow 3's kind of a model-training experiment (its UI picks its view by its own switch: `make mlflow-ui`'s link).
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-# The store check before any work: seconds per attempt, with MLflow's HTTP retries off.
-STORE_CHECK_TIMEOUT_S = 10
-# How long a process waits for another that is creating a new sqlite store (tens of seconds when busy).
-FIRST_USE_LOCK_TIMEOUT_S = 180
-# Every other request to a server, instead of MLflow's 7 retries of up to 120 s each; a user's own settings are kept.
-STORE_REQUEST_POLICY = {
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-}
-
-
-class TrackingError(ExpectedError):
-    """The MLflow tracking store cannot be used; the message names it and the fix."""
-
-
-def embedded_tracking_uri() -> str:
-    """The store at the repository's root, also from DVC's experiment copies (MLflow's default is relative)."""
-    return f"sqlite:///{main_repo_root() / 'mlflow.db'}"
-
-
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set (a team server), else the embedded store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
-
-
-def sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
-def bound_store_requests() -> None:
-    """Apply `STORE_REQUEST_POLICY`, and move a user name and password in MLFLOW_TRACKING_URI to MLflow's own
-    variables (sent as the same basic authentication), so that no URL MLflow quotes carries them."""
-    for name, value in STORE_REQUEST_POLICY.items():
-        os.environ.setdefault(name, value)
-    parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
-    if parts.username is not None or parts.password is not None:
-        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username or "")
-        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password or "")
-        os.environ["MLFLOW_TRACKING_URI"] = without_user_info(parts).geturl()
-
-
-def store_error(uri: str, err: Exception) -> TrackingError:
-    """The one-line refusal of a store: its name, the error and the fix, no credential of `uri`."""
-    if (path := sqlite_path(uri)) is not None:
-        fix = (
-            f"Check that {path} is a writable MLflow database that no other process holds locked (an `mlflow ui` "
-            "is fine; a copy in progress is not); a corrupt one can be moved aside, and MLflow creates a new one."
-        )
-    else:
-        fix = (
-            "Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
-            "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use the "
-            "repository's own store, mlflow.db."
-        )
-    reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
-    return TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {reason}\n{fix}")
-
-
-def check_sqlite_writable(path: Path, timeout: float) -> None:
-    """Take and release the write lock, as MLflow will: a locked, read-only or corrupt file fails here."""
-    if not path.exists():
-        if not os.access(path.parent, os.W_OK):
-            raise PermissionError(f"{path.parent} is not writable, so {path.name} cannot be created")
-        return
-    connection = sqlite3.connect(path, timeout=timeout)
-    try:
-        connection.execute("BEGIN IMMEDIATE")
-        connection.rollback()
-    finally:
-        connection.close()
-
-
-@contextmanager
-def refused_unless_store_answers(uri: str) -> Iterator[None]:
-    """Requests made before any work: whatever the store raises becomes `store_error`'s one line."""
-    try:
-        yield
-    except ExpectedError:
-        raise
-    except Exception as err:  # noqa: BLE001 - any failure of the store (HTTP, SQL, file system) needs the same advice
-        raise store_error(uri, err) from None  # the cause quotes the URI
-
-
-def check_tracking_store(uri: str) -> None:
-    """TrackingError within seconds, naming the store and the fix, unless MLflow can read and write `uri`."""
-    checking = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(STORE_CHECK_TIMEOUT_S)}
-    with refused_unless_store_answers(uri), mock.patch.dict(os.environ, checking):  # MLflow reads them per request
-        if (path := sqlite_path(uri)) is not None:
-            check_sqlite_writable(path, STORE_CHECK_TIMEOUT_S)
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
-
-
-def open_store() -> mlflow.MlflowClient:
-    """The store, bounded and checked, as MLflow's tracking URI of this process (and its children)."""
-    bound_store_requests()
-    uri = tracking_uri()
-    check_tracking_store(uri)
-    mlflow.set_tracking_uri(uri)  # which also exports MLFLOW_TRACKING_URI
-    return mlflow.MlflowClient()
-
-
-def experiment_id() -> str:
-    """The experiment's id in the checked store, created on first use as a model-training experiment (artifacts at the
-    repository's root with the embedded store)."""
-    bound_store_requests()
-    uri, path = tracking_uri(), sqlite_path(tracking_uri())
-    # two processes creating a new sqlite store (queue workers) break each other's schema migration
-    lock = FileLock(f"{path}.lock", timeout=FIRST_USE_LOCK_TIMEOUT_S) if path else nullcontext()
-    try:
-        with lock:
-            client = open_store()
-            with refused_unless_store_answers(uri):
-                if (experiment := client.get_experiment_by_name(EXPERIMENT_NAME)) is None:
-                    location = (main_repo_root() / "mlartifacts").as_uri() if uri == embedded_tracking_uri() else None
-                    tags = {EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
-                    return client.create_experiment(EXPERIMENT_NAME, artifact_location=location, tags=tags)
-                if EXPERIMENT_KIND_TAG not in experiment.tags:
-                    client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-                return experiment.experiment_id
-    except Timeout:
-        raise TrackingError(
-            f"MLflow tracking store {shown_uri(uri)} cannot be used: another process has held {path}.lock for "
-            f"{FIRST_USE_LOCK_TIMEOUT_S} s"
-        ) from None
-
 
 # The digest of params.yaml's values when a pipeline execution began, on its parent run: its later stages compare.
 PARAMS_DIGEST_TAG = "params_digest"
@@ -181,10 +51,6 @@ TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "
 # MLflow's 20 s wait.
 SQLITE_PROBE_TIMEOUT_S = 1.0
 GIB = 2**30
-
-
-class ParamsChangedError(ExpectedError):
-    """params.yaml changed while a stage ran: its results would be recorded under params they were not made with."""
 
 
 def _git(*args: str) -> str | None:
@@ -250,25 +116,6 @@ def params_digest(path: Path = Path("params.yaml")) -> str:
     return "sha256:" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-def dvc_set_params(command: Sequence[str]) -> dict[str, Any]:
-    """The values a `dvc exp run -S key=value` command line writes into params.yaml, by dotted key, read by DVC's own
-    parsers; sweeps, other files' keys and Hydra's `+key`/`~key` forms are left out."""
-    if ("exp", "run") not in itertools.pairwise(command):
-        return {}
-    from dvc.cli import parse_args
-    from dvc.utils.cli_parse import to_path_overrides
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import OverrideType
-
-    arguments = parse_args(list(command[command.index("exp") :])).set_param or []
-    overrides = OverridesParser.create().parse_overrides(to_path_overrides(arguments).get("params.yaml", []))
-    return {
-        override.key_or_group: override.value()
-        for override in overrides
-        if override.type == OverrideType.CHANGE and not override.is_sweep_override()
-    }
-
-
 def changed_since(digest: str, asked: dict[str, Any], path: Path = Path("params.yaml")) -> str | None:
     """Why `path` is not what a stage started from, if it is not: its values' digest is not `digest`, or it lacks a
     value the running `dvc exp run` was asked for (`asked`)."""
@@ -323,6 +170,7 @@ class StageRun:
     figures: dict[str, Figure] = field(default_factory=dict)
     then: list[tuple[str, Callable[[], object]]] = field(default_factory=list)  # last writes, e.g. a registration
     parent_tags: dict[str, str] = field(default_factory=dict)
+    parent_metrics: dict[str, float] = field(default_factory=dict)  # the pipeline's headline, on its parent run
 
     def refuse_if_params_changed(self) -> None:
         """Before the stage writes its results: ParamsChangedError if params.yaml changed since the stage began."""
@@ -361,10 +209,11 @@ class StageRun:
             writes.append((f"the artifact {path}", artifact))
         for name, figure in self.figures.items():
             writes.append((f"the figure {name}", functools.partial(client.log_figure, self.run_id, figure, name)))
-        if self.parent_tags:
+        if self.parent_tags or self.parent_metrics:
             tags = [RunTag(key, value) for key, value in self.parent_tags.items()]
-            parent = functools.partial(client.log_batch, self.parent_run_id, tags=tags)
-            writes.append(("the pipeline run's tags", parent))
+            metrics = [Metric(k, float(v), now, 0) for k, v in self.parent_metrics.items()]
+            parent = functools.partial(client.log_batch, self.parent_run_id, metrics=metrics, tags=tags)
+            writes.append(("the pipeline run's metrics and tags", parent))
         return writes + self.then
 
     def end(self, status: str) -> None:
@@ -408,13 +257,20 @@ class StageRun:
             logger.warning("%d item(s) could not be tracked in MLflow, listed in %s", len(failures), self.record)
 
 
-def _pipeline_run(client: mlflow.MlflowClient, experiment: str, origin: dict[str, str], params: Params) -> Run:
-    """The parent run of this pipeline execution, found by its key, or created by its first stage; running."""
+def _pipeline_run(
+    client: mlflow.MlflowClient, experiment: str, origin: dict[str, str], params: Params, requested: dict[str, Any]
+) -> Run:
+    """The parent run of this pipeline execution, found by its key, or created by its first stage with all params
+    and a description naming the changed ones (`requested`, a `dvc exp run`'s -S values); running."""
     query = f"tags.pipeline_key = '{origin['pipeline_key']}' and tags.run_kind = 'pipeline'"
     if found := client.search_runs([experiment], query):
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0]
-    tags = {**origin, "run_kind": "pipeline", PARAMS_DIGEST_TAG: params_digest()}
+    changed = ", ".join(f"{key}={value}" for key, value in requested.items()) or "none"
+    description = (
+        f"DVC experiment {origin['dvc_exp_name']} at git {origin['git_commit'][:12]}; changed params: {changed}"
+    )
+    tags = {**origin, "run_kind": "pipeline", PARAMS_DIGEST_TAG: params_digest(), "mlflow.note.content": description}
     run = client.create_run(experiment, tags=tags, run_name=origin["dvc_exp_name"])
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.flat().items()])
     return client.get_run(run.info.run_id)
@@ -433,7 +289,7 @@ def tracked_run(stage: str, params: Params, split_csv: Path, record: Path) -> It
     refuse_changed_params(digest, requested, "this stage began")  # a dvc exp run's -S values, overwritten
     experiment, origin, client = experiment_id(), origin_tags(), mlflow.MlflowClient()
     with refused_unless_store_answers(tracking_uri()):
-        parent = _pipeline_run(client, experiment, origin, params)
+        parent = _pipeline_run(client, experiment, origin, params, requested)
         first = parent.data.tags.get(PARAMS_DIGEST_TAG, digest)
         refuse_changed_params(first, requested, "this pipeline execution's first stage began")
         tags = {
@@ -446,7 +302,7 @@ def tracked_run(stage: str, params: Params, split_csv: Path, record: Path) -> It
             "model_id": params.model.id,
             "model_revision": params.model.revision,
         }
-        name = f"{stage} (fold {params.split.fold}, {params.split.magnification}X)"
+        name = f"{stage} fold{params.split.fold} {params.split.magnification}x"
         child = client.create_run(experiment, tags=tags, run_name=name).info.run_id
         try:
             client.log_batch(child, params=[Param(k, str(v)) for k, v in params.flat().items()])

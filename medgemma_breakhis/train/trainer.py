@@ -212,6 +212,7 @@ def run_training(
             save_adapter(trainer, staging)
         run.metrics |= {"skipped_optimizer_steps": len(skipped.steps), "time_model_load_s": load_seconds}
         run.metrics |= times.metrics()
+        run.parent_metrics["train_loss_last"] = summary["train_loss_last"]
         if skipped.steps:
             run.tags["skipped_optimizer_steps_at"] = ",".join(map(str, skipped.steps))
         # the steps up to a resumed checkpoint belong to the run that made them, which tracked them
