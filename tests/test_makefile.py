@@ -40,3 +40,19 @@ def test_a_branch_name_that_is_shell_code_is_refused_not_run(tmp_path: Path) -> 
         f"""'main";touch {planted};"' is no branch, tag, commit or DVC experiment of this repository""" in result.stderr
     )
     assert not planted.exists()
+
+
+@pytest.mark.slow  # make and a tool in subprocesses
+def test_make_predict_lists_a_refused_path_without_an_error_line_of_make(tmp_path: Path) -> None:
+    missing, out = tmp_path / "missing.png", tmp_path / "predicted.csv"
+    result = subprocess.run(
+        ["make", "-o", ".venv/.installed", "predict", f"IMAGES={missing}", f"OUT={out}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"refused {missing}: " in result.stderr
+    assert "Error" not in result.stderr  # make's `*** [Makefile:…: predict] Error 1`

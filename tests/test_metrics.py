@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -13,6 +15,7 @@ from medgemma_breakhis.evaluate.metrics import (
     evaluation_metrics,
     expected_calibration_error,
     headline,
+    headline_table,
     patient_bootstrap_ci,
     predictions_frame,
     roc_points,
@@ -133,3 +136,18 @@ def test_benign_or_malignant_of_scores_is_the_summed_malignant_probability_not_t
     assert evaluation_metrics(table, resamples=100, seed=0)["binary"]["accuracy"] == 1.0
     generated = predictions_frame(rows([4, 0], ["a", "b"]), np.array([0, 4]), answers=["0", "4"])
     assert generated["predicted_binary"].tolist() == ["benign", "malignant"]  # no probabilities: the class's side
+
+
+def test_a_stage_logs_its_headline_as_a_short_table_not_a_dict() -> None:
+    predicted = [0, 2, 4, 4, 0, 1]
+    table = predictions_frame(
+        rows([0, 1, 4, 5, 0, 4], ["a", "a", "b", "b", "c", "d"]), np.array(predicted), one_hot(predicted)
+    )
+    metrics = evaluation_metrics(table, resamples=200, seed=0)
+    lines = headline_table(metrics).splitlines()
+    accuracy = metrics["eight_class"]["accuracy"]
+    low, high = metrics["eight_class"]["accuracy_ci95_low"], metrics["eight_class"]["accuracy_ci95_high"]
+    assert lines[0].split() == ["8-class", "accuracy", f"{accuracy:.3f}", f"[{low:.3f},", f"{high:.3f}]"]
+    assert lines[-1].split() == ["unparseable", "answers", "0"]
+    assert len(lines) == len(HEADLINE)  # a line each, each number of at most three decimals
+    assert not any(re.search(r"\d\.\d{4}", line) for line in lines)

@@ -204,7 +204,7 @@ def test_bad_inputs_are_refused_one_line_each_and_the_rest_classified(
                 str(out),
             ]
         )
-    assert exited.value.code == 1
+    assert exited.value.code == predict.REFUSED_EXIT_STATUS
     refused = [line for line in capsys.readouterr().err.splitlines() if line.startswith("refused ")]
     results = pd.read_csv(out, keep_default_na=False).set_index("file")
     assert len(refused) == len(results[results["error"] != ""]) == 7  # 5 bad files, an empty folder, a missing file

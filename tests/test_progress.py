@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 
 import datasets
 import huggingface_hub.utils
@@ -53,3 +54,14 @@ def test_the_libraries_bars_are_off_in_a_log_file(monkeypatch: pytest.MonkeyPatc
         transformers.utils.logging.enable_progress_bar()
         datasets.enable_progress_bars()
         huggingface_hub.utils.enable_progress_bars()
+
+
+def test_the_libraries_deprecation_of_a_name_they_read_is_not_shown() -> None:
+    """peft and trl read `is_gradient_checkpointing`, which transformers deprecates: four warnings a pipeline."""
+    configure_logging()
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.warn(
+            "`is_gradient_checkpointing` is deprecated and will be removed in v6.", FutureWarning, stacklevel=1
+        )
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+    assert [str(warning.message) for warning in shown] == ["another deprecation"]

@@ -8,8 +8,8 @@ MODEL: a registered version (`models:/medgemma-breakhis@champion`, `models:/medg
 URI), a DVC experiment's name (the version its `evaluate` registered), or an adapter folder such as `models/adapter`
 (the base model then comes from params.yaml and -S). Without it: the version with the alias `champion`, else the
 newest version. A folder is searched recursively for image files. A refused image gets a line on stderr and its
-`error` in the CSV, one unlike BreakHis's a line and its `warning` (classified all the same); exit status 1 when any
-was refused or nothing could run, else 0."""
+`error` in the CSV, one unlike BreakHis's a line and its `warning` (classified all the same); exit status 3 when any
+was refused (`make predict` takes that as done: the refusals are listed), 1 when nothing could run, else 0."""
 
 import argparse
 import logging
@@ -37,6 +37,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 MAX_FILE_BYTES = 400 * 2**20
 # Images read and scored per call of the model, so a folder of thousands never sits in memory at once.
 CHUNK = 64
+REFUSED_EXIT_STATUS = 3
 SHOWN_ROWS = 20
 Predict = Callable[[pd.DataFrame], pd.DataFrame]
 # MedGemma's intended use (its model card), in our words; printed once per run.
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{classified} image(s) classified with {shown}, {len(refused)} refused; every row in {args.out}")
     print(CAVEAT)
     if len(refused):
-        sys.exit(1)
+        sys.exit(REFUSED_EXIT_STATUS)
 
 
 if __name__ == "__main__":
