@@ -17,7 +17,7 @@ DEMO_PARAMS := $(OFFLINE_PARAMS) -S 'data.synthetic.magnifications=[100]' -S tra
 DEMO_EXP := demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: help setup tokenizer demo test test-fast lint cv compare-precision bench bench-train rehearse report gpu-memory
-.PHONY: predict models promote serve mlflow-ui
+.PHONY: predict register models promote serve mlflow-ui
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/^([a-z-]+):.*## /\1\t/' | expand -t 20
@@ -109,6 +109,9 @@ predict: setup ## classify new images: IMAGES='a.png folder/' [MODEL=…] [OUT=r
 	@test -n "$$IMAGES" || { echo "usage: make predict IMAGES='<files or folders>' [MODEL=...] [OUT=...]" >&2; exit 2; }
 	@# exit status 3: some images refused, each listed; not a failure of make's
 	@$(BIN)/python -m tools.predict $$IMAGES $${MODEL:+--model "$$MODEL"} $${OUT:+--out "$$OUT"} || test $$? -eq 3
+
+register: setup ## a failed registration again: re-scores the workspace adapter and registers it (dvc repro --force evaluate)
+	$(BIN)/dvc repro --force --single-item evaluate
 
 models: setup ## the registered model's versions: aliases, DVC experiment, git commit, headline metrics
 	@$(BIN)/python -m tools.models list
