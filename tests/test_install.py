@@ -3,11 +3,15 @@ against the pins (tools/install_requirements.py, tools/check_pins.py)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import subprocess
 import sys
+import sysconfig
 import venv
 from pathlib import Path
 
@@ -15,13 +19,13 @@ import pytest
 from packaging.utils import canonicalize_name
 
 from tools.check_pins import VENV_SEEDS, pin_problems, read_pins
-from tools.install_requirements import UntranslatableSettingError, bootstrap_uv, pip_install_options, uv_arguments
+from tools.install_requirements import bootstrap_uv, install, uv_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD_PYTHON = REPO / ".venv-cloud" / "bin" / "python"
 
 
-def test_this_environment_holds_the_pinned_versions() -> None:
+def test_this_environment_holds_the_pinned_versions_each_file_as_its_record_gives_it() -> None:
     problems, _ = pin_problems(REPO / "requirements.txt")
     assert problems == []
 
@@ -54,10 +58,10 @@ def pip_configuration(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.delenv(name)
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
 
-    def configure(**settings: str) -> tuple[list[str], dict[str, str]]:
+    def configure(**settings: str) -> tuple[list[str], dict[str, str]] | None:
         for name, value in settings.items():
             monkeypatch.setenv(f"PIP_{name}", value)
-        return uv_arguments(*pip_install_options())
+        return uv_arguments()
 
     return configure
 
@@ -66,11 +70,11 @@ def test_without_pip_configuration_uv_resolves_and_compiles_like_pip(pip_configu
     assert pip_configuration() == (["--index-strategy", "unsafe-best-match", "--compile-bytecode"], {})
 
 
-def test_every_pip_setting_that_changes_what_is_installed_becomes_its_uv_flag(pip_configuration) -> None:
+def test_every_pip_setting_that_changes_what_is_installed_becomes_its_uv_flag_or_variable(pip_configuration) -> None:
     arguments, environment = pip_configuration(
         INDEX_URL="https://mirror.example/simple",
         EXTRA_INDEX_URL="file:///opt/pypi/simple file:///opt/more/simple",
-        FIND_LINKS="/opt/wheels",
+        FIND_LINKS="/opt/wheels /opt/more-wheels",
         CONSTRAINT="/etc/xdg/pip/constraints.txt",
         TRUSTED_HOST="mirror.example",
         ONLY_BINARY=":all:",
@@ -81,14 +85,18 @@ def test_every_pip_setting_that_changes_what_is_installed_becomes_its_uv_flag(pi
         DISABLE_PIP_VERSION_CHECK="1",  # changes nothing installed: nothing to hand over
     )
     assert arguments == [
-        *("--index-strategy", "unsafe-best-match", "--compile-bytecode"),
-        *("--default-index", "https://mirror.example/simple"),
-        *("--index", "file:///opt/pypi/simple", "--index", "file:///opt/more/simple"),
-        *("--find-links", "/opt/wheels", "--constraints", "/etc/xdg/pip/constraints.txt"),
-        *("--allow-insecure-host", "mirror.example", "--prerelease", "allow"),
+        *("--index-strategy", "unsafe-best-match", "--compile-bytecode", "--prerelease", "allow"),
         *("--no-binary", "torch", "--only-binary", ":all:"),
     ]
-    assert environment == {"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt", "UV_HTTP_TIMEOUT": "180"}
+    assert environment == {  # lists joined by the separator uv splits each at (uv pip install --help)
+        "UV_DEFAULT_INDEX": "https://mirror.example/simple",
+        "UV_INDEX": "file:///opt/pypi/simple file:///opt/more/simple",
+        "UV_FIND_LINKS": "/opt/wheels,/opt/more-wheels",
+        "UV_CONSTRAINT": "/etc/xdg/pip/constraints.txt",
+        "UV_INSECURE_HOST": "mirror.example",
+        "SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt",
+        "UV_HTTP_TIMEOUT": "180",
+    }
 
 
 def test_settings_are_read_as_pip_reads_them(pip_configuration) -> None:
@@ -97,9 +105,94 @@ def test_settings_are_read_as_pip_reads_them(pip_configuration) -> None:
     assert "--compile-bytecode" not in pip_configuration(NO_COMPILE="no")[0]
 
 
-def test_pip_setting_without_uv_equivalent_leaves_the_install_to_pip(pip_configuration) -> None:
-    with pytest.raises(UntranslatableSettingError, match=r"sets prefer_binary=1, which uv has no equivalent"):
-        pip_configuration(PREFER_BINARY="1")
+def test_pip_setting_without_uv_equivalent_leaves_the_install_to_pip(
+    pip_configuration, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert pip_configuration(PREFER_BINARY="1") is None
+    assert "uv cannot take the pip configuration's prefer_binary as pip does, so pip installs instead" in caplog.text
+
+
+def test_a_list_item_that_uv_would_split_leaves_the_install_to_pip(
+    pip_configuration, caplog: pytest.LogCaptureFixture
+) -> None:
+    """UV_FIND_LINKS is split at commas (the other list variables at spaces): /opt/a,b would reach uv as two."""
+    assert pip_configuration(FIND_LINKS="/opt/wheels /opt/a,b") is None
+    assert "uv cannot take the pip configuration's find_links as pip does, so pip installs instead" in caplog.text
+
+
+def test_a_password_in_an_index_or_find_links_url_is_on_no_command_line_and_in_no_log_line(
+    pip_configuration, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Finding: `make setup` logged the uv command with PIP_EXTRA_INDEX_URL's password in it, and the same URL sat on
+    uv's command line, which any local user reads with `ps`. The URLs now reach uv in its environment (readable by
+    its own user only, /proc/<pid>/environ) and the log shows them without user name and password."""
+    prefix = tmp_path / "venv"
+    uv = prefix / "uv-0.13.8" / "bin" / "uv"  # a uv that writes down what it was given
+    uv.parent.mkdir(parents=True)
+    uv.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/argv\nenv > {tmp_path}/environ\n')
+    uv.chmod(0o755)
+    monkeypatch.setattr(sys, "prefix", str(prefix))
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *args, **kwargs: str(tmp_path / "site-packages"))
+    pip_configuration(
+        INDEX_URL="https://tok3n@mirror.example/simple",
+        EXTRA_INDEX_URL="http://bob:secret@host.example/simple https://alice:p%40ss@other.example/simple",
+        FIND_LINKS="https://bob:secret@host.example/wheels/",
+    )
+    caplog.set_level(logging.INFO)
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("six==1.17.0\n")
+
+    assert install(requirements, "0.13.8") == "uv 0.13.8"
+
+    argv, environ = (tmp_path / "argv").read_text(), (tmp_path / "environ").read_text()
+    for secret in ("secret", "tok3n", "p%40ss", "bob", "alice"):
+        assert secret not in argv
+        assert secret not in caplog.text
+    assert "UV_INDEX=http://bob:secret@host.example/simple https://alice:p%40ss@other.example/simple" in environ
+    assert "UV_FIND_LINKS=https://bob:secret@host.example/wheels/" in environ
+    assert "UV_DEFAULT_INDEX=https://tok3n@mirror.example/simple" in environ
+    assert "UV_INDEX='http://host.example/simple https://other.example/simple'" in caplog.text
+    assert "UV_FIND_LINKS='https://host.example/wheels/'" in caplog.text
+
+
+def _installed_distribution(site: Path, files: dict[str, bytes]) -> Path:
+    """tiny-pkg 1.0 as an installer leaves it in `site`: its files, METADATA, and a RECORD with their sha256."""
+    info = site / "tiny_pkg-1.0.dist-info"
+    files = {**files, f"{info.name}/METADATA": b"Metadata-Version: 2.1\nName: tiny-pkg\nVersion: 1.0\n"}
+    record = [f"{info.name}/RECORD,,"]
+    for name, data in files.items():
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_bytes(data)
+        digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(data)}")
+    (info / "RECORD").write_text("\n".join(record) + "\n")
+    return info
+
+
+def test_pin_problems_name_a_package_whose_files_differ_from_its_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding: after a SIGKILL mid-install, `make setup` certified a torch with files missing ("every package pinned
+    and at its pinned version"). The check now compares every file with its RECORD: missing, cut short or changed."""
+    site = tmp_path / "site-packages"
+    info = _installed_distribution(site, {"tiny_pkg/__init__.py": b"", "tiny_pkg/data.bin": b"0123456789"})
+    monkeypatch.syspath_prepend(str(site))
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tiny-pkg==1.0\n")
+    assert pin_problems(requirements)[0] == []
+
+    damage = "tiny-pkg 1.0 is damaged: tiny_pkg/data.bin is missing or differs from its RECORD; `make setup` installs"
+    (site / "tiny_pkg" / "data.bin").unlink()  # what a killed install leaves
+    assert any(problem.startswith(damage) for problem in pin_problems(requirements)[0])
+    (site / "tiny_pkg" / "data.bin").write_bytes(b"01234")  # cut short
+    assert any(problem.startswith(damage) for problem in pin_problems(requirements)[0])
+    (site / "tiny_pkg" / "data.bin").write_bytes(b"9876543210")  # the same size, other bytes
+    assert any(problem.startswith(damage) for problem in pin_problems(requirements)[0])
+    (info / "RECORD").unlink()  # pip writes RECORD last
+    assert (
+        "tiny-pkg 1.0 is damaged: its RECORD is missing; `make setup` installs it again"
+        in pin_problems(requirements)[0]
+    )
 
 
 def test_uv_that_cannot_be_had_leaves_the_install_to_pip(

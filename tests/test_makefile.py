@@ -1,4 +1,5 @@
-"""The Makefile takes values from its users (make report BASE=…, ARGS=…, GPUS=…) as data, never as shell code."""
+"""The Makefile takes values from its users (make report BASE=…, ARGS=…, GPUS=…) as data, never as shell code, and
+the clone's own path too (tests/test_install_scratch.py runs make setup at a path with a space)."""
 
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ def test_user_values_are_exported_and_never_pasted_into_a_recipe() -> None:
     for line in recipes:
         pasted = {name for name in USER_VALUES if f"$({name})" in line or f"${{{name}}}" in line}
         assert not pasted, f"{sorted(pasted)} pasted into: {line.strip()}"
+
+
+def test_every_environment_path_in_a_recipe_is_quoted_so_a_clone_at_a_path_with_a_space_works() -> None:
+    """Finding: `$(BIN)/python` (an absolute path) unquoted split at a space in the clone's path: every target failed
+    there with `make: /home/me/my: No such file or directory`."""
+    recipes = [line for line in MAKEFILE.read_text().splitlines() if line.startswith(("\t", "PYTEST :="))]
+    unquoted = [line.strip() for line in recipes if re.search(r'(?<!")\$\((BIN|CLOUD_BIN)\)', line)]
+    assert unquoted == []
 
 
 @pytest.mark.slow  # make and a tool in subprocesses

@@ -1,8 +1,5 @@
-"""Whether the running environment holds exactly what a requirements file pins: every package at its pinned version,
-and nothing the pinned packages need left unpinned (a dependency that floats installs whatever is newest that day).
-
-Run (what `make setup` does after installing): .venv/bin/python -m tools.check_pins requirements.txt
-"""
+"""Whether the running environment holds exactly what a requirements file pins (`make setup` asks after installing):
+every package at its pinned version, its files as its RECORD gives them, and no dependency of theirs left unpinned."""
 
 import argparse
 import importlib.metadata
@@ -13,12 +10,12 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from tools.install_requirements import damaged
+
 logger = logging.getLogger(__name__)
 
 # What `python -m venv` puts in an environment, and `pip freeze` leaves out: never reported as unpinned extras.
 VENV_SEEDS = frozenset({"pip", "setuptools", "wheel"})
-# The venv's own pip, kept for its users at the version the venv's Python brings: a package needing it is served.
-INSTALLER = "pip"
 
 
 def read_pins(requirements: Path) -> tuple[dict[str, Requirement], list[str]]:
@@ -74,8 +71,11 @@ def pin_problems(requirements: Path) -> tuple[list[str], list[str]]:
             problems.append(f"{pin.name} is pinned ({pin.specifier}) but not installed")
         elif not pin.specifier.contains(version := installed[name].version, prereleases=True):
             problems.append(f"{pin.name} {version} is installed, but {requirements} pins {pin.specifier}")
+        elif problem := damaged(installed[name]):
+            problems.append(f"{pin.name} {version} is damaged: {problem}; `make setup` installs it again")
     needed = _needed(pins, installed)
-    unpinned = sorted(set(needed) - set(pins) - {INSTALLER})
+    # the venv's own pip, kept at the version the venv's Python brings, serves a package that needs it
+    unpinned = sorted(set(needed) - set(pins) - {"pip"})
     problems += [f"{needed[name]} needs {name}, which {requirements} does not pin" for name in unpinned]
     notes = [
         f"{name} {installed[name].version} is installed but neither pinned nor needed by a pinned package"

@@ -1,20 +1,20 @@
-"""Install a pinned requirements file into the running virtual environment: with uv (pinned) where it can be had,
-with pip otherwise, and either way from the same indexes, find-links and constraints as `pip install` would use
-(pip's own parser reads its configuration for uv; a setting uv has no equivalent for means pip installs).
-
-Run (what `make setup` does; it needs only the standard library and the environment's own pip: a fresh venv has them):
-    .venv/bin/python -m tools.install_requirements requirements.txt --uv-version 0.13.8
+"""Install a pinned requirements file into this virtual environment (what `make setup` runs first: it needs only the
+standard library and the venv's own pip): with uv, pinned, from the indexes, find-links and constraints pip's
+configuration gives, or with pip where uv cannot be had or take a setting; a damaged package is installed afresh.
 """
 
 import argparse
+import csv
+import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
-from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -25,70 +25,68 @@ _NO_EFFECT_ON_WHAT_IS_INSTALLED = (  # noqa: SIM905 - names, read as a sentence
     "warn_script_location"
 ).split()
 PIP_INSTALL = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-# pip's list settings with the uv flag given once per item, and its switches with the uv flags they become.
-_UV_LIST_FLAGS = {
-    "extra_index_urls": "--index",
-    "find_links": "--find-links",
-    "constraints": "--constraints",
-    "trusted_hosts": "--allow-insecure-host",
-}
 _UV_SWITCHES = {"no_index": ["--no-index"], "pre": ["--prerelease", "allow"], "require_hashes": ["--require-hashes"]}
-# pip's certificate and proxy settings, and the environment variables uv reads them from.
-_UV_VARIABLES = {"cert": ["SSL_CERT_FILE"], "client_cert": ["SSL_CLIENT_CERT"], "proxy": ["HTTP_PROXY", "HTTPS_PROXY"]}
-# The other pip settings uv_arguments translates.
-_TRANSLATED_OTHERWISE = {"compile", "index_url", "format_control", "timeout", "retries"}
+# The variables uv reads pip's other settings from, and how each value is written there (a list joined by the separator
+# uv splits it at). What may be a URL goes this way, never on uv's command line: `ps` shows a password there to anyone.
+_UV_VARIABLES = {
+    "UV_DEFAULT_INDEX": ("index_url", str),
+    "UV_INDEX": ("extra_index_urls", " ".join),
+    "UV_FIND_LINKS": ("find_links", ",".join),
+    "UV_CONSTRAINT": ("constraints", " ".join),
+    "UV_INSECURE_HOST": ("trusted_hosts", " ".join),
+    "SSL_CERT_FILE": ("cert", str),
+    "SSL_CLIENT_CERT": ("client_cert", str),
+    "HTTP_PROXY": ("proxy", str),
+    "HTTPS_PROXY": ("proxy", str),
+    "UV_HTTP_TIMEOUT": ("timeout", lambda seconds: str(round(seconds))),
+    "UV_HTTP_RETRIES": ("retries", str),
+}
 
 
-class UntranslatableSettingError(Exception):
-    """A pip setting uv has no equivalent for: pip must install, or the result could differ."""
-
-
-def pip_install_options() -> tuple[dict[str, Any], dict[str, Any]]:
-    """`pip install`'s options as this machine's pip configuration sets them, and pip's built-in defaults."""
-    from pip._internal.commands import create_command  # pip's parser, so pip's precedence of files and variables
+def uv_arguments() -> tuple[list[str], dict[str, str]] | None:
+    """The `uv pip install` flags and variables that mean what pip's configuration means, as pip reads it; or None."""
+    from pip._internal.commands import create_command
 
     command = create_command("install")
-    options, _ = command.parse_args([])
-    return vars(options), dict(command.parser.defaults)
-
-
-def uv_arguments(options: dict[str, Any], defaults: dict[str, Any]) -> tuple[list[str], dict[str, str]]:
-    """The `uv pip install` flags and environment variables that mean what the pip settings mean."""
-    arguments = ["--index-strategy", "unsafe-best-match"]  # pip's: the best version across every index
+    options, defaults = vars(command.parse_args([])[0]), command.parser.defaults
     changed = {key for key, value in options.items() if key in defaults and value != defaults[key]}
+    arguments = ["--index-strategy", "unsafe-best-match"]  # pip's: the best version across every index
     if options["compile"]:
         arguments.append("--compile-bytecode")
-    if options["index_url"] != defaults["index_url"]:
-        arguments += ["--default-index", options["index_url"]]
-    for key, flag in _UV_LIST_FLAGS.items():
-        arguments += [part for value in options[key] for part in (flag, value)]
-    for key, flags in _UV_SWITCHES.items():
-        if options[key]:
-            arguments += flags
-    # the one option pip fills by mutating its default in place: read it, never compare it
-    formats = options["format_control"]
+    arguments += [flag for key, flags in _UV_SWITCHES.items() if options[key] for flag in flags]
+    formats = options["format_control"]  # the one option pip fills by mutating its default: read, never compared
     for flag, packages in (("--no-binary", formats.no_binary), ("--only-binary", formats.only_binary)):
         arguments += [part for package in sorted(packages) for part in (flag, package)]
-    environment = {name: options[key] for key, names in _UV_VARIABLES.items() if options[key] for name in names}
-    if "timeout" in changed:
-        environment["UV_HTTP_TIMEOUT"] = str(round(options["timeout"]))
-    if "retries" in changed:
-        environment["UV_HTTP_RETRIES"] = str(options["retries"])
-    translated = {*_UV_LIST_FLAGS, *_UV_SWITCHES, *_UV_VARIABLES, *_TRANSLATED_OTHERWISE}
-    if untranslatable := sorted(changed - translated - set(_NO_EFFECT_ON_WHAT_IS_INSTALLED)):
-        settings = ", ".join(f"{key}={options[key]!r}" for key in untranslatable)
-        raise UntranslatableSettingError(f"the pip configuration sets {settings}, which uv has no equivalent for")
+    environment = {name: write(options[key]) for name, (key, write) in _UV_VARIABLES.items() if key in changed}
+    translated = {*_UV_SWITCHES, *(key for key, _ in _UV_VARIABLES.values()), "compile", "format_control"}
+    # and a list with an item that holds a space or a comma: uv splits its variables there (UV_FIND_LINKS at commas)
+    split = {k for k in translated if isinstance(options[k], list) and any(set(" ,") & set(i) for i in options[k])}
+    if untranslatable := sorted(changed - translated - set(_NO_EFFECT_ON_WHAT_IS_INSTALLED) | split):
+        settings = ", ".join(untranslatable)
+        logger.warning("uv cannot take the pip configuration's %s as pip does, so pip installs instead", settings)
+        return None
     return arguments, environment
 
 
+def damaged(distribution: importlib.metadata.Distribution) -> str | None:
+    """How an installed distribution differs from its RECORD (the first file missing or not of the sha256 it gives)."""
+    from pip._internal.operations.install.wheel import rehash  # a file's sha256 as RECORD writes it
+
+    if (record := distribution.read_text("RECORD")) is None:
+        return "its RECORD is missing"
+    for name, digest, _ in csv.reader(record.splitlines()):
+        path = Path(distribution.locate_file(name))
+        if not path.is_file() or digest and rehash(str(path))[0] != digest:
+            return f"{name} is missing or differs from its RECORD"
+    return None
+
+
 def bootstrap_uv(version: str) -> Path | None:
-    """uv `version`, installed by pip beside (not among) the environment's packages; None, and why, if it cannot be."""
+    """uv `version` by pip beside (not among) the environment's packages, over a cut-short bootstrap; None, and why."""
     target = Path(sys.prefix) / f"uv-{version}"
     binary = target / "bin" / "uv"
     if not binary.is_file():
-        if target.exists():  # what an interrupted bootstrap left
-            shutil.rmtree(target)
-        command = [*PIP_INSTALL, "--target", str(target), f"uv=={version}"]
+        command = [*PIP_INSTALL, "--upgrade", "--target", str(target), f"uv=={version}"]
         done = subprocess.run(command, check=False, capture_output=True, text=True)
         if done.returncode != 0 or not binary.is_file():
             logger.warning("uv %s cannot be installed here, so pip installs instead:\n%s", version, done.stderr.strip())
@@ -97,20 +95,21 @@ def bootstrap_uv(version: str) -> Path | None:
 
 
 def install(requirements: Path, uv_version: str | None) -> str:
-    """Install `requirements` into this environment; returns which installer did."""
-    if uv_version:
-        try:
-            arguments, environment = uv_arguments(*pip_install_options())
-        except UntranslatableSettingError as err:
-            logger.warning("%s, so pip installs instead of uv", err)
-        else:
-            if (uv := bootstrap_uv(uv_version)) is not None:
-                logger.info("installing %s with uv %s %s", requirements, uv_version, " ".join(arguments))
-                # uv's own configuration would make it differ from pip: only where its cache lives is kept
-                child = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k == "UV_CACHE_DIR"}
-                command = [str(uv), "pip", "install", "--no-config", "--quiet", "--python", sys.executable]
-                subprocess.run([*command, *arguments, "-r", str(requirements)], env=child | environment, check=True)
-                return f"uv {uv_version}"
+    """Install `requirements` into this environment, a damaged package afresh; returns which installer did."""
+    for info in Path(sysconfig.get_path("purelib")).glob("*.dist-info"):
+        if problem := damaged(importlib.metadata.Distribution.at(info)):
+            logger.warning("%s is damaged (%s): installing it again", info.name, problem)
+            shutil.rmtree(info)  # the installer then has it for not installed
+    if uv_version and (settings := uv_arguments()) and (uv := bootstrap_uv(uv_version)):
+        arguments, environment = settings
+        shown = " ".join([*arguments, *(f"{name}={value!r}" for name, value in environment.items())])
+        # each URL's user name and password (from `//` to the last `@` before its host) left out of the log
+        logger.info("installing %s with uv %s %s", requirements, uv_version, re.sub(r"(?<=//)[^/\s]*@", "", shown))
+        # uv's own configuration would make it differ from pip: only where its cache lives is kept
+        child = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k == "UV_CACHE_DIR"}
+        command = [str(uv), "pip", "install", "--no-config", "--quiet", "--python", sys.executable]
+        subprocess.run([*command, *arguments, "-r", str(requirements)], env=child | environment, check=True)
+        return f"uv {uv_version}"
     logger.info("installing %s with pip", requirements)
     subprocess.run([*PIP_INSTALL, "-r", str(requirements)], check=True)
     return "pip"
