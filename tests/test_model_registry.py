@@ -27,10 +27,12 @@ import requests
 from PIL import Image
 from repo_params import params, write_params
 
+from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.evaluate.evaluation import run_evaluation
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
 from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS as LABEL_COLUMNS
-from medgemma_breakhis.registry.model import SERVING_DISTRIBUTIONS, ImageRejected, decode_image, register_adapter
+from medgemma_breakhis.registry import model as registry_model
+from medgemma_breakhis.registry.model import SERVING_DISTRIBUTIONS, decode_image, register_adapter
 from medgemma_breakhis.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
 from tools import models, predict
 
@@ -105,7 +107,7 @@ def test_evaluate_registers_a_version_with_its_origin_metrics_and_adapter_but_no
     assert version.tags["adapter_dvc_md5"].startswith("not in a dvc.lock")
     assert version.tags["base_model_resolved_revision"] == run.data.tags["model_resolved_revision"]
     metrics = json.loads((registered.folder / "metrics" / "finetuned.json").read_text())
-    logged = client.get_logged_model(models.logged_model_id(version))
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
     linked = {metric.key: metric.value for metric in logged.metrics}
     assert (
         linked["eight_class_accuracy"] == metrics["eight_class"]["accuracy"] == run.data.metrics["eight_class_accuracy"]
@@ -231,8 +233,83 @@ def test_bad_inputs_are_refused_one_line_each_and_the_rest_classified(
     ],
 )
 def test_images_are_refused_from_their_header(data: bytes, reason: str) -> None:
-    with pytest.raises(ImageRejected, match=reason):
+    with pytest.raises(DataError, match=reason):
         decode_image(data)
+
+
+@pytest.mark.slow  # an `evaluate` of its own
+def test_a_failed_registration_is_recorded_with_the_command_that_tries_again(
+    stage_folder: Path, synthetic_root: Path, split_dir: Path, tiny_adapter: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def store_gone(*args: object) -> None:
+        raise OSError("the store went away")
+
+    write_params(stage_folder, RAW_PARAMS)
+    run_evaluation(
+        params(RAW_PARAMS),
+        "evaluate",
+        image_root=synthetic_root,
+        test_csv=split_dir / "test.csv",
+        metrics_path=stage_folder / "metrics" / "finetuned.json",
+        predictions_path=stage_folder / "predictions" / "finetuned.csv",
+        roc_path=stage_folder / "plots" / "roc_finetuned.csv",
+        adapter_dir=tiny_adapter,
+        register=store_gone,
+    )
+    (failed,) = json.loads((stage_folder / "metrics" / "finetuned.untracked.json").read_text())["not_tracked"]
+    assert (
+        failed
+        == f"the model version of {NAME} and its metrics (`make register` tries again): OSError: the store went away"
+    )
+    assert "`make register` tries again" in caplog.text  # the warning of the run
+
+
+def test_a_16_bit_gray_image_is_scaled_to_8_bits_not_clipped_to_white() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((460, 700), 30_000, dtype=np.uint16)).save(buffer, format="PNG")
+    image, warning = decode_image(buffer.getvalue())
+    assert image.getpixel((0, 0)) == (116, 116, 116)  # 30000 / 257, where convert("RGB") gives 255
+    assert "I;16 pixels" in warning and "grayscale" in warning
+
+
+def test_a_multi_page_file_is_classified_on_its_first_page_with_a_warning() -> None:
+    buffer = io.BytesIO()
+    pages = [Image.new("RGB", (700, 460), colour) for colour in ((230, 200, 215), (20, 20, 20), (0, 0, 255))]
+    pages[0].save(buffer, format="TIFF", save_all=True, append_images=pages[1:])
+    image, warning = decode_image(buffer.getvalue())
+    assert image.getpixel((0, 0)) == (230, 200, 215) and warning == "3 pages or frames: classified on the first"
+
+
+def test_floating_point_pixels_are_refused() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.full((460, 700), 0.5, dtype=np.float32)).save(buffer, format="TIFF")
+    with pytest.raises(DataError, match="floating-point pixels"):
+        decode_image(buffer.getvalue())
+
+
+@pytest.mark.slow  # a 40-megapixel image, encoded and resized
+def test_an_image_is_decoded_to_no_more_than_the_model_input_as_the_processor_would_resize_it(tiny_model) -> None:
+    _, processor, _ = tiny_model
+    size = processor.image_processor.size
+    large = Image.effect_mandelbrot((7300, 5479), (-2, -1.25, 0.75, 1.25), 20).convert("RGB")  # 40 megapixels
+    buffer = io.BytesIO()
+    large.save(buffer, format="PNG")
+    small, warning = decode_image(buffer.getvalue(), (size.width, size.height))
+    assert small.size == (size.width, size.height) and "7300x5479 pixels" in warning  # the warning: its own size
+    resized = processor.image_processor(large, return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(processor.image_processor(small, return_tensors="np")["pixel_values"], resized)
+    jpeg = io.BytesIO()
+    large.save(jpeg, format="JPEG")
+    assert decode_image(jpeg.getvalue(), (size.width, size.height))[0].size == (size.width, size.height)
+
+
+def test_a_request_over_the_limit_is_refused_whole_in_one_error(tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, processor, _ = tiny_model
+    monkeypatch.setattr(registry_model, "MAX_REQUEST_BYTES", 2**20)
+    images = pd.DataFrame({"image": [png((700, 460)), base64.b64encode(bytes(2**20)).decode()]})
+    with pytest.raises(mlflow.MlflowException, match=r"1 MiB of images in one request: at most 1 MiB") as refused:
+        registry_model.classify(model, processor, images, batch_size=2)
+    assert refused.value.get_http_status_code() == 400 and "\n" not in refused.value.message
 
 
 @pytest.mark.slow  # the module's `evaluate`, which registers

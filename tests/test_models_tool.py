@@ -1,6 +1,9 @@
 """tools.models (make models, promote, mlflow-ui) on a store of its own, with versions but no trained model behind
 them: the aliases it lists, the libraries it imports to read a table, and the UI's link, printed once it answers."""
 
+import base64
+import contextlib
+import http.server
 import json
 import os
 import shutil
@@ -11,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import psutil
@@ -18,6 +22,7 @@ import pytest
 import requests
 from ruamel.yaml import YAML
 
+from medgemma_breakhis.core.files import pipeline_paths, sha256
 from tools import models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,7 +52,7 @@ def test_make_models_lists_the_aliases_make_promote_set(registered: str, capsys:
     models.main(["list"])
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
     assert rows["1"][1] == "champion" and rows["2"][1] == "staging", rows
-    assert models.default_model_uri(NAME) == f"models:/{NAME}@champion"
+    assert models.model_uri(NAME) == f"models:/{NAME}@champion"
 
 
 @pytest.mark.slow  # a subprocess, 3-5 s
@@ -147,3 +152,128 @@ def test_mlflow_ui_prints_its_link_once_the_server_answers_and_runs_one_worker(
         os.killpg(ui.pid, signal.SIGINT)
         ui.wait(timeout=60)
     assert not psutil.wait_procs(tree, timeout=30)[1], "Ctrl-C leaves no process running"
+
+
+class SilentServer:
+    """A port that takes connections and never answers, as a hung server does."""
+
+    def __enter__(self) -> int:
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        return self.socket.getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        self.socket.close()
+
+
+COMMANDS = {
+    "make models": ["-m", "tools.models", "list"],
+    "make promote": ["-m", "tools.models", "promote", "1"],
+    "make predict": ["-m", "tools.predict", "slide.png"],
+}
+
+
+@pytest.mark.slow  # a subprocess each, 3-20 s
+@pytest.mark.parametrize("server", ["closed port", "silent server"])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_dead_server_is_refused_within_a_minute_without_its_password(
+    stage_folder: Path, stage_env: dict[str, str], server: str, command: str
+) -> None:
+    shutil.copy(REPO / "params.yaml", stage_folder)
+    (stage_folder / "slide.png").write_bytes(b"an image")
+    with SilentServer() as silent, socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = silent if server == "silent server" else closed.getsockname()[1]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, *COMMANDS[command]],
+            env=stage_env | {"MLFLOW_TRACKING_URI": f"http://someone:hunter2-secret@127.0.0.1:{port}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    seconds = time.monotonic() - started
+    errors = [line for line in done.stderr.splitlines() if " ERROR " in line]
+    assert done.returncode == 1 and len(errors) == 1, done.stderr
+    assert f"MLflow tracking store http://127.0.0.1:{port} cannot be used" in errors[0], errors
+    assert "hunter2" not in done.stdout + done.stderr and "Traceback" not in done.stderr
+    print(f"{command} against a {server}: refused in {seconds:.1f} s")
+
+
+@pytest.mark.parametrize("store", ["locked", "corrupt"])
+@pytest.mark.parametrize("command", ["list", "promote", "predict"])
+def test_a_locked_or_corrupt_store_is_refused_in_one_line(
+    registered: str, lock_store, store: str, command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medgemma_breakhis.track import store as tracking
+    from tools import predict
+
+    monkeypatch.setattr(tracking, "STORE_CHECK_TIMEOUT_S", 1)  # 10 s for a lock another process releases
+    db = Path(registered.removeprefix("sqlite:///"))
+    Path("slide.png").write_bytes(b"an image")
+    run = {"list": lambda: models.main(["list"]), "promote": lambda: models.main(["promote", "1"])}
+    run["predict"] = lambda: predict.main(["slide.png"])
+    if store == "corrupt":
+        db.write_bytes(b"not a database" * 100)
+    locked = lock_store(db) if store == "locked" else contextlib.nullcontext()
+    with locked, pytest.raises(tracking.TrackingError) as refused:
+        run[command]()
+    reason = "database is locked" if store == "locked" else "file is not a database"
+    assert str(refused.value).splitlines()[0].endswith(reason), refused.value  # the store's line, then the fix
+
+
+def test_make_serve_hands_the_server_no_password_in_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    heard = []
+
+    class Store(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # the store check: a search of experiments, answered with none
+            self.rfile.read(int(self.headers["Content-Length"]))
+            heard.append(self.headers["Authorization"])
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    served = []
+    monkeypatch.setattr(os, "execvp", lambda file, args: served.append((args, dict(os.environ))))
+    with http.server.HTTPServer(("127.0.0.1", 0), Store) as store:
+        threading.Thread(target=store.serve_forever, daemon=True).start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://someone:hunter2-secret@127.0.0.1:{store.server_port}")
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+            monkeypatch.delenv(name, raising=False)
+        models.main(["serve", "--model", "models:/x/1"])
+        store.shutdown()
+    ((command, environment),) = served
+    assert command[:5] == ["mlflow", "models", "serve", "-m", "models:/x/1"] and "hunter2" not in " ".join(command)
+    assert environment["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{store.server_port}"
+    assert (environment["MLFLOW_TRACKING_USERNAME"], environment["MLFLOW_TRACKING_PASSWORD"]) == (
+        "someone",
+        "hunter2-secret",
+    )
+    assert heard == [f"Basic {base64.b64encode(b'someone:hunter2-secret').decode()}"]  # the credentials still reach it
+
+
+def test_make_predict_names_the_version_it_uses_when_the_workspace_adapter_is_none(
+    registered: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tools import predict
+
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda uri: SimpleNamespace(predict=None))
+    adapter = Path("models/adapter/adapter_model.safetensors")
+    adapter.parent.mkdir(parents=True)
+    adapter.write_bytes(b"weights no evaluate registered: its registration failed")
+    models.main(["promote", "1"])
+    assert predict.load_model(None, [])[1] == f"models:/{NAME}@champion"
+    (warning,) = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warning.startswith(f"models/adapter is no version of {NAME}") and "make register" in warning, warning
+    assert warning.endswith(f"using models:/{NAME}@champion, version 1"), warning
+    mlflow.MlflowClient().set_model_version_tag(NAME, "2", "adapter_sha256", sha256(adapter))  # registered after all
+    caplog.clear()
+    predict.load_model(None, [])
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_the_workspace_adapter_is_the_pipelines() -> None:
+    assert models.WORKSPACE_ADAPTER == Path(pipeline_paths(REPO / "dvc.yaml")["adapter_dir"])

@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 import requests
 from matplotlib import cbook
@@ -67,6 +69,7 @@ class Served:
     folder: Path
     predicted: pd.DataFrame  # `make predict`'s CSV of IMAGES, by file name
     stderr: str  # what `make predict` wrote on stderr
+    pid: int  # the server's process (`mlflow models serve`, which starts uvicorn)
 
 
 def free_port() -> int:
@@ -123,7 +126,7 @@ def served(
                     if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
                         break
                 time.sleep(0.5)
-            yield Served(f"http://127.0.0.1:{port}", folder, predicted, stderr.getvalue())
+            yield Served(f"http://127.0.0.1:{port}", folder, predicted, stderr.getvalue(), server.pid)
         finally:
             server.terminate()
             server.wait(timeout=30)
@@ -298,3 +301,34 @@ def test_predict_with_the_workspace_adapter_answers_as_its_registered_version(
     expected = served.predicted.loc[results["file"].map(lambda file: Path(file).name)]
     np.testing.assert_allclose(results[PROBABILITY_COLUMNS], expected[PROBABILITY_COLUMNS], atol=1e-5)
     assert list(results["warning"]) == list(expected["warning"])
+
+
+def resident_bytes(pid: int) -> int:
+    """The resident memory of process `pid` and its children, summed."""
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return sum(process.memory_info().rss for process in tree if process.is_running())
+
+
+@pytest.mark.slow  # a model server in a subprocess, and eight 40-megapixel images
+def test_eight_40_megapixel_images_in_one_request_keep_the_server_under_3_gb(served: Served) -> None:
+    large = Image.effect_mandelbrot((7300, 5479), (-2, -1.25, 0.75, 1.25), 20).convert("RGB")  # 40 megapixels
+    image = base64.b64encode(encoded(large, "PNG")).decode()
+    before, peak, done = resident_bytes(served.pid), [0], threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], resident_bytes(served.pid))
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        response = post(served, "inputs", [image] * 8)
+    finally:
+        done.set()
+        watcher.join()
+    answer = rows(response)
+    assert list(answer["error"]) == [""] * 8 and answer["warning"].str.contains("7300x5479 pixels").all()
+    print(
+        f"request of {len(image) * 8 / 1e6:.1f} MB: server {before / 2**30:.2f} GiB before, peak {peak[0] / 2**30:.2f} GiB"
+    )
+    assert peak[0] < 3 * 2**30, f"peak resident memory {peak[0] / 2**30:.2f} GiB"

@@ -1,10 +1,6 @@
-"""The registered versions of the fine-tuned classifier: list them with where they came from and how they scored,
-move an alias (promote, roll back), serve one, open the MLflow UI on the runs: `make models`, `make promote`,
-`make serve`, `make mlflow-ui` (docs/model-registry.md), or `python -m tools.models --help`.
-
-The model is `registry.model_name` of params.yaml, in the tracking store the stages use (MLFLOW_TRACKING_URI, else
-the repository's mlflow.db). Rolling back is promoting the earlier version again.
-"""
+"""The registered versions of the fine-tuned classifier (`registry.model_name`, in the stages' tracking store): list
+them with their origin and scores, move an alias (promote, or roll back: promote the earlier version), serve one, open
+the MLflow UI on the runs: make models, promote, serve, mlflow-ui (docs/model-registry.md); or the tool's --help."""
 
 import argparse
 import logging
@@ -13,6 +9,7 @@ import socket
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -20,6 +17,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from medgemma_breakhis.core.errors import ExpectedError
+from medgemma_breakhis.core.files import sha256
 from medgemma_breakhis.core.logs import configure_logging, shown_uri
 from medgemma_breakhis.core.params import add_override_argument, load_params
 from medgemma_breakhis.core.stage import stage_entry
@@ -29,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_ALIAS = "champion"
 LISTED_METRICS = (("8-class acc", "eight_class_accuracy"), ("binary ROC-AUC", "binary_roc_auc"))
+WORKSPACE_ADAPTER = Path("models/adapter")  # dvc.yaml's adapter_dir, from the repository's root (where make runs)
 
 
 class ModelNotFound(ExpectedError):
@@ -36,8 +35,7 @@ class ModelNotFound(ExpectedError):
 
 
 def versions(name: str) -> list[ModelVersion]:
-    """Every version of model `name`, newest first; ModelNotFound if there is none."""
-    # Only the params' model name goes into the filter string, and params.py allows no quote in it.
+    """Every version of model `name` (params.py allows no quote in it), newest first; ModelNotFound if there is none."""
     found = mlflow.MlflowClient().search_model_versions(f"name = '{name}'")
     if not found:
         raise ModelNotFound(
@@ -47,40 +45,36 @@ def versions(name: str) -> list[ModelVersion]:
     return sorted(found, key=lambda version: int(version.version), reverse=True)
 
 
-def default_model_uri(name: str) -> str:
-    """The version with the alias `champion`, else the newest one."""
-    newest = versions(name)[0]
-    if DEFAULT_ALIAS in mlflow.MlflowClient().get_registered_model(name).aliases:
-        return f"models:/{name}@{DEFAULT_ALIAS}"
-    logger.info("model %s version %s, the newest: no version has the alias %s", name, newest.version, DEFAULT_ALIAS)
-    return f"models:/{name}/{newest.version}"
-
-
-def experiment_model_uri(name: str, experiment: str) -> str:
-    """The newest version of `name` registered by DVC experiment `experiment` (`workspace` for a plain dvc repro)."""
-    # Compared here rather than in a filter string: an experiment's name may hold any quote.
-    for version in versions(name):
-        if version.tags.get("dvc_exp_name") == experiment:
-            return f"models:/{name}/{version.version}"
-    raise ModelNotFound(
-        f"no version of model {name!r} came from a DVC experiment named {experiment!r}, and no folder has that name; "
-        "`make models` lists each version's experiment"
-    )
-
-
-def logged_model_id(version: ModelVersion) -> str | None:
-    """The logged model a version was registered from: MLflow 3 records it as the version's source, models:/<id>."""
-    return version.model_id or (
-        version.source.removeprefix("models:/") if version.source.startswith("models:/m-") else None
-    )
+def model_uri(name: str, choice: str | None = None) -> str:
+    """`choice`: an MLflow model URI or the DVC experiment that registered the version (`workspace`: a dvc repro); else
+    @champion or the newest, named in a warning where the workspace adapter is none (`make register` registers it)."""
+    if choice is not None and ":/" in choice:
+        return choice
+    listed = versions(name)
+    if choice is not None:  # compared here rather than in a filter string: an experiment's name may hold any quote
+        for version in listed:
+            if version.tags.get("dvc_exp_name") == choice:
+                return f"models:/{name}/{version.version}"
+        why = f"no version of model {name!r} came from a DVC experiment named {choice!r}, and no folder has that name"
+        raise ModelNotFound(f"{why}; `make models` lists each version's experiment")
+    champion = mlflow.MlflowClient().get_registered_model(name).aliases.get(DEFAULT_ALIAS)
+    version = champion or listed[0].version
+    uri = f"models:/{name}@{DEFAULT_ALIAS}" if champion else f"models:/{name}/{version}"
+    adapter = WORKSPACE_ADAPTER / "adapter_model.safetensors"
+    if adapter.is_file() and sha256(adapter) not in {each.tags.get("adapter_sha256") for each in listed}:
+        unregistered = "%s is no version of %s (did its registration fail? `make register`): using %s, version %s"
+        logger.warning(unregistered, adapter.parent, name, uri, version)
+    elif not champion:
+        logger.info("model %s version %s, the newest: no version has the alias %s", name, version, DEFAULT_ALIAS)
+    return uri
 
 
 def version_table(name: str) -> pd.DataFrame:
     client, listed, rows = mlflow.MlflowClient(), versions(name), []
     named = client.get_registered_model(name).aliases  # the versions search_model_versions returns carry none (sqlite)
     for version in listed:
-        metrics, model_id = {}, logged_model_id(version)
-        if model_id:
+        metrics, model_id = {}, version.model_id or version.source.removeprefix("models:/")
+        if model_id.startswith("m-"):  # the logged model it was registered from, which MLflow 3 records as its source
             metrics = {metric.key: metric.value for metric in client.get_logged_model(model_id).metrics or []}
         rows.append(
             {
@@ -109,9 +103,8 @@ def promote(name: str, version: str, alias: str) -> str:
         return f"{name}@{alias} is version {version} (no version had it before)"
     if str(previous) == version:
         return f"{name}@{alias} was version {version} already"
-    return (
-        f"{name}@{alias}: version {previous} -> {version} (to roll back: make promote VERSION={previous} ALIAS={alias})"
-    )
+    undo = f"make promote VERSION={previous} ALIAS={alias}"
+    return f"{name}@{alias}: version {previous} -> {version} (to roll back: {undo})"
 
 
 def training_view_url(server: str) -> str:
@@ -149,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     promoting.add_argument("version", help="the version number, as `make models` lists it")
     promoting.add_argument("--alias", default=DEFAULT_ALIAS, help=f"default: {DEFAULT_ALIAS}")
     serving = commands.add_parser("serve", help="mlflow models serve, on this machine only (127.0.0.1)")
-    serving.add_argument("--model", help="an MLflow model URI; default: the version @champion, else the newest")
+    serving.add_argument("--model", help="an MLflow model URI or a DVC experiment; default: @champion, else the newest")
     serving.add_argument("--port", type=int, default=5001)
     viewing = commands.add_parser("ui", help="mlflow ui of the repository's store on 127.0.0.1, opened on the runs")
     viewing.add_argument("--port", type=int, default=5000)
@@ -169,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "ui":
         run_ui(uri, args.port)
     else:
-        uri = args.model or default_model_uri(name)
+        uri = model_uri(name, args.model)
         logger.info("serving %s on http://127.0.0.1:%d/invocations", uri, args.port)
         serve = ["mlflow", "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1"]
         os.execvp("mlflow", [*serve, "-p", str(args.port)])  # the server in this process: Ctrl-C stops it

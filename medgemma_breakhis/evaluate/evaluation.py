@@ -1,11 +1,11 @@
 """The `baseline` and `evaluate` stages: score the test split with the base model, or base + adapter, and write its
 metrics, per-image predictions and ROC curve."""
 
-import functools
 import gc
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,14 +17,7 @@ from medgemma_breakhis.core.files import atomic_write_json, atomic_write_text
 from medgemma_breakhis.core.params import Params
 from medgemma_breakhis.data.breakhis import CLASS_NAMES
 from medgemma_breakhis.data.split import read_split
-from medgemma_breakhis.evaluate.metrics import (
-    ON_SCREEN,
-    UNPARSEABLE,
-    evaluation_metrics,
-    headline,
-    headline_table,
-    roc_points,
-)
+from medgemma_breakhis.evaluate import metrics
 from medgemma_breakhis.evaluate.scoring import predict_split
 from medgemma_breakhis.model.load import NonFiniteError, check_model, load_base_model, non_finite_advice
 from medgemma_breakhis.track import runs
@@ -62,23 +55,23 @@ def run_evaluation(
         try:
             predictions = predict_split(model, processor, rows, image_root, params.eval)
         except NonFiniteError as err:
-            raise NonFiniteError(
-                f"{stage}: {err}. {non_finite_advice(params.eval.precision, 'eval.precision')}"
-            ) from err
+            advice = non_finite_advice(params.eval.precision, "eval.precision")
+            raise NonFiniteError(f"{stage}: {err}. {advice}") from err
         seconds = time.perf_counter() - loaded
         run.metrics |= {"time_model_load_s": loaded - started, "images_per_second": len(rows) / seconds}
-        metrics = evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
+        results = metrics.evaluation_metrics(predictions, params.eval.bootstrap_resamples, params.eval.seed)
+        figures = metrics.headline(results)
         run.refuse_if_params_changed()
-        roc = roc_points(predictions)
+        roc = metrics.roc_points(predictions)
         atomic_write_text(predictions_path, predictions.to_csv(index=False))
         atomic_write_text(roc_path, roc.to_csv(index=False))
-        atomic_write_json(metrics_path, metrics)
-        run.parent_metrics |= {f"{metrics_path.stem}_{name}": value for name, value in headline(metrics).items()}
+        atomic_write_json(metrics_path, results)
+        run.parent_metrics |= {f"{metrics_path.stem}_{name}": value for name, value in figures.items()}
         if headline_path is not None:  # by the stage's name: `dvc exp show` gives each figure a column of its own
-            figures = headline(metrics)
-            atomic_write_json(headline_path, {headline_path.stem: {k: figures[k] for k in ON_SCREEN if k in figures}})
+            shown = {key: figures[key] for key in metrics.ON_SCREEN if key in figures}
+            atomic_write_json(headline_path, {headline_path.stem: shown})
         run.artifacts += [(path, path.parent.name) for path in (metrics_path, predictions_path, roc_path)]
-        extra = ["unparseable"] if (predictions["predicted"] == UNPARSEABLE).any() else []  # a column of its own
+        extra = ["unparseable"] if predictions["predicted"].eq(metrics.UNPARSEABLE).any() else []  # its own column
         for name, column, labels, title in (
             ("eight_class", "class", CLASS_NAMES, "8 classes"),
             ("binary", "binary", ("benign", "malignant"), "benign / malignant"),
@@ -86,26 +79,24 @@ def run_evaluation(
             truth, predicted = predictions[f"true_{column}"], predictions[f"predicted_{column}"]
             figure = runs.confusion_matrix_figure(truth, predicted, [*labels, *extra], f"{stage}: {title}")
             run.figures[f"confusion_matrix_{name}.png"] = figure
-        if "roc_auc" in metrics["binary"]:
-            run.figures["roc_curve.png"] = runs.roc_figure(roc, metrics["binary"]["roc_auc"], stage)
+        if "roc_auc" in results["binary"]:
+            run.figures["roc_curve.png"] = runs.roc_figure(roc, results["binary"]["roc_auc"], stage)
         if adapter_dir is not None:
             md5 = runs.dvc_locked_md5(adapter_dir)
             run.tags["adapter_dvc_md5"] = md5 or "not in a dvc.lock (stage run outside DVC)"
             if md5 is not None:
-                lineage = functools.partial(
-                    runs.tag_train_run, run.parent_run_id, adapter_dir, {"adapter_dvc_md5": md5}
-                )
+                lineage = partial(runs.tag_train_run, run.parent_run_id, adapter_dir, {"adapter_dvc_md5": md5})
                 run.then.append(("the adapter's DVC hash on its train run", lineage))
         if register is None or adapter_dir is None:
-            run.metrics |= headline(metrics)
+            run.metrics |= figures
         else:  # the registration logs the metrics with the model it registers, once the scored copy is freed
             del model
             gc.collect()
             torch.cuda.empty_cache()  # a no-op without CUDA
             md5 = run.tags["adapter_dvc_md5"]
-            registration = functools.partial(register, run.run_id, adapter_dir, params, info, md5, headline(metrics))
-            run.then.append((f"the model version of {params.registry.model_name} and the metrics", registration))
-    logger.info(
-        "%s (eval.method=%s) on %d test images:\n%s", stage, params.eval.method, len(rows), headline_table(metrics)
-    )
-    return metrics
+            registration = partial(register, run.run_id, adapter_dir, params, info, md5, figures)
+            what = f"the model version of {params.registry.model_name} and its metrics (`make register` tries again)"
+            run.then.append((what, registration))
+    table = metrics.headline_table(results)
+    logger.info("%s (eval.method=%s) on %d test images:\n%s", stage, params.eval.method, len(rows), table)
+    return results

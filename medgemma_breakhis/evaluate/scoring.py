@@ -2,6 +2,7 @@
 generation and parsing the answer (`generate`) (docs/design.md#evaluation)."""
 
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +19,15 @@ from medgemma_breakhis.model.prompt import answer_token_ids, end_of_turn_id, pro
 
 # The reference's parsing: the first standalone digit 0-7 in the generated text.
 ANSWER_PATTERN = re.compile(r"\b([0-7])\b")
-# An image file, or an image already decoded (a registered model gets its images as bytes, checked before scoring).
-ImageSource = Path | Image.Image
 
 
-def _load_rgb(source: ImageSource) -> Image.Image:
-    if isinstance(source, Image.Image):
-        return source.convert("RGB")
-    with Image.open(source) as image:
+def _load_rgb(source: Path | Image.Image) -> Image.Image:
+    with nullcontext(source) if isinstance(source, Image.Image) else Image.open(source) as image:
         return image.convert("RGB")
 
 
 def _batch_inputs(
-    processor: ProcessorMixin, text: str, images: list[ImageSource], device: torch.device, dtype: torch.dtype
+    processor: ProcessorMixin, text: str, images: list[Path | Image.Image], device: torch.device, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
     inputs = processor(
         text=[text] * len(images),
@@ -46,7 +43,7 @@ def _batch_inputs(
 
 @torch.inference_mode()
 def score_images(
-    model: PreTrainedModel, processor: ProcessorMixin, images: list[ImageSource], batch_size: int
+    model: PreTrainedModel, processor: ProcessorMixin, images: list[Path | Image.Image], batch_size: int
 ) -> np.ndarray:
     """Probabilities (n_images x 8) of each answer, from the logits of the first answer token."""
     model.eval()
@@ -58,9 +55,8 @@ def score_images(
         inputs = _batch_inputs(processor, text, batch, model.device, model.dtype)
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
         answer_logits = logits.float()[:, answer_ids.to(logits.device)]
-        if not torch.isfinite(answer_logits).all():
-            # A NaN would otherwise become class 0 at argmax, silently.
-            finite = torch.isfinite(answer_logits).all(dim=-1).tolist()
+        finite = torch.isfinite(answer_logits).all(dim=-1).tolist()
+        if not all(finite):  # a NaN would otherwise become class 0 at argmax, silently
             bad = [getattr(image, "name", f"image {start + i}") for i, image in enumerate(batch) if not finite[i]]
             raise NonFiniteError(f"non-finite logits with the model in {model.dtype} for {', '.join(bad)}")
         probabilities.append(torch.softmax(answer_logits, dim=-1).cpu().numpy())

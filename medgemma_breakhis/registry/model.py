@@ -20,7 +20,7 @@ from peft import PeftModel
 from PIL import Image, UnidentifiedImageError
 from transformers import AutoProcessor, PreTrainedModel, ProcessorMixin
 
-from medgemma_breakhis.core.errors import ExpectedError
+from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.core.files import sha256
 from medgemma_breakhis.core.params import ModelParams, Params, Precision
 from medgemma_breakhis.data.breakhis import CLASS_NAMES, IMAGE_SIZE
@@ -39,12 +39,8 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP")
 # From the header: far above any field of view (BreakHis: 0.3 megapixels), far below PIL's decompression-bomb limit.
 MAX_PIXELS = 40_000_000
 MIN_SIDE = 32
-# A hub model's resolved revision is a commit (loadable as is); a local folder's is a digest of its weights.
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
-class ImageRejected(ExpectedError):
-    """An input that is not an image this classifier reads; the message says why, in one line."""
+# The images of one call as sent (MLflow's scoring server has no limit): 40 megapixels of uncompressed 16-bit RGB fit.
+MAX_REQUEST_BYTES = 256 * 2**20
 
 
 def image_bytes(value: object) -> bytes:
@@ -56,36 +52,42 @@ def image_bytes(value: object) -> bytes:
         return data
 
 
-def decode_image(data: bytes) -> tuple[Image.Image, str]:
-    """The RGB image in `data` and `unusual`'s warning, or ImageRejected: a non-image, a format outside ACCEPTED_FORMATS,
-    a size outside [MIN_SIDE, MAX_PIXELS] (refused from the header, before decoding) or a corrupt or truncated file."""
+def decode_image(data: bytes, fit: tuple[int, int] | None = None) -> tuple[Image.Image, str]:
+    """The RGB image in `data`, no larger than `fit` (width, height: shrunk as the processor resizes), and its warnings;
+    or DataError: not ACCEPTED_FORMATS, a size outside [MIN_SIDE, MAX_PIXELS] by the header, float pixels, corrupt."""
     if not data:
-        raise ImageRejected("empty file")
+        raise DataError("empty file")
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:  # reads the header only
-            width, height = image.size
+            (width, height), mode, pages = image.size, image.mode, getattr(image, "n_frames", 1)
             if width * height > MAX_PIXELS:
-                raise ImageRejected(
+                raise DataError(
                     f"{width}x{height} pixels is more than {MAX_PIXELS:,} ({image.format} header), refused before "
                     "decoding: cut the slide into fields of view (BreakHis images are 700x460)"
                 )
             if min(width, height) < MIN_SIDE:
-                raise ImageRejected(
-                    f"{width}x{height} pixels is smaller than {MIN_SIDE}x{MIN_SIDE}: not a field of view to classify"
-                )
-            rgb = image.convert("RGB")  # decodes the whole image: a truncated file fails here
-            return rgb, unusual(rgb, image.mode)
+                raise DataError(f"{width}x{height} pixels is smaller than {MIN_SIDE}x{MIN_SIDE}: not a field of view")
+            if mode == "F":  # no range to scale from
+                raise DataError("floating-point pixels: save the image with 8 or 16 bits per channel")
+            image.draft("RGB", fit)  # a JPEG: decoded at 1/2 to 1/8 of its size where that still covers `fit`
+            if mode.startswith("I"):  # 16-bit gray to 8 bits, as PIL reads 16-bit colour: convert("RGB") clips to white
+                image = image.convert("I").point(lambda value: value / 257)
+            rgb = image.convert("RGB")
+            if fit and rgb.size != (shrunk := (min(rgb.width, fit[0]), min(rgb.height, fit[1]))):
+                rgb = rgb.resize(shrunk, Image.Resampling.BILINEAR)  # what Gemma 3's processor does, a side at a time
     except UnidentifiedImageError:
-        raise ImageRejected(f"not an image in a format read here ({', '.join(ACCEPTED_FORMATS)})") from None
+        raise DataError(f"not an image in a format read here ({', '.join(ACCEPTED_FORMATS)})") from None
     except Image.DecompressionBombError as err:  # PIL's own guard, checked on opening: far larger than MAX_PIXELS
-        raise ImageRejected(f"refused before decoding: {err}") from None
+        raise DataError(f"refused before decoding: {err}") from None
     except (OSError, SyntaxError, ValueError) as err:  # how PIL's plugins report a truncated or corrupt file
-        raise ImageRejected(f"corrupt or truncated image ({type(err).__name__}: {err})") from None
+        raise DataError(f"corrupt or truncated image ({type(err).__name__}: {err})") from None
+    first_only = f"{pages} pages or frames: classified on the first" if pages > 1 else ""
+    return rgb, "; ".join(filter(None, [unusual(rgb, mode, (width, height)), first_only]))
 
 
-def unusual(image: Image.Image, mode: str) -> str:
-    """Why an RGB image (read as `mode`) is far from BreakHis's 700x460 RGB H&E fields of view, or "" (a thumbnail's)."""
-    (width, height), pixels = image.size, np.asarray(image.reduce(max(1, min(image.size) // 64)), dtype=np.int16)
+def unusual(image: Image.Image, mode: str, size: tuple[int, int]) -> str:
+    """Why an image of `size` read as `mode` is far from BreakHis's 700x460 RGB H&E, or "" (checked on `image`)."""
+    (width, height), pixels = size, np.asarray(image.reduce(max(1, min(image.size) // 64)), dtype=np.int16)
     reasons = {
         f"{width}x{height} pixels": not (0.5 <= width / IMAGE_SIZE[0] <= 2 and 0.5 <= height / IMAGE_SIZE[1] <= 2),
         f"{mode} pixels": mode not in ("RGB", "L"),
@@ -97,21 +99,29 @@ def unusual(image: Image.Image, mode: str) -> str:
 
 
 def classify(model: PreTrainedModel, processor: ProcessorMixin, images: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-    """One row per image in column `image` (see the module doc): checked and decoded, then scored or refused with why."""
+    """One row per image in column `image` (see the module doc): checked, decoded and shrunk one at a time, scored in
+    groups of at most MAX_PIXELS pixels, or refused with why. More than MAX_REQUEST_BYTES in all: refused whole."""
+    if (sent := sum(map(len, images[IMAGE_COLUMN]))) > MAX_REQUEST_BYTES:  # as sent (MLflow refuses a null before)
+        raise mlflow.MlflowException.invalid_parameter_value(
+            f"{sent / 2**20:.0f} MiB of images in one request: at most {MAX_REQUEST_BYTES // 2**20} MiB, send fewer"
+        )
     table = pd.DataFrame(index=range(len(images)), columns=OUTPUT_COLUMNS).assign(error="", warning="")
-    decoded = {}
-    for row, data in enumerate(images[IMAGE_COLUMN]):
-        try:
-            decoded[row], table.loc[row, "warning"] = decode_image(image_bytes(data))
-        except ImageRejected as err:
-            table.loc[row, "error"] = str(err)
-    if decoded:
-        probabilities = score_images(model, processor, list(decoded.values()), batch_size)
-        scored = pd.DataFrame(probabilities, index=list(decoded), columns=PROBABILITY_COLUMNS)
-        scored["malignant_probability"] = malignant_probability(scored)
-        scored["predicted_class"] = [CLASS_NAMES[label] for label in probabilities.argmax(axis=1)]
-        scored["predicted_binary"] = binary_prediction(scored)
-        table.loc[scored.index, scored.columns] = scored
+    fit = (processor.image_processor.size.width, processor.image_processor.size.height)
+    group = batch_size * max(1, MAX_PIXELS // (batch_size * fit[0] * fit[1]))  # images of at most `fit` each
+    for start in range(0, len(images), group):
+        decoded = {}
+        for row, data in enumerate(images[IMAGE_COLUMN].iloc[start : start + group], start):
+            try:
+                decoded[row], table.loc[row, "warning"] = decode_image(image_bytes(data), fit)
+            except DataError as err:
+                table.loc[row, "error"] = str(err)
+        if decoded:
+            probabilities = score_images(model, processor, list(decoded.values()), batch_size)
+            scored = pd.DataFrame(probabilities, index=list(decoded), columns=PROBABILITY_COLUMNS)
+            scored["malignant_probability"] = malignant_probability(scored)
+            scored["predicted_class"] = [CLASS_NAMES[label] for label in probabilities.argmax(axis=1)]
+            scored["predicted_binary"] = binary_prediction(scored)
+            table.loc[scored.index, scored.columns] = scored
     return table.astype(object).where(table.notna(), None)
 
 
@@ -128,7 +138,7 @@ def load_adapter_model(
     adapter. With `resolved_revision`, the base model must be the one the adapter was trained on."""
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelLoadError(f"no LoRA adapter in {adapter_dir} (adapter_config.json is missing)")
-    if resolved_revision and _COMMIT.fullmatch(resolved_revision):
+    if resolved_revision and re.fullmatch(r"[0-9a-f]{40}", resolved_revision):  # a hub commit, else a weights digest
         base = ModelParams(id=base.id, revision=resolved_revision, attn_implementation=base.attn_implementation)
     model, _, info = load_base_model(base, precision)
     if resolved_revision and info.resolved_revision != resolved_revision:
@@ -159,9 +169,7 @@ class AdapterClassifier(mlflow.pyfunc.PythonModel):
         )
         self.batch_size = int(config["batch_size"])
 
-    def predict(
-        self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame, params: dict | None = None
-    ) -> pd.DataFrame:
+    def predict(self, context: object, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return classify(self.model, self.processor, model_input, self.batch_size)
 
 
@@ -178,28 +186,24 @@ SERVING_DISTRIBUTIONS = (  # noqa: SIM905 - names, read as a sentence
     "mlflow torch transformers tokenizers safetensors huggingface_hub peft trl accelerate pillow numpy pandas scipy "
     "scikit-learn tqdm ruamel.yaml pydantic"
 ).split()
-# Version tags that say where a version came from (the run's own tags say more).
-ORIGIN_TAGS = ("dvc_exp_name", "git_commit", "git_dirty")
 
 
 def register_adapter(
     run_id: str, adapter_dir: Path, params: Params, base: LoadedModelInfo, md5: str, headline: dict[str, float]
 ) -> None:
     """Log the adapter (weights and processor, never the base weights), this package's code and a blank input example
-    as a pyfunc model of run `run_id`, register it as a new version of `params.registry.model_name`, log the
-    `headline` metrics linked to it, and put them and the version's origin on the version (its page shows tags). An
-    adapter registered before gets no second version: the metrics are linked to its logged model instead."""
+    as a pyfunc model of run `run_id` with the `headline` metrics, and register it as a new version of
+    `params.registry.model_name` with them and its origin as tags (its page shows them). An adapter registered before
+    gets no second version: the metrics are linked to its logged model instead."""
     client, name = mlflow.MlflowClient(), params.registry.model_name
     origin, digest = client.get_run(run_id).data.tags, sha256(adapter_dir / "adapter_model.safetensors")
     # only the params' name (no quote allowed) and a digest go into the filter
     if found := client.search_model_versions(f"name = '{name}' and tags.adapter_sha256 = '{digest}'"):
         with mlflow.start_run(run_id=run_id):
-            mlflow.log_metrics(headline, model_id=found[0].model_id)
-        logger.info(
-            "%s is version %s of %s already: its new metrics are linked to it", adapter_dir, found[0].version, name
-        )
+            mlflow.log_metrics(headline, model_id=found[0].source.removeprefix("models:/"))  # sqlite keeps no model_id
+        logger.info("%s is version %s of %s already: its metrics are linked to it", adapter_dir, found[0].version, name)
         return
-    tags = {key: origin[key] for key in ORIGIN_TAGS} | {
+    tags = {key: origin[key] for key in ("dvc_exp_name", "git_commit", "git_dirty")} | {  # where it came from
         "adapter_sha256": digest,
         "adapter_dvc_md5": md5,
         "base_model_id": base.model_id,
@@ -229,31 +233,25 @@ def register_adapter(
             signature=SIGNATURE,
             input_example=pd.DataFrame({IMAGE_COLUMN: [example.getvalue()]}),
             pip_requirements=[f"{name}=={importlib.metadata.version(name)}" for name in SERVING_DISTRIBUTIONS],
-            registered_model_name=name,
             params={key: str(value) for key, value in params.flat().items()},
             tags=tags,
             model_type="image classifier (LoRA adapter on a vision-language model)",
         )
         mlflow.log_metrics(headline, model_id=info.model_id)
-    version = str(info.registered_model_version)
     for key, value in headline.items():  # `metric.eight_class_accuracy`: `0.875 [0.613, 1.000]`
         if not key.endswith(("_ci95_low", "_ci95_high")):
             low, high = headline.get(f"{key}_ci95_low"), headline.get(f"{key}_ci95_high")
             tags[f"metric.{key}"] = f"{value:.3f}" + ("" if low is None else f" [{low:.3f}, {high:.3f}]")
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    version = mlflow.register_model(info.model_uri, name, tags=tags).version
     labels = (("8-class accuracy", "eight_class_accuracy"), ("binary ROC-AUC", "binary_roc_auc"))
     figures = ", ".join(f"{label} {headline[key]:.3f}" for label, key in labels if key in headline)
     experiment = origin["dvc_exp_name"]
-    kept = (
-        f"`dvc exp push origin {experiment}` keeps the experiment's own commit"
-        if experiment != "workspace"
-        else "commit the outputs (dvc.lock, metrics/) to keep them"
-    )
+    kept = f"`dvc exp push origin {experiment}` keeps the experiment's own commit"
+    if experiment == "workspace":
+        kept = "commit the outputs (dvc.lock, metrics/) to keep them"
     description = (
         f"LoRA adapter of DVC experiment {experiment} on {params.model.id}, fold {params.split.fold} at "
         f"{params.split.magnification}X: {figures}. Made from git {origin['git_commit'][:12]}; {kept}."
     )
     client.update_model_version(name, version, description=description)
     logger.info("registered %s as version %s of model %s (models:/%s/%s)", adapter_dir, version, name, name, version)
-    return info
