@@ -148,3 +148,41 @@ def test_corrupt_checkpoints_are_moved_aside_with_one_line_and_never_loaded(tmp_
     checkpoint(folder, 20, "[]")  # again, with a folder of that name already aside
     assert last_complete_checkpoint(folder, clean=True) is None  # nothing good left: the run starts afresh
     assert len(list(aside.iterdir())) == 4
+
+
+def test_a_finished_runs_last_checkpoint_stays_until_the_dvc_cache_holds_its_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
+    """feb5c85 deleted the checkpoints as `train` ended, before DVC cached the adapter: a failed cache write cost the
+    whole training. Now a finished run's folder is resumed at its last step until DVC's cache holds the adapter, and
+    removed at the next run's start once it does, a forced run of the same inputs included (one finished folder)."""
+    from dvc.repo import Repo
+
+    Repo.init(str(tmp_path), no_scm=True).close()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    root = tmp_path / "checkpoints"
+    folder = prepare_checkpoint_folder(root, fingerprint())
+    last = checkpoint(folder, 40, json.dumps({"global_step": 40}))
+    adapter = tmp_path / "models" / "adapter"  # what `train` saved at the end: the last checkpoint's weights
+    adapter.mkdir(parents=True)
+    shutil.copy(last / "adapter_model.safetensors", adapter)
+    (adapter / "adapter_config.json").write_text("{}")
+    caplog.set_level(logging.INFO)
+
+    other = prepare_checkpoint_folder(root, fingerprint(**{"lora.r": 16}))  # the adapter is not in DVC's cache
+    assert prepare_checkpoint_folder(root, fingerprint()) == folder
+    assert last_complete_checkpoint(folder, clean=True) == last  # nothing to train again: the adapter is saved anew
+    checkpoint(other, 8, json.dumps({"global_step": 8}))  # the other inputs' run, finished too: the same weights here
+    unfinished = prepare_checkpoint_folder(root, fingerprint(**{"lora.r": 4}))
+    save_file(
+        {"lora_A": torch.ones(4, 2)},
+        checkpoint(unfinished, 4, json.dumps({"global_step": 4})) / "adapter_model.safetensors",
+    )
+    with Repo(str(tmp_path)) as repo:
+        repo.add("models/adapter")  # what `dvc repro` does with a stage's outputs when it can write its cache
+    assert prepare_checkpoint_folder(root, fingerprint()) == folder
+    assert f"removing {folder}: its run finished, and the DVC cache holds its adapter" in caplog.text
+    assert f"removing {other}:" in caplog.text and set(root.iterdir()) == {folder, unfinished}
+    assert f"not resuming the checkpoints in {unfinished}" in caplog.text
+    assert last_complete_checkpoint(folder, clean=True) is None  # a forced run trains afresh

@@ -152,11 +152,45 @@ def test_read_folds_errors_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"Folds.csv lacks column\(s\) grp"):
         read_folds(bad)
     bad.write_text("fold,mag,grp,filename\n1,100,train,a.png\n7,100,train,b.png\n1,100,validation,c.png\n")
-    with pytest.raises(DataError, match=r"column fold .* row 3: 7.*column grp .* row 4: 'validation'"):
+    with pytest.raises(DataError) as malformed:
         read_folds(bad)
+    assert str(malformed.value) == (
+        f"{bad} is malformed: 1 row(s) with a fold outside [1, 2, 3, 4, 5], first at row 3: 7,100,train,b.png; "
+        "1 row(s) with a grp outside ['test', 'train'], first at row 4: 1,100,validation,c.png"
+    )
     bad.write_text("")
     with pytest.raises(DataError, match="not a readable CSV"):
         read_folds(bad)
+
+
+def test_repeated_folds_csv_rows_are_refused_in_one_line_naming_the_first(
+    synthetic_root_100x: Path, tmp_path: Path
+) -> None:
+    """feb5c85 read them as they came: repeated test rows doubled the test set, a file repeated 100 times gave 100
+    times the training set."""
+    folds = pd.read_csv(synthetic_root_100x / "Folds.csv")
+    repeated = pd.concat([folds, folds.iloc[[3]], folds.iloc[[7] * 100]], ignore_index=True)
+    repeated.to_csv(tmp_path / "Folds.csv", index=False)
+    with pytest.raises(DataError) as refused:
+        read_folds(tmp_path / "Folds.csv")
+    message, first = str(refused.value), len(folds) + 2  # rows are numbered from 1, after the header
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'Folds.csv'} is malformed: ")
+    assert message.endswith(
+        "101 row(s) with the fold, mag, grp and filename of an earlier row, first at row "
+        f"{', '.join(str(first + i) for i in range(5))}: {','.join(map(str, folds.iloc[3]))}"
+    )
+    other_fold = pd.concat([folds, folds.iloc[[3]].assign(fold=2)], ignore_index=True)  # one image in another fold
+    other_fold.to_csv(tmp_path / "Folds.csv", index=False)
+    assert len(read_folds(tmp_path / "Folds.csv")) == len(folds) + 1
+
+
+def test_a_folds_csv_with_only_its_header_is_refused_as_listing_no_images(tmp_path: Path) -> None:
+    """feb5c85 read it as an empty table: `download` then said no filename in Folds.csv is a relative path."""
+    (tmp_path / "Folds.csv").write_text("fold,mag,grp,filename\n")
+    with pytest.raises(DataError, match=r"^\S+Folds.csv lists no images: it has its header and no rows$"):
+        read_folds(tmp_path / "Folds.csv")
+    with pytest.raises(DataError, match="lists no images"):
+        import_dataset(tmp_path, tmp_path / "raw", False, tmp_path / "excluded.csv")
 
 
 def test_image_root_found_one_level_down_as_in_the_kaggle_download(tmp_path: Path) -> None:

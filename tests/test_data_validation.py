@@ -16,6 +16,7 @@ from repo_params import write_params
 
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.data.breakhis import FOLDS_CSV, read_folds
+from medgemma_breakhis.data.split import read_split
 from medgemma_breakhis.download.sources import prepare_raw_data
 from stages import download
 
@@ -53,7 +54,7 @@ def bad_copy(synthetic_root_100x: Path, tmp_path: Path) -> tuple[Path, dict[str,
         small: "size 100x100, expected 700x460",
         grey: "mode L, expected RGB",
         missing: "missing",
-        MISLABELLED: "its tumour type is malignant but it is under /benign/",
+        MISLABELLED: "its tumour type is malignant but it is not under /malignant/",
     }
 
 
@@ -145,3 +146,31 @@ def test_truncated_folds_csv_is_refused(synthetic_root_100x: Path, tmp_path: Pat
     (tmp_path / FOLDS_CSV).write_text(text[: len(text) // 2].rsplit(",", 1)[0])  # cut inside a row
     with pytest.raises(DataError, match=r"Folds.csv is malformed: .*row \d+"):
         read_folds(tmp_path / FOLDS_CSV)
+
+
+def test_thousands_of_missing_images_are_listed_twenty_then_counted(synthetic_root_100x: Path, tmp_path: Path) -> None:
+    """feb5c85 listed every one: 100,000 missing images made a 14 MB error of 100,002 lines. The same cap holds for
+    the images of a split (`read_split`)."""
+    root = tmp_path / "breakhis"
+    shutil.copytree(synthetic_root_100x, root, copy_function=os.link)
+    folds = pd.read_csv(root / FOLDS_CSV)
+    first = Path(folds["filename"][0])
+    missing = [f"{first.parent}/gone-{i}/{first.name}" for i in range(5000)]
+    listed = pd.concat([folds, pd.DataFrame({"fold": 1, "mag": 100, "grp": "train", "filename": missing})])
+    _replace(root / FOLDS_CSV, lambda p: listed.to_csv(p, index=False))
+    with pytest.raises(DataError) as refused:
+        prepare_raw_data(
+            with_params({"data": {"source": "local", "path": str(root)}}).data, tmp_path / "raw", tmp_path / "x.csv"
+        )
+    lines = str(refused.value).splitlines()
+    assert lines[0] == f"5000 of {folds['filename'].nunique() + 5000} listed image(s) cannot be used:"
+    assert lines[1:21] == [f"  {root / name}: missing" for name in missing[:20]]
+    assert lines[21] == "  … and 4980 more" and len(lines) == 23 and lines[22].startswith("Fix or re-download them")
+
+    split = tmp_path / "train.csv"
+    pd.DataFrame({"filename": missing, "label": 0, "class_name": "benign_adenosis", "patient": "1"}).to_csv(split)
+    with pytest.raises(DataError) as refused:
+        read_split(split, root)
+    lines = str(refused.value).splitlines()
+    assert lines[0] == "5000 image(s) listed in Folds.csv are missing:" and lines[21] == "  … and 4980 more"
+    assert len(lines) == 22

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from dvc_cli import run, run_json, stages_run
 from PIL import Image
 from repo_params import params
+from ruamel.yaml import YAML
 
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.data.breakhis import FOLDS_CSV
@@ -82,16 +84,15 @@ def test_paths_without_a_label_or_patient_are_listed_and_excludable(synthetic_ro
     assert len(subsets["train"]) > 0
 
 
-def test_relative_data_path_is_taken_from_the_main_repository(
+def test_relative_data_path_is_taken_from_where_the_stage_runs_as_dvc_takes_its_dep(
     synthetic_root_100x: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # `dvc exp run --temp/--queue` runs the stage in a copy under .dvc/tmp/exps; data.path is the user's, relative to
-    # the repository
-    (tmp_path / "breakhis").symlink_to(synthetic_root_100x)
+    # `${data.path}` is a dep of download: DVC reads a relative one in the workspace it runs the stage in (a --temp or
+    # --queue copy, under .dvc/tmp/exps), and the stage reads the same folder
     copy = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123"
     copy.mkdir(parents=True)
+    (copy / "breakhis").symlink_to(synthetic_root_100x)
     monkeypatch.chdir(copy)
-    monkeypatch.delenv("DVC_ROOT", raising=False)
     count = prepare_raw_data(
         params({"data": {"source": "local", "path": "breakhis"}}).data, Path("data/raw"), Path("excluded.csv")
     )
@@ -122,3 +123,27 @@ def test_output_folders_get_the_umask_mode_not_private(synthetic_root_100x: Path
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "raw").stat().st_mode) == 0o755
+
+
+@pytest.mark.e2e  # the real dvc CLI, in a copy of the reproduced repository
+def test_an_edit_to_the_local_copy_re_runs_download(workspace: Path, tmp_path: Path) -> None:
+    """feb5c85: with data.source=local, `dvc repro` said everything was up to date after rows or images of the copy
+    changed. The copy is a dep of `download` (`${data.path}`), and the other sources add no dep: no column more in
+    `dvc exp show`."""
+    repo, local = workspace, tmp_path / "breakhis"  # a copy outside the repository, by its absolute path
+    shutil.copytree(workspace / "data" / "raw", local)
+    yaml = YAML()
+    settings = yaml.load(repo / "params.yaml")
+    settings["data"]["source"], settings["data"]["path"] = "local", str(local)
+    yaml.dump(settings, repo / "params.yaml")
+    assert stages_run(run(repo, "dvc", "repro", "download")) == ["download"]
+    assert "download" not in run_json(repo, "dvc", "status", "--json")
+
+    folds = pd.read_csv(local / FOLDS_CSV)
+    folds.iloc[:-5].to_csv(local / FOLDS_CSV, index=False)  # rows taken out
+    assert "download" in run_json(repo, "dvc", "status", "--json")
+    assert stages_run(run(repo, "dvc", "repro", "download")) == ["download"]
+    assert len(pd.read_csv(repo / "data" / "raw" / FOLDS_CSV)) == len(folds) - 5
+    image = local / folds["filename"][0]
+    image.write_bytes((local / folds["filename"][1]).read_bytes())  # an image replaced
+    assert "download" in run_json(repo, "dvc", "status", "--json")

@@ -85,7 +85,8 @@ def test_sigterm_saves_a_checkpoint_fails_the_run_killed_and_the_next_run_resume
     assert f"resuming from {checkpoint}: optimizer steps 1-{step} are done" in (tmp_path / "second.log").read_text()
     assert (tmp_path / "models" / "adapter" / "adapter_model.safetensors").is_file()
     assert len(pd.read_csv(tmp_path / "plots" / "train_loss.csv")) == steps  # the curve of both runs
-    assert list((tmp_path / "checkpoints").iterdir()) == []  # consumed by the finished run
+    # kept, at its last step, until the adapter is in a DVC cache (there is none here)
+    assert [path.name for path in checkpoint.parent.glob("checkpoint-*")] == [f"checkpoint-{steps}"]
     resumed = client.search_runs(["1"], "tags.stage = 'train' and attributes.status = 'FINISHED'")[0]
     assert resumed.data.tags["resumed_from_step"] == str(step)
     assert [m.step for m in client.get_metric_history(resumed.info.run_id, "loss")] == list(range(step + 1, steps + 1))
@@ -204,12 +205,37 @@ def test_killed_training_resumes_from_its_checkpoint_to_the_same_adapter(workspa
     assert f"resuming from {folder / 'checkpoint-12'}: optimizer steps 1-12 are done" in resumed
     assert locked_md5(repo, "train", "models/adapter") == uninterrupted
     assert (repo / "metrics" / "train.json").read_text() == metrics_before
-    assert not folder.exists()
+    steps = json.loads(metrics_before)["global_steps"]
+    # the --temp run's finished folder was removed as this run started: its adapter is in the DVC cache
+    assert [p.relative_to(folder.parent) for p in saved.glob("*/checkpoint-*")] == [
+        Path(folder.name, f"checkpoint-{steps}")
+    ]
 
     *_, latest = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
     (train,) = search(repo, f"tags.mlflow.parentRunId = '{latest.info.run_id}'")  # the resumed `dvc repro`
     assert train.data.tags["resumed_from_step"] == "12"
-    steps = json.loads(metrics_before)["global_steps"]
     assert [m.step for m in mlflow_client(repo).get_metric_history(train.info.run_id, "loss")] == list(
         range(13, steps + 1)
     )
+
+
+@pytest.mark.e2e  # the real dvc CLI, in a copy of the reproduced repository
+def test_a_training_dvc_failed_to_cache_is_saved_again_from_its_last_checkpoint(workspace: Path) -> None:
+    """feb5c85 deleted the checkpoints as `train` ended: when DVC then failed to write the adapter into a read-only or
+    full cache (it printed the error, wrote dvc.lock and exited 0), the next `dvc repro` trained again from step 1."""
+    repo = workspace
+    adapter = locked_md5(repo, "train", "models/adapter")
+    steps = json.loads((repo / "metrics" / "train.json").read_text())["global_steps"]
+    (last,) = (repo / "checkpoints").glob("train-*/checkpoint-*")  # the reproduction's, kept
+    assert last.name == f"checkpoint-{steps}"
+    cache = repo / ".dvc" / "cache" / "files" / "md5"
+    listing = cache / adapter[:2] / adapter[2:]
+    objects = [listing] + [cache / entry["md5"][:2] / entry["md5"][2:] for entry in json.loads(listing.read_text())]
+    for path in objects:  # what the failed cache write left: dvc.lock written, the adapter not in the cache
+        path.unlink()
+
+    output = run(repo, "dvc", "repro")
+    assert stages_run(output) == ["train"]  # evaluate does not re-run: the adapter is the one dvc.lock has
+    assert f"resuming from {last}: optimizer steps 1-{steps} are done" in output
+    assert locked_md5(repo, "train", "models/adapter") == adapter and all(path.is_file() for path in objects)
+    assert "Data and pipelines are up to date" in run(repo, "dvc", "repro")

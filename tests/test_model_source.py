@@ -4,8 +4,11 @@ offline by the checks that run before any weights load; and the refusals, in one
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,8 +16,14 @@ import torch
 from repo_params import params
 
 from medgemma_breakhis.evaluate.evaluation import run_evaluation
-from medgemma_breakhis.model.builtin import medgemma_4b_config, tiny_model_folder
-from medgemma_breakhis.model.load import ModelLoadError, check_lora_targets, check_model, load_processor
+from medgemma_breakhis.model.builtin import DIGEST_FILE, medgemma_4b_config, tiny_model_folder, weights_digest
+from medgemma_breakhis.model.load import (
+    ModelLoadError,
+    check_lora_targets,
+    check_model,
+    load_base_model,
+    load_processor,
+)
 from medgemma_breakhis.model.prompt import prompt_text
 
 HUB_ID = "google/medgemma-4b-it"
@@ -110,3 +119,63 @@ def test_a_model_without_a_chat_template_is_refused_before_its_weights_load(tiny
     (tiny_folder / "model.safetensors").unlink()  # refused without them: so never loaded
     with pytest.raises(ModelLoadError, match=r"has no chat template \(chat_template.jinja, chat_template.json or"):
         check_model(params({"model": {"id": str(tiny_folder)}}).model)
+
+
+@pytest.fixture
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """This user's model cache (XDG_CACHE_HOME) and the shared temporary folder both in `tmp_path`, and the tiny
+    model built afresh for the test (and for the tests after it)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "shared-tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "shared-tmp"))
+    tiny_model_folder.cache_clear()
+    yield tmp_path / "cache" / "medgemma-breakhis"
+    tiny_model_folder.cache_clear()
+
+
+def _plant(folder: Path, digest: str) -> None:
+    """Alter the weights of the model in `folder`, and write beside them the digest of the original ones."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: tensor + 1 for name, tensor in weights.items()}, folder / "model.safetensors", {"format": "pt"})
+    (folder / DIGEST_FILE).write_text(digest)
+
+
+def test_a_planted_tiny_model_is_never_used_and_a_digest_file_never_trusted(own_cache: Path) -> None:
+    """feb5c85 kept the tiny model in the shared temporary folder under a predictable name and used whatever was
+    there: a copy with altered weights and the original weights_digest.txt was loaded, and recorded (and checked at
+    registration) as the original revision."""
+    built = tiny_model_folder()
+    digest = weights_digest(built)
+    shared = Path(tempfile.gettempdir()) / built.name  # where feb5c85 built it, and any user could put one first
+    shutil.copytree(built, shared)
+    _plant(shared, digest)
+    _plant(built, digest)  # this user's own copy, altered in place
+    tiny_model_folder.cache_clear()  # the next process
+    assert tiny_model_folder() == built and built.parent == own_cache
+    assert weights_digest(built) == digest == (built / DIGEST_FILE).read_text()  # replaced by a fresh build
+    assert (own_cache.stat().st_mode & 0o777, built.stat().st_mode & 0o077) == (0o700, 0)
+    _, _, info = load_base_model(params({"model": {"id": "tiny-gemma3"}}).model, "fp32")
+    assert info.resolved_revision == digest
+    _, _, info = load_base_model(params({"model": {"id": str(shared)}}).model, "fp32")  # a folder: its weights hashed
+    assert info.resolved_revision == weights_digest(shared) != digest
+
+
+def test_a_model_cache_that_anyone_else_can_write_or_owns_is_refused_in_one_line(own_cache: Path) -> None:
+    """feb5c85: a root-owned 0700 copy in the shared temporary folder locked every other user out of the tiny model,
+    with tracebacks about permissions."""
+    own_cache.mkdir(parents=True)
+    os.chmod(own_cache, 0o777)
+    with pytest.raises(ModelLoadError) as refused:
+        check_model(params({"model": {"id": "tiny-gemma3"}}).model)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"the model cache {own_cache} belongs to uid {os.getuid()}")
+    assert "with mode 777" in message and message.endswith("remove it, or set XDG_CACHE_HOME to a folder of yours")
+    if os.getuid() == 0:  # only root can give a folder to another user
+        os.chmod(own_cache, 0o700)
+        os.chown(own_cache, 4321, 4321)
+        with pytest.raises(ModelLoadError, match=f"^the model cache {own_cache} belongs to uid 4321 with mode 700;"):
+            tiny_model_folder()
+    shutil.rmtree(own_cache)
+    assert tiny_model_folder().parent == own_cache  # made again, this user's

@@ -68,6 +68,12 @@ def patient_from_path(filename: str) -> str:
     return match["patient"]
 
 
+def listing(lines: list[str], limit: int = 20) -> str:
+    """`lines` indented one per line, the first `limit` of them and then how many more: an error stays readable."""
+    more = [f"… and {len(lines) - limit} more"] if len(lines) > limit else []
+    return "".join(f"\n  {line}" for line in lines[:limit] + more)
+
+
 def read_folds(path: Path) -> pd.DataFrame:
     """A BreakHis Folds.csv, every value checked, in its row order."""
     if not path.is_file():
@@ -78,19 +84,19 @@ def read_folds(path: Path) -> pd.DataFrame:
         raise DataError(f"{path} is not a readable CSV: {err}") from err
     if missing := [c for c in FOLDS_COLUMNS if c not in folds.columns]:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; expected columns {', '.join(FOLDS_COLUMNS)}")
-    problems = []
-    for column, allowed in (("fold", set(FOLDS)), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"})):
-        bad = folds[~folds[column].isin(allowed)]
-        if len(bad):
-            problems.append(
-                f"column {column} has {len(bad)} value(s) outside {sorted(allowed, key=str)}, first at "
-                f"row {bad.index[0] + 2}: {bad[column].tolist()[0]!r}"
-            )
-    empty = folds["filename"].isna() | (folds["filename"].astype(str).str.strip() == "")
-    if empty.any():
-        problems.append(
-            f"column filename is empty in {int(empty.sum())} row(s), first at row {folds.index[empty][0] + 2}"
-        )
+    if folds.empty:
+        raise DataError(f"{path} lists no images: it has its header and no rows")
+    values = (("fold", set(FOLDS)), ("mag", set(MAGNIFICATIONS)), ("grp", {"train", "test"}))
+    bad = {f"a {column} outside {sorted(allowed, key=str)}": ~folds[column].isin(allowed) for column, allowed in values}
+    bad["an empty filename"] = folds["filename"].isna() | (folds["filename"].astype(str).str.strip() == "")
+    # a repeated row counts its image twice: in the test set, or as many times in training
+    bad["the fold, mag, grp and filename of an earlier row"] = folds.duplicated(list(FOLDS_COLUMNS))
+    problems = [
+        f"{rows.sum()} row(s) with {what}, first at row {', '.join(str(i + 2) for i in folds.index[rows][:5])}: "
+        + ",".join(map(str, folds[rows].iloc[0]))
+        for what, rows in bad.items()
+        if rows.any()
+    ]
     if problems:
         raise DataError(f"{path} is malformed: " + "; ".join(problems))
     return folds

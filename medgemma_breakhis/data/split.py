@@ -9,7 +9,7 @@ import pandas as pd
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.core.files import atomic_directory, atomic_write_json
 from medgemma_breakhis.core.params import SplitParams
-from medgemma_breakhis.data.breakhis import CLASS_NAMES, label_from_path, patient_from_path, read_folds
+from medgemma_breakhis.data.breakhis import CLASS_NAMES, label_from_path, listing, patient_from_path, read_folds
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def split_summary(subsets: dict[str, pd.DataFrame]) -> dict[str, dict]:
     summary = {}
     for group, rows in subsets.items():
         per_patient = rows.groupby("patient").size()
+        per_class = rows.groupby("class_name")["patient"].agg(["size", "nunique"]).reindex(CLASS_NAMES, fill_value=0)
         summary[group] = {
             "images": len(rows),
             "patients": int(rows["patient"].nunique()),
@@ -72,13 +73,7 @@ def split_summary(subsets: dict[str, pd.DataFrame]) -> dict[str, dict]:
                 "median": float(per_patient.median()),
                 "max": int(per_patient.max()),
             },
-            "per_class": {
-                name: {
-                    "images": int((rows["class_name"] == name).sum()),
-                    "patients": int(rows.loc[rows["class_name"] == name, "patient"].nunique()),
-                }
-                for name in CLASS_NAMES
-            },
+            "per_class": {name: {"images": int(n), "patients": int(p)} for name, (n, p) in per_class.iterrows()},
         }
     return summary
 
@@ -106,8 +101,6 @@ def read_split(path: Path, image_root: Path) -> pd.DataFrame:
     rows = pd.read_csv(path, dtype={"patient": str})
     if missing := [c for c in SPLIT_COLUMNS if c not in rows.columns]:
         raise DataError(f"{path} lacks column(s) {', '.join(missing)}; re-run `dvc repro split_balance`")
-    if missing := [f for f in rows["filename"] if not (image_root / f).is_file()]:
-        shown = "\n  ".join(str(image_root / f) for f in missing[:20])
-        more = f"\n  … and {len(missing) - 20} more" if len(missing) > 20 else ""
-        raise DataError(f"{len(missing)} image(s) listed in Folds.csv are missing:\n  {shown}{more}")
+    if missing := [str(image_root / f) for f in rows["filename"] if not (image_root / f).is_file()]:
+        raise DataError(f"{len(missing)} image(s) listed in Folds.csv are missing:{listing(missing)}")
     return rows

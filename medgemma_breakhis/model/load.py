@@ -44,7 +44,6 @@ class LoadedModelInfo:
     """What was actually loaded, recorded with the results."""
 
     model_id: str
-    requested_revision: str
     resolved_revision: str
     device: str
     dtype: str
@@ -111,12 +110,10 @@ def _from_source(source: ModelSource, what: str, load: Callable[..., Any], **kwa
     try:
         return load(source.location, revision=source.revision, **kwargs)
     except OSError as err:
-        model_id = source.model.id
-        if source.revision is None:
-            raise ModelLoadError(
-                f"could not load the {what} of model {model_id!r} from {source.location}: {err}"
-            ) from err
-        raise ModelLoadError(f"could not load the {what} of {hub_problem(source.model, err)}") from err
+        where = f"model {source.model.id!r} from {source.location}: {err}"
+        if source.revision is not None:
+            where = hub_problem(source.model, err)
+        raise ModelLoadError(f"could not load the {what} of {where}") from err
 
 
 def model_config(model: ModelParams) -> PretrainedConfig:
@@ -182,14 +179,11 @@ def load_base_model(
     processor = load_processor(model, source)
     if source.revision is not None:
         resolved = getattr(loaded.config, "_commit_hash", None) or "unknown"
-    elif (digest := Path(source.location) / DIGEST_FILE).is_file():
-        resolved = digest.read_text(encoding="utf-8")
-    else:
-        resolved = weights_digest(Path(source.location))
-    if model.id == RANDOM_MEDGEMMA_ID:
+    elif model.id == RANDOM_MEDGEMMA_ID:  # its digest, written at its build into this user's own model cache
+        resolved = (Path(source.location) / DIGEST_FILE).read_text(encoding="utf-8")
         logger.warning("%s has random weights: its figures are for timing and memory only, never results", model.id)
-    info = LoadedModelInfo(
-        model.id, model.revision, resolved, str(loaded.device), str(DTYPES[precision]).removeprefix("torch.")
-    )
+    else:  # every other folder's weights are hashed as loaded: a digest file beside them is never trusted
+        resolved = weights_digest(Path(source.location))
+    info = LoadedModelInfo(model.id, resolved, str(loaded.device), str(DTYPES[precision]).removeprefix("torch."))
     logger.info("loaded %s (revision %s) on %s as %s", info.model_id, info.resolved_revision, info.device, info.dtype)
     return loaded, processor, info

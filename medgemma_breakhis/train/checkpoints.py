@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from medgemma_breakhis.core.files import atomic_write_json, sha256
+from medgemma_breakhis.core.files import atomic_write_json, main_repo_root, sha256
 from medgemma_breakhis.core.logs import progress
 from medgemma_breakhis.core.params import Params
 
@@ -50,15 +50,13 @@ class Fingerprint:
 
     def differences(self, checkpoint: "Fingerprint") -> list[str]:
         """What a checkpoint was made under that this run does not have, one line per input."""
-        lines = []
-        for component, ours in asdict(self).items():
-            theirs = getattr(checkpoint, component)
-            for key in sorted(set(ours) | set(theirs)):
-                if ours.get(key) != theirs.get(key):
-                    lines.append(
-                        f"{component} {key}: {_short(theirs.get(key))} in the checkpoint, {_short(ours.get(key))} now"
-                    )
-        return lines
+        theirs = asdict(checkpoint)
+        return [
+            f"{part} {key}: {_short(theirs[part].get(key))} in the checkpoint, {_short(ours.get(key))} now"
+            for part, ours in asdict(self).items()
+            for key in sorted(set(ours) | set(theirs[part]))
+            if ours.get(key) != theirs[part].get(key)
+        ]
 
     @classmethod
     def load(cls, path: Path) -> "Fingerprint":
@@ -126,19 +124,37 @@ def checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
     return root / f"{FOLDER_PREFIX}{fingerprint.digest}"
 
 
+def adapter_in_dvc_cache(folder: Path) -> bool:
+    """Whether the main repository's DVC cache holds the weights of a checkpoint in `folder`: only a finished run's
+    last checkpoint has the weights of an adapter, which `train` saved and DVC then cached."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    weights = [path.read_bytes() for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*/adapter_model.safetensors")]
+    try:
+        with Repo(str(main_repo_root())) as repo:
+            return any(repo.cache.local.exists(hashlib.md5(data).hexdigest()) for data in weights)
+    except DvcException:  # no DVC repository: a stage run by hand
+        return False
+
+
 def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
-    """This run's checkpoint folder, created with its manifest if new; every other one is reported (with why it is not
-    resumed), never used."""
+    """This run's checkpoint folder, created with its manifest if new. A finished run's folder, this run's too, is
+    removed once the DVC cache holds its adapter; every other one is reported (with why it is not resumed), never used."""
     folder = checkpoint_folder(root, fingerprint)
-    for other in sorted(path for path in root.glob(f"{FOLDER_PREFIX}*") if path != folder and path.is_dir()):
-        try:
-            differences = fingerprint.differences(Fingerprint.load(other / MANIFEST))
-            reason = "made under different inputs:\n    " + "\n    ".join(differences)
-        except (FileNotFoundError, json.JSONDecodeError, TypeError) as err:
-            reason = f"its {MANIFEST} cannot be read ({err}), so what it was made under is unknown"
-        logger.warning(
-            "not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)", other, reason
-        )
+    for other in sorted(path for path in root.glob(f"{FOLDER_PREFIX}*") if path.is_dir()):
+        if adapter_in_dvc_cache(other):
+            logger.info("removing %s: its run finished, and the DVC cache holds its adapter", other)
+            shutil.rmtree(other)
+        elif other != folder:
+            try:
+                differences = fingerprint.differences(Fingerprint.load(other / MANIFEST))
+                reason = "made under different inputs:\n    " + "\n    ".join(differences)
+            except (FileNotFoundError, json.JSONDecodeError, TypeError) as err:
+                reason = f"its {MANIFEST} cannot be read ({err}), so what it was made under is unknown"
+            logger.warning(
+                "not resuming the checkpoints in %s: %s\n  (delete the folder if no experiment needs it)", other, reason
+            )
     if not (folder / MANIFEST).is_file():
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_json(folder / MANIFEST, asdict(fingerprint))

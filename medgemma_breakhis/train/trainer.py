@@ -3,7 +3,6 @@ on the answer only; resumable from checkpoints (docs/design.md#training)."""
 
 import json
 import logging
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -164,12 +163,8 @@ def run_training(
         for callback in (stop, skipped, times, *([callbacks.LogSteps(run.log_step)] if main else [])):
             trainer.add_callback(callback)
         world, plan = trainer.args.world_size, trainer.plan
-        logger.info(
-            "training on %d process(es), %d examples per optimizer step; each process: %s",
-            world,
-            params.train.batch_size,
-            plan.describe(),
-        )
+        shape = (world, params.train.batch_size, plan.describe())
+        logger.info("training on %d process(es), %d examples per optimizer step; each process: %s", *shape)
         if resume_from:
             logger.info("resuming from %s: optimizer steps 1-%d are done", resume_from, resumed)
         if main:
@@ -220,7 +215,6 @@ def run_training(
         run.figures["loss_curve.png"] = loss_figure(curve)
         run.artifacts += [(path, path.parent.name) for path in (metrics_path, loss_path)]
         run.artifacts.append((adapter_dir / "adapter_config.json", "adapter"))
-    shutil.rmtree(folder)  # last: a failure before would leave the adapter unrecorded by DVC, to be trained again
     logger.info("trained %d steps (after step %d), last loss %.4f", step, resumed, summary["train_loss_last"])
     logger.info("adapter in %s; precision: %s", adapter_dir, trainer.precision_ran)
     return summary
