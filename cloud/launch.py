@@ -5,11 +5,9 @@ Run (from the repository root, with the engine installed by `make cloud-setup`):
     make cloud-sweep ARGS='-S lora.r=8,16,32'            # one job per value; several keys make a grid
     make cloud-sweep ARGS='-S split.fold=1,2,3,4,5'      # one job per cross-validation fold
     .venv-cloud/bin/python cloud/launch.py --dry-run -S lora.r=16   # check and print the jobs, launch nothing
-Needs CLOUD_BUCKET=gs://bucket[/prefix] (checkpoints and the MLflow store), HEAD committed and pushed to `origin`,
-and the credentials the params need, no others: HF_TOKEN for a hub model (or CLOUD_HF_TOKEN_SECRET, the name of a
-Google Secret Manager secret that the job reads on its machine), KAGGLE_USERNAME and KAGGLE_KEY for
-data.source=kaggle, and a team MLflow server's MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN. Every -S value is checked
-against the params schema first. Results: `dvc exp pull origin <name>` then `dvc exp show` (docs/cloud.md).
+Needs CLOUD_BUCKET=gs://bucket[/prefix], HEAD committed and pushed to `origin`, and exactly the credentials the params
+need (HF_TOKEN or CLOUD_HF_TOKEN_SECRET, KAGGLE_USERNAME and KAGGLE_KEY, a tracking server's); every -S value is
+checked against the params schema first. Results: `dvc exp pull origin <name>` then `dvc exp show` (docs/cloud.md).
 """
 
 import argparse
@@ -28,8 +26,7 @@ from urllib.parse import unquote, urlsplit
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# The params schema itself (it needs only ruamel.yaml, which requirements-cloud.txt pins too): a job whose -S values
-# the stages would refuse is refused here, before a GPU is paid for.
+# The params schema itself: a job whose -S values the stages would refuse is refused here, before a GPU is paid for.
 sys.path.insert(0, str(REPO))
 from medgemma_breakhis.core.errors import ParamsError
 from medgemma_breakhis.core.logs import without_user_info

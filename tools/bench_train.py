@@ -1,11 +1,11 @@
 """What one optimizer step of `train` costs: the real set-up (model, LoRA, trainer, collator, data) run for a warm-up
-and then at least 20 timed steps, their median and spread, and the reference run's time projected from them.
+and then at least 20 timed steps, their median and spread, and the reference run's training steps projected from them
+(docs/gpu.md#time-make-bench-train).
 
 Run: make bench-train              (params.yaml's model on this machine's GPU, on the train split)
      make bench-train OFFLINE=1    (tiny-gemma3 on synthetic images, on a CPU)
      (or: python -m tools.bench_train [--synthetic] [-S key=value ...] [--steps N] [--warmup N])
-Timing a MedGemma-sized run without the gated weights: -S model.id=medgemma-4b-random --synthetic (`make tokenizer`
-first). The projection covers training steps only; `make rehearse` times whole stages.
+A MedGemma-sized run without the gated weights: --synthetic -S model.id=medgemma-4b-random (`make tokenizer` first).
 """
 
 import argparse
@@ -35,9 +35,8 @@ from tools.gpu_memory import decoder_tokens_per_example
 # Images in the reference run's training and test splits (fold 1, 100x, benign/malignant balanced, the Kaggle data).
 REFERENCE_TRAIN_IMAGES = 766
 REFERENCE_TEST_IMAGES = 522
-# Dense bf16/fp16 tensor-core peak of the GPUs whose MFU is reported: NVIDIA's datasheets give them "with sparsity",
-# twice the dense figure. By a pattern over torch's device name, the most specific first: "NVIDIA H100 80GB HBM3" is
-# the SXM H100, "NVIDIA H100 PCIe" and "NVIDIA H100 NVL" the others.
+# Dense bf16/fp16 tensor-core peak FLOP/s (half the datasheets' "with sparsity"), by a pattern over torch's device
+# name, the most specific first: "NVIDIA H100 80GB HBM3" is the SXM H100.
 PEAK_FLOPS = (
     (r"H100 NVL", "H100 NVL", 835.5e12),
     (r"H100 PCIe", "H100 PCIe", 756.5e12),
@@ -167,13 +166,10 @@ def projected_seconds(m: Measurement, steps: int) -> float:
     return m.measured_seconds + (steps - m.warmup_steps - len(m.step_seconds)) * m.median_seconds
 
 
-def spread(seconds: list[float]) -> str:
-    q1, q3 = np.percentile(seconds, [25, 75])
-    return f"interquartile {q1:.3f}-{q3:.3f}, min {min(seconds):.3f}, max {max(seconds):.3f}, {len(seconds)} steps"
-
-
 def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_tokens: int) -> str:
     examples_per_second = m.examples_per_step / m.median_seconds
+    q1, q3 = np.percentile(m.step_seconds, [25, 75])
+    spread = f"interquartile {q1:.3f}-{q3:.3f}, min {min(m.step_seconds):.3f}, max {max(m.step_seconds):.3f}"
     peak = peak_flops(device_name)
     counted = (
         f"a micro-batch of {m.flops_micro_batch}: forward + activation gradients, weight gradients for LoRA only"
@@ -197,7 +193,7 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
         ("execution", plan),
         ("decoder tokens per example", f"{decoder_tokens}"),
         ("warm-up (first calls, compilation)", f"{m.warmup_steps} steps"),
-        ("seconds per optimizer step", f"median {m.median_seconds:.3f} ({spread(m.step_seconds)})"),
+        ("seconds per optimizer step", f"median {m.median_seconds:.3f} ({spread}, {len(m.step_seconds)} steps)"),
         ("examples/s", f"{examples_per_second:.2f}"),
         ("data pipeline alone, examples/s", f"{m.data_examples_per_second:.1f}"),
         ("peak memory (GiB)", memory),

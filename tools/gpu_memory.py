@@ -1,12 +1,9 @@
-"""GPU memory of MedGemma 4B LoRA training per execution setting, from the model's shapes and its processor's tokens
-per example (no GPU, no weights), and the setting it recommends on common GPUs: what `execution: auto` takes
-(`medgemma_breakhis.train.execution.AUTO_BY_GPU_MEMORY`, held equal by tests/test_execution.py).
+"""GPU memory of MedGemma 4B LoRA training per execution setting, from the model's shapes (built on the meta device:
+no GPU, no weights) and its processor's tokens per example, and the setting it recommends on common GPUs: what
+`execution: auto` takes (`train.execution.AUTO_BY_GPU_MEMORY`, held equal by tests/test_execution.py). The estimates
+are fitted to an H100's measurements (docs/gpu.md#memory-make-gpu-memory).
 
 Run: make gpu-memory   (or: python -m tools.gpu_memory [--model ID] [--tokens N] [--lora-r 8])
-
-The model is `medgemma-4b-random` by default: MedGemma 4B's architecture and processor, Gemma 3's tokenizer included
-(`make tokenizer`). Parameter counts are exact (the architecture is built on PyTorch's meta device). The activation
-estimate is fitted to peak CUDA memory measured on one H100, the step-time model to step times there (docs/gpu.md).
 """
 
 import argparse
@@ -72,11 +69,8 @@ def model_shape(model: nn.Module, lora_r: int) -> ModelShape:
     `lora_r` on every linear layer but the LM head."""
     parameters = sum(p.numel() for p in model.parameters())  # each shared parameter once
     output = model.get_output_embeddings()
-    lora = sum(
-        lora_r * (m.in_features + m.out_features)
-        for m in model.modules()
-        if isinstance(m, nn.Linear) and m is not output
-    )
+    adapted = [layer for layer in model.modules() if isinstance(layer, nn.Linear) and layer is not output]
+    lora = lora_r * sum(layer.in_features + layer.out_features for layer in adapted)
     return ModelShape(parameters, 2 * parameters, lora, model.config.text_config, model.config.vision_config)
 
 

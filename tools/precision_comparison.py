@@ -1,12 +1,10 @@
-"""Fine-tune in bf16 and in fp16 with otherwise identical params, then compare the two runs as MLflow recorded them.
+"""Fine-tune in bf16 and in fp16 with otherwise identical params (each a temporary DVC experiment of `evaluate`, run
+with --force), then compare the two runs as MLflow recorded them; a diverged run is a row, not a crash
+(docs/tracking.md).
 
 Run: make compare-precision              (params.yaml as it is: MedGemma on this machine's GPU)
      make compare-precision OFFLINE=1    (synthetic data and the tiny model, on a CPU)
      (or: python -m tools.precision_comparison [-S key=value ...] [--out reports/precision_comparison.md])
-
-Each precision is a temporary DVC experiment of the `evaluate` target run with --force, so training and what it
-depends on run and are tracked afresh; `baseline`, which no precision changes, is left out. A run that diverges
-(the fp16 overflow of docs/reference-experiment.md#precision) is reported as diverged, with the step, not as a crash.
 """
 
 import argparse
@@ -24,17 +22,14 @@ from mlflow.entities import Run
 from medgemma_breakhis.core.files import atomic_write_text
 from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import add_override_argument
+from medgemma_breakhis.evaluate.metrics import HEADLINE
 from medgemma_breakhis.track.store import experiment_id
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp16")
-EVAL_METRICS = (
-    ("8-class accuracy", "eight_class_accuracy"),
-    ("8-class F1 (weighted)", "eight_class_f1_weighted"),
-    ("binary accuracy", "binary_accuracy"),
-    ("binary F1 (malignant)", "binary_f1_malignant"),
-)
+# The headline figures (`metrics.HEADLINE`) compared on the test set.
+COMPARED = ("eight_class.accuracy", "eight_class.f1_weighted", "binary.accuracy", "binary.f1_malignant")
 CPU_NOTE = (
     "No GPU here: fp16 mixed precision needs CUDA, so the fp16 experiment trains float16 base weights "
     "without autocast, and its 'precision that ran' row says so."
@@ -116,8 +111,9 @@ def summary_column(dvc_exp_name: str, exit_code: int) -> dict[str, str]:
         if train_tags.get("device") == "cpu"
         else _number(train_metrics.get("peak_cuda_memory_allocated_gib"), 2),
     }
-    for label, key in EVAL_METRICS:
-        column[f"test {label}"] = _number(eval_metrics[key]) if key in eval_metrics else "not evaluated"
+    for figure in (figure for figure in HEADLINE if figure.key in COMPARED):
+        value = eval_metrics.get(figure.mlflow_name)
+        column[f"test {figure.label}"] = "not evaluated" if value is None else _number(value)
     return column
 
 

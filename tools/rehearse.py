@@ -1,10 +1,8 @@
 """A rehearsal of the real run on any CUDA GPU, without the gated weights: the five stages at real size, timed.
 
-`medgemma-4b-random` (MedGemma 4B's architecture, random weights, Gemma 3's own tokenizer) goes through every stage
-on synthetic images, each run with its dvc.yaml command in a scratch folder with its own MLflow store (the workspace,
-its outputs and your MLflow runs are left as they are). Printed: each stage's wall time, peak CUDA memory and
-throughput; the reference run projected from them, model loading, saves, logging and epoch boundaries included; and
-`make bench-train`'s projection of the training steps alone.
+`medgemma-4b-random` on synthetic images, each stage run with its dvc.yaml command in a scratch folder with its own
+MLflow store (the workspace and your MLflow runs are left as they are); each stage's time, memory and throughput, and
+the reference run projected from them, are printed (docs/gpu.md#rehearse-the-run-make-rehearse).
 
 Run: make rehearse   (a CUDA GPU; `make tokenizer` first; about 8 minutes on one H100)
      (or: python -m tools.rehearse [--images-per-patient N] [--no-bench] [--keep DIR] [-S key=value ...])
@@ -159,21 +157,15 @@ def report(params: Params, scratch: Path, wall: dict[str, float], metrics: dict[
     times = ", ".join(
         f"{key.removeprefix('time_')} {value:.2f}" for key, value in metrics["train"].items() if key.startswith("time_")
     )
-    return "\n".join(
-        [
-            (
-                f"Rehearsal: {params.model.id}, {images} images ({test_images} test), train: {ran.steps} optimizer "
-                f"steps in {ran.epochs} epochs, {ran.saves} checkpoint saves"
-            ),
-            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True),
-            f"train, where the time went (s): {times}",
-            (
-                f"Reference run projected ({REFERENCE_TRAIN_IMAGES} training images: {reference.steps} steps, "
-                f"{reference.epochs} epochs, {reference.saves} checkpoint saves; {REFERENCE_TEST_IMAGES} test images): "
-                f"train stage {train / 60:.1f} min, baseline {scoring['baseline'] / 60:.1f} min, evaluate "
-                f"{scoring['evaluate'] / 60:.1f} min; the three {(train + sum(scoring.values())) / 60:.1f} min"
-            ),
-        ]
+    return (
+        f"Rehearsal: {params.model.id}, {images} images ({test_images} test), train: {ran.steps} optimizer steps in "
+        f"{ran.epochs} epochs, {ran.saves} checkpoint saves\n"
+        f"{pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)}\n"
+        f"train, where the time went (s): {times}\n"
+        f"Reference run projected ({REFERENCE_TRAIN_IMAGES} training images: {reference.steps} steps, "
+        f"{reference.epochs} epochs, {reference.saves} checkpoint saves; {REFERENCE_TEST_IMAGES} test images): "
+        f"train stage {train / 60:.1f} min, baseline {scoring['baseline'] / 60:.1f} min, evaluate "
+        f"{scoring['evaluate'] / 60:.1f} min; the three {(train + sum(scoring.values())) / 60:.1f} min"
     )
 
 

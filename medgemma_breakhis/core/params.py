@@ -112,8 +112,7 @@ class LoraParams(Section):
 
 
 class TrainParams(Section):
-    """What is trained. Every key but `batch_size` and `precision` goes to trl's SFTConfig under its own name, or the
-    SFTConfig name in `serialization_alias`: a new key of SFTConfig needs only params.yaml and a field here."""
+    """What is trained; every key but `batch_size` and `precision` goes to trl's SFTConfig (docs/design.md)."""
 
     epochs: int = Field(ge=1, le=1000, serialization_alias="num_train_epochs", description="an integer from 1 to 1000")
     learning_rate: float = Field(gt=0, le=1, description="a number in (0, 1]")
@@ -222,23 +221,16 @@ def _shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
 
-def _field_path(loc: tuple) -> tuple[list[str], Any]:
-    """The keys of `loc` that name fields (a union member or a list index does not), and the last field's info."""
+def _message(error: ValidationError, raw: Any) -> str:
+    """The first problem of `error`, in one line: the key, its value and what is allowed."""
+    first = error.errors()[0]
     model, names, info = Params, [], None
-    for part in loc:
-        fields = getattr(model, "model_fields", {})
-        if part not in fields:
+    for part in first["loc"]:  # up to the first part that names no field: a union member, a list index
+        if part not in (fields := getattr(model, "model_fields", {})):
             break
         names.append(part)
         info = fields[part]
         model = info.annotation
-    return names, info
-
-
-def _message(error: ValidationError, raw: Any) -> str:
-    """The first problem of `error`, in one line: the key, its value and what is allowed."""
-    first = error.errors()[0]
-    names, info = _field_path(first["loc"])
     key = ".".join(names)
     if first["type"] == "value_error" and str(first["ctx"]["error"]).startswith("params: "):
         return str(first["ctx"]["error"])

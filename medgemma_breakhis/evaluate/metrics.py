@@ -63,13 +63,10 @@ def patient_bootstrap_ci(correct: np.ndarray, patients: np.ndarray, resamples: i
 
 
 def expected_calibration_error(correct: np.ndarray, confidence: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
-    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by the images in each."""
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    accuracy = binned_statistic(confidence, correct.astype(float), "mean", bins=edges).statistic
-    mean_confidence = binned_statistic(confidence, confidence, "mean", bins=edges).statistic
-    counts = binned_statistic(confidence, confidence, "count", bins=edges).statistic
-    filled = counts > 0
-    return float(np.sum(counts[filled] / counts.sum() * np.abs(accuracy[filled] - mean_confidence[filled])))
+    """Mean gap between confidence and accuracy over equal-width confidence bins, weighted by the images in each: the
+    gap between each bin's hits and summed confidence, over all images."""
+    gaps = binned_statistic(confidence, correct - confidence, "sum", bins=np.linspace(0.0, 1.0, bins + 1)).statistic
+    return float(np.abs(gaps).sum() / len(confidence))
 
 
 def malignant_probability(predictions: pd.DataFrame) -> pd.Series:
@@ -177,12 +174,9 @@ def headline(metrics: dict[str, Any]) -> dict[str, float]:
     """The headline figures of a metrics file that it has, flat, by their MLflow names."""
     flat = {}
     for figure in HEADLINE:
-        if (value := dotted_get(metrics, figure.key)) is None:
-            continue
-        flat[figure.mlflow_name] = value
-        if figure.interval:
-            for bound in ("ci95_low", "ci95_high"):
-                flat[f"{figure.mlflow_name}_{bound}"] = dotted_get(metrics, f"{figure.key}_{bound}")
+        if dotted_get(metrics, figure.key) is not None:
+            suffixes = ("", "_ci95_low", "_ci95_high") if figure.interval else ("",)
+            flat |= {figure.mlflow_name + suffix: dotted_get(metrics, figure.key + suffix) for suffix in suffixes}
     return flat
 
 

@@ -181,10 +181,11 @@ class StageRun:
         batch = [Metric(key, float(value), int(time.time() * 1000), step) for key, value in metrics.items()]
         mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=False)
 
-    def _restore_history(self, client: mlflow.MlflowClient) -> None:
+    def _restore_history(self) -> None:
         """Log every (metric, step) of `history` the store lacks: MLflow's asynchronous logger drops a batch that
         fails with only an ERROR line."""
         mlflow.flush_async_logging()
+        client = mlflow.MlflowClient()
         numbers = [(entry["step"], k, v) for entry in self.history for k, v in entry.items() if k != "step"]
         wanted = [(k, v, step) for step, k, v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
         held = {key: {m.step for m in client.get_metric_history(self.run_id, key)} for key, _, _ in wanted}
@@ -194,34 +195,12 @@ class StageRun:
             logger.warning("the MLflow store had dropped %d logged value(s); logging them again", len(missing))
             client.log_batch(self.run_id, metrics=missing)
 
-    def _writes(self, client: mlflow.MlflowClient) -> list[tuple[str, Callable[[], object]]]:
-        now, log, writes = int(time.time() * 1000), functools.partial(client.log_batch, self.run_id), []
-        if self.tags:
-            writes.append(("the tags", functools.partial(log, tags=[RunTag(k, v) for k, v in self.tags.items()])))
-        if self.metrics:
-            metrics = [Metric(k, float(v), now, 0) for k, v in self.metrics.items()]
-            writes.append(("the metrics", functools.partial(log, metrics=metrics)))
-        if self.history:
-            what = "the training metrics (loss, learning rate, gradient norm per step)"
-            writes.append((what, functools.partial(self._restore_history, client)))
-        for path, folder in self.artifacts:
-            artifact = functools.partial(client.log_artifact, self.run_id, str(path), folder)
-            writes.append((f"the artifact {path}", artifact))
-        for name, figure in self.figures.items():
-            writes.append((f"the figure {name}", functools.partial(client.log_figure, self.run_id, figure, name)))
-        if self.parent_tags or self.parent_metrics:
-            tags = [RunTag(key, value) for key, value in self.parent_tags.items()]
-            metrics = [Metric(k, float(v), now, 0) for k, v in self.parent_metrics.items()]
-            parent = functools.partial(client.log_batch, self.parent_run_id, metrics=metrics, tags=tags)
-            writes.append(("the pipeline run's metrics and tags", parent))
-        return writes + self.then
-
     def end(self, status: str) -> None:
         """Write what was recorded, then end the stage's and the pipeline's runs with `status` (FINISHED, FAILED,
         KILLED). After a failed write, the others are not attempted, and the last ones (a `tracking_incomplete` tag,
         the ends) once each, without retries, while a sqlite store is not still locked; a finished stage lists in
         `record` every item not written, and its run never looks complete."""
-        client, failures = mlflow.MlflowClient(), []
+        client, failures, now = mlflow.MlflowClient(), [], int(time.time() * 1000)
 
         def attempt(what: str, call: Callable[[], object], last: bool = False) -> bool:
             if failures and not last:
@@ -240,7 +219,23 @@ class StageRun:
                     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
             return False
 
-        for what, call in self._writes(client):
+        if self.tags:
+            attempt("the tags", lambda: client.log_batch(self.run_id, tags=[RunTag(*tag) for tag in self.tags.items()]))
+        if self.metrics:
+            metrics = [Metric(key, float(value), now, 0) for key, value in self.metrics.items()]
+            attempt("the metrics", lambda: client.log_batch(self.run_id, metrics=metrics))
+        if self.history:
+            attempt("the training metrics (loss, learning rate, gradient norm per step)", self._restore_history)
+        for path, folder in self.artifacts:
+            attempt(f"the artifact {path}", functools.partial(client.log_artifact, self.run_id, str(path), folder))
+        for name, figure in self.figures.items():
+            attempt(f"the figure {name}", functools.partial(client.log_figure, self.run_id, figure, name))
+        if self.parent_tags or self.parent_metrics:
+            tags = [RunTag(key, value) for key, value in self.parent_tags.items()]
+            metrics = [Metric(key, float(value), now, 0) for key, value in self.parent_metrics.items()]
+            parent = functools.partial(client.log_batch, self.parent_run_id, metrics=metrics, tags=tags)
+            attempt("the pipeline run's metrics and tags", parent)
+        for what, call in self.then:
             attempt(what, call)
         note = f"{len(failures)} item(s) not tracked, listed in {self.record}"
         tag = functools.partial(client.set_tag, self.run_id, "tracking_incomplete", note)

@@ -63,23 +63,6 @@ def bound_store_requests() -> None:
         os.environ["MLFLOW_TRACKING_URI"] = without_user_info(parts).geturl()
 
 
-def store_error(uri: str, err: Exception) -> TrackingError:
-    """The one-line refusal of a store: its name, the error and the fix, no credential of `uri`."""
-    if (path := sqlite_path(uri)) is not None:
-        fix = (
-            f"Check that {path} is a writable MLflow database that no other process holds locked (an `mlflow ui` "
-            "is fine; a copy in progress is not); a corrupt one can be moved aside, and MLflow creates a new one."
-        )
-    else:
-        fix = (
-            "Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
-            "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use the "
-            "repository's own store, mlflow.db."
-        )
-    reason = f"{type(err).__name__}: {redacted(str(err), uri)}"
-    return TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {reason}\n{fix}")
-
-
 def check_sqlite_writable(path: Path, timeout: float) -> None:
     """Take and release the write lock, as MLflow will: a locked, read-only or corrupt file fails here."""
     if not path.exists():
@@ -96,13 +79,26 @@ def check_sqlite_writable(path: Path, timeout: float) -> None:
 
 @contextmanager
 def refused_unless_store_answers(uri: str) -> Iterator[None]:
-    """Requests made before any work: whatever the store raises becomes `store_error`'s one line."""
+    """Requests made before any work: whatever the store raises becomes a TrackingError naming the store, the error
+    and the fix, without a credential of `uri`."""
     try:
         yield
     except ExpectedError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the store (HTTP, SQL, file system) needs the same advice
-        raise store_error(uri, err) from None  # the cause quotes the URI
+        if (path := sqlite_path(uri)) is not None:
+            fix = (
+                f"Check that {path} is a writable MLflow database that no other process holds locked (an `mlflow ui` "
+                "is fine; a copy in progress is not); a corrupt one can be moved aside, and MLflow creates a new one."
+            )
+        else:
+            fix = (
+                "Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
+                "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use "
+                "the repository's own store, mlflow.db."
+            )
+        reason = f"{type(err).__name__}: {redacted(str(err), uri)}"  # raised without the cause, which quotes the URI
+        raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {reason}\n{fix}") from None
 
 
 def check_tracking_store(uri: str) -> None:
