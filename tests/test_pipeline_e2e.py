@@ -362,7 +362,7 @@ def test_an_experiment_whose_model_cannot_be_had_fails_in_seconds_naming_the_off
         check=False,
         env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"},  # nothing listens on port 9
     )
-    assert time.monotonic() - started <= 15, output
+    assert time.monotonic() - started <= 60, output  # dvc and the imports take most of it; the retries took 180 s
     (refusal,) = [line for line in output.splitlines() if "cannot reach model 'google/medgemma-4b-it'" in line]
     assert refusal.endswith("or run offline: -S data.source=synthetic -S model.id=tiny-gemma3"), refusal
     assert "Running stage 'baseline'" in output and "Retrying" not in output
