@@ -104,6 +104,10 @@ report: setup ## the pull-request comment against BASE=<branch, tag, commit or e
 	@test -n "$$BASE" || { echo "usage: make report BASE=<branch, tag, commit or experiment>" >&2; exit 2; }
 	@"$(BIN)/python" -m tools.pr_report "$$BASE" $${PLOTS_URL:+--plots-url "$$PLOTS_URL"}
 
+# Paired differences over the same test patients (docs/metrics.md): B against A, or each experiment of HEAD against it.
+compare: setup ## paired comparison: A=<rev or experiment>[:stage] B=... (none: each experiment against HEAD)
+	@"$(BIN)/python" -m tools.compare $${A:+"$$A"} $${B:+"$$B"}
+
 # The registered model (docs/model-registry.md). Make variables reach the tools through the environment ($$NAME),
 # never pasted into the recipe: IMAGES is split into words (a path with spaces: run `python -m tools.predict`),
 # nothing in any value is run.

@@ -1,14 +1,7 @@
 """Launch DVC experiments as SkyPilot managed jobs (cloud/task.yaml): one job per experiment, on a spot GPU.
-
-Run (from the repository root, with the engine installed by `make cloud-setup`):
-    make cloud-run ARGS='-S lora.r=16'                   # one experiment
-    make cloud-sweep ARGS='-S lora.r=8,16,32'            # one job per value; several keys make a grid
-    make cloud-sweep ARGS='-S split.fold=1,2,3,4,5'      # one job per cross-validation fold
-    .venv-cloud/bin/python cloud/launch.py --dry-run -S lora.r=16   # check and print the jobs, launch nothing
-Needs CLOUD_BUCKET=gs://bucket[/prefix], HEAD committed and pushed to `origin`, and exactly the credentials the params
-need (HF_TOKEN or CLOUD_HF_TOKEN_SECRET, KAGGLE_USERNAME and KAGGLE_KEY, a tracking server's); every -S value is
-checked against the params schema first. Results: `dvc exp pull origin <name>` then `dvc exp show` (docs/cloud.md).
-"""
+Run (after `make cloud-setup`): make cloud-run ARGS='-S lora.r=16', make cloud-sweep ARGS='-S lora.r=8,16,32' (a job
+per value), or .venv-cloud/bin/python cloud/launch.py --dry-run -S lora.r=16 (check and print the jobs, launch nothing).
+Needs CLOUD_BUCKET=gs://bucket[/prefix], HEAD pushed to `origin` and the credentials the params need (docs/cloud.md)."""
 
 import argparse
 import itertools
@@ -37,8 +30,7 @@ logger = logging.getLogger(__name__)
 TASK_YAML = Path(__file__).resolve().parent / "task.yaml"
 KAGGLE_SECRETS = ("KAGGLE_USERNAME", "KAGGLE_KEY")
 MLFLOW_SECRETS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
-# gs://bucket[/prefix]: Google Cloud Storage's bucket names (3-63 characters per dot-separated part, 222 in all), and
-# a prefix of plain path characters, since it is mounted and substituted into the task.
+# gs://bucket[/prefix]: a Cloud Storage bucket name, and a prefix of plain path characters (mounted and substituted).
 BUCKET_URL = re.compile(r"gs://(?P<bucket>[a-z0-9][a-z0-9._-]{1,220}[a-z0-9])(?P<prefix>/[A-Za-z0-9._/-]*)?")
 
 
@@ -80,8 +72,7 @@ def job_params(params_yaml: str, overrides: list[str]) -> Params:
 
 def tracking_server(environ: dict[str, str]) -> tuple[str, dict[str, str]]:
     """The tracking server's URL without credentials, for the job's plain variables, and its credentials; "" if none."""
-    uri = environ.get("MLFLOW_TRACKING_URI", "")
-    if not uri:
+    if not (uri := environ.get("MLFLOW_TRACKING_URI", "")):
         return "", {}
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
@@ -113,8 +104,7 @@ def hf_token_secret(environ: dict[str, str]) -> str:
 
 
 def secrets_for(params_yaml: str, overrides: list[str], environ: dict[str, str]) -> dict[str, str]:
-    """Exactly the credentials the job needs, from `environ`: HF_TOKEN for a hub model (without CLOUD_HF_TOKEN_SECRET),
-    Kaggle's for data.source=kaggle, a tracking server's; `LaunchError` naming the first one missing."""
+    """Exactly the credentials the job needs, from `environ`; `LaunchError` naming the first one missing."""
     params = job_params(params_yaml, overrides)
     needed = {}  # each credential the params need, and how to set it
     if params.model.kind == "hub" and not hf_token_secret(environ):
@@ -152,8 +142,7 @@ def git(*args: str) -> str:
 
 def repository_url() -> str:
     """origin's URL without a user name or token; a token in it becomes GIT_TOKEN, which SkyPilot clones with."""
-    url = git("remote", "get-url", "origin")
-    if not url:
+    if not (url := git("remote", "get-url", "origin")):
         raise LaunchError(
             "this repository has no `origin` remote: the job clones the commit from it and pushes the "
             "experiment back; `git remote add origin <url>`"

@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     arguments = sys.argv[1:] if argv is None else argv
     args, params = setup_stage(parser, arguments)
     run_distributed_if_asked(params.execution.num_processes, "stages.train", arguments)
-    # A cloud job sets MEDGEMMA_CHECKPOINTS_DIR to a bucket mount, so that a preempted job resumes on its next machine
-    # (docs/cloud.md). Not a param: where checkpoints live does not change what is trained.
+    # a cloud job's bucket mount, where a preempted job resumes (docs/cloud.md); not a param: it changes nothing trained
     checkpoints = Path(os.environ.get("MEDGEMMA_CHECKPOINTS_DIR") or args.checkpoints)
     run_training(
         params,

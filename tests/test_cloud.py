@@ -387,7 +387,8 @@ def test_jobs_run_resume_from_the_bucket_after_sigterm_and_reach_a_separate_clon
     assert "Running stage 'train'" in output and "Running stage 'evaluate'" in output
     assert "restoring the MLflow store of an earlier attempt" in output
     assert f"resuming from {checkpoint}: optimizer steps 1-{step} are done" in output
-    assert list((bucket / "checkpoints").iterdir()) == []  # consumed by the finished run
+    kept = [len(list(folder.glob("checkpoint-*"))) for folder in (bucket / "checkpoints").iterdir()]
+    assert kept == [1]  # the finished run's last checkpoint only, until a DVC cache holds its adapter
 
     # Without a team server the runs of both attempts are in one MLflow store on the bucket.
     client = mlflow.MlflowClient(f"sqlite:///{bucket / 'mlflow' / 'cloud-r16' / 'mlflow.db'}")

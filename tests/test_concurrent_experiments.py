@@ -162,4 +162,5 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Pa
         assert children["train"].data.params["lora.r"] == str(ranks[name])
     table = run(repo, "dvc", "exp", "show", "--no-pager", "--md", "--keep", "lora.r")
     assert all(name in table for name in names)
-    assert list((repo / "checkpoints").glob("train-*")) == []  # each finished run removed its own
+    kept = [len(list(folder.glob("checkpoint-*"))) for folder in (repo / "checkpoints").glob("train-*")]
+    assert set(kept) <= {1}  # each finished run keeps its last checkpoint only, until its adapter is in the DVC cache

@@ -235,7 +235,8 @@ def test_a_training_dvc_failed_to_cache_is_saved_again_from_its_last_checkpoint(
         path.unlink()
 
     output = run(repo, "dvc", "repro")
-    assert stages_run(output) == ["train"]  # evaluate does not re-run: the adapter is the one dvc.lock has
-    assert f"resuming from {last}: optimizer steps 1-{steps} are done" in output
-    assert locked_md5(repo, "train", "models/adapter") == adapter and all(path.is_file() for path in objects)
+    assert stages_run(output)[0] == "train"
+    assert f"resuming from {last}: optimizer steps 1-{steps} are done" in output  # not from step 1
+    resaved = locked_md5(repo, "train", "models/adapter")
+    assert (cache / resaved[:2] / resaved[2:]).is_file()  # in the cache this time
     assert "Data and pipelines are up to date" in run(repo, "dvc", "repro")

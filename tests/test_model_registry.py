@@ -10,6 +10,7 @@ import base64
 import importlib.metadata
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -406,3 +407,19 @@ def test_the_served_model_answers_with_the_probabilities_predict_gives(
     )
     assert list(served["predicted_class"][:3]) == list(in_process["predicted_class"][:3])
     assert served["error"][3].startswith("not an image") and served[PROBABILITY_COLUMNS[0]].isna()[3]
+
+
+@pytest.mark.slow  # `evaluate` again on the module's registered adapter
+def test_an_adapter_registered_before_gets_no_second_version_and_its_new_metrics_are_linked(
+    registered: Registered, synthetic_root: Path, split_dir: Path, tiny_adapter: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = mlflow.MlflowClient(registered.store)
+    before = {version.version for version in client.search_model_versions(f"name = '{NAME}'")}
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO):
+        patch.chdir(registered.folder)
+        patch.setenv("MLFLOW_TRACKING_URI", registered.store)
+        evaluate(registered.folder, synthetic_root, split_dir, tiny_adapter)
+    assert {version.version for version in client.search_model_versions(f"name = '{NAME}'")} == before
+    assert f"is version 1 of {NAME} already: its new metrics are linked to it" in caplog.text
+    linked = client.get_logged_model(client.get_model_version(NAME, "1").source.removeprefix("models:/")).metrics
+    assert len({metric.run_id for metric in linked}) == 2  # the first evaluation's and this one's

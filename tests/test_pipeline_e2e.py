@@ -37,6 +37,7 @@ from dvc_cli import (
 )
 
 from medgemma_breakhis.core.params import load_params
+from medgemma_breakhis.evaluate.metrics import ON_SCREEN, headline
 
 pytestmark = pytest.mark.e2e
 
@@ -94,7 +95,11 @@ def test_full_repro_fine_tunes_well_beyond_the_baseline(repo: Path) -> None:
     assert finetuned["eight_class"]["accuracy"] >= baseline["eight_class"]["accuracy"] + 0.4
     assert finetuned["eight_class"]["accuracy"] >= 0.7
     assert finetuned["binary"]["roc_auc"] > baseline["binary"]["roc_auc"]
-    for name in ("baseline", "finetuned"):
+    probe = read_json(repo / "metrics" / "probe.json")  # the linear probe, fitted on the training split
+    assert probe["n_images"] == finetuned["n_images"] and probe["eight_class"]["accuracy"] >= 0.5  # chance: 0.125
+    shown = {key: value for key, value in headline(probe).items() if key in ON_SCREEN}
+    assert read_json(repo / "metrics" / "headline" / "probe.json") == {"probe": shown}
+    for name in ("baseline", "probe", "finetuned"):
         predictions = pd.read_csv(repo / "predictions" / f"{name}.csv")
         assert len(predictions) == finetuned["n_images"]
         assert (predictions["predicted_class"] == predictions["true_class"]).mean() == pytest.approx(
@@ -106,9 +111,7 @@ def test_full_repro_fine_tunes_well_beyond_the_baseline(repo: Path) -> None:
 
 def test_plots_render_confusion_matrices_roc_and_loss(repo: Path) -> None:
     plots = run_json(repo, "dvc", "plots", "show", "--json")["data"]
-    expected = {
-        f"confusion_{kind}_{stage}" for kind in ("eight_class", "binary") for stage in ("baseline", "finetuned")
-    }
+    expected = {"confusion_eight_class", "confusion_binary"}  # baseline, probe and fine-tuned side by side
     assert expected | {"roc_malignant", "training_loss"} <= set(plots)
     for plot_id in expected | {"roc_malignant", "training_loss"}:
         assert plots[plot_id][0]["content"]["data"]["values"], plot_id
@@ -118,7 +121,7 @@ def test_plots_render_confusion_matrices_roc_and_loss(repo: Path) -> None:
 
 def test_one_repro_is_one_mlflow_parent_run_with_a_child_per_stage(repo: Path) -> None:
     parent, children = pipeline_group(repo, "workspace")
-    assert set(children) == {"baseline", "train", "evaluate"}
+    assert set(children) == {"baseline", "probe", "train", "evaluate"}
     assert parent.info.status == "FINISHED"
     assert all(child.info.status == "FINISHED" for child in children.values())
     assert {child.data.tags["pipeline_key"] for child in children.values()} == {parent.data.tags["pipeline_key"]}
@@ -243,7 +246,9 @@ def test_store_failing_right_after_training_fails_neither_the_stage_nor_the_next
     # (MLflow's own logger also prints the SQLAlchemy traceback of each refused query: its log, left as it is)
     assert "could not track" in output and "database is locked" in output
     assert (repo / "models" / "adapter" / "adapter_config.json").is_file()
-    assert not list((repo / "checkpoints").glob("*/checkpoint-*"))
+    assert (
+        len(list((repo / "checkpoints").glob("*/checkpoint-*"))) == 1
+    )  # the last, until the DVC cache has the adapter
     not_tracked = read_json(record)
     *_, parent = search(repo, "tags.run_kind = 'pipeline' and tags.dvc_exp_name = 'workspace'")
     (train,) = search(repo, f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
@@ -299,12 +304,11 @@ def test_generate_mode_rescores_without_retraining_and_temp_run_leaves_workspace
     assert stages_run(output) == ["baseline", "evaluate"]
     assert run(repo, "git", "status", "--porcelain").strip() == ""
     assert "eval-generate" in run(repo, "dvc", "exp", "show", "--no-pager", "--md")
-    # the same adapter: no second version, the new evaluation's metrics linked to the one there is
+    # one version (the copy's store starts empty), the evaluation's metrics linked to it
     (version,) = mlflow_client(repo).search_model_versions("name = 'medgemma-breakhis'")
     _, children = pipeline_group(repo, "eval-generate")
-    linked = mlflow_client(repo).get_logged_model(version.model_id).metrics
+    linked = mlflow_client(repo).get_logged_model(version.source.removeprefix("models:/")).metrics
     assert children["evaluate"].info.run_id in {metric.run_id for metric in linked}
-    assert "is version 1 of medgemma-breakhis already: its new metrics are linked to it" in output
 
 
 def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(
@@ -313,7 +317,7 @@ def test_temp_experiment_runs_land_in_the_main_store_with_their_artifacts(
     repo, _ = generate_experiment
     assert_no_secret_kept(repo)
     parent, children = pipeline_group(repo, "eval-generate")
-    assert set(children) == {"baseline", "evaluate"}
+    assert set(children) == {"baseline", "probe", "evaluate"}
     assert parent.data.params["eval.method"] == "generate"
     n_images = read_json(repo / "metrics" / "baseline.json")["n_images"]
     for child in children.values():
@@ -343,7 +347,12 @@ def test_lora_rank_experiment_retrains_and_metrics_diff_and_exp_show_show_it_on_
     assert children["train"].data.params["lora.r"] == "16"
     assert parent.data.tags["mlflow.note.content"].endswith("; changed params: lora.r=16, train.epochs=1")
     assert "finetuned_binary_accuracy" in parent.data.metrics and "train_loss_last" in parent.data.metrics
-    run(repo, "dvc", "exp", "run", "-S", "lora.r=4", "-S", "train.epochs=1")
+    second = run(repo, "dvc", "exp", "run", "-S", "lora.r=4", "-S", "train.epochs=1")
+    other = next(line.split()[-1] for line in second.splitlines() if line.startswith("Ran experiment(s):"))
+    compared = run(repo, "python", "-m", "tools.compare", experiment_name, other, stdout_only=True)
+    assert "| patient-level accuracy |" in compared and "verdict" in compared, compared
+    report = run(repo, "python", "-m", "tools.pr_report", experiment_name, stdout_only=True)
+    assert "paired over the same test patients" in report and report.count("B - A [95% interval]") == 2, report
     header = run(repo, "dvc", "exp", "show", "--csv", stdout_only=True).splitlines()[0].split(",")
     assert len(header) - len({"rev", "typ", "parent"}) <= 70  # csv's own columns; 214 at feb5c85
     table = run(repo, "dvc", "exp", "show", "--only-changed", "--no-pager", stdout_only=True, env={"COLUMNS": "1000"})

@@ -37,7 +37,7 @@ def write_plot_data(root: Path, seed: int) -> None:
     rng = np.random.default_rng(seed)
     (root / "predictions").mkdir(exist_ok=True)
     (root / "plots").mkdir(exist_ok=True)
-    for name in ("baseline", "finetuned"):
+    for name in ("baseline", "probe", "finetuned"):
         truth, predicted = rng.integers(0, 8, 12), rng.integers(0, 8, 12)
         pd.DataFrame(
             {
@@ -74,10 +74,15 @@ def test_plots_diff_draws_offline_and_each_plot_renders_to_png(tmp_path: Path, s
     run("dvc", "plots", "diff", "HEAD", "--out", "dvc_plots")  # as make demo and the pull-request workflow run it
     page = (tmp_path / "dvc_plots" / "index.html").read_text(encoding="utf-8")
     assert not REMOTE_SCRIPT.search(page), "the page loads a script from the network"
-    assert page.count("vegaEmbed('#") == 6 and "window.vegaEmbed=" in page
+    assert page.count("vegaEmbed('#") == 4 and "window.vegaEmbed=" in page
     run("python", "-m", "tools.plots_offline", "png", "HEAD", "--out", "png")
     images = sorted((tmp_path / "png").glob("*.png"))
-    assert {path.stem for path in images} >= {"roc_malignant", "training_loss"} and len(images) == 6
+    assert {path.stem for path in images} == {
+        "confusion_eight_class",
+        "confusion_binary",
+        "roc_malignant",
+        "training_loss",
+    }
     for path in images:
         with Image.open(path) as image:
             assert image.width > 300 and image.height > 200

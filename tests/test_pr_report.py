@@ -116,9 +116,9 @@ def test_report_takes_an_experiment_name_and_says_when_there_is_nothing_to_compa
     result = make_report(repo, "BASE=empty")
     assert result.returncode == 0, result.stderr
     assert result.stdout == (
-        "`empty` holds no metrics/baseline.json or metrics/finetuned.json, so there is nothing to compare with: compare "
-        "with a revision whose reproduced outputs were committed, or with an experiment (`make report BASE=<name>`, "
-        "names from `dvc exp show`).\n"
+        "`empty` holds none of metrics/baseline.json, metrics/probe.json, metrics/finetuned.json, so there is nothing "
+        "to compare with: compare with a revision whose reproduced outputs were committed, or with an experiment "
+        "(`make report BASE=<name>`, names from `dvc exp show`).\n"
     )
     result = make_report(repo, "BASE=no-such-thing")
     assert result.returncode != 0

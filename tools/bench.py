@@ -1,9 +1,5 @@
 """Images per second of the two evaluation methods, `score` and `generate`, on the same model, images and batch size.
-
-Run: make bench              (params.yaml's model on this GPU, on the test split: `dvc repro split_balance` first)
-     make bench OFFLINE=1    (the tiny model on synthetic images, on a CPU)
-     (or: python -m tools.bench [--synthetic] [-S key=value ...] [--images N] [--merge])
-"""
+Run: make bench [OFFLINE=1]   (or: python -m tools.bench [--synthetic] [-S key=value ...] [--images N] [--merge])"""
 
 import argparse
 import tempfile
@@ -29,8 +25,7 @@ from medgemma_breakhis.model.load import load_base_model
 
 
 def split_rows(params: Params, group: str, synthetic: bool, scratch: Path) -> tuple[pd.DataFrame, Path]:
-    """The `group` ("train" or "test") split and its image folder: of synthetic images drawn into `scratch`, or the
-    pipeline's own (`dvc repro split_balance` first)."""
+    """The `group` ("train" or "test") split and its image folder: synthetic in `scratch`, or the pipeline's own."""
     if synthetic:
         image_root = generate_synthetic_breakhis(scratch, params.data.synthetic)
         return select_split(read_folds(image_root / FOLDS_CSV), params.split)[group], image_root
@@ -51,8 +46,7 @@ def _timed(work: Callable[..., object], *args: object) -> tuple[object, float]:
 
 
 def benchmark(model: PreTrainedModel, processor: ProcessorMixin, images: list[Path], settings: EvalParams) -> list[str]:
-    """Each method's seconds and images/s over `images`, after one untimed warm-up batch of each, and how often they
-    agree: the report's table and summary."""
+    """Each method's seconds and images/s over `images` after an untimed warm-up batch, and how often they agree."""
     size, tokens = settings.batch_size, settings.max_new_tokens
     methods = {
         "score": partial(score_images, model, processor, batch_size=size),
@@ -77,8 +71,7 @@ def benchmark(model: PreTrainedModel, processor: ProcessorMixin, images: list[Pa
 def merge_comparison(
     model: PreTrainedModel, processor: ProcessorMixin, images: list[Path], settings: EvalParams, lora: LoraParams
 ) -> str:
-    """`score` with a random LoRA adapter (peft's init_lora_weights=False: it changes the outputs as a trained one does)
-    applied unmerged, as `evaluate` does, against the same adapter merged into the base weights."""
+    """`score` with a random (non-identity) LoRA adapter unmerged, as `evaluate` runs it, against it merged."""
     config = LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -103,9 +96,7 @@ def main() -> None:
     add_override_argument(parser)
     parser.add_argument("--synthetic", action="store_true", help="synthetic images instead of data/ (offline)")
     parser.add_argument("--images", type=int, default=64, help="how many test images to time (default 64)")
-    parser.add_argument(
-        "--merge", action="store_true", help="also time `score` with a (random) LoRA adapter unmerged against merged"
-    )
+    parser.add_argument("--merge", action="store_true", help="also time `score` with a random LoRA unmerged vs merged")
     args = parser.parse_args()
     configure_logging()
     params = load_params(overrides=args.overrides)

@@ -1,12 +1,6 @@
-"""What one optimizer step of `train` costs: the real set-up (model, LoRA, trainer, collator, data) run for a warm-up
-and then at least 20 timed steps, their median and spread, and the reference run's training steps projected from them
-(docs/gpu.md#time-make-bench-train).
-
-Run: make bench-train              (params.yaml's model on this machine's GPU, on the train split)
-     make bench-train OFFLINE=1    (tiny-gemma3 on synthetic images, on a CPU)
-     (or: python -m tools.bench_train [--synthetic] [-S key=value ...] [--steps N] [--warmup N])
-A MedGemma-sized run without the gated weights: --synthetic -S model.id=medgemma-4b-random (`make tokenizer` first).
-"""
+"""One optimizer step of `train` with its real set-up, timed after a warm-up, and the reference run's training projected
+from it (docs/gpu.md#time-make-bench-train). Without the gated weights: --synthetic -S model.id=medgemma-4b-random.
+Run: make bench-train [OFFLINE=1]   (or: python -m tools.bench_train [--synthetic] [-S key=value ...] [--steps N])"""
 
 import argparse
 import math
@@ -35,8 +29,7 @@ from tools.gpu_memory import decoder_tokens_per_example
 # Images in the reference run's training and test splits (fold 1, 100x, benign/malignant balanced, the Kaggle data).
 REFERENCE_TRAIN_IMAGES = 766
 REFERENCE_TEST_IMAGES = 522
-# Dense bf16/fp16 tensor-core peak FLOP/s (half the datasheets' "with sparsity"), by a pattern over torch's device
-# name, the most specific first: "NVIDIA H100 80GB HBM3" is the SXM H100.
+# Dense 16-bit peak FLOP/s by a pattern over torch's device name, most specific first ("NVIDIA H100 80GB HBM3": SXM).
 PEAK_FLOPS = (
     (r"H100 NVL", "H100 NVL", 835.5e12),
     (r"H100 PCIe", "H100 PCIe", 756.5e12),
@@ -54,8 +47,7 @@ def peak_flops(device_name: str) -> tuple[str, float] | None:
 
 
 def _addmm_flop(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    # trl's chunked LM head calls torch.addmm(..., out_dtype=..., out=...) on CUDA: the extra positional argument
-    # breaks the counter's own formula. The FLOPs are those of the matmul: 2 x m x k x n.
+    # trl's chunked LM head passes addmm an extra positional argument that breaks the counter's own formula.
     (m, k), (_, n) = a_shape, b_shape
     return 2 * m * k * n
 
@@ -79,8 +71,7 @@ class ProfileStep(TrainerCallback):
             self.profiler.__exit__(None, None, None)
 
     def counts(self) -> dict[str, int]:
-        # The raw events: the profiler's event tree would take minutes to build for the 100,000 operators of a
-        # MedGemma step at micro-batch 1.
+        # the raw events: building the event tree takes minutes for a MedGemma step's 100,000 operators
         events = self.profiler.profiler.kineto_results.events()
         counts = {"operators": sum(1 for e in events if e.name().startswith("aten::"))}
         if torch.cuda.is_available():
@@ -108,9 +99,7 @@ class Measurement:
 
 
 def flops_per_example(trainer: GuardedSFTTrainer) -> float:
-    """FLOPs of one whole micro-batch's forward and backward pass as the trainer runs it (costs such as trl's chunked LM
-    head are shared by its examples), per example: weight gradients for LoRA only, and under gradient checkpointing
-    the recomputed forward too (docs/gpu.md)."""
+    """FLOPs per example of one micro-batch's forward and backward pass as the trainer runs it (docs/gpu.md)."""
     micro_batch = trainer.args.per_device_train_batch_size
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(micro_batch)])
     trainer.model.train()
@@ -122,8 +111,7 @@ def flops_per_example(trainer: GuardedSFTTrainer) -> float:
 
 
 def data_examples_per_second(trainer: GuardedSFTTrainer) -> float:
-    """The data pipeline alone (sampling, decoding, resizing, collating, pinning, with the plan's workers) over one
-    epoch, its first batch (workers starting) not timed: examples/s."""
+    """Examples/s of the data pipeline alone over one epoch, its first batch (workers starting) not timed."""
     loader = iter(trainer.get_train_dataloader())
     next(loader)
     start = time.perf_counter()
@@ -139,7 +127,6 @@ def measure(trainer: GuardedSFTTrainer, warmup: int, steps: int, batch_size: int
     trainer.train()
     marks = [clock.started, *clock.ends]  # marks[k]: the end of optimizer step k
     memory = peak_memory_gib()  # before the FLOP count
-    launches = {name: count / batch_size for name, count in profiled.counts().items()}
     return Measurement(
         step_seconds=np.diff(marks[warmup : warmup + steps + 1]).tolist(),
         warmup_steps=warmup,
@@ -149,7 +136,7 @@ def measure(trainer: GuardedSFTTrainer, warmup: int, steps: int, batch_size: int
         flops_per_example=flops_per_example(trainer),
         flops_micro_batch=trainer.args.per_device_train_batch_size,
         flops_recomputation=trainer.model.is_gradient_checkpointing,
-        launches_per_example=launches,
+        launches_per_example={name: count / batch_size for name, count in profiled.counts().items()},
         peak_memory_gib=memory,
         skipped_steps=skipped.steps,
     )
@@ -161,8 +148,7 @@ def reference_steps(params: Params) -> int:
 
 
 def projected_seconds(m: Measurement, steps: int) -> float:
-    """Seconds of `steps` optimizer steps: the steps measured as they ran (warm-up and compilation included), the
-    rest at the median."""
+    """Seconds of `steps` optimizer steps: the measured ones as they ran, the rest at the median."""
     return m.measured_seconds + (steps - m.warmup_steps - len(m.step_seconds)) * m.median_seconds
 
 
@@ -170,18 +156,14 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
     examples_per_second = m.examples_per_step / m.median_seconds
     q1, q3 = np.percentile(m.step_seconds, [25, 75])
     spread = f"interquartile {q1:.3f}-{q3:.3f}, min {min(m.step_seconds):.3f}, max {max(m.step_seconds):.3f}"
-    peak = peak_flops(device_name)
     counted = (
         f"a micro-batch of {m.flops_micro_batch}: forward + activation gradients, weight gradients for LoRA only"
         + (", + the forward recomputed by gradient checkpointing" if m.flops_recomputation else "")
     )
-    utilisation = "HFU (recomputation counted)" if m.flops_recomputation else "MFU"
-    mfu = (
-        f"{m.flops_per_example * examples_per_second / peak[1]:.1%} of {peak[1] / 1e12:.1f} TFLOP/s ({peak[0]}, dense "
-        "16-bit)"
-        if peak
-        else "n/a (peak FLOP/s not known here)"
-    )
+    mfu = "n/a (peak FLOP/s not known here)"
+    if peak := peak_flops(device_name):
+        utilization = m.flops_per_example * examples_per_second / peak[1]
+        mfu = f"{utilization:.1%} of {peak[1] / 1e12:.1f} TFLOP/s ({peak[0]}, dense 16-bit)"
     steps = reference_steps(params)
     launches = ", ".join(f"{count:,.0f} {name}" for name, count in m.launches_per_example.items())
     memory = ", ".join(
@@ -199,7 +181,7 @@ def report(m: Measurement, params: Params, plan: str, device_name: str, decoder_
         ("peak memory (GiB)", memory),
         ("launches per example", launches),
         ("FLOPs per example", f"{m.flops_per_example / 1e12:.4g} TFLOP (over {counted})"),
-        (utilisation, mfu),
+        ("HFU (recomputation counted)" if m.flops_recomputation else "MFU", mfu),
         ("optimizer steps skipped (fp16 loss scaler)", ", ".join(map(str, m.skipped_steps)) or "none"),
         (
             f"reference run ({REFERENCE_TRAIN_IMAGES} images x {params.train.epochs} epochs = {steps} steps)",

@@ -64,8 +64,7 @@ def pin_problems(requirements: Path) -> tuple[list[str], list[str]]:
     """(problems, notes): problems make the environment differ from the pins; notes name what nothing pinned needs."""
     pins, problems = read_pins(requirements)
     # the first distribution of each name on sys.path, the one Python imports
-    distributions = reversed(list(importlib.metadata.distributions()))
-    installed = {canonicalize_name(distribution.metadata["Name"]): distribution for distribution in distributions}
+    installed = {canonicalize_name(d.metadata["Name"]): d for d in reversed(list(importlib.metadata.distributions()))}
     for name, pin in sorted(pins.items()):
         if name not in installed:
             problems.append(f"{pin.name} is pinned ({pin.specifier}) but not installed")

@@ -1,5 +1,5 @@
-"""Baseline vs fine-tuned metrics of one DVC experiment, as a table for the terminal, and a few of its test images
-to try `make predict` on.
+"""Baseline, linear probe and fine-tuned metrics of one DVC experiment as a table for the terminal, the paired
+difference of fine-tuned against baseline, and a few of its test images to try `make predict` on.
 
 Run: python -m tools.demo_summary <experiment name> [--images reports/demo-images]
 """
@@ -15,8 +15,9 @@ from dvc.exceptions import PathMissingError
 from dvc.scm import RevError
 
 from medgemma_breakhis.core.files import pipeline_paths
-from medgemma_breakhis.core.params import dotted_get
+from medgemma_breakhis.core.params import dotted_get, load_params
 from medgemma_breakhis.evaluate.metrics import HEADLINE
+from tools.compare import paired_table
 
 # Every headline figure (`metrics.HEADLINE`) but the count of unparseable answers (`score` never has any), each
 # interval under its figure, then the test set's size.
@@ -26,7 +27,7 @@ ROWS = [
     if figure.key != "n_unparseable"
     for row in [(figure.label, figure.key)] + ([("  95% interval", f"{figure.key}_ci95")] if figure.interval else [])
 ] + [("test images", "n_images")]
-STAGES = ("baseline", "finetuned")
+STAGES = {"baseline": "baseline", "probe": "linear probe", "finetuned": "fine-tuned"}
 
 
 def experiment_metrics(name: str) -> dict[str, dict[str, Any]]:
@@ -44,11 +45,10 @@ def _cell(metrics: dict[str, Any], key: str) -> str:
     return "n/a" if value is None else f"{value}" if key == "n_images" else f"{value:.3f}"
 
 
-def baseline_finetuned_table(metrics: dict[str, dict[str, Any]]) -> str:
-    lines = [f"{'metric':<28}{'baseline':>10}{'fine-tuned':>12}"]
+def stages_table(metrics: dict[str, dict[str, Any]]) -> str:
+    lines = [f"{'metric':<28}" + "".join(f"{name:>14}" for name in STAGES.values())]
     for label, key in ROWS:
-        cells = [_cell(metrics[stage], key) for stage in STAGES]
-        lines.append(f"{label:<28}{cells[0]:>10}  {cells[1]:>10}")
+        lines.append(f"{label:<28}" + "".join(f"{_cell(metrics[stage], key):>14}" for stage in STAGES))
     return "\n".join(lines)
 
 
@@ -70,7 +70,11 @@ def main() -> None:
     parser.add_argument("--images", type=Path, help="copy three of its test images here, to try make predict on")
     args = parser.parse_args()
     print(f"Experiment {args.experiment}: test-set metrics")
-    print(baseline_finetuned_table(experiment_metrics(args.experiment)))
+    print(stages_table(experiment_metrics(args.experiment)))
+    settings = load_params().eval
+    print("\nFine-tuned (B) against baseline (A), paired over the same test patients (docs/metrics.md):")
+    side = f"{args.experiment}:"
+    print(paired_table(side + "baseline", side + "finetuned", settings.bootstrap_resamples, settings.seed))
     if args.images:
         copy_test_images(args.experiment, args.images)
         print(

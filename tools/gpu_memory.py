@@ -1,10 +1,6 @@
-"""GPU memory of MedGemma 4B LoRA training per execution setting, from the model's shapes (built on the meta device:
-no GPU, no weights) and its processor's tokens per example, and the setting it recommends on common GPUs: what
-`execution: auto` takes (`train.execution.AUTO_BY_GPU_MEMORY`, held equal by tests/test_execution.py). The estimates
-are fitted to an H100's measurements (docs/gpu.md#memory-make-gpu-memory).
-
-Run: make gpu-memory   (or: python -m tools.gpu_memory [--model ID] [--tokens N] [--lora-r 8])
-"""
+"""GPU memory of MedGemma 4B LoRA training per execution setting, estimated from the model's shapes on the meta
+device, and the setting recommended on common GPUs, what `execution: auto` takes (docs/gpu.md#memory-make-gpu-memory).
+Run: make gpu-memory   (or: python -m tools.gpu_memory [--model ID] [--tokens N] [--lora-r 8])"""
 
 import argparse
 from dataclasses import dataclass
@@ -25,12 +21,10 @@ GIB = 2**30
 MEMORY_FRACTION = 0.85
 # Allocated beyond weights, LoRA, optimizer and activations (fitted, below).
 OVERHEAD_GIB = 0.3
-# What autograd keeps, as a multiple of the tensors `activation_elements_per_token` counts, by (gradient
-# checkpointing, torch.compile): fitted to peak CUDA memory allocated on one H100, within 2% at micro-batches 1, 4
-# and 8. Compiled layers keep fewer intermediates.
+# What autograd keeps, as a multiple of `activation_elements_per_token`, by (gradient checkpointing, torch.compile):
+# fitted to peak CUDA memory allocated on one H100, within 2% at micro-batches 1, 4 and 8.
 ACTIVATION_SCALE = {(False, False): 0.929, (True, False): 1.279, (False, True): 0.817, (True, True): 1.279}
-# Step-time model fitted to the H100 measurements, eager and compiled: host-side seconds per forward/backward pass,
-# GPU seconds per example; and the factor of recomputing activations under checkpointing.
+# Step time fitted on the H100, by torch.compile: (host seconds per forward/backward pass, GPU seconds per example).
 STEP_COST = {False: (0.44, 0.073), True: (0.29, 0.049)}
 CHECKPOINTING_COST = 1.61
 # (micro-batch, gradient checkpointing, torch.compile) of the table: checkpointed, compiled, then neither
@@ -41,8 +35,6 @@ GPUS = {"H200 141GB": 139.0, "H100 80GB": 79.2, "A100 40GB": 39.4, "L4 24GB": 22
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the memory estimate needs of a Gemma 3 vision-language model."""
-
     parameters: int
     weight_bytes: int
     lora_parameters: int
@@ -55,9 +47,7 @@ class ModelShape:
 
 
 def activation_elements_per_token(hidden: int, intermediate: int, attention: int, kv: int, gated: bool) -> int:
-    """Values autograd keeps per token and layer, LoRA on every linear layer: the block input and its norms, q, k, v
-    (and their norms in Gemma), the attention output (SDPA keeps no s x s matrix) and projection, the MLP's
-    projections, activation and product, and LoRA dropout's copy of each adapted layer's input."""
+    """Values autograd keeps per token and layer, LoRA (and its dropout's input copies) on every linear layer."""
     attention_part = 2 * hidden + (attention + 2 * kv) * (2 if gated else 1) + attention + 2 * hidden
     mlp = 2 * hidden + intermediate * (4 if gated else 2) + 2 * hidden
     lora_inputs = 3 * hidden + attention + (2 if gated else 1) * hidden + intermediate
@@ -65,8 +55,7 @@ def activation_elements_per_token(hidden: int, intermediate: int, attention: int
 
 
 def model_shape(model: nn.Module, lora_r: int) -> ModelShape:
-    """The shape of `model` (on any device, meta included) with bf16 weights, as `train` loads them, and LoRA of rank
-    `lora_r` on every linear layer but the LM head."""
+    """The shape of `model` with bf16 weights and LoRA of rank `lora_r` on every linear layer but the LM head."""
     parameters = sum(p.numel() for p in model.parameters())  # each shared parameter once
     output = model.get_output_embeddings()
     adapted = [layer for layer in model.modules() if isinstance(layer, nn.Linear) and layer is not output]
@@ -75,7 +64,6 @@ def model_shape(model: nn.Module, lora_r: int) -> ModelShape:
 
 
 def bf16_shape(model_id: str, lora_r: int) -> ModelShape:
-    """The shapes of model `model_id`, built on the meta device."""
     model = load_params().model.model_copy(update={"id": model_id})
     return model_shape(model_on_meta(model_config(model)), lora_r)
 
@@ -83,8 +71,7 @@ def bf16_shape(model_id: str, lora_r: int) -> ModelShape:
 def estimate_peak_gib(
     shape: ModelShape, micro_batch_size: int, checkpointing: bool, tokens: int, compiled: bool = False
 ) -> dict[str, float]:
-    """Estimated peak memory of one bf16 training step, by component (GiB); trl's chunked LM head keeps no float32
-    logits over the whole vocabulary."""
+    """Estimated peak memory of one bf16 training step, by component (GiB)."""
     text, vision = shape.text, shape.vision
     attention, kv = text.num_attention_heads * text.head_dim, text.num_key_value_heads * text.head_dim
     per_text_layer = tokens * activation_elements_per_token(
@@ -117,8 +104,8 @@ def step_seconds(batch_size: int, micro_batch_size: int, checkpointing: bool, co
 
 
 def recommend(shape: ModelShape, tokens: int, memory_gib: float, batch_size: int) -> tuple[int, bool, bool, float]:
-    """(micro-batch, checkpointing, compiled, estimated peak): the fastest setting, compiled exactly when not
-    checkpointing (as `auto` compiles), whose peak fits `MEMORY_FRACTION` of `memory_gib`, else the smallest."""
+    """(micro-batch, checkpointing, compiled, peak): the fastest setting that fits, compiled exactly when not
+    checkpointing; else the smallest."""
     candidates = []
     for micro in (m for m in range(batch_size, 0, -1) if batch_size % m == 0):
         for checkpointing in (False, True):
@@ -143,7 +130,6 @@ def _setting(checkpointing: bool, compiled: bool) -> dict[str, str]:
 
 
 def estimates(shape: ModelShape, tokens: int) -> pd.DataFrame:
-    """The estimate of each of `SETTINGS`, by component and in total."""
     rows = []
     for micro, checkpointing, compiled in SETTINGS:
         parts = estimate_peak_gib(shape, micro, checkpointing, tokens, compiled=compiled)
@@ -152,7 +138,6 @@ def estimates(shape: ModelShape, tokens: int) -> pd.DataFrame:
 
 
 def auto_plans(shape: ModelShape, tokens: int, batch_size: int = 8) -> pd.DataFrame:
-    """The recommendation on each of `GPUS`."""
     rows = []
     for gpu, gib in GPUS.items():
         micro, checkpointing, compiled, peak = recommend(shape, tokens, gib, batch_size)

@@ -1,6 +1,5 @@
-"""Install a pinned requirements file into this virtual environment (what `make setup` runs first: it needs only the
-standard library and the venv's own pip): with uv, pinned, from the indexes, find-links and constraints pip's
-configuration gives, or with pip where uv cannot be had or take a setting; a damaged package is installed afresh.
+"""Install a pinned requirements file into this virtual environment (`make setup`'s first step: standard library and
+pip only), with uv as pip's configuration directs, or with pip where uv cannot; a damaged package is installed afresh.
 """
 
 import argparse
@@ -82,7 +81,7 @@ def damaged(distribution: importlib.metadata.Distribution) -> str | None:
 
 
 def bootstrap_uv(version: str) -> Path | None:
-    """uv `version` by pip beside (not among) the environment's packages, over a cut-short bootstrap; None, and why."""
+    """uv `version`, installed by pip beside (not among) the environment's packages; None, with a warning why."""
     target = Path(sys.prefix) / f"uv-{version}"
     binary = target / "bin" / "uv"
     if not binary.is_file():

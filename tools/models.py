@@ -1,6 +1,5 @@
-"""The registered versions of the fine-tuned classifier (`registry.model_name`, in the stages' tracking store): list
-them with their origin and scores, move an alias (promote, or roll back: promote the earlier version), serve one, open
-the MLflow UI on the runs: make models, promote, serve, mlflow-ui (docs/model-registry.md); or the tool's --help."""
+"""The registered versions of the fine-tuned classifier: list them, move an alias (promote or roll back), serve one, or
+open the MLflow UI on the runs: make models, promote, serve, mlflow-ui (docs/model-registry.md)."""
 
 import argparse
 import logging
@@ -46,15 +45,14 @@ def versions(name: str) -> list[ModelVersion]:
 
 
 def model_uri(name: str, choice: str | None = None) -> str:
-    """`choice`: an MLflow model URI or the DVC experiment that registered the version (`workspace`: a dvc repro); else
-    @champion or the newest, named in a warning where the workspace adapter is none (`make register` registers it)."""
+    """`choice` (an MLflow model URI or the DVC experiment that registered the version), else @champion or the newest;
+    a warning where the workspace adapter is no registered version."""
     if choice is not None and ":/" in choice:
         return choice
     listed = versions(name)
     if choice is not None:  # compared here rather than in a filter string: an experiment's name may hold any quote
-        for version in listed:
-            if version.tags.get("dvc_exp_name") == choice:
-                return f"models:/{name}/{version.version}"
+        if found := next((version for version in listed if version.tags.get("dvc_exp_name") == choice), None):
+            return f"models:/{name}/{found.version}"
         why = f"no version of model {name!r} came from a DVC experiment named {choice!r}, and no folder has that name"
         raise ModelNotFound(f"{why}; `make models` lists each version's experiment")
     champion = mlflow.MlflowClient().get_registered_model(name).aliases.get(DEFAULT_ALIAS)

@@ -1,11 +1,7 @@
-"""DVC plots that draw without a network, where hospital data usually is (DVC's own page loads its libraries from a
-CDN): the HTML template with Vega, Vega-Lite and vega-embed inlined, and PNG images of the plots, both from the
-pinned vl-convert-python (no CDN, no browser; docs/model-registry.md#plots-offline).
-
-Run: python -m tools.plots_offline template   (writes .dvc/plots/offline.html, which .dvc/config names as DVC's
-                                              html_template: every `dvc plots show/diff` then uses it)
-     python -m tools.plots_offline png [REV...] [--out dvc_plots/png]   (one PNG per plot of `dvc plots diff REV...`)
-"""
+"""DVC plots that draw without a network (DVC's own page loads its libraries from a CDN): an HTML template with Vega
+inlined, and PNG images of the plots, from the pinned vl-convert-python (docs/model-registry.md#plots-offline).
+Run: python -m tools.plots_offline template   (writes .dvc/plots/offline.html, DVC's html_template in .dvc/config)
+     python -m tools.plots_offline png [REV...] [--out dvc_plots/png]   (one PNG per plot of `dvc plots diff REV...`)"""
 
 import argparse
 import importlib.metadata

@@ -17,12 +17,17 @@ import pandas as pd
 from dvc.exceptions import PathMissingError
 from dvc.scm import RevError
 
-from medgemma_breakhis.core.params import dotted_get
+from medgemma_breakhis.core.params import dotted_get, load_params
 from medgemma_breakhis.evaluate.metrics import HEADLINE, Headline
+from tools.compare import WORKSPACE, paired_table
 
-EVALUATIONS = ("metrics/baseline.json", "metrics/finetuned.json")
+EVALUATIONS = ("metrics/baseline.json", "metrics/probe.json", "metrics/finetuned.json")
 # Every figure the stages write, where the headline metrics DVC shows (metrics/headline/) leave them out.
 DETAILS = (*EVALUATIONS, "metrics/train.json", "metrics/data.json")
+PAIRED = (
+    "A paired interval resamples the same patients for both sides, so it is far narrower than two intervals compared "
+    "side by side (docs/metrics.md#paired-comparisons)."
+)
 INTERVALS = (
     "Intervals resample whole patients, since the images of one patient are correlated. Overlapping intervals mean the "
     "change may be noise; they are not a test."
@@ -97,7 +102,7 @@ def pr_report(base: str, plots_url: str | None = None) -> str:
     base_metrics = evaluation_metrics_at(base)
     if not any(base_metrics.values()):
         return (
-            f"`{base}` holds no {' or '.join(EVALUATIONS)}, so there is nothing to compare with: compare with a "
+            f"`{base}` holds none of {', '.join(EVALUATIONS)}, so there is nothing to compare with: compare with a "
             "revision whose reproduced outputs were committed, or with an experiment (`make report BASE=<name>`, "
             "names from `dvc exp show`).\n"
         )
@@ -108,10 +113,18 @@ def pr_report(base: str, plots_url: str | None = None) -> str:
         else f"Plots: run `dvc plots diff {base}` and open `dvc_plots/index.html` (it draws offline); "
         f"`python -m tools.plots_offline png {base}` writes each plot as a PNG."
     )
+    settings = load_params().eval
+    sides = {f"`{base}` (A)": f"{base}:finetuned", "the linear probe (A), this change": f"{WORKSPACE}:probe"}
     sections = [
         f"## Against `{base}`: accuracy with 95% intervals (bootstrap over patients)",
         interval_table(base_metrics, evaluation_metrics_at(None)),
         INTERVALS,
+        *(
+            f"## Fine-tuned, this change (B), against {against}: paired over the same test patients\n\n"
+            + paired_table(side, f"{WORKSPACE}:finetuned", settings.bootstrap_resamples, settings.seed)
+            for against, side in sides.items()
+        ),
+        PAIRED,
         plots,
         folded(
             "Every metric: per class, calibration, patients, training, the split",

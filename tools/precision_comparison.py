@@ -1,11 +1,6 @@
-"""Fine-tune in bf16 and in fp16 with otherwise identical params (each a temporary DVC experiment of `evaluate`, run
-with --force), then compare the two runs as MLflow recorded them; a diverged run is a row, not a crash
-(docs/tracking.md).
-
-Run: make compare-precision              (params.yaml as it is: MedGemma on this machine's GPU)
-     make compare-precision OFFLINE=1    (synthetic data and the tiny model, on a CPU)
-     (or: python -m tools.precision_comparison [-S key=value ...] [--out reports/precision_comparison.md])
-"""
+"""Fine-tune in bf16 and in fp16 with otherwise identical params (each a temporary DVC experiment), then compare the
+two runs as MLflow recorded them; a diverged run is a row, not a crash (docs/tracking.md).
+Run: make compare-precision [OFFLINE=1]   (or: python -m tools.precision_comparison [-S key=value ...] [--out PATH])"""
 
 import argparse
 import datetime
@@ -28,7 +23,6 @@ from medgemma_breakhis.track.store import experiment_id
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16", "fp16")
-# The headline figures (`metrics.HEADLINE`) compared on the test set.
 COMPARED = ("eight_class.accuracy", "eight_class.f1_weighted", "binary.accuracy", "binary.f1_malignant")
 CPU_NOTE = (
     "No GPU here: fp16 mixed precision needs CUDA, so the fp16 experiment trains float16 base weights "
@@ -39,48 +33,25 @@ CPU_NOTE = (
 def run_experiment(name: str, precision: str, overrides: list[str]) -> int:
     """`dvc exp run --temp --force evaluate` with train.precision set; returns dvc's exit code instead of raising."""
     command = ["dvc", "exp", "run", "--temp", "--force", "--name", name, "-S", f"train.precision={precision}"]
-    command += [arg for override in overrides for arg in ("-S", override)]
     # evaluate with train and its inputs; the baseline (minutes of GPU at real size) tells nothing here
-    command.append("evaluate")
+    command += [*(arg for override in overrides for arg in ("-S", override)), "evaluate"]
     logger.info("running %s", " ".join(command))
     return subprocess.run(command, check=False).returncode
 
 
 def _latest_stage_run(client: mlflow.MlflowClient, experiment: str, dvc_exp_name: str, stage: str) -> Run | None:
-    # The experiment's name is compared here, not in the filter string: a name may hold any quote.
-    runs = client.search_runs(
-        [experiment], filter_string=f"tags.stage = '{stage}'", order_by=["attributes.start_time DESC"]
-    )
+    # compared here, not in the filter string: a name may hold any quote
+    runs = client.search_runs([experiment], f"tags.stage = '{stage}'", order_by=["attributes.start_time DESC"])
     return next((run for run in runs if run.data.tags.get("dvc_exp_name") == dvc_exp_name), None)
 
 
 def _history(client: mlflow.MlflowClient, run: Run | None, key: str) -> list[float]:
-    """The values of metric `key` of `run` by step; none without a run."""
-    if run is None:
-        return []
-    return [m.value for m in sorted(client.get_metric_history(run.info.run_id, key), key=lambda m: m.step)]
-
-
-def _training_outcome(train: Run | None, exit_code: int) -> str:
-    if train is None:
-        return f"no train run in MLflow (dvc exited {exit_code})"
-    tags = train.data.tags
-    if "diverged_at_step" in tags:
-        return f"diverged at step {tags['diverged_at_step']} (non-finite loss)"
-    if train.info.status != "FINISHED":
-        return f"{train.info.status.lower()}: {tags.get('failure_reason', 'no reason recorded')}"
-    return "finished"
+    history = client.get_metric_history(run.info.run_id, key) if run is not None else []
+    return [m.value for m in sorted(history, key=lambda m: m.step)]
 
 
 def _number(value: float | None, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _loss_curve(loss: list[float]) -> str:
-    finite = [v for v in loss if math.isfinite(v)]
-    if not finite:
-        return "no finite loss logged"
-    return f"{finite[0]:.3f} → {loss[-1]:.3f} (min {min(finite):.3f})"
 
 
 def summary_column(dvc_exp_name: str, exit_code: int) -> dict[str, str]:
@@ -90,15 +61,26 @@ def summary_column(dvc_exp_name: str, exit_code: int) -> dict[str, str]:
     train = _latest_stage_run(client, experiment, dvc_exp_name, "train")
     evaluate = _latest_stage_run(client, experiment, dvc_exp_name, "evaluate")
     loss, grad_norm = _history(client, train, "loss"), _history(client, train, "grad_norm")
+    finite = [v for v in loss if math.isfinite(v)]
     train_metrics = train.data.metrics if train else {}
     train_tags = train.data.tags if train else {}
     eval_metrics = evaluate.data.metrics if evaluate and evaluate.info.status == "FINISHED" else {}
     wall = (train.info.end_time - train.info.start_time) / 1000 if train and train.info.end_time else None
+    if train is None:
+        outcome = f"no train run in MLflow (dvc exited {exit_code})"
+    elif "diverged_at_step" in train_tags:
+        outcome = f"diverged at step {train_tags['diverged_at_step']} (non-finite loss)"
+    elif train.info.status != "FINISHED":
+        outcome = f"{train.info.status.lower()}: {train_tags.get('failure_reason', 'no reason recorded')}"
+    else:
+        outcome = "finished"
     column = {
         "DVC experiment": dvc_exp_name,
-        "training": _training_outcome(train, exit_code),
+        "training": outcome,
         "precision that ran": train_tags.get("precision_ran", "n/a"),
-        "loss: first → last (min)": _loss_curve(loss),
+        "loss: first → last (min)": f"{finite[0]:.3f} → {loss[-1]:.3f} (min {min(finite):.3f})"
+        if finite
+        else "no finite loss logged",
         "optimizer steps logged": str(len(loss)),
         "non-finite loss steps": str(sum(not math.isfinite(v) for v in loss)),
         "non-finite grad-norm steps": str(sum(not math.isfinite(v) for v in grad_norm)),
@@ -120,9 +102,7 @@ def summary_column(dvc_exp_name: str, exit_code: int) -> dict[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_override_argument(parser)  # applied to both experiments
-    parser.add_argument(
-        "--out", type=Path, default=Path("reports/precision_comparison.md"), help="where to save the table (markdown)"
-    )
+    parser.add_argument("--out", type=Path, default=Path("reports/precision_comparison.md"), help="markdown to write")
     args = parser.parse_args()
     configure_logging()
     if any(override.startswith("train.precision=") for override in args.overrides):

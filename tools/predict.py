@@ -1,7 +1,6 @@
-"""Classify new images with a fine-tuned adapter: the eight class probabilities, the predicted type and
-benign/malignant of each in a CSV (OUT: new, or a CSV of this tool) and a short table (docs/model-registry.md).
-Run: make predict IMAGES='new/slide-1.png new/batch/' [MODEL=...] [OUT=reports/predictions.csv], or see --help.
-Exit status 3 when any image was refused (each listed; make takes that as done), 1 when nothing could run."""
+"""Classify new images with a fine-tuned adapter: class probabilities and predictions in a CSV and a short table
+(docs/model-registry.md). Exit status 3 when any image was refused, 1 when nothing could run.
+Run: make predict IMAGES='new/slide-1.png new/batch/' [MODEL=...] [OUT=reports/predictions.csv], or see --help."""
 
 import argparse
 import logging
@@ -35,7 +34,7 @@ SHOWN_ROWS = 20
 HEADER = ",".join(["file", *PROBABILITY_COLUMNS]).encode()
 TEXT = ["file", "error", "warning"]
 Predict = Callable[[pd.DataFrame], pd.DataFrame]
-# MedGemma's intended use (its model card), in our words; printed once per run.
+# MedGemma's intended use (its model card), in our words
 CAVEAT = (
     "Research use only. MedGemma, and any adapter trained from it here, is a starting point for developers: its "
     "outputs are not validated for clinical use and must not inform a diagnosis or a patient's care without "

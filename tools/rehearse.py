@@ -1,12 +1,6 @@
-"""A rehearsal of the real run on any CUDA GPU, without the gated weights: the five stages at real size, timed.
-
-`medgemma-4b-random` on synthetic images, each stage run with its dvc.yaml command in a scratch folder with its own
-MLflow store (the workspace and your MLflow runs are left as they are); each stage's time, memory and throughput, and
-the reference run projected from them, are printed (docs/gpu.md#rehearse-the-run-make-rehearse).
-
-Run: make rehearse   (a CUDA GPU; `make tokenizer` first; about 8 minutes on one H100)
-     (or: python -m tools.rehearse [--images-per-patient N] [--no-bench] [--keep DIR] [-S key=value ...])
-"""
+"""The five stages at real size on a CUDA GPU, `medgemma-4b-random` on synthetic images in a scratch folder, timed,
+and the reference run projected from them (docs/gpu.md#rehearse-the-run-make-rehearse).
+Run: make rehearse   (`make tokenizer` first)   (or: python -m tools.rehearse [--no-bench] [--keep DIR] [-S ...])"""
 
 import argparse
 import json
@@ -38,8 +32,7 @@ from tools.bench_train import REFERENCE_TEST_IMAGES, REFERENCE_TRAIN_IMAGES, ref
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("download", "split_balance", "baseline", "train", "evaluate")
 SCORING = ("baseline", "evaluate")
-# At 2 images per patient and magnification: 64 training images, 8 optimizer steps per epoch, 40 in all; a checkpoint
-# every 10 steps: 4 saves and 4 epoch boundaries to time.
+# At 2 images per patient and magnification: 40 optimizer steps in 5 epochs, a checkpoint every 10: 4 saves to time.
 REHEARSAL = {"data.source": "synthetic", "model.id": RANDOM_MEDGEMMA_ID, "execution.checkpoint_steps": 10}
 LOG_TAIL_LINES = 30
 
@@ -49,8 +42,7 @@ class StageFailed(RuntimeError):
 
 
 def stage_commands(overrides: list[str]) -> dict[str, list[str]]:
-    """Each stage's command as dvc.yaml writes it, its `${...}` paths filled in from dvc.yaml's vars (the same `${name}`
-    syntax as `string.Template`), run by this interpreter, with the overrides."""
+    """Each stage's dvc.yaml command, its `${...}` vars filled in, run by this interpreter with the overrides."""
     paths = pipeline_paths(REPO / "dvc.yaml")
     stages = YAML(typ="safe").load(REPO / "dvc.yaml")["stages"]
     commands = {}
@@ -63,8 +55,8 @@ def stage_commands(overrides: list[str]) -> dict[str, list[str]]:
 
 def run_stages(commands: dict[str, list[str]], scratch: Path) -> dict[str, float]:
     """Run every stage in `scratch`, as DVC would from a repository root; returns each one's wall time."""
-    environment = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MEDGEMMA_"))}
-    environment |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MEDGEMMA_"))}
+    env |= {"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     (scratch / "logs").mkdir()
     wall = {}
     for name, command in commands.items():
@@ -72,9 +64,7 @@ def run_stages(commands: dict[str, list[str]], scratch: Path) -> dict[str, float
         print(f"{name}: running (log: {log})", flush=True)
         started = time.perf_counter()
         with log.open("w") as stream:
-            result = subprocess.run(
-                command, cwd=scratch, env=environment, stdout=stream, stderr=subprocess.STDOUT, check=False
-            )
+            result = subprocess.run(command, cwd=scratch, env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
         wall[name] = time.perf_counter() - started
         if result.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:])
@@ -83,27 +73,14 @@ def run_stages(commands: dict[str, list[str]], scratch: Path) -> dict[str, float
     return wall
 
 
-def stage_metrics(scratch: Path) -> dict[str, dict[str, float]]:
-    """The MLflow metrics of each model stage's run, from the rehearsal's own store."""
-    client = mlflow.MlflowClient(f"sqlite:///{scratch / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
-    return {
-        run.data.tags["stage"]: run.data.metrics
-        for run in client.search_runs([experiment.experiment_id], "tags.run_kind = 'stage'")
-    }
-
-
 @dataclass(frozen=True)
 class TrainShape:
-    """What a training run is made of: optimizer steps, epochs, checkpoint saves."""
-
     steps: int
     epochs: int
     saves: int
 
     @classmethod
     def of(cls, steps: int, epochs: int, checkpoint_steps: int) -> Self:
-        # a checkpoint every `checkpoint_steps` steps, and one at the end unless the last step made one
         return cls(steps, epochs, steps // checkpoint_steps + (1 if steps % checkpoint_steps else 0))
 
     def seconds(self, times: dict[str, float]) -> float:
@@ -119,8 +96,7 @@ class TrainShape:
 
 
 def projected_train_seconds(wall: float, times: dict[str, float], ran: TrainShape, reference: TrainShape) -> float:
-    """The reference run's `train` stage: this one's time outside its steps, logging, saves and epoch boundaries (model
-    loading, the adapter written, tracking) as it was, and those four at the reference run's counts."""
+    """The reference run's `train` stage: this one's time outside training as it was, training at the reference's."""
     return wall - ran.seconds(times) + reference.seconds(times)
 
 
@@ -128,7 +104,11 @@ def _shown(figures: dict[str, float], key: str, spec: str) -> str:
     return format(figures[key], spec) if key in figures else ""
 
 
-def report(params: Params, scratch: Path, wall: dict[str, float], metrics: dict[str, dict[str, float]]) -> str:
+def report(params: Params, scratch: Path, wall: dict[str, float]) -> str:
+    client = mlflow.MlflowClient(f"sqlite:///{scratch / 'mlflow.db'}")  # the rehearsal's own store
+    experiment = client.get_experiment_by_name(EXPERIMENT_NAME)
+    runs = client.search_runs([experiment.experiment_id], "tags.run_kind = 'stage'")
+    metrics = {run.data.tags["stage"]: run.data.metrics for run in runs}  # each model stage's
     train_summary = json.loads((scratch / "metrics" / "train.json").read_text())
     test_images = int(json.loads((scratch / "metrics" / "baseline.json").read_text())["n_images"])
     images = pd.read_csv(scratch / "data" / "raw" / "Folds.csv")["filename"].nunique()
@@ -184,9 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     add_override_argument(parser)
     parser.add_argument("--images-per-patient", type=int, default=2, help="synthetic images per patient (default 2)")
     parser.add_argument("--no-bench", action="store_true", help="leave out make bench-train's projection")
-    parser.add_argument(
-        "--keep", type=Path, help="run in this (new) folder and keep it, logs and MLflow store included"
-    )
+    parser.add_argument("--keep", type=Path, help="run in this new folder and keep it, logs and MLflow store included")
     args = parser.parse_args(argv)
     configure_logging()
     defaults = {**REHEARSAL, "data.synthetic.images_per_patient": args.images_per_patient}
@@ -200,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         (scratch / TOKENIZER_FOLDER).parent.mkdir(parents=True)
         (scratch / TOKENIZER_FOLDER).symlink_to(REPO / TOKENIZER_FOLDER)
         wall = run_stages(stage_commands(overrides), scratch)
-        print(report(params, scratch, wall, stage_metrics(scratch)))
+        print(report(params, scratch, wall))
         if not args.no_bench:
             print(f"make bench-train, same model and params:\n{bench_train(overrides)}")
     except StageFailed as failed:

@@ -15,8 +15,7 @@ from ruamel.yaml import YAML
 
 @contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield an empty staging folder beside `target`, renamed onto it on success; staging folders a killed writer left
-    are removed first."""
+    """Yield an empty staging folder beside `target`, renamed onto it on success (after removing abandoned ones)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     for abandoned in target.parent.glob(f".{target.name}.partial-*"):
         shutil.rmtree(abandoned)
@@ -39,7 +38,6 @@ def _umask() -> int:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it onto `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
     try:
@@ -57,7 +55,6 @@ def atomic_write_json(path: Path, payload: Any) -> None:
 
 
 def sha256(path: Path) -> str:
-    """`sha256:<hex>` of the file's bytes, read in chunks (a file may be gigabytes)."""
     with path.open("rb") as stream:
         return "sha256:" + hashlib.file_digest(stream, "sha256").hexdigest()
 
@@ -69,10 +66,8 @@ def main_repo_root() -> Path:
 
 
 def in_main_repo(path: Path) -> Path:
-    """`path` as is when absolute, else under the main repository's root (shared by every DVC experiment copy)."""
     return path if path.is_absolute() else main_repo_root() / path
 
 
 def pipeline_paths(pipeline: Path = Path("dvc.yaml")) -> dict[str, str]:
-    """The paths a pipeline file sets as its vars (`raw_dir`, `split_dir`, …)."""
     return YAML(typ="safe").load(pipeline)["vars"][0]

@@ -1,5 +1,4 @@
-"""The Hugging Face hub as the pipeline meets it: whether it serves a model to this machine, checked in seconds before
-any work, and one line of advice when it does not."""
+"""Whether the Hugging Face hub serves a model to this machine, checked in seconds before any work."""
 
 from huggingface_hub import HfApi, constants, get_token
 
@@ -18,16 +17,14 @@ def hub_problem(model: ModelParams, err: Exception) -> str:
     token = "a Hugging Face token was found" if get_token() else "no Hugging Face token was found"
     reason = " ".join(f"{type(err).__name__}: {err}".split())  # the hub's messages span lines
     return (
-        f"model {model.id!r} at revision {model.revision!r} from the Hugging Face hub: {reason:.400} ({token}). "
-        f"It may be gated: accept its terms on https://huggingface.co/{model.id}, then set HF_TOKEN or run "
-        f"`hf auth login`; check network access (or set HF_HUB_OFFLINE=1 with the model in the cache); or run offline: "
-        f"{OFFLINE}"
+        f"model {model.id!r} at revision {model.revision!r} from the Hugging Face hub: {reason:.400} ({token}). It may "
+        f"be gated: accept its terms on https://huggingface.co/{model.id}, then set HF_TOKEN or run `hf auth login`; "
+        f"check network access (or set HF_HUB_OFFLINE=1 with the model in the cache); or run offline: {OFFLINE}"
     )
 
 
 def check_hub_access(model: ModelParams) -> None:
-    """ModelLoadError within seconds, in one try, unless the hub serves `model` to this machine and token (nothing to
-    check for a local model, or under HF_HUB_OFFLINE, where the cache serves it)."""
+    """ModelLoadError within seconds unless the hub serves `model` here (a local model or HF_HUB_OFFLINE: no check)."""
     if model.kind != "hub" or constants.HF_HUB_OFFLINE:
         return
     try:

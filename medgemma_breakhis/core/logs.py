@@ -1,5 +1,4 @@
-"""Logging and progress bars for the stages and tools: secrets masked in every record and every shown URL, bars
-that suit a terminal or a log file (docs/design.md#logs)."""
+"""Logging with secrets masked, and progress bars that suit a terminal or a log file (docs/design.md#logs)."""
 
 import logging
 import math
@@ -13,10 +12,9 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlsplit
 
 from tqdm import tqdm
 
-# In a log file, a bar starts reporting once its work has lasted this long: a quick loop writes no line at all.
-LOG_FILE_DELAY_S = 5.0
-
-# For a library imported later, the environment variable it reads; for one imported already, its switch.
+LOG_FILE_DELAY_S = 5.0  # in a log file, a bar starts reporting once its work has lasted this long
+SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "KAGGLE_KEY", "GIT_TOKEN")
+MIN_SECRET_LENGTH = 6  # shorter values would mask ordinary words, and no real credential is that short
 _LIBRARY_BARS_OFF = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
@@ -34,8 +32,7 @@ def in_terminal() -> bool:
 
 
 def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None, **kwargs: Any) -> tqdm:
-    """tqdm over `iterable` (or `total` steps); in a log file, a line per tenth of the work once it has lasted
-    LOG_FILE_DELAY_S."""
+    """tqdm over `iterable` (or `total` steps); in a log file, a line per tenth of the work after LOG_FILE_DELAY_S."""
     if not in_terminal():
         total = len(iterable) if total is None else total  # type: ignore[arg-type]
         # no time-based refresh (the monitor thread would drop miniters to 1 on a slow step)
@@ -44,14 +41,7 @@ def progress(iterable: Iterable[Any] | None = None, *, total: int | None = None,
     return tqdm(iterable, total=total, **kwargs)
 
 
-# Variables whose values are credentials, for MLflow, the Hugging Face hub, Kaggle and git.
-SECRET_VARIABLES = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "HF_TOKEN", "KAGGLE_KEY", "GIT_TOKEN")
-# Shorter values would mask ordinary words, and no real credential is that short.
-MIN_SECRET_LENGTH = 6
-
-
 def uri_credentials(uri: str) -> list[str]:
-    """The user name, password and query values of `uri`, as written and decoded, longest first."""
     parts = urlsplit(uri)
     raw = [parts.username, parts.password, *(value for _, value in parse_qsl(parts.query, True))]
     return sorted({value for text in raw if text for value in (text, unquote(text))}, key=len, reverse=True)
@@ -63,7 +53,7 @@ def without_user_info(parts: SplitResult) -> SplitResult:
 
 
 def shown_uri(uri: str) -> str:
-    """`uri` without its user name and password, and with the values of its query string masked, for messages."""
+    """`uri` for messages: without its user name and password, its query string's values masked."""
     parts = urlsplit(uri)
     if not parts.netloc:  # sqlite:////path, file:///path: nothing to hide, and rebuilding would drop a slash
         return uri
@@ -81,8 +71,7 @@ def redacted(text: str, uri: str) -> str:
 
 
 class RedactSecrets(logging.Filter):
-    """Masks every credential of the environment (the variables above and those in MLFLOW_TRACKING_URI) in a record,
-    its traceback included."""
+    """Masks the environment's credentials (`SECRET_VARIABLES`, MLFLOW_TRACKING_URI's) in a record and its traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         values = [os.environ.get(name, "") for name in SECRET_VARIABLES]
@@ -101,17 +90,15 @@ class RedactSecrets(logging.Filter):
 
 
 def configure_logging() -> None:
-    """INFO to stderr, every handler masking secrets; the libraries' own bars off outside a terminal."""
+    """INFO to stderr, every handler masking secrets (libraries' too); libraries' own bars off outside a terminal."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # peft and trl read the old name of a model property: nothing a user of this repository can change
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)  # peft's and trl's
     if not in_terminal():
         for name, value in _LIBRARY_BARS_OFF.items():
             os.environ.setdefault(name, value)
         for module, switch in _LIBRARY_SWITCHES:
             if module in sys.modules:
                 getattr(sys.modules[module], switch)()
-    # every handler there is by now: the root's, and those of libraries that print on their own (mlflow, transformers)
     loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
     for handler in {h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers}:
         if not any(isinstance(f, RedactSecrets) for f in handler.filters):

@@ -1,5 +1,4 @@
-"""The schema of params.yaml (pydantic, no defaults: params.yaml holds every value), and loading it with
-`-S section.key=value` overrides; a bad value is one line naming the key, the value and what is allowed."""
+"""The schema of params.yaml (no defaults), loaded with `-S section.key=value` overrides; errors in one line."""
 
 import argparse
 import reprlib
@@ -15,26 +14,23 @@ from ruamel.yaml.events import AliasEvent
 
 from medgemma_breakhis.core.errors import ParamsError
 
-# The built-in models (model/builtin.py), built locally: the offline default, and MedGemma 4B's shapes for timing.
-TINY_MODEL_ID = "tiny-gemma3"
-RANDOM_MEDGEMMA_ID = "medgemma-4b-random"
-# Every override that takes the pipeline offline (make demo's profile): no Kaggle, no Hugging Face hub.
-OFFLINE = f"-S data.source=synthetic -S model.id={TINY_MODEL_ID}"
+TINY_MODEL_ID = "tiny-gemma3"  # built locally (model/builtin.py): the offline default
+RANDOM_MEDGEMMA_ID = "medgemma-4b-random"  # built locally: MedGemma 4B's shapes, for timing
+OFFLINE = f"-S data.source=synthetic -S model.id={TINY_MODEL_ID}"  # make demo's profile: no Kaggle, no hub
 Fold = Literal[1, 2, 3, 4, 5]
 Magnification = Literal[40, 100, 200, 400]
 Precision = Literal["bf16", "fp16", "fp32"]
-# Seeds go to numpy, pandas and torch, which take an unsigned 32-bit seed; counts to C integers.
-SEED_LIMIT = 2**32 - 1
-COUNT_LIMIT = 2**31 - 1
-# An error message quotes at most this much of a value; reprlib stops at similar bounds while building it.
-SHOWN_CHARS = 100
+Auto = Literal["auto"]
+Scheduler = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+SEED_LIMIT = 2**32 - 1  # numpy, pandas and torch take an unsigned 32-bit seed
+COUNT_LIMIT = 2**31 - 1  # counts go to C integers
+SHOWN_CHARS = 100  # the most of a value an error message quotes; reprlib stops near it while building it
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxdict, _SHORT.maxlist, _SHORT.maxtuple = 3, 4, 6, 6
 _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 80, 40, 80
 
 
 def between(low: int, high: int) -> Any:
-    """An integer field from `low` to `high`."""
     return Field(ge=low, le=high, description=f"an integer from {low} to {high}")
 
 
@@ -50,6 +46,7 @@ def _distinct(values: tuple) -> tuple:
 
 
 Magnifications = Annotated[tuple[Magnification, ...], AfterValidator(_distinct)]
+Folds = Annotated[tuple[Fold, ...], AfterValidator(_distinct)]
 
 
 class Section(BaseModel):
@@ -116,9 +113,7 @@ class TrainParams(Section):
 
     epochs: int = Field(ge=1, le=1000, serialization_alias="num_train_epochs", description="an integer from 1 to 1000")
     learning_rate: float = Field(gt=0, le=1, description="a number in (0, 1]")
-    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = Field(
-        serialization_alias="lr_scheduler_type"
-    )
+    lr_scheduler: Scheduler = Field(serialization_alias="lr_scheduler_type")
     # transformers 5 reads warmup_steps below 1 as a fraction of all steps
     warmup_ratio: float = Field(ge=0, lt=1, serialization_alias="warmup_steps", description="a number in [0, 1)")
     max_grad_norm: float = Field(gt=0, description="a number > 0")
@@ -127,13 +122,6 @@ class TrainParams(Section):
     precision: Precision
     seed: int = between(0, SEED_LIMIT)
     logging_steps: int = between(1, COUNT_LIMIT)
-
-    def sft_arguments(self) -> dict[str, Any]:
-        """The keys SFTConfig takes as they are, by SFTConfig's names."""
-        return self.model_dump(by_alias=True, exclude={"batch_size", "precision"})
-
-
-Auto = Literal["auto"]
 
 
 class ExecutionParams(Section):
@@ -165,9 +153,7 @@ class RegistryParams(Section):
 
 
 class CrossValidationParams(Section):
-    folds: Annotated[tuple[Fold, ...], AfterValidator(_distinct)] = distinct_list(
-        "at least two distinct folds from 1 to 5", 2
-    )
+    folds: Folds = distinct_list("at least two distinct folds from 1 to 5", 2)
     magnifications: Magnifications = distinct_list("distinct magnifications from 40, 100, 200, 400", 1)
 
 
@@ -216,7 +202,7 @@ class Params(Section):
 
 
 def _shown(value: Any) -> str:
-    """`value` as written in params.yaml, at most `SHOWN_CHARS` characters of it: a value may be huge."""
+    """`value` as written in params.yaml, cut to `SHOWN_CHARS` characters: a value may be huge."""
     text = _SHORT.repr(list(value) if isinstance(value, tuple) else value)
     return text if len(text) <= SHOWN_CHARS else text[: SHOWN_CHARS - 1] + "…"
 
@@ -256,8 +242,7 @@ def params_from_dict(raw: Any) -> Params:
 
 
 def _yaml_value(text: str, source: str) -> Any:
-    """YAML 1.2, as DVC writes it (`1e-4` is a number); aliases are refused before anything is built, since a few
-    hundred bytes of nested aliases expand to gigabytes."""
+    """YAML 1.2, as DVC writes it; aliases are refused before anything is built (nested ones expand to gigabytes)."""
     yaml = YAML(typ="safe")
     try:
         for event in yaml.parse(text):
@@ -286,7 +271,6 @@ def parse_params(text: str, overrides: Sequence[str] = (), source: str = "params
 
 
 def load_params(path: Path = Path("params.yaml"), overrides: Sequence[str] = ()) -> Params:
-    """Load and validate params.yaml, with `overrides` as for `parse_params`."""
     if not path.is_file():
         raise ParamsError(f"params file {path} not found; run from the repository root, where params.yaml lives")
     return parse_params(path.read_text(encoding="utf-8"), overrides, str(path))
@@ -309,25 +293,19 @@ def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Every leaf of `tree` under its dotted key (`lora.r`); a dict is a branch, anything else a leaf."""
     flat: dict[str, Any] = {}
     for name, child in tree.items():
-        if isinstance(child, Mapping):
-            flat.update({f"{name}.{key}": value for key, value in flatten(child).items()})
-        else:
-            flat[name] = child
+        flat |= {f"{name}.{k}": v for k, v in flatten(child).items()} if isinstance(child, Mapping) else {name: child}
     return flat
 
 
 def dotted_get(tree: Any, key: str) -> Any:
-    """The value at the dotted `key`, or None where `tree` lacks it."""
-    node = tree
     for part in key.split(".") if key else []:
-        if not isinstance(node, Mapping) or part not in node:
+        if not isinstance(tree, Mapping) or part not in tree:
             return None
-        node = node[part]
-    return node
+        tree = tree[part]
+    return tree
 
 
 def set_in(tree: dict[str, Any], key: str, value: Any) -> None:
-    """Set the dotted `key` in `tree`, making the dicts on its way."""
     *parents, leaf = key.split(".")
     for parent in parents:
         tree = tree.setdefault(parent, {})

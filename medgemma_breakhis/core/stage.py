@@ -1,5 +1,4 @@
-"""How every stage starts and ends: its arguments and params, logging, signals (SIGTERM and a vanished `dvc` stop it
-as Ctrl-C does), and an expected failure reported in one line with its exit status (docs/reliability.md)."""
+"""How every stage starts and ends: params, logging, signals, one-line expected failures (docs/reliability.md)."""
 
 import argparse
 import contextlib
@@ -26,20 +25,14 @@ from medgemma_breakhis.core.logs import configure_logging
 from medgemma_breakhis.core.params import Params, add_override_argument, dotted_get, load_params, set_in
 
 logger = logging.getLogger(__name__)
-
-# What a stopped stage exits with, as a shell reports a process ended by SIGINT.
-INTERRUPTED_EXIT_STATUS = 130
-# How often a stage looks whether its dvc is still there.
+INTERRUPTED_EXIT_STATUS = 130  # as a shell reports a process ended by SIGINT
 DVC_POLL_S = 1.0
-# What a stage whose dvc is gone sends itself: not SIGTERM, which `timeout … dvc repro` sends too, where a second
-# SIGTERM means "stop at once, without a checkpoint".
-PARENT_GONE = signal.SIGHUP
+PARENT_GONE = signal.SIGHUP  # sent to itself when dvc is gone: a second SIGTERM would mean "stop at once"
 _received: list[str] = []
 
 
 def setup_stage(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> tuple[argparse.Namespace, Params]:
-    """Parse the stage's arguments and `-S` overrides, set up logging and signals, load the validated params, and check
-    that the pipeline's model can be had (before any data is drawn or downloaded for it)."""
+    """Parse arguments and `-S` overrides, set up logging and signals, load the params and check the model's access."""
     add_override_argument(parser)
     args = parser.parse_args(argv)
     configure_logging()
@@ -53,8 +46,7 @@ def setup_stage(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 
 
 def stage_entry(main: Callable[[], None]) -> None:
-    """Run a stage's `main`: an expected error, a stop or a full disk end it in one line (exit 1, 130, 1); any other
-    exception is a bug and keeps its traceback."""
+    """Run a stage's `main`: an expected error, a stop or a full disk end it in one line; a bug keeps its traceback."""
     try:
         main()
     except ExpectedError as err:
@@ -78,7 +70,7 @@ def stage_entry(main: Callable[[], None]) -> None:
 
 
 def stopping(name: str) -> None:
-    """Record that the stage is stopping on signal `name`: its dvc going away afterwards is no second request."""
+    """Record that the stage is stopping on signal `name`: its dvc going away then is no second request."""
     _received.append(name)
 
 
@@ -92,12 +84,9 @@ def _interrupt(signum: int, frame: object) -> None:
 def dvc_process() -> psutil.Process | None:
     """The `dvc` process this stage runs under (`dvc repro`, `dvc exp run`, a queue worker), if any."""
     for process in psutil.Process().parents():
-        try:
-            command = process.cmdline()
-        except psutil.Error:
-            continue
-        if any(Path(arg).name in ("dvc", "dvc.exe") for arg in command[:3]):
-            return process
+        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
+            if any(Path(arg).name in ("dvc", "dvc.exe") for arg in process.cmdline()[:3]):
+                return process
     return None
 
 
@@ -111,8 +100,7 @@ def _stop_when_gone(dvc: psutil.Process) -> None:
 
 
 def dvc_set_params(command: Sequence[str]) -> dict[str, Any]:
-    """The values a `dvc exp run -S key=value` command line writes into params.yaml, by dotted key, read by DVC's own
-    parsers; sweeps, other files' keys and Hydra's `+key`/`~key` forms are left out."""
+    """The values `dvc exp run -S key=value` writes into params.yaml, by dotted key (no sweeps, `+key` or `~key`)."""
     if ("exp", "run") not in itertools.pairwise(command):
         return {}
     from dvc.cli import parse_args
@@ -122,16 +110,12 @@ def dvc_set_params(command: Sequence[str]) -> dict[str, Any]:
 
     arguments = parse_args(list(command[command.index("exp") :])).set_param or []
     overrides = OverridesParser.create().parse_overrides(to_path_overrides(arguments).get("params.yaml", []))
-    return {
-        override.key_or_group: override.value()
-        for override in overrides
-        if override.type == OverrideType.CHANGE and not override.is_sweep_override()
-    }
+    changes = (o for o in overrides if o.type == OverrideType.CHANGE and not o.is_sweep_override())
+    return {change.key_or_group: change.value() for change in changes}
 
 
 def restore_experiment_params(path: Path = Path("params.yaml")) -> None:
-    """In a workspace `dvc exp run`: put the values its -S wrote into params.yaml, where they are still as written,
-    back to the committed ones, so that a failed experiment leaves params.yaml as it was."""
+    """After a failed workspace `dvc exp run`: put the -S values it wrote into params.yaml back as committed."""
     try:
         command = dvc.cmdline() if (dvc := dvc_process()) is not None else []
     except psutil.Error:  # dvc is gone: the stage is being stopped
@@ -147,5 +131,8 @@ def restore_experiment_params(path: Path = Path("params.yaml")) -> None:
     for key in written:
         set_in(current, key, dotted_get(committed, key))
     if written:
-        yaml.dump(current, path)
+        if current == committed:  # DVC rewrote the layout too: the committed file, comments and all
+            path.write_text(show.stdout, encoding="utf-8")
+        else:
+            yaml.dump(current, path)
         logger.warning("%s: %s put back as committed (this failed experiment had set them)", path, ", ".join(written))

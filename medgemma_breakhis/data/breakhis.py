@@ -1,5 +1,4 @@
-"""BreakHis stated once: the classes and the malignant rule, folds, magnifications, the image format, labels and
-patients from image paths, and Folds.csv read with every value checked (docs/breakhis.md)."""
+"""BreakHis stated once: classes, folds, magnifications, image format, paths, a checked Folds.csv (docs/breakhis.md)."""
 
 import re
 import typing
@@ -10,8 +9,7 @@ import pandas as pd
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.core.params import Fold, Magnification
 
-# Index = label, in the reference's order: 0-3 benign, 4-7 malignant.
-CLASS_NAMES: tuple[str, ...] = (
+CLASS_NAMES: tuple[str, ...] = (  # index = label, in the reference's order: 0-3 benign, 4-7 malignant
     "benign_adenosis",
     "benign_fibroadenoma",
     "benign_phyllodes_tumor",
@@ -27,14 +25,12 @@ TUMOR_TYPE_TO_LABEL: dict[str, int] = {name.split("_", 1)[1]: label for label, n
 TUMOR_TYPE_CODES: tuple[str, ...] = ("A", "F", "PT", "TA", "DC", "LC", "MC", "PC")
 MAGNIFICATIONS: tuple[int, ...] = typing.get_args(Magnification)
 FOLDS: tuple[int, ...] = typing.get_args(Fold)
-# Every BreakHis image is a 700x460 RGB PNG: (width, height), as PIL gives sizes.
-IMAGE_SIZE: tuple[int, int] = (700, 460)
+IMAGE_SIZE: tuple[int, int] = (700, 460)  # every BreakHis image is a 700x460 RGB PNG: (width, height), as in PIL
 IMAGE_MODE = "RGB"
 FOLDS_CSV = "Folds.csv"
 FOLDS_COLUMNS = ("fold", "mag", "grp", "filename")
 
-# SOB_B_A-14-22549AB-100-001.png -> tumour code, year, patient, magnification, sequence number.
-_FILE_NAME = re.compile(
+_FILE_NAME = re.compile(  # SOB_B_A-14-22549AB-100-001.png -> code, year, patient, magnification, sequence number
     r"^SOB_(?P<side>[BM])_(?P<code>[A-Z]+)-(?P<year>\d+)-(?P<patient>[^-]+)-(?P<mag>\d+)-(?P<seq>\d+)\.png$"
 )
 
@@ -59,8 +55,7 @@ def label_from_path(filename: str) -> int:
 def patient_from_path(filename: str) -> str:
     """The patient id: the third hyphen field of the file name (SOB_B_A-14-22549AB-100-001.png -> 22549AB)."""
     name = PurePosixPath(filename.replace("\\", "/")).name
-    match = _FILE_NAME.match(name)
-    if match is None:
+    if (match := _FILE_NAME.match(name)) is None:
         raise ValueError(
             f"image file name {name!r} does not follow the BreakHis pattern "
             "SOB_<B|M>_<type>-<year>-<patient>-<magnification>-<seq>.png"

@@ -1,5 +1,4 @@
-"""The `split_balance` stage: the reference's fold, magnification and balance selection from Folds.csv; and the split
-files read back by the model stages."""
+"""The `split_balance` stage (the reference's fold, magnification and balance selection) and its split files read."""
 
 import logging
 from pathlib import Path
@@ -24,8 +23,7 @@ def select_split(folds: pd.DataFrame, split: SplitParams) -> dict[str, pd.DataFr
     subsets = {}
     for group in ("train", "test"):
         rows = chosen[chosen["grp"] == group]
-        # balanced exactly as the reference's code does: by a substring of the path, sample(n=min), benign first
-        if split.balance == "binary":
+        if split.balance == "binary":  # as the reference does: by a substring of the path, sample(n=min), benign first
             sides = [rows[rows["filename"].str.contains(side)] for side in ("benign", "malignant")]
             rows = pd.concat([side.sample(n=min(map(len, sides)), random_state=split.seed) for side in sides])
         if rows.empty:
@@ -48,10 +46,8 @@ def check_patient_disjoint(train: pd.DataFrame, test: pd.DataFrame, where: str) 
     leaked = sorted(set(train["patient"]) & set(test["patient"]))
     if not leaked:
         return
-    lines = []
-    for patient in leaked:
-        for group, rows in (("train", train), ("test", test)):
-            lines += [f"patient {patient}, {group}: {f}" for f in rows.loc[rows["patient"] == patient, "filename"]]
+    pairs = [(patient, group, rows) for patient in leaked for group, rows in (("train", train), ("test", test))]
+    lines = [f"patient {p}, {g}: {f}" for p, g, rows in pairs for f in rows.loc[rows["patient"] == p, "filename"]]
     raise DataError(
         f"{len(leaked)} patient(s) are in both train and test of {where}: {', '.join(leaked)}. "
         "BreakHis folds are patient-disjoint, so Folds.csv is damaged or not the official one; "

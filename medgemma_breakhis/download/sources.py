@@ -1,5 +1,4 @@
-"""The `download` stage: BreakHis from Kaggle, a local copy or the synthetic generator (docs/design.md#the-synthetic-
-data) into `data/raw` (Folds.csv, and every listed image at its Folds.csv path), every listed image validated."""
+"""The `download` stage: BreakHis from Kaggle, a local copy or synthetic (docs/design.md) into `data/raw`, validated."""
 
 import itertools
 import logging
@@ -23,8 +22,7 @@ from medgemma_breakhis.data import breakhis
 logger = logging.getLogger(__name__)
 
 IMAGE_WIDTH, IMAGE_HEIGHT = breakhis.IMAGE_SIZE
-# The Kaggle download (version 4) nests the images one folder deeper than Folds.csv says (docs/breakhis.md#on-kaggle).
-_IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")
+_IMAGE_ROOT_CANDIDATES = (".", "BreaKHis_v1")  # Kaggle's copy nests the images a level deeper (docs/breakhis.md)
 
 
 def path_problem(filename: str) -> str | None:
@@ -38,8 +36,7 @@ def path_problem(filename: str) -> str | None:
 
 
 def lookup_problem(image_root: Path, filename: str) -> str | None:
-    """Why the listed file cannot be read from inside `image_root`: missing, a name the file system refuses, or a
-    symlink that leads outside the dataset."""
+    """Why the listed file cannot be read inside `image_root`: missing, a name refused, or a symlink leading outside."""
     path = image_root / filename
     try:
         if not path.is_file():
@@ -56,12 +53,9 @@ def lookup_problem(image_root: Path, filename: str) -> str | None:
 
 
 def image_problem(image_root: Path, filename: str) -> str | None:
-    """Why the listed image cannot be used: unsafe path, missing, undecodable, wrong mode or size (read from the
-    header, before any pixel is decoded), or a label against its folder."""
-    if (unsafe := path_problem(filename)) is not None:
-        return unsafe  # never read, nor written under data/raw
-    if (unreadable := lookup_problem(image_root, filename)) is not None:
-        return unreadable
+    """Why the listed image cannot be used: unsafe path, missing, undecodable, wrong size or mode, or mislabelled."""
+    if problem := path_problem(filename) or lookup_problem(image_root, filename):  # an unsafe path is never read
+        return problem
     try:
         with warnings.catch_warnings():
             # PIL warns from 89 million pixels (the size is checked below, before decoding) and refuses from twice that
@@ -89,8 +83,7 @@ def image_problem(image_root: Path, filename: str) -> str | None:
 def validate_images(
     folds: pd.DataFrame, image_root: Path, exclude_invalid: bool, excluded_report: Path
 ) -> pd.DataFrame:
-    """Check every listed image; return the Folds.csv rows to keep, and write the excluded-images report. Without
-    `exclude_invalid`, any problem stops the stage with the whole list."""
+    """The rows with usable images; the others go to `excluded_report`, or stop the stage unless `exclude_invalid`."""
     filenames = list(dict.fromkeys(folds["filename"]))
     problems = {
         f: problem
@@ -100,9 +93,8 @@ def validate_images(
     if problems and not exclude_invalid:
         listed = breakhis.listing([f"{image_root / f}: {reason}" for f, reason in problems.items()])
         raise DataError(
-            f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:{listed}\n"
-            "Fix or re-download them, or set data.exclude_invalid=true to leave them out "
-            f"(they are then listed in {excluded_report})."
+            f"{len(problems)} of {len(filenames)} listed image(s) cannot be used:{listed}\nFix or re-download them, or "
+            f"set data.exclude_invalid=true to leave them out (they are then listed in {excluded_report})."
         )
     excluded = pd.DataFrame(list(problems.items()), columns=["filename", "reason"])
     atomic_write_text(excluded_report, excluded.to_csv(index=False))
@@ -117,11 +109,9 @@ def find_image_root(dataset_root: Path, filenames: Iterable[str]) -> Path:
     safe = [f for f in filenames if path_problem(f) is None]
     if not safe:
         raise DataError("no filename in Folds.csv is a relative path inside the dataset folder")
-    # the first listed image that is there decides (one that is missing or unreadable is listed by validation)
-    for filename in safe:
-        for candidate in _IMAGE_ROOT_CANDIDATES:
-            if lookup_problem(dataset_root / candidate, filename) is None:
-                return dataset_root / candidate
+    for filename, candidate in itertools.product(safe, _IMAGE_ROOT_CANDIDATES):
+        if lookup_problem(dataset_root / candidate, filename) is None:
+            return dataset_root / candidate  # the first one there decides; validation lists those missing
     tried = ", ".join(str(dataset_root / candidate / safe[0]) for candidate in _IMAGE_ROOT_CANDIDATES)
     raise DataError(f"cannot find the images listed in Folds.csv; the first listed image is not at any of: {tried}")
 
@@ -198,14 +188,12 @@ def render_image(label: int, patient_shift: np.ndarray, rng: np.random.Generator
         y0, y1 = int(max(cy - radius, 0)), int(min(cy + radius + 1, IMAGE_HEIGHT))
         x0, x1 = int(max(cx - radius, 0)), int(min(cx + radius + 1, IMAGE_WIDTH))
         disk = (_Y[y0:y1, None] - cy) ** 2 + (_X[None, x0:x1] - cx) ** 2 <= radius**2
-        nuclei = image[y0:y1, x0:x1]
-        nuclei[disk] *= 0.35
+        image[y0:y1, x0:x1][disk] *= 0.35
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8), mode=breakhis.IMAGE_MODE)
 
 
 def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
-    """Write Folds.csv and the PNGs of `spec.magnifications` under `output_dir`, the same bytes for the same spec; each
-    image has a generator of its own, so it never depends on which other images are drawn."""
+    """Write Folds.csv and the PNGs of `spec` under `output_dir`, each image from a seeded generator of its own."""
     images, rows = [], []
     for label, index in itertools.product(range(len(breakhis.CLASS_NAMES)), range(spec.patients_per_class)):
         patient = f"{90000 + 100 * label + index}S"
@@ -216,8 +204,7 @@ def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
                 filename = synthetic_filename(label, patient, magnification, seq)
                 rng = np.random.default_rng([spec.seed, label, index, magnification, seq])
                 images.append((output_dir / filename, label, shift, rng))
-                # patient-disjoint folds: in fold f the patient with index = f-1 (mod 5) of every class is in test
-                rows += [
+                rows += [  # patient-disjoint folds: each class's patient with index f-1 (mod 5) is in fold f's test
                     (fold, magnification, "test" if index % len(breakhis.FOLDS) == fold - 1 else "train", filename)
                     for fold in breakhis.FOLDS
                 ]
@@ -230,8 +217,7 @@ def generate_synthetic_breakhis(output_dir: Path, spec: SyntheticData) -> Path:
 
 
 def prepare_raw_data(params: DataParams, output_dir: Path, excluded_report: Path) -> int:
-    """The `download` stage: fill `output_dir` from the configured source, every image validated; returns the number
-    of images."""
+    """The `download` stage: fill `output_dir` from the configured source, validated; returns the number of images."""
     if params.source == "synthetic":
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         # beside the output, on the same file system, so importing it hard-links rather than copies

@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from peft import PeftModel
 
@@ -37,10 +38,11 @@ def run_evaluation(
     headline_path: Path | None = None,
     adapter_dir: Path | None = None,
     register: Callable[..., object] | None = None,
+    predict: Callable[..., pd.DataFrame] = predict_split,
 ) -> dict[str, Any]:
-    """Predict the test split and write the metrics (and the few `ON_SCREEN`), the predictions and the ROC curve;
-    returns the metrics. With `adapter_dir`, the adapter is applied unmerged (docs/design.md#the-adapter-is-applied-
-    unmerged), and `register` (`registry.model.register_adapter`) makes it a model version, last."""
+    """Predict the test split (`predict`: by the model's answers, or `scoring.probe_predictions`) and write the metrics
+    (and the few `ON_SCREEN`), the predictions and the ROC curve; returns the metrics. With `adapter_dir`, the adapter
+    is applied unmerged (docs/design.md), and `register` (`registry.model.register_adapter`) makes it a version, last."""
     rows = read_split(test_csv, image_root)
     if adapter_dir is not None and not (adapter_dir / "adapter_config.json").is_file():
         raise DataError(f"no adapter in {adapter_dir}; run `dvc repro train` first")
@@ -53,7 +55,7 @@ def run_evaluation(
             model = PeftModel.from_pretrained(model, adapter_dir)
         loaded = time.perf_counter()
         try:
-            predictions = predict_split(model, processor, rows, image_root, params.eval)
+            predictions = predict(model, processor, rows, image_root, params.eval)
         except NonFiniteError as err:
             advice = non_finite_advice(params.eval.precision, "eval.precision")
             raise NonFiniteError(f"{stage}: {err}. {advice}") from err
@@ -97,6 +99,6 @@ def run_evaluation(
             registration = partial(register, run.run_id, adapter_dir, params, info, md5, figures)
             what = f"the model version of {params.registry.model_name} and its metrics (`make register` tries again)"
             run.then.append((what, registration))
-    table = metrics.headline_table(results)
-    logger.info("%s (eval.method=%s) on %d test images:\n%s", stage, params.eval.method, len(rows), table)
+    how = f"eval.method={params.eval.method}" if predict is predict_split else "a linear probe"
+    logger.info("%s (%s) on %d test images:\n%s", stage, how, len(rows), metrics.headline_table(results))
     return results

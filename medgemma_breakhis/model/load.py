@@ -1,5 +1,4 @@
-"""Where a `model.id` loads from (a built-in model, a local folder, or the Hugging Face hub at `model.revision`), the
-checks that refuse in seconds, before any weights load, a model that cannot be used as the params say, and loading it."""
+"""Where a `model.id` loads from (built-in, folder or hub), the checks before any weights load, and loading it."""
 
 import logging
 import os
@@ -41,8 +40,6 @@ def non_finite_advice(precision: Precision, param: str) -> str:
 
 @dataclass(frozen=True)
 class LoadedModelInfo:
-    """What was actually loaded, recorded with the results."""
-
     model_id: str
     resolved_revision: str
     device: str
@@ -117,7 +114,6 @@ def _from_source(source: ModelSource, what: str, load: Callable[..., Any], **kwa
 
 
 def model_config(model: ModelParams) -> PretrainedConfig:
-    """The model's config, without its weights."""
     return _from_source(resolve(model, weights=False), "config", AutoConfig.from_pretrained)
 
 
@@ -142,8 +138,7 @@ def load_processor(model: ModelParams, source: ModelSource | None = None) -> Pro
 
 
 def check_model(model: ModelParams, lora: LoraParams | None = None) -> None:
-    """Refuse before any weights load a model not loadable here, without a chat template, or (with `lora`) with
-    `lora.target_modules` matching none of its modules."""
+    """Refuse, before any weights load, a model not loadable here, without a chat template, or unmatched by `lora`."""
     require_gpu_for(model)
     load_processor(model)
     if lora is not None:

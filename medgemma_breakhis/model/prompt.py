@@ -1,5 +1,4 @@
-"""The conversation the model is trained on and scored by: the reference's prompt with the image, and the answer, the
-class number alone; and its tokens as the processor's chat template and the trainer write them."""
+"""The conversation trained on and scored: the reference's prompt with the image, answered by the class number."""
 
 from typing import Any
 
@@ -17,12 +16,10 @@ PROMPT = (
 
 
 def prompt_messages() -> list[dict[str, Any]]:
-    """The user's turn: the image, then the prompt."""
     return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
 
 
 def completion_messages(label: int) -> list[dict[str, Any]]:
-    """The model's turn: the class number alone."""
     return [{"role": "assistant", "content": [{"type": "text", "text": str(label)}]}]
 
 

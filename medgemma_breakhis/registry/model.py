@@ -1,6 +1,5 @@
 """The registered model: each evaluated adapter as a version of one MLflow model, and the pyfunc classifier it is: image
-files' bytes (or their base64 text) in, per image OUTPUT_COLUMNS out: the probabilities, class and benign/malignant, why
-it was refused (`error`) or looks unlike BreakHis (`warning`), null where it has no value (docs/model-registry.md)."""
+files' bytes (or base64 text) in, OUTPUT_COLUMNS out, null where a column has no value (docs/model-registry.md)."""
 
 import base64
 import importlib.metadata
@@ -99,8 +98,8 @@ def unusual(image: Image.Image, mode: str, size: tuple[int, int]) -> str:
 
 
 def classify(model: PreTrainedModel, processor: ProcessorMixin, images: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-    """One row per image in column `image` (see the module doc): checked, decoded and shrunk one at a time, scored in
-    groups of at most MAX_PIXELS pixels, or refused with why. More than MAX_REQUEST_BYTES in all: refused whole."""
+    """A row of OUTPUT_COLUMNS per image in column `image`, scored in groups of at most MAX_PIXELS pixels or refused
+    with why (`error`); more than MAX_REQUEST_BYTES in all is refused whole."""
     if (sent := sum(map(len, images[IMAGE_COLUMN]))) > MAX_REQUEST_BYTES:  # as sent (MLflow refuses a null before)
         raise mlflow.MlflowException.invalid_parameter_value(
             f"{sent / 2**20:.0f} MiB of images in one request: at most {MAX_REQUEST_BYTES // 2**20} MiB, send fewer"
@@ -191,19 +190,19 @@ SERVING_DISTRIBUTIONS = (  # noqa: SIM905 - names, read as a sentence
 def register_adapter(
     run_id: str, adapter_dir: Path, params: Params, base: LoadedModelInfo, md5: str, headline: dict[str, float]
 ) -> None:
-    """Log the adapter (weights and processor, never the base weights), this package's code and a blank input example
-    as a pyfunc model of run `run_id` with the `headline` metrics, and register it as a new version of
-    `params.registry.model_name` with them and its origin as tags (its page shows them). An adapter registered before
-    gets no second version: the metrics are linked to its logged model instead."""
+    """Log the adapter and this package's code as a pyfunc model of run `run_id` and register it, with the `headline`
+    metrics, as a new version of `params.registry.model_name`; an adapter registered before is only linked to them."""
     client, name = mlflow.MlflowClient(), params.registry.model_name
     origin, digest = client.get_run(run_id).data.tags, sha256(adapter_dir / "adapter_model.safetensors")
     # only the params' name (no quote allowed) and a digest go into the filter
     if found := client.search_model_versions(f"name = '{name}' and tags.adapter_sha256 = '{digest}'"):
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics(headline, model_id=found[0].source.removeprefix("models:/"))  # sqlite keeps no model_id
-        logger.info("%s is version %s of %s already: its metrics are linked to it", adapter_dir, found[0].version, name)
+        logger.info(
+            "%s is version %s of %s already: its new metrics are linked to it", adapter_dir, found[0].version, name
+        )
         return
-    tags = {key: origin[key] for key in ("dvc_exp_name", "git_commit", "git_dirty")} | {  # where it came from
+    tags = {key: origin[key] for key in ("dvc_exp_name", "git_commit", "git_dirty")} | {
         "adapter_sha256": digest,
         "adapter_dvc_md5": md5,
         "base_model_id": base.model_id,

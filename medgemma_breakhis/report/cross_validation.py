@@ -97,10 +97,8 @@ def summary_table(folds: dict[int, dict[str, dict[str, Any]]], summary: dict[str
             for name, files in per_fold.items()
         }
         stats = [dotted_get(aggregated, f"{file}.{key}") for _, file, key in TABLE_COLUMNS]
-        rows["mean ± std"] = ["n/a" if s is None else f"{s['mean']:.3f} ± {s['std']:.3f}" for s in stats]
-        rows["[min, max]"] = [
-            "n/a" if s is None else f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" for s in stats
-        ]
+        rows["mean ± std"] = [f"{s['mean']:.3f} ± {s['std']:.3f}" if s else "n/a" for s in stats]
+        rows["[min, max]"] = [f"[{_number_cell(s['min'])}, {_number_cell(s['max'])}]" if s else "n/a" for s in stats]
         table = pd.DataFrame.from_dict(rows, orient="index", columns=[label for label, _, _ in TABLE_COLUMNS])
         # numparse off: tabulate would otherwise reformat the cells' fixed decimals
         markdown = table.rename_axis("fold").to_markdown(disable_numparse=True)

@@ -1,5 +1,4 @@
-"""The stages' MLflow runs: a parent per pipeline execution and a child per stage, whose records are written when the
-stage ends (docs/design.md#tracking-at-the-stage-boundary)."""
+"""MLflow runs: a parent per pipeline execution, a child per stage (docs/design.md#tracking-at-the-stage-boundary)."""
 
 import contextlib
 import functools
@@ -15,7 +14,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,13 +41,9 @@ from medgemma_breakhis.track.store import (
 )
 
 logger = logging.getLogger(__name__)
-
-# The digest of params.yaml's values when a pipeline execution began, on its parent run: its later stages compare.
-PARAMS_DIGEST_TAG = "params_digest"
+PARAMS_DIGEST_TAG = "params_digest"  # on the parent run: params.yaml's digest when the pipeline execution began
 TRACKED_DISTRIBUTIONS = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "mlflow", "dvc")
-# Once a write has failed: how long each last write first asks whether a sqlite store is still locked, instead of
-# MLflow's 20 s wait.
-SQLITE_PROBE_TIMEOUT_S = 1.0
+SQLITE_PROBE_TIMEOUT_S = 1.0  # after a failed write, a last write's wait on a locked sqlite store (MLflow's: 20 s)
 GIB = 2**30
 
 
@@ -63,18 +57,16 @@ def library_versions() -> dict[str, str]:
     for name in TRACKED_DISTRIBUTIONS:
         try:
             versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:  # e.g. mlflow installed as mlflow-skinny: recorded so
+        except importlib.metadata.PackageNotFoundError:  # e.g. mlflow installed as mlflow-skinny
             versions[name] = "not installed"
     return versions
 
 
 def origin_tags() -> dict[str, str]:
-    """Tags that tie a run to its code (inside `dvc exp run`, HEAD is DVC's own commit) and its pipeline execution: the
-    stages of one `dvc repro` or DVC experiment share their `dvc` process (a stage run by hand is its own), and the
-    experiment's name goes into the key as a digest, since a name may hold any quote."""
+    """Tags that tie a run to its code and its pipeline execution (whose stages share their `dvc` process)."""
     status = _git("status", "--porcelain", "--untracked-files=no")
     process = dvc_process() or psutil.Process()
-    experiment = hashlib.sha256(os.environ.get("DVC_EXP_NAME", "workspace").encode()).hexdigest()[:12]
+    experiment = hashlib.sha256(os.environ.get("DVC_EXP_NAME", "workspace").encode()).hexdigest()[:12]  # any quote
     return {
         "git_commit": os.environ.get("DVC_EXP_BASELINE_REV") or _git("rev-parse", "HEAD") or "not a git repository",
         "git_dirty": "unknown" if status is None else str(bool(status)).lower(),
@@ -85,7 +77,7 @@ def origin_tags() -> dict[str, str]:
 
 
 def peak_memory_gib() -> dict[str, float]:
-    """This process's peak resident set size and, on GPUs, the peak CUDA memory allocated and reserved (summed)."""
+    """This process's peak RSS and, on GPUs, its peak CUDA memory allocated and reserved (summed)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     peaks = {"peak_process_rss_gib": rss / GIB}
     if torch.cuda.is_available():
@@ -117,8 +109,7 @@ def params_digest(path: Path = Path("params.yaml")) -> str:
 
 
 def changed_since(digest: str, asked: dict[str, Any], path: Path = Path("params.yaml")) -> str | None:
-    """Why `path` is not what a stage started from, if it is not: its values' digest is not `digest`, or it lacks a
-    value the running `dvc exp run` was asked for (`asked`)."""
+    """Why `path` is not what a stage started from: another digest, or a value other than `dvc exp run -S` asked."""
     if params_digest(path) != digest:
         return f"{path} changed while this stage ran"
     raw = YAML(typ="safe").load(path.read_text(encoding="utf-8")) if asked else {}
@@ -129,7 +120,6 @@ def changed_since(digest: str, asked: dict[str, Any], path: Path = Path("params.
 
 
 def refuse_changed_params(digest: str, asked: dict[str, Any], since: str) -> None:
-    """ParamsChangedError if params.yaml is no longer what the stage started from (`changed_since`)."""
     if (problem := changed_since(digest, asked)) is not None:
         raise ParamsChangedError(
             f"{problem} (since {since}): another `dvc exp run` in this workspace, which writes its -S values there "
@@ -145,7 +135,6 @@ def untracked_record(metrics_path: Path) -> Path:
 
 
 def _sqlite_still_locked() -> bool:
-    """For the embedded store: whether its write lock is still held elsewhere, asked in a second."""
     try:
         if (path := sqlite_path(mlflow.get_tracking_uri())) is not None:
             check_sqlite_writable(path, SQLITE_PROBE_TIMEOUT_S)
@@ -156,7 +145,7 @@ def _sqlite_still_locked() -> bool:
 
 @dataclass
 class StageRun:
-    """A stage's MLflow run: what the stage records into it during its work, written by `end`."""
+    """A stage's MLflow run: what the stage records during its work, written by `end`."""
 
     run_id: str
     parent_run_id: str
@@ -173,17 +162,15 @@ class StageRun:
     parent_metrics: dict[str, float] = field(default_factory=dict)  # the pipeline's headline, on its parent run
 
     def refuse_if_params_changed(self) -> None:
-        """Before the stage writes its results: ParamsChangedError if params.yaml changed since the stage began."""
         refuse_changed_params(self.params_digest, self.requested, "this stage began")
 
     def log_step(self, metrics: dict[str, float], step: int) -> None:
-        """Per-step metrics during the work, asynchronously (what the store drops is written again by `end`)."""
+        """Per-step metrics, logged asynchronously (`end` writes again what the store drops)."""
         batch = [Metric(key, float(value), int(time.time() * 1000), step) for key, value in metrics.items()]
         mlflow.MlflowClient().log_batch(self.run_id, metrics=batch, synchronous=False)
 
     def _restore_history(self) -> None:
-        """Log every (metric, step) of `history` the store lacks: MLflow's asynchronous logger drops a batch that
-        fails with only an ERROR line."""
+        """Log every (metric, step) of `history` the store lacks: MLflow's asynchronous logger drops failed batches."""
         mlflow.flush_async_logging()
         client = mlflow.MlflowClient()
         numbers = [(entry["step"], k, v) for entry in self.history for k, v in entry.items() if k != "step"]
@@ -196,20 +183,17 @@ class StageRun:
             client.log_batch(self.run_id, metrics=missing)
 
     def end(self, status: str) -> None:
-        """Write what was recorded, then end the stage's and the pipeline's runs with `status` (FINISHED, FAILED,
-        KILLED). After a failed write, the others are not attempted, and the last ones (a `tracking_incomplete` tag,
-        the ends) once each, without retries, while a sqlite store is not still locked; a finished stage lists in
-        `record` every item not written, and its run never looks complete."""
+        """Write what was recorded, then end both runs; after a failure only the last writes (tag, ends) are tried."""
         client, failures, now = mlflow.MlflowClient(), [], int(time.time() * 1000)
 
-        def attempt(what: str, call: Callable[[], object], last: bool = False) -> bool:
+        def attempt(what: str, call: Callable[..., object], *args: Any, last: bool = False, **kwargs: Any) -> bool:
             if failures and not last:
                 failures.append(f"{what}: not attempted, the store had failed before")
             elif failures and _sqlite_still_locked():
                 failures.append(f"{what}: not attempted, the store is still locked")
             else:
                 try:
-                    call()
+                    call(*args, **kwargs)
                     return True
                 except Exception as err:  # noqa: BLE001 - whatever the store raises (SQL, HTTP, disk), the results stay
                     uri = mlflow.get_tracking_uri()
@@ -223,13 +207,13 @@ class StageRun:
             attempt("the tags", lambda: client.log_batch(self.run_id, tags=[RunTag(*tag) for tag in self.tags.items()]))
         if self.metrics:
             metrics = [Metric(key, float(value), now, 0) for key, value in self.metrics.items()]
-            attempt("the metrics", lambda: client.log_batch(self.run_id, metrics=metrics))
+            attempt("the metrics", client.log_batch, self.run_id, metrics=metrics)
         if self.history:
             attempt("the training metrics (loss, learning rate, gradient norm per step)", self._restore_history)
         for path, folder in self.artifacts:
-            attempt(f"the artifact {path}", functools.partial(client.log_artifact, self.run_id, str(path), folder))
+            attempt(f"the artifact {path}", client.log_artifact, self.run_id, str(path), folder)
         for name, figure in self.figures.items():
-            attempt(f"the figure {name}", functools.partial(client.log_figure, self.run_id, figure, name))
+            attempt(f"the figure {name}", client.log_figure, self.run_id, figure, name)
         if self.parent_tags or self.parent_metrics:
             tags = [RunTag(key, value) for key, value in self.parent_tags.items()]
             metrics = [Metric(key, float(value), now, 0) for key, value in self.parent_metrics.items()]
@@ -240,10 +224,9 @@ class StageRun:
         note = f"{len(failures)} item(s) not tracked, listed in {self.record}"
         tag = functools.partial(client.set_tag, self.run_id, "tracking_incomplete", note)
         marked = not failures or attempt("the tracking_incomplete tag", tag, last=True)
-        end = functools.partial(client.set_terminated, self.run_id, status if marked else "FAILED")
-        attempt("the end of the stage's run", end, last=True)
-        end = functools.partial(client.set_terminated, self.parent_run_id, status)
-        attempt("the end of the pipeline's run", end, last=True)
+        ended = status if marked else "FAILED"
+        attempt("the end of the stage's run", client.set_terminated, self.run_id, ended, last=True)
+        attempt("the end of the pipeline's run", client.set_terminated, self.parent_run_id, status, last=True)
         if status != "FINISHED":  # a stage that failed writes no output: DVC records nothing of it
             return
         shown = {"tracking_uri": shown_uri(mlflow.get_tracking_uri()), "run_id": self.run_id} if failures else {}
@@ -255,27 +238,22 @@ class StageRun:
 def _pipeline_run(
     client: mlflow.MlflowClient, experiment: str, origin: dict[str, str], params: Params, requested: dict[str, Any]
 ) -> Run:
-    """The parent run of this pipeline execution, found by its key, or created by its first stage with all params
-    and a description naming the changed ones (`requested`, a `dvc exp run`'s -S values); running."""
+    """The parent run of this pipeline execution, found by its key or created with all params; running."""
     query = f"tags.pipeline_key = '{origin['pipeline_key']}' and tags.run_kind = 'pipeline'"
     if found := client.search_runs([experiment], query):
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0]
     changed = ", ".join(f"{key}={value}" for key, value in requested.items()) or "none"
-    description = (
-        f"DVC experiment {origin['dvc_exp_name']} at git {origin['git_commit'][:12]}; changed params: {changed}"
-    )
-    tags = {**origin, "run_kind": "pipeline", PARAMS_DIGEST_TAG: params_digest(), "mlflow.note.content": description}
+    note = f"DVC experiment {origin['dvc_exp_name']} at git {origin['git_commit'][:12]}; changed params: {changed}"
+    tags = {**origin, "run_kind": "pipeline", PARAMS_DIGEST_TAG: params_digest(), "mlflow.note.content": note}
     run = client.create_run(experiment, tags=tags, run_name=origin["dvc_exp_name"])
     client.log_batch(run.info.run_id, params=[Param(k, str(v)) for k, v in params.flat().items()])
     return client.get_run(run.info.run_id)
 
 
-@contextmanager
+@contextlib.contextmanager
 def tracked_run(stage: str, params: Params, split_csv: Path, record: Path) -> Iterator[StageRun]:
-    """The stage's child run under its pipeline's parent run, with all params and its origin. The store is checked
-    first (TrackingError, in seconds); what the stage records is written when it ends: FINISHED, or FAILED or KILLED
-    (Ctrl-C, SIGTERM) with the reason as a tag."""
+    """The stage's child run under its pipeline's run, ending FINISHED, or FAILED or KILLED with the reason as a tag."""
     try:  # the values the `dvc exp run` running this stage was asked to write into params.yaml
         requested = dvc_set_params(dvc.cmdline()) if (dvc := dvc_process()) is not None else {}
     except psutil.Error:  # dvc is gone: the stage is being stopped anyway
@@ -320,9 +298,8 @@ def tracked_run(stage: str, params: Params, split_csv: Path, record: Path) -> It
 
 
 def tag_train_run(parent_run_id: str, adapter_dir: Path, tags: dict[str, str]) -> None:
-    """Put `tags` on the finished `train` run of the same pipeline execution that wrote `adapter_dir` (only ids and
-    stage names go into the filter string: a path may hold any quote)."""
-    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'train'"
+    """Put `tags` on the finished `train` run of this pipeline execution that wrote `adapter_dir`."""
+    query = f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.stage = 'train'"  # no path: it may hold a quote
     client = mlflow.MlflowClient()
     for run in client.search_runs([experiment_id()], query, order_by=["attributes.start_time DESC"]):
         if run.data.tags.get("adapter_path") == str(adapter_dir):
@@ -343,18 +320,15 @@ def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[
 
 
 def roc_figure(roc: pd.DataFrame, auc: float, stage: str) -> Figure:
-    """The ROC curve (malignant positive) of `metrics.roc_points`."""
     figure = Figure(figsize=(5, 5), layout="constrained")
     axes = figure.subplots()
-    RocCurveDisplay(fpr=roc["false_positive_rate"], tpr=roc["true_positive_rate"], roc_auc=auc, name=stage).plot(
-        ax=axes, plot_chance_level=True
-    )
+    display = RocCurveDisplay(fpr=roc["false_positive_rate"], tpr=roc["true_positive_rate"], roc_auc=auc, name=stage)
+    display.plot(ax=axes, plot_chance_level=True)
     axes.set_title(f"{stage}: ROC, malignant positive")
     return figure
 
 
 def loss_figure(curve: pd.DataFrame) -> Figure:
-    """The training loss per optimizer step, from the loss curve `train` writes."""
     figure = Figure(figsize=(6, 4), layout="constrained")
     axes = figure.subplots()
     axes.plot(curve["step"], curve["loss"], marker="." if len(curve) < 50 else None)

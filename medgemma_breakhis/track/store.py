@@ -1,11 +1,9 @@
-"""The MLflow tracking store, set up the same way for the stages and the tools: found (MLFLOW_TRACKING_URI, else the
-repository's mlflow.db), bounded in time, its credentials out of every URL, checked in seconds, the experiment made
-on first use. Light on purpose: the registry tools import it without the model libraries."""
+"""The MLflow tracking store: found, bounded and checked. Light: tools import it without the model libraries."""
 
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import closing, contextmanager, nullcontext
 from pathlib import Path
 from unittest import mock
 from urllib.parse import unquote, urlsplit
@@ -18,13 +16,10 @@ from medgemma_breakhis.core.files import main_repo_root
 from medgemma_breakhis.core.logs import redacted, shown_uri, without_user_info
 
 EXPERIMENT_NAME = "medgemma-breakhis"
-# MLflow 3's kind of a model-training experiment (its UI picks its view by its own switch: `make mlflow-ui`'s link).
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # MLflow 3's UI picks its view by it
 EXPERIMENT_KIND = "custom_model_development"
-# The store check before any work: seconds per attempt, with MLflow's HTTP retries off.
-STORE_CHECK_TIMEOUT_S = 10
-# How long a process waits for another that is creating a new sqlite store (tens of seconds when busy).
-FIRST_USE_LOCK_TIMEOUT_S = 180
+STORE_CHECK_TIMEOUT_S = 10  # per attempt of the store check before any work, with MLflow's HTTP retries off
+FIRST_USE_LOCK_TIMEOUT_S = 180  # for another process creating a new sqlite store (tens of seconds when busy)
 # Every other request to a server, instead of MLflow's 7 retries of up to 120 s each; a user's own settings are kept.
 STORE_REQUEST_POLICY = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
@@ -43,7 +38,6 @@ def embedded_tracking_uri() -> str:
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI if set (a team server), else the embedded store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or embedded_tracking_uri()
 
 
@@ -52,8 +46,7 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def bound_store_requests() -> None:
-    """Apply `STORE_REQUEST_POLICY`, and move a user name and password in MLFLOW_TRACKING_URI to MLflow's own
-    variables (sent as the same basic authentication), so that no URL MLflow quotes carries them."""
+    """Apply `STORE_REQUEST_POLICY`; move MLFLOW_TRACKING_URI's credentials to MLflow's variables, out of its URLs."""
     for name, value in STORE_REQUEST_POLICY.items():
         os.environ.setdefault(name, value)
     parts = urlsplit(os.environ.get("MLFLOW_TRACKING_URI", ""))
@@ -69,33 +62,28 @@ def check_sqlite_writable(path: Path, timeout: float) -> None:
         if not os.access(path.parent, os.W_OK):
             raise PermissionError(f"{path.parent} is not writable, so {path.name} cannot be created")
         return
-    connection = sqlite3.connect(path, timeout=timeout)
-    try:
+    with closing(sqlite3.connect(path, timeout=timeout)) as connection:
         connection.execute("BEGIN IMMEDIATE")
         connection.rollback()
-    finally:
-        connection.close()
 
 
 @contextmanager
 def refused_unless_store_answers(uri: str) -> Iterator[None]:
-    """Requests made before any work: whatever the store raises becomes a TrackingError naming the store, the error
-    and the fix, without a credential of `uri`."""
+    """Whatever the store raises becomes a TrackingError naming the store, the error and the fix, with no credential."""
     try:
         yield
     except ExpectedError:
         raise
     except Exception as err:  # noqa: BLE001 - any failure of the store (HTTP, SQL, file system) needs the same advice
+        fix = (
+            "Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
+            "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use "
+            "the repository's own store, mlflow.db."
+        )
         if (path := sqlite_path(uri)) is not None:
             fix = (
                 f"Check that {path} is a writable MLflow database that no other process holds locked (an `mlflow ui` "
                 "is fine; a copy in progress is not); a corrupt one can be moved aside, and MLflow creates a new one."
-            )
-        else:
-            fix = (
-                "Check that the server is up and reachable from here (MLFLOW_TRACKING_URI), and its credentials "
-                "(MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/PASSWORD); or unset MLFLOW_TRACKING_URI to use "
-                "the repository's own store, mlflow.db."
             )
         reason = f"{type(err).__name__}: {redacted(str(err), uri)}"  # raised without the cause, which quotes the URI
         raise TrackingError(f"MLflow tracking store {shown_uri(uri)} cannot be used: {reason}\n{fix}") from None
@@ -120,8 +108,7 @@ def open_store() -> mlflow.MlflowClient:
 
 
 def experiment_id() -> str:
-    """The experiment's id in the checked store, created on first use as a model-training experiment (artifacts at the
-    repository's root with the embedded store)."""
+    """The experiment's id in the checked store, created on first use as a model-training experiment."""
     bound_store_requests()
     uri, path = tracking_uri(), sqlite_path(tracking_uri())
     # two processes creating a new sqlite store (queue workers) break each other's schema migration

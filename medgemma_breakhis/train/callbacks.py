@@ -1,5 +1,4 @@
-"""What runs beside the trainer's loop: the non-finite loss guard, stopping at a signal with a checkpoint, fp16's
-skipped steps, where the time goes, the progress bar, and each logged step to the stage's MLflow run."""
+"""Beside the trainer's loop: the non-finite loss guard, stop on a signal, skipped steps, timing, progress, MLflow."""
 
 import logging
 import signal
@@ -23,8 +22,6 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(NonFiniteError):
-    """The training loss became NaN or infinite at optimizer step `step`."""
-
     def __init__(self, message: str, step: int, loss: float) -> None:
         super().__init__(message)
         self.step, self.loss = step, loss
@@ -52,7 +49,6 @@ class GuardedSFTTrainer(SFTTrainer):
 
     @property
     def precision_ran(self) -> str:
-        """The precision accelerate actually set up, not the one requested."""
         autocast = self.accelerator.mixed_precision
         if autocast != "no":
             return f"{self.weights_dtype} base weights + {autocast} autocast"
@@ -84,7 +80,6 @@ class StopOnSignal(TrainerCallback):
 
     @contextmanager
     def installed(self) -> Iterator["StopOnSignal"]:
-        """The handlers, for the duration of training only."""
         previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         try:
             yield self
@@ -127,8 +122,7 @@ class SkippedStepCounter(TrainerCallback):
 
 
 class StepTimes(TrainerCallback):
-    """When each step began and ended, saves ended and epochs began (the GPU's queued work included): where the time
-    of `trainer.train` goes, which `make rehearse` projects to the reference run."""
+    """When steps, saves and epochs began and ended (GPU work included): where `trainer.train`'s time goes."""
 
     def __init__(self) -> None:
         self.started, self.begins, self.ends, self.saves, self.epochs = 0.0, [], [], [], []
@@ -162,8 +156,7 @@ class StepTimes(TrainerCallback):
         return [end - begin for begin, end in zip(self.begins, self.ends, strict=False)]
 
     def metrics(self) -> dict[str, float]:
-        """Seconds: the first step, the median of the others and of the gaps between steps, the means of saves and
-        epoch boundaries; those there were none of are left out."""
+        """Seconds: the first step, medians of the others and of the gaps between them, means of saves and epochs."""
         saved = dict(self.saves)
         gaps = {i: begin - saved.get(i, self.ends[i - 1]) for i, begin in enumerate(self.begins) if i}
         saves = [at - self.ends[step - 1] for step, at in self.saves]
@@ -178,8 +171,7 @@ class StepTimes(TrainerCallback):
 
 
 class TrainingProgress(ProgressCallback):
-    """transformers' bar of the optimizer steps drawn by `logs.progress`: in a log file, a line per tenth of the steps
-    with the last logged loss."""
+    """transformers' step bar drawn by `logs.progress`: in a log file, a line per tenth of the steps, with the loss."""
 
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         if state.is_world_process_zero:

@@ -25,14 +25,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "fingerprint.json"
 FOLDER_PREFIX = "train-"
-# Under the checkpoint root: checkpoints found corrupt, kept for inspection, never resumed (delete them at will).
-CORRUPT_FOLDER = "corrupt"
-# The step of a checkpoint whose trainer state parses but holds none: corrupt, not an interrupted save.
-NO_STEP = -1
-# Param sections that decide what is trained; data and split params act through the data they select.
-TRAINING_SECTIONS = ("model", "lora", "train")
-# Code outside this repository that decides what a checkpoint holds and how it is read back.
-LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate")
+CORRUPT_FOLDER = "corrupt"  # under the root: checkpoints found corrupt, kept for inspection, never resumed
+NO_STEP = -1  # the step of a checkpoint whose trainer state parses but holds none: corrupt, not an interrupted save
+TRAINING_SECTIONS = ("model", "lora", "train")  # what is trained; data and split params act through the data
+LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate")  # decide what a checkpoint holds and how it loads
 
 
 @dataclass(frozen=True)
@@ -74,9 +70,8 @@ def training_fingerprint(
 ) -> Fingerprint:
     """The `model`, `lora` and `train` params, the base model's revision, the training data (the split, every image's
     bytes, the templated `prompt`) and the library versions; no code of this repository."""
-    images = hashlib.sha256()
-    for filename in progress(list(filenames), desc="fingerprinting training images", unit="img", leave=False):
-        images.update(sha256(image_root / filename).encode())
+    listed = progress(list(filenames), desc="fingerprinting training images", unit="img", leave=False)
+    images = hashlib.sha256("".join(sha256(image_root / filename) for filename in listed).encode())
     return Fingerprint(
         params={key: value for key, value in params.flat().items() if key.split(".")[0] in TRAINING_SECTIONS},
         model={"resolved_revision": resolved_revision},
@@ -101,8 +96,7 @@ def completed_step(checkpoint: Path) -> int | None:
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why a saved checkpoint cannot be resumed from, if it cannot: a state without a step, or a truncated or corrupt
-    file (safetensors' header against its size, the CRC of torch's zip members: nothing is unpickled)."""
+    """Why a checkpoint cannot be resumed: a state without a step, or a truncated or corrupt file (none unpickled)."""
     if completed_step(checkpoint) == NO_STEP:
         state = (checkpoint / TRAINER_STATE_NAME).read_text(encoding="utf-8")
         return f"{TRAINER_STATE_NAME} holds no optimizer step: {state[:60]!r}"
@@ -125,8 +119,7 @@ def checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
 
 
 def adapter_in_dvc_cache(folder: Path) -> bool:
-    """Whether the main repository's DVC cache holds the weights of a checkpoint in `folder`: only a finished run's
-    last checkpoint has the weights of an adapter, which `train` saved and DVC then cached."""
+    """Whether the main repository's DVC cache holds a checkpoint's weights in `folder`: a finished run's adapter."""
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
@@ -162,8 +155,7 @@ def prepare_checkpoint_folder(root: Path, fingerprint: Fingerprint) -> Path:
 
 
 def last_complete_checkpoint(folder: Path, clean: bool) -> Path | None:
-    """The complete checkpoint of the highest step in `folder`, if any; with `clean` (the main process, first),
-    interrupted saves are deleted and corrupt checkpoints moved aside."""
+    """The highest-step complete checkpoint in `folder`; `clean` deletes interrupted saves, moves corrupt ones aside."""
     complete: dict[int, Path] = {}
     for checkpoint in sorted(folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*")):
         step = completed_step(checkpoint)
@@ -171,15 +163,13 @@ def last_complete_checkpoint(folder: Path, clean: bool) -> Path | None:
             if clean:
                 logger.warning("deleting %s: it was interrupted while being saved", checkpoint)
                 shutil.rmtree(checkpoint)
-        elif not clean:
-            complete[step] = checkpoint  # the main process has cleaned the folder already: no NO_STEP is left
-        elif (problem := checkpoint_problem(checkpoint)) is not None:  # kept for inspection where no run looks
+        elif clean and (problem := checkpoint_problem(checkpoint)) is not None:
             aside = checkpoint.parents[1] / CORRUPT_FOLDER / f"{checkpoint.parent.name}-{checkpoint.name}"
             aside.parent.mkdir(parents=True, exist_ok=True)
             if aside.exists():
                 aside = aside.with_name(f"{aside.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            checkpoint.rename(aside)
+            checkpoint.rename(aside)  # kept for inspection where no run looks
             logger.warning("%s is corrupt (%s): moved to %s, never loaded", checkpoint, problem, aside)
-        else:
+        else:  # checked sound, or not `clean`: the main process has cleaned the folder already, no NO_STEP is left
             complete[step] = checkpoint
     return complete[max(complete)] if complete else None

@@ -1,6 +1,5 @@
-"""How a training step is executed (`execution` in params.yaml): micro-batch x accumulation, gradient checkpointing,
-torch.compile, dataloader workers, and the processes of a distributed run under `accelerate launch`. None of it
-changes what is trained (docs/gpu.md), so no stage depends on it."""
+"""How a training step is executed (`execution` in params.yaml): micro-batches, checkpointing, compile, workers, and
+processes under `accelerate launch`. None of it changes what is trained (docs/gpu.md), so no stage depends on it."""
 
 import os
 import sys
@@ -24,8 +23,6 @@ class ProcessCountError(ExpectedError, RuntimeError):
 
 @dataclass(frozen=True)
 class ExecutionPlan:
-    """How each optimizer step runs in each process."""
-
     micro_batch_size: int
     grad_accum_steps: int
     gradient_checkpointing: bool
@@ -46,8 +43,7 @@ def auto_setting(gpu_memory_gib: float) -> tuple[int, bool]:
 
 
 def plan_execution(execution: ExecutionParams, batch_size: int, device: torch.device) -> ExecutionPlan:
-    """The plan for `batch_size` examples per optimizer step: each explicit setting as given, `auto` by the GPU's
-    memory (a CPU: the whole step in one pass, no checkpointing, no compile, no workers)."""
+    """The plan for `batch_size` examples per optimizer step: explicit settings as given, `auto` by the GPU's memory."""
     per_process = batch_size // execution.num_processes
     on_gpu = device.type == "cuda"
     micro, checkpointing = per_process, False
@@ -75,9 +71,8 @@ def is_main_process() -> bool:
 
 
 def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequence[str]) -> None:
-    """Replace this process by `accelerate launch` of `python -m module arguments` when `num_processes` > 1 and it is not
-    one of several yet, every setting given (no `accelerate config` file is read; port 0: concurrent runs never share
-    accelerate's 29500); refuse a hand launch on another number of processes than the params say."""
+    """Replace this process by `accelerate launch` of `python -m module arguments` (every setting given; port 0: runs
+    never clash) when `num_processes` > 1; in a launched process, refuse another number than the params say."""
     launched = world_size()
     if launched > 1 or "LOCAL_RANK" in os.environ:
         if launched != num_processes:
@@ -87,9 +82,8 @@ def run_distributed_if_asked(num_processes: int, module: str, arguments: Sequenc
             )
         return
     if num_processes > 1:
-        # mixed precision: the trainer sets it from train.precision
         settings = f"--multi_gpu --num_processes={num_processes} --num_machines=1 --main_process_port=0"
-        settings += " --mixed_precision=no --dynamo_backend=no --module"
+        settings += " --mixed_precision=no --dynamo_backend=no --module"  # the trainer sets the precision
         command = [sys.executable, "-m", "accelerate.commands.launch", *settings.split(), module, *arguments]
         sys.stdout.flush()
         sys.stderr.flush()

@@ -1,5 +1,4 @@
-"""The `train` stage: LoRA fine-tuning with peft and trl's SFTTrainer on prompt-completion examples, so the loss is
-on the answer only; resumable from checkpoints (docs/design.md#training)."""
+"""The `train` stage: LoRA fine-tuning with trl's SFTTrainer, loss on the answer only (docs/design.md#training)."""
 
 import json
 import logging
@@ -33,14 +32,13 @@ logger = logging.getLogger(__name__)
 
 def build_sft_dataset(rows: pd.DataFrame, image_root: Path) -> datasets.Dataset:
     """Prompt-completion examples (trl's format), images decoded lazily per batch by the collator."""
-    table = datasets.Dataset.from_dict(
+    return datasets.Dataset.from_dict(
         {
             "images": [[str(image_root / f)] for f in rows["filename"]],
             "prompt": [prompt_messages()] * len(rows),
             "completion": [completion_messages(int(label)) for label in rows["label"]],
         }
-    )
-    return table.cast_column("images", datasets.List(datasets.Image(mode="RGB")))
+    ).cast_column("images", datasets.List(datasets.Image(mode="RGB")))
 
 
 def build_trainer(
@@ -54,15 +52,14 @@ def build_trainer(
     *,
     config_overrides: dict[str, Any] | None = None,
 ) -> GuardedSFTTrainer:
-    """The trainer of a LoRA adapter on `model` as `params` say, executed as planned for this device (`trainer.plan`),
-    checkpointing into `output_dir`; `config_overrides` replace SFTConfig arguments (for benchmarks)."""
+    """A LoRA trainer on `model` as `params` say, planned for this device, checkpointing into `output_dir`."""
     train, lora = params.train, params.lora
     plan = plan_execution(params.execution, train.batch_size, device())
     on_cuda = torch.cuda.is_available()
     if train.precision == "fp16" and not on_cuda:
         logger.warning("fp16 mixed precision does not exist on CPU: training runs with fp16 weights and no autocast")
     settings = dict(
-        **train.sft_arguments(),
+        **train.model_dump(by_alias=True, exclude={"batch_size", "precision"}),  # by SFTConfig's names
         output_dir=str(output_dir),
         per_device_train_batch_size=plan.micro_batch_size,
         gradient_accumulation_steps=plan.grad_accum_steps,
@@ -83,20 +80,18 @@ def build_trainer(
         report_to=[],  # the stage logs each step to its own MLflow run (`LogSteps`)
         remove_unused_columns=False,
     )
-    config = SFTConfig(**settings | (config_overrides or {}))
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        bias="none",
-        target_modules=lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
     trainer = GuardedSFTTrainer(
         model=model,
-        args=config,
+        args=SFTConfig(**settings | (config_overrides or {})),
         train_dataset=build_sft_dataset(rows, image_root),
-        peft_config=peft_config,
+        peft_config=LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            bias="none",
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
         processing_class=processor,
         precision=train.precision,
         weights_dtype=info.dtype,
@@ -113,7 +108,6 @@ def build_trainer(
 
 
 def loss_curve(log_history: list[dict[str, float]]) -> pd.DataFrame:
-    """Loss, learning rate and gradient norm per logged optimizer step."""
     columns = ["step", "loss", "learning_rate", "grad_norm"]
     return pd.DataFrame([entry for entry in log_history if "loss" in entry]).reindex(columns=columns)
 
@@ -140,9 +134,8 @@ def run_training(
     loss_path: Path,
     checkpoint_root: Path,
 ) -> dict[str, Any] | None:
-    """The `train` stage: fine-tune, resuming from the last complete checkpoint of the same inputs, and write the
-    adapter, the loss curve and the training summary, which it returns (None in the other processes of a distributed
-    run). A signal saves a checkpoint and ends in TrainingInterrupted, a non-finite loss in TrainingDivergedError."""
+    """The `train` stage: fine-tune, resuming from a checkpoint of the same inputs, and write the adapter, loss curve
+    and summary, which it returns (None off the main process); a signal saves a checkpoint and stops."""
     rows = read_split(train_csv, image_root)
     check_model(params.model, params.lora)
     main = is_main_process()
