@@ -19,7 +19,7 @@ import pytest
 from packaging.utils import canonicalize_name
 
 from tools.check_pins import VENV_SEEDS, pin_problems, read_pins
-from tools.install_requirements import bootstrap_uv, install, uv_arguments
+from tools.install_requirements import bootstrap_uv, install, recorded_digests, uv_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 CLOUD_PYTHON = REPO / ".venv-cloud" / "bin" / "python"
@@ -155,18 +155,32 @@ def test_a_password_in_an_index_or_find_links_url_is_on_no_command_line_and_in_n
     assert "UV_FIND_LINKS='https://host.example/wheels/'" in caplog.text
 
 
-def _installed_distribution(site: Path, files: dict[str, bytes]) -> Path:
-    """tiny-pkg 1.0 as an installer leaves it in `site`: its files, METADATA, and a RECORD with their sha256."""
-    info = site / "tiny_pkg-1.0.dist-info"
-    files = {**files, f"{info.name}/METADATA": b"Metadata-Version: 2.1\nName: tiny-pkg\nVersion: 1.0\n"}
+def _installed_distribution(site: Path, files: dict[str, bytes], name: str = "tiny-pkg") -> Path:
+    """`name` 1.0 as an installer leaves it in `site`: its files, METADATA, and a RECORD with their sha256."""
+    info = site / f"{name.replace('-', '_')}-1.0.dist-info"
+    files = {**files, f"{info.name}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode()}
     record = [f"{info.name}/RECORD,,"]
-    for name, data in files.items():
-        (site / name).parent.mkdir(parents=True, exist_ok=True)
-        (site / name).write_bytes(data)
+    for path, data in files.items():
+        (site / path).parent.mkdir(parents=True, exist_ok=True)
+        (site / path).write_bytes(data)
         digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
-        record.append(f"{name},sha256={digest},{len(data)}")
+        record.append(f"{path},sha256={digest},{len(data)}")
     (info / "RECORD").write_text("\n".join(record) + "\n")
     return info
+
+
+def test_a_file_two_distributions_ship_is_theirs_as_the_one_installed_last_gave_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pycasbin and casbin both ship casbin/*.py: the copy installed last differs from the other's RECORD, no damage."""
+    site = tmp_path / "site-packages"
+    _installed_distribution(site, {"shared/data.bin": b"first"})
+    _installed_distribution(site, {"shared/data.bin": b"second"}, name="other-pkg")  # installed last: its copy
+    monkeypatch.syspath_prepend(str(site))
+    recorded_digests.cache_clear()
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("tiny-pkg==1.0\nother-pkg==1.0\n")
+    assert pin_problems(requirements)[0] == []
 
 
 def test_pin_problems_name_a_package_whose_files_differ_from_its_record(
@@ -177,17 +191,18 @@ def test_pin_problems_name_a_package_whose_files_differ_from_its_record(
     site = tmp_path / "site-packages"
     info = _installed_distribution(site, {"tiny_pkg/__init__.py": b"", "tiny_pkg/data.bin": b"0123456789"})
     monkeypatch.syspath_prepend(str(site))
+    recorded_digests.cache_clear()
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("tiny-pkg==1.0\n")
     assert pin_problems(requirements)[0] == []
 
-    damage = "tiny-pkg 1.0 is damaged: tiny_pkg/data.bin is missing or differs from its RECORD; `make setup` installs"
+    damage = "tiny-pkg 1.0 is damaged: tiny_pkg/data.bin {}; `make setup` installs it again"
     (site / "tiny_pkg" / "data.bin").unlink()  # what a killed install leaves
-    assert any(problem.startswith(damage) for problem in pin_problems(requirements)[0])
+    assert damage.format("is missing") in pin_problems(requirements)[0]
     (site / "tiny_pkg" / "data.bin").write_bytes(b"01234")  # cut short
-    assert any(problem.startswith(damage) for problem in pin_problems(requirements)[0])
+    assert damage.format("differs from its RECORD") in pin_problems(requirements)[0]
     (site / "tiny_pkg" / "data.bin").write_bytes(b"9876543210")  # the same size, other bytes
-    assert any(problem.startswith(damage) for problem in pin_problems(requirements)[0])
+    assert damage.format("differs from its RECORD") in pin_problems(requirements)[0]
     (info / "RECORD").unlink()  # pip writes RECORD last
     assert (
         "tiny-pkg 1.0 is damaged: its RECORD is missing; `make setup` installs it again"

@@ -89,7 +89,7 @@ def test_a_package_an_install_cut_short_left_damaged_is_installed_again(tmp_path
     assert second.returncode == 0, second.stderr
     assert data.is_file(), second.stderr
     assert data.read_bytes() == TINY_FILES["tiny_pkg/data.bin"]
-    expected = "tiny_pkg-1.0.dist-info is damaged (tiny_pkg/data.bin is missing or differs from its RECORD)"
+    expected = "tiny_pkg-1.0.dist-info is damaged (tiny_pkg/data.bin is missing)"
     assert f"{expected}: installing it again" in second.stderr
 
 

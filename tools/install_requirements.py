@@ -3,7 +3,9 @@ pip only), with uv as pip's configuration directs, or with pip where uv cannot; 
 """
 
 import argparse
+import collections
 import csv
+import functools
 import importlib.metadata
 import logging
 import os
@@ -68,16 +70,28 @@ def uv_arguments() -> tuple[list[str], dict[str, str]] | None:
 
 
 def damaged(distribution: importlib.metadata.Distribution) -> str | None:
-    """How an installed distribution differs from its RECORD (the first file missing or not of the sha256 it gives)."""
+    """How an installed distribution differs from its RECORD: the first file missing, or of a sha256 that no installed
+    distribution's RECORD gives it (two distributions may ship the same file: the one installed last wins)."""
     from pip._internal.operations.install.wheel import rehash  # a file's sha256 as RECORD writes it
 
     if (record := distribution.read_text("RECORD")) is None:
         return "its RECORD is missing"
     for name, digest, _ in csv.reader(record.splitlines()):
-        path = Path(distribution.locate_file(name))
-        if not path.is_file() or digest and rehash(str(path))[0] != digest:
-            return f"{name} is missing or differs from its RECORD"
+        if not (path := Path(distribution.locate_file(name))).is_file():
+            return f"{name} is missing"
+        if digest and (found := rehash(str(path))[0]) != digest and found not in recorded_digests()[path]:
+            return f"{name} differs from its RECORD"
     return None
+
+
+@functools.cache
+def recorded_digests() -> dict[Path, set[str]]:
+    """Every installed file's sha256s, by path, as the RECORDs of the installed distributions give them."""
+    digests = collections.defaultdict(set)
+    for distribution in importlib.metadata.distributions():
+        for name, digest, _ in csv.reader((distribution.read_text("RECORD") or "").splitlines()):
+            digests[Path(distribution.locate_file(name))].add(digest)
+    return digests
 
 
 def bootstrap_uv(version: str) -> Path | None:
