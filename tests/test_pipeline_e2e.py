@@ -141,6 +141,7 @@ def test_stage_runs_carry_params_metrics_artifacts_and_origin(repo: Path) -> Non
     split = {
         "train": repo / "data" / "split" / "train.csv",
         "baseline": repo / "data" / "split" / "test.csv",
+        "probe": repo / "data" / "split" / "test.csv",  # fitted on train.csv, scored on this
         "evaluate": repo / "data" / "split" / "test.csv",
     }
     client = mlflow_client(repo)
