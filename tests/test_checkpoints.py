@@ -23,6 +23,13 @@ from medgemma_breakhis.train.checkpoints import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _outside_the_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished run's folder is looked up in the DVC cache of the repository a stage runs in: none here."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+
+
 def fingerprint(**params: object) -> Fingerprint:
     return Fingerprint(
         params={"lora.r": 8, "train.epochs": 5, **params},

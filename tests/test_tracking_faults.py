@@ -343,8 +343,9 @@ def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path,
 
 @pytest.mark.slow  # trains, or waits out the store's timeouts
 def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_look_complete(
-    synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store
+    synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.chdir(tmp_path)  # the stage's repository, whose DVC cache is looked up: none here
     train_csv = tmp_path / "train.csv"
     pd.read_csv(split_dir / "train.csv").head(4).to_csv(train_csv, index=False)
     params = with_params(
