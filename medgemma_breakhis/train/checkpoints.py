@@ -5,6 +5,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import os
 import shutil
 import time
 import zipfile
@@ -123,11 +124,13 @@ def adapter_in_dvc_cache(folder: Path) -> bool:
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
+    if "DVC_ROOT" not in os.environ:  # a stage run by hand, not by DVC: nothing of it goes into a DVC cache
+        return False
     weights = [path.read_bytes() for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*/adapter_model.safetensors")]
     try:
         with Repo(str(main_repo_root())) as repo:
             return any(repo.cache.local.exists(hashlib.md5(data).hexdigest()) for data in weights)
-    except DvcException:  # no DVC repository: a stage run by hand
+    except DvcException:  # DVC_ROOT is no DVC repository
         return False
 
 
