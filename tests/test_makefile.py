@@ -35,10 +35,11 @@ def test_every_environment_path_in_a_recipe_is_quoted_so_a_clone_at_a_path_with_
 @pytest.mark.slow  # make and a tool in subprocesses
 def test_a_branch_name_that_is_shell_code_is_refused_not_run(tmp_path: Path) -> None:
     """852abeb: `make report BASE='main";>PWN;"'` (a valid branch name) created the file."""
-    planted = tmp_path / "PWN"
+    planted, clone, venv = tmp_path / "PWN", tmp_path / "clone", REPO / ".venv"
+    subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)  # DVC reads the repository it runs in
     result = subprocess.run(
-        ["make", "-o", ".venv/.installed", "report", f'BASE=main";touch {planted};"'],
-        cwd=REPO,
+        ["make", f"VENV={venv}", "-o", f"{venv}/.installed", "report", f'BASE=main";touch {planted};"'],
+        cwd=clone,
         capture_output=True,
         text=True,
         timeout=120,
