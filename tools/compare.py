@@ -1,6 +1,5 @@
 """Paired comparison of two evaluations of the same test images: for each accuracy, B minus A with a 95% interval
 from one bootstrap that draws the same patients for both sides, and a verdict (docs/metrics.md#paired-comparisons).
-
 Run: make compare A=main B=lora-16   (a side: a git revision, DVC experiment or `workspace`, then :baseline, :probe or
      :finetuned, the default), or make compare (each experiment of HEAD against HEAD); or python -m tools.compare --help
 """
