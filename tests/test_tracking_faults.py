@@ -341,6 +341,27 @@ def test_metrics_the_store_dropped_are_logged_again(store: Path, tmp_path: Path,
     assert json.loads((tmp_path / "untracked.json").read_text()) == {"not_tracked": []}
 
 
+def test_the_history_is_checked_with_one_query_per_metric_not_per_logged_value(
+    store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real run logs thousands of steps: one history query per logged value made ending it quadratic."""
+    history = [{"loss": 1.0 / step, "learning_rate": 0.1, "step": step} for step in range(1, 41)]
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    with mlflow.start_run() as run:
+        pass
+    client = mlflow.MlflowClient()
+    queried: list[str] = []
+    read_history = mlflow.MlflowClient.get_metric_history
+    monkeypatch.setattr(
+        mlflow.MlflowClient,
+        "get_metric_history",
+        lambda self, *args: queried.append(args[1]) or read_history(self, *args),
+    )
+    StageRun(run.info.run_id, run.info.run_id, tmp_path / "untracked.json", history=history).end("FINISHED")
+    assert sorted(queried) == ["learning_rate", "loss"]
+    assert [m.step for m in read_history(client, run.info.run_id, "loss")] == list(range(1, 41))
+
+
 @pytest.mark.slow  # trains, or waits out the store's timeouts
 def test_store_failing_right_after_training_costs_nothing_and_the_run_does_not_look_complete(
     synthetic_root: Path, split_dir: Path, store: Path, tmp_path: Path, lock_store, monkeypatch: pytest.MonkeyPatch

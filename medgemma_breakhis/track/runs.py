@@ -175,7 +175,7 @@ class StageRun:
         client = mlflow.MlflowClient()
         numbers = [(entry["step"], k, v) for entry in self.history for k, v in entry.items() if k != "step"]
         wanted = [(k, v, step) for step, k, v in numbers if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        held = {key: {m.step for m in client.get_metric_history(self.run_id, key)} for key, _, _ in wanted}
+        held = {key: {m.step for m in client.get_metric_history(self.run_id, key)} for key in {k for k, _, _ in wanted}}
         now = int(time.time() * 1000)
         missing = [Metric(key, float(value), now, step) for key, value, step in wanted if step not in held[key]]
         if missing:
