@@ -53,8 +53,9 @@ demo: setup ## the whole pipeline offline as a temporary DVC experiment, then it
 	mkdir -p dvc_plots && "$(BIN)/dvc" plots diff $(DEMO_EXP) $(DEMO_EXP) --out dvc_plots/$(DEMO_EXP)
 
 # Tests run in parallel (pytest-xdist), each process with one thread for torch: processes that each ran a thread per
-# core would slow one another down (two test runs side by side on 2 cores: 31 s against 21 s).
-PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$(BIN)/python" -m pytest --dist worksteal
+# core would slow one another down (two test runs side by side on 2 cores: 31 s against 21 s). Workers take the tests
+# one at a time (an xdist_group at once) in the order tests/conftest.py gives them: the long kinds first.
+PYTEST := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$(BIN)/python" -m pytest --dist loadgroup --no-loadscope-reorder
 
 # The whole suite runs one process per CPU core and one more: its end-to-end tests spend part of their time waiting
 # (for sqlite's 20 s busy timeout, for a subprocess, for the repository another process reproduces for them), which the

@@ -80,6 +80,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The order `make test`'s workers take tests in (`--dist loadgroup`, an `xdist_group` at a time), the longest
+    kinds first so that no worker is left with a long one at the end: one end-to-end test, which builds the reproduced
+    repository (`repo`) the others copy; the other slow tests while it builds; the other end-to-end tests; the unit
+    tests last, filling the gaps."""
+    kinds: dict[str, list[pytest.Item]] = {"e2e": [], "slow": [], "unit": []}
+    for item in items:
+        kinds[next((kind for kind in ("e2e", "slow") if item.get_closest_marker(kind)), "unit")].append(item)
+    items[:] = kinds["e2e"][:1] + kinds["slow"] + kinds["e2e"][1:] + kinds["unit"]
+
+
 @pytest.fixture(scope="session")
 def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic BreakHis copy (two images per benign patient and magnification, three per malignant)."""

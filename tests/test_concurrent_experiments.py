@@ -148,6 +148,11 @@ def test_queued_sweep_runs_one_experiment_per_value_on_two_workers(workspace: Pa
         run(repo, "dvc", "queue", "logs", name)  # kept for the secrets scan below
     stop_queue_workers(repo, env)
     assert rows == dict.fromkeys(names, "Success"), status
+    # make compare after a sweep: each experiment against HEAD; then two experiment names, A and B
+    compared = run(repo, "python", "-m", "tools.compare", stdout_only=True)
+    assert all(f"{name} against HEAD (A)" in compared for name in names), compared
+    paired = run(repo, "python", "-m", "tools.compare", *names, stdout_only=True)
+    assert "| patient-level accuracy |" in paired and "verdict" in paired, paired
 
     experiments = {name: data for name, data in experiments_shown(repo).items() if name in names}
     ranks = {name: data["params"]["params.yaml"]["data"]["lora"]["r"] for name, data in experiments.items()}

@@ -37,6 +37,9 @@ from medgemma_breakhis.registry.model import SERVING_DISTRIBUTIONS, decode_image
 from medgemma_breakhis.track.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, EXPERIMENT_NAME, experiment_id
 from tools import models, predict
 
+# its module-scoped fixture is built once: `make test` hands these tests to one worker
+pytestmark = pytest.mark.xdist_group("registered")
+
 REPO = Path(__file__).resolve().parents[1]
 NAME = "breakhis-test"
 RAW_PARAMS = {

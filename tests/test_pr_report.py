@@ -15,6 +15,9 @@ from ruamel.yaml import YAML
 
 from tools.pr_report import interval_table
 
+# its module-scoped fixture is built once: `make test` hands these tests to one worker
+pytestmark = pytest.mark.xdist_group("two_commits")
+
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent
 

@@ -20,6 +20,9 @@ from medgemma_breakhis.model.prompt import answer_token_ids, prompt_text
 from medgemma_breakhis.train.trainer import build_trainer
 from tools.gpu_memory import decoder_tokens_per_example
 
+# its module-scoped fixture is built once: `make test` hands these tests to one worker
+pytestmark = pytest.mark.xdist_group("real_tokenizer_batch")
+
 # Gemma 3's ids of the answers "0".."7": each a single token.
 GEMMA3_DIGIT_IDS = [236771, 236770, 236778, 236800, 236812, 236810, 236825, 236832]
 

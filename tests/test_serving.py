@@ -35,6 +35,9 @@ from medgemma_breakhis.evaluate.metrics import PROBABILITY_COLUMNS
 from medgemma_breakhis.registry.model import decode_image, register_adapter
 from tools import predict
 
+# its module-scoped fixture is built once: `make test` hands these tests to one worker
+pytestmark = pytest.mark.xdist_group("served")
+
 REPO = Path(__file__).resolve().parents[1]
 NAME = "breakhis-serving-test"
 RAW_PARAMS = {"model": {"id": "tiny-gemma3"}, "eval": {"precision": "fp32"}, "registry": {"model_name": NAME}}
