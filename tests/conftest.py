@@ -3,6 +3,7 @@ vocabulary), MedGemma's processor, all built locally."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -203,10 +204,12 @@ def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("adapter")
     model, processor, _ = load_base_model(params({"model": {"id": "tiny-gemma3"}}).model, "fp32")
     adapted = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # not torch's global one: the same adapter in any order of tests
     with torch.no_grad():
         for name, parameter in adapted.named_parameters():
-            if "lora_B" in name:
+            if "lora_A" in name:  # as peft initialises it
+                torch.nn.init.kaiming_uniform_(parameter, a=math.sqrt(5), generator=generator)
+            elif "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
     adapted.save_pretrained(folder)
     processor.save_pretrained(folder)
