@@ -11,7 +11,9 @@ from typing import Any
 
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from peft import PeftModel
+from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from medgemma_breakhis.core.errors import DataError
 from medgemma_breakhis.core.files import atomic_write_json, atomic_write_text
@@ -79,10 +81,10 @@ def run_evaluation(
             ("binary", "binary", ("benign", "malignant"), "benign / malignant"),
         ):
             truth, predicted = predictions[f"true_{column}"], predictions[f"predicted_{column}"]
-            figure = runs.confusion_matrix_figure(truth, predicted, [*labels, *extra], f"{stage}: {title}")
+            figure = confusion_matrix_figure(truth, predicted, [*labels, *extra], f"{stage}: {title}")
             run.figures[f"confusion_matrix_{name}.png"] = figure
         if "roc_auc" in results["binary"]:
-            run.figures["roc_curve.png"] = runs.roc_figure(roc, results["binary"]["roc_auc"], stage)
+            run.figures["roc_curve.png"] = roc_figure(roc, results["binary"]["roc_auc"], stage)
         if adapter_dir is not None:
             md5 = runs.dvc_locked_md5(adapter_dir)
             run.tags["adapter_dvc_md5"] = md5 or "not in a dvc.lock (stage run outside DVC)"
@@ -102,3 +104,23 @@ def run_evaluation(
     how = f"eval.method={params.eval.method}" if predict is predict_split else "a linear probe"
     logger.info("%s (%s) on %d test images:\n%s", stage, how, len(rows), metrics.headline_table(results))
     return results
+
+
+def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[str], title: str) -> Figure:
+    """Counts of true (rows) against predicted (columns) classes, every class shown even when absent."""
+    figure = Figure(figsize=(2 + 0.9 * len(names), 1.5 + 0.9 * len(names)), layout="constrained")
+    axes = figure.subplots()
+    ConfusionMatrixDisplay.from_predictions(
+        truth, predicted, labels=names, ax=axes, colorbar=False, xticks_rotation="vertical"
+    )
+    axes.set_title(title)
+    return figure
+
+
+def roc_figure(roc: pd.DataFrame, auc: float, stage: str) -> Figure:
+    figure = Figure(figsize=(5, 5), layout="constrained")
+    axes = figure.subplots()
+    display = RocCurveDisplay(fpr=roc["false_positive_rate"], tpr=roc["true_positive_rate"], roc_auc=auc, name=stage)
+    display.plot(ax=axes, plot_chance_level=True)
+    axes.set_title(f"{stage}: ROC, malignant positive")
+    return figure

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import pandas as pd
 import psutil
 import torch
 from matplotlib.figure import Figure
 from mlflow.entities import Metric, Param, Run, RunTag
 from ruamel.yaml import YAML
-from sklearn.metrics import ConfusionMatrixDisplay, RocCurveDisplay
 
 from medgemma_breakhis.core.errors import ParamsChangedError, ParamsError
 from medgemma_breakhis.core.files import atomic_write_json, sha256
@@ -306,32 +304,3 @@ def tag_train_run(parent_run_id: str, adapter_dir: Path, tags: dict[str, str]) -
             if run.info.status == "FINISHED":
                 client.log_batch(run.info.run_id, tags=[RunTag(key, value) for key, value in tags.items()])
             return
-
-
-def confusion_matrix_figure(truth: pd.Series, predicted: pd.Series, names: list[str], title: str) -> Figure:
-    """Counts of true (rows) against predicted (columns) classes, every class shown even when absent."""
-    figure = Figure(figsize=(2 + 0.9 * len(names), 1.5 + 0.9 * len(names)), layout="constrained")
-    axes = figure.subplots()
-    ConfusionMatrixDisplay.from_predictions(
-        truth, predicted, labels=names, ax=axes, colorbar=False, xticks_rotation="vertical"
-    )
-    axes.set_title(title)
-    return figure
-
-
-def roc_figure(roc: pd.DataFrame, auc: float, stage: str) -> Figure:
-    figure = Figure(figsize=(5, 5), layout="constrained")
-    axes = figure.subplots()
-    display = RocCurveDisplay(fpr=roc["false_positive_rate"], tpr=roc["true_positive_rate"], roc_auc=auc, name=stage)
-    display.plot(ax=axes, plot_chance_level=True)
-    axes.set_title(f"{stage}: ROC, malignant positive")
-    return figure
-
-
-def loss_figure(curve: pd.DataFrame) -> Figure:
-    figure = Figure(figsize=(6, 4), layout="constrained")
-    axes = figure.subplots()
-    axes.plot(curve["step"], curve["loss"], marker="." if len(curve) < 50 else None)
-    axes.set(xlabel="optimizer step", ylabel="loss", title="Training loss per optimizer step")
-    axes.grid(alpha=0.3)
-    return figure

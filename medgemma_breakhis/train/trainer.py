@@ -11,6 +11,7 @@ from typing import Any
 import datasets
 import pandas as pd
 import torch
+from matplotlib.figure import Figure
 from peft import LoraConfig
 from transformers import PreTrainedModel, ProcessorMixin, ProgressCallback
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -22,7 +23,7 @@ from medgemma_breakhis.core.params import Params
 from medgemma_breakhis.data.split import read_split
 from medgemma_breakhis.model.load import LoadedModelInfo, check_model, device, load_base_model
 from medgemma_breakhis.model.prompt import completion_messages, prompt_messages, prompt_text
-from medgemma_breakhis.track.runs import loss_figure, tracked_run, untracked_record
+from medgemma_breakhis.track.runs import tracked_run, untracked_record
 from medgemma_breakhis.train import callbacks, checkpoints
 from medgemma_breakhis.train.callbacks import GuardedSFTTrainer, TrainingDivergedError
 from medgemma_breakhis.train.execution import is_main_process, plan_execution
@@ -211,3 +212,11 @@ def run_training(
     logger.info("trained %d steps (after step %d), last loss %.4f", step, resumed, summary["train_loss_last"])
     logger.info("adapter in %s; precision: %s", adapter_dir, trainer.precision_ran)
     return summary
+
+
+def loss_figure(curve: pd.DataFrame) -> Figure:
+    axes = Figure(figsize=(6, 4), layout="constrained").subplots()
+    axes.plot(curve["step"], curve["loss"], marker="." if len(curve) < 50 else None)
+    axes.set(xlabel="optimizer step", ylabel="loss", title="Training loss per optimizer step")
+    axes.grid(alpha=0.3)
+    return axes.figure
