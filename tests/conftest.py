@@ -12,6 +12,7 @@ import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -92,22 +93,42 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = kinds["e2e"][:1] + kinds["slow"] + kinds["e2e"][1:] + kinds["unit"]
 
 
+def built_once(
+    tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str, build: Callable[[Path], object]
+) -> Path:
+    """`build(folder)` once per test run, by whichever worker of a parallel run (pytest-xdist) needs the folder first,
+    while the others wait for it; the folder, which the tests that share it only read."""
+    from filelock import FileLock
+
+    # the workers' temporary folders share this parent, the one place all of them see
+    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+    built, done = shared / name, shared / f"{name}.done"
+    with FileLock(shared / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(built, ignore_errors=True)  # what a worker whose build failed left behind
+            built.mkdir()
+            build(built)
+            done.touch()
+    return built
+
+
+def _synthetic_breakhis(**synthetic: object) -> Callable[[Path], object]:
+    from medgemma_breakhis.download.sources import generate_synthetic_breakhis
+
+    return partial(generate_synthetic_breakhis, spec=params({"data": {"synthetic": synthetic}}).data.synthetic)
+
+
 @pytest.fixture(scope="session")
-def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """A small synthetic BreakHis copy (two images per benign patient and magnification, three per malignant)."""
-    from medgemma_breakhis.download.sources import generate_synthetic_breakhis
-
-    spec = params({"data": {"synthetic": {"images_per_patient": 2}}}).data.synthetic
-    return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis"), spec)
+    return built_once(tmp_path_factory, worker_id, "breakhis", _synthetic_breakhis(images_per_patient=2))
 
 
 @pytest.fixture(scope="session")
-def synthetic_root_100x(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def synthetic_root_100x(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """The 100X part of `synthetic_root` (the same images), for tests that read every image: a quarter of the work."""
-    from medgemma_breakhis.download.sources import generate_synthetic_breakhis
-
-    spec = params({"data": {"synthetic": {"images_per_patient": 2, "magnifications": [100]}}}).data.synthetic
-    return generate_synthetic_breakhis(tmp_path_factory.mktemp("breakhis-100x"), spec)
+    build = _synthetic_breakhis(images_per_patient=2, magnifications=[100])
+    return built_once(tmp_path_factory, worker_id, "breakhis-100x", build)
 
 
 @pytest.fixture(scope="session")
@@ -118,22 +139,12 @@ def synthetic_folds(synthetic_root: Path) -> pd.DataFrame:
 @pytest.fixture(scope="session")
 def repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """This project as a git repository, set to the offline profile, reproduced and committed (`dvc_cli`) for the
-    end-to-end tests: built once per test run, by whichever worker of a parallel run (pytest-xdist) needs it first,
-    while the others wait for it. Shared by the tests that only read it, in every worker at once: none may change
-    it, nor run a command in it that could write (`dvc repro`, `git status`); those work on a copy (`copy_of`)."""
+    end-to-end tests, built once per test run (`built_once`). Shared by the tests that only read it, in every worker
+    at once: none may change it, nor run a command in it that could write (`dvc repro`, `git status`); those work on
+    a copy (`copy_of`)."""
     from dvc_cli import reproduced_repository
-    from filelock import FileLock
 
-    # the workers' temporary folders share this parent, the one place all of them see
-    shared = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
-    built, done = shared / "reproduced-repo", shared / "reproduced-repo.done"
-    with FileLock(shared / "reproduced-repo.lock"):
-        if not done.exists():
-            shutil.rmtree(built, ignore_errors=True)  # what a worker whose build failed left behind
-            built.mkdir()
-            reproduced_repository(built)
-            done.touch()
-    return built
+    return built_once(tmp_path_factory, worker_id, "reproduced-repo", reproduced_repository)
 
 
 @pytest.fixture
