@@ -20,7 +20,6 @@ import pytest
 from repo_params import params
 
 from medgemma_breakhis.data.breakhis import FOLDS_CSV
-from medgemma_breakhis.model.builtin import TokenizerMissing, verified_tokenizer_folder
 
 # torch, transformers, peft, mlflow and the modules that import them are imported by the fixtures that use them: a
 # parallel run's controller (`pytest -n`, which runs no test) then starts in a second instead of competing with its
@@ -178,6 +177,8 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def gemma3_tokenizer() -> Path:
     """The folder of Gemma 3's real tokenizer (`make tokenizer`); without it, the test is skipped with the reason."""
+    from medgemma_breakhis.model.builtin import TokenizerMissing, verified_tokenizer_folder
+
     try:
         return verified_tokenizer_folder()
     except TokenizerMissing as missing:

@@ -1,6 +1,7 @@
 """`make test`'s parallel run (pytest-xdist): the tests of an `xdist_group`, which share a module's costly fixture, run
-on one worker, so that the fixture is built once."""
+on one worker, so that the fixture is built once; the controller, which runs no test, loads no model library."""
 
+import json
 import re
 import subprocess
 import sys
@@ -40,3 +41,23 @@ def test_the_tests_of_an_xdist_group_run_on_one_worker(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:]
     workers = re.findall(r"^\[(gw\d+)\] .* PASSED test_groups.py::test_grouped\[\d\]", result.stdout, re.MULTILINE)
     assert len(workers) == 6 and len(set(workers)) == 1, result.stdout[-3000:]
+
+
+def test_the_controller_of_a_parallel_run_imports_no_model_library() -> None:
+    """The controller loads conftest.py alone, before any worker starts: a model library there (5 s of CPU) delays
+    them all."""
+    script = (
+        "import json, sys; import conftest; print(json.dumps(sorted({name.split('.')[0] for name in sys.modules})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO / "tests",
+        env={"PYTHONPATH": f"{REPO / 'tests'}:{REPO}", "PATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    imported = set(json.loads(done.stdout.splitlines()[-1]))
+    assert not imported & {"torch", "transformers", "peft", "trl", "mlflow", "sklearn"}, imported
