@@ -15,9 +15,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--folds", type=Path, required=True, help="the dataset's Folds.csv")
     parser.add_argument("--out", type=Path, required=True, help="folder for train.csv and test.csv")
-    parser.add_argument(
-        "--summary", type=Path, required=True, help="JSON to write: images and patients per split and class"
-    )
+    parser.add_argument("--summary", type=Path, required=True, help="JSON of images and patients by split and class")
     args, params = setup_stage(parser, argv)
     write_split(args.folds, params.split, args.out, args.summary)
 

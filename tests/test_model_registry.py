@@ -423,6 +423,6 @@ def test_an_adapter_registered_before_gets_no_second_version_and_its_new_metrics
         patch.setenv("MLFLOW_TRACKING_URI", registered.store)
         evaluate(registered.folder, synthetic_root, split_dir, tiny_adapter)
     assert {version.version for version in client.search_model_versions(f"name = '{NAME}'")} == before
-    assert f"is version 1 of {NAME} already: its new metrics are linked to it" in caplog.text
+    assert f"is version 1 of {NAME} already: its new metrics are linked" in caplog.text
     linked = client.get_logged_model(client.get_model_version(NAME, "1").source.removeprefix("models:/")).metrics
     assert len({metric.run_id for metric in linked}) == 2  # the first evaluation's and this one's

@@ -75,9 +75,8 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, resamples: int, seed: in
 def paired_table(a: str, b: str, resamples: int, seed: int) -> str:
     """The markdown table of `paired_difference` of sides `a` and `b`, or the one line why they cannot be paired."""
     try:
-        return paired_difference(predictions(a), predictions(b), resamples, seed).to_markdown(
-            index=False, floatfmt=".3f"
-        )
+        table = paired_difference(predictions(a), predictions(b), resamples, seed)
+        return table.to_markdown(index=False, floatfmt=".3f")
     except PairingError as err:
         return f"{a} against {b}: {err}"
 

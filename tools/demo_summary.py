@@ -77,9 +77,7 @@ def main() -> None:
     print(paired_table(side + "baseline", side + "finetuned", settings.bootstrap_resamples, settings.seed))
     if args.images:
         copy_test_images(args.experiment, args.images)
-        print(
-            f"\nIts adapter is a registered model version (make models). Three of its test images are in {args.images}:"
-        )
+        print(f"\nIts adapter is a registered model version (make models). Three test images are in {args.images}:")
         print(f"  make predict IMAGES={args.images}")
 
 

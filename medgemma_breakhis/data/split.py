@@ -83,10 +83,8 @@ def write_split(folds_csv: Path, split: SplitParams, output_dir: Path, summary_p
     summary = split_summary(subsets)
     atomic_write_json(summary_path, summary)
     for group, figures in summary.items():
-        per_class = {name: counts["images"] for name, counts in figures["per_class"].items()}
-        logger.info(
-            "%s: %d images, %d patients, per class %s", group, figures["images"], figures["patients"], per_class
-        )
+        classes = {name: counts["images"] for name, counts in figures["per_class"].items()}
+        logger.info("%s: %d images, %d patients, per class %s", group, figures["images"], figures["patients"], classes)
     return subsets
 
 

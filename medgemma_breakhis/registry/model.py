@@ -198,9 +198,7 @@ def register_adapter(
     if found := client.search_model_versions(f"name = '{name}' and tags.adapter_sha256 = '{digest}'"):
         with mlflow.start_run(run_id=run_id):
             mlflow.log_metrics(headline, model_id=found[0].source.removeprefix("models:/"))  # sqlite keeps no model_id
-        logger.info(
-            "%s is version %s of %s already: its new metrics are linked to it", adapter_dir, found[0].version, name
-        )
+        logger.info("%s is version %s of %s already: its new metrics are linked", adapter_dir, found[0].version, name)
         return
     tags = {key: origin[key] for key in ("dvc_exp_name", "git_commit", "git_dirty")} | {
         "adapter_sha256": digest,

@@ -116,9 +116,7 @@ class SkippedStepCounter(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs) -> None:
         if self.trainer.accelerator.optimizer_step_was_skipped:
             self.steps.append(state.global_step)
-            logger.warning(
-                "optimizer step %d skipped: fp16's loss scaler found non-finite gradients", state.global_step
-            )
+            logger.warning("optimizer step %d skipped: fp16's loss scaler found inf/NaN gradients", state.global_step)
 
 
 class StepTimes(TrainerCallback):
