@@ -142,7 +142,7 @@ def test_a_password_in_an_index_or_find_links_url_is_on_no_command_line_and_in_n
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("six==1.17.0\n")
 
-    assert install(requirements, "0.13.8") == "uv 0.13.8"
+    assert install(["-r", str(requirements)], "0.13.8") == "uv 0.13.8"
 
     argv, environ = (tmp_path / "argv").read_text(), (tmp_path / "environ").read_text()
     for secret in ("secret", "tok3n", "p%40ss", "bob", "alice"):

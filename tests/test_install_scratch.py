@@ -93,6 +93,33 @@ def test_a_package_an_install_cut_short_left_damaged_is_installed_again(tmp_path
     assert f"{expected}: installing it again" in second.stderr
 
 
+@pytest.mark.slow  # two new venvs, three installs
+@pytest.mark.skipif(not UV.is_dir(), reason="no bootstrapped uv here")
+def test_a_file_changed_in_uvs_cache_is_fetched_again_by_the_next_new_environment(tmp_path: Path) -> None:
+    """Finding: a CA bundle appended to in one environment (certifi's cacert.pem, a hard link into uv's cache) was in
+    every new one, and `make setup` failed in each: its repair installed the same file from the cache. The installer
+    now checks what it installed and installs a damaged package again with uv's cache of it refreshed."""
+    environment = _offline_environment(tmp_path / "wheels") | {"UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text(_wheels(tmp_path / "wheels"))
+    installed = []
+    for name in ("first", "second"):
+        venv.EnvBuilder(with_pip=True).create(tmp_path / name)
+        (tmp_path / name / UV.name).symlink_to(UV)
+        command = [str(tmp_path / name / "bin" / "python"), "-m", "tools.install_requirements", str(requirements)]
+        installed.append(_run([*command, "--uv-version", "0.13.8"], REPO, environment))
+        assert installed[-1].returncode == 0, installed[-1].stderr
+        (data,) = (tmp_path / name).glob("lib/python3*/site-packages/tiny_pkg/data.bin")
+        if name == "first":
+            assert data.stat().st_nlink > 1  # a hard link into uv's cache
+            with data.open("r+b") as changed:  # in place, as a CA is appended to a bundle
+                changed.write(b"changed")
+
+    assert data.read_bytes() == TINY_FILES["tiny_pkg/data.bin"]
+    expected = "tiny_pkg-1.0.dist-info is damaged (tiny_pkg/data.bin differs from its RECORD): installing it again"
+    assert expected in installed[-1].stderr
+
+
 @pytest.mark.slow  # make, a new venv and three installs
 def test_make_setup_in_a_clone_at_a_path_with_a_space_installs_checks_and_repairs(tmp_path: Path) -> None:
     """Finding: a space in the repository's path broke every make target (`$(BIN)/python` unquoted). And the finding

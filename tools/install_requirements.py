@@ -107,24 +107,32 @@ def bootstrap_uv(version: str) -> Path | None:
     return binary
 
 
-def install(requirements: Path, uv_version: str | None) -> str:
-    """Install `requirements` into this environment, a damaged package afresh; returns which installer did."""
+def remove_damaged() -> list[str]:
+    """Remove the `.dist-info` of each distribution that differs from its RECORD; returns them as `name==version`."""
+    recorded_digests.cache_clear()  # an install since the last call changed them
+    removed = []
     for info in Path(sysconfig.get_path("purelib")).glob("*.dist-info"):
-        if problem := damaged(importlib.metadata.Distribution.at(info)):
+        if problem := damaged(distribution := importlib.metadata.Distribution.at(info)):
             logger.warning("%s is damaged (%s): installing it again", info.name, problem)
+            removed.append(f"{distribution.metadata['Name']}=={distribution.version}")
             shutil.rmtree(info)  # the installer then has it for not installed
+    return removed
+
+
+def install(requirements: list[str], uv_version: str | None) -> str:
+    """Install `requirements` (installer arguments) by uv where it can take pip's configuration, else pip; says which."""
     if uv_version and (settings := uv_arguments()) and (uv := bootstrap_uv(uv_version)):
         arguments, environment = settings
-        shown = " ".join([*arguments, *(f"{name}={value!r}" for name, value in environment.items())])
+        shown = [*requirements, "with uv", uv_version, *arguments, *(f"{k}={v!r}" for k, v in environment.items())]
         # each URL's user name and password (from `//` to the last `@` before its host) left out of the log
-        logger.info("installing %s with uv %s %s", requirements, uv_version, re.sub(r"(?<=//)[^/\s]*@", "", shown))
+        logger.info("installing %s", re.sub(r"(?<=//)[^/\s]*@", "", " ".join(shown)))
         # uv's own configuration would make it differ from pip: only where its cache lives is kept
         child = {k: v for k, v in os.environ.items() if not k.startswith("UV_") or k == "UV_CACHE_DIR"}
         command = [str(uv), "pip", "install", "--no-config", "--quiet", "--python", sys.executable]
-        subprocess.run([*command, *arguments, "-r", str(requirements)], env=child | environment, check=True)
+        subprocess.run([*command, *arguments, *requirements], env=child | environment, check=True)
         return f"uv {uv_version}"
-    logger.info("installing %s with pip", requirements)
-    subprocess.run([*PIP_INSTALL, "-r", str(requirements)], check=True)
+    logger.info("installing %s with pip", " ".join(requirements))
+    subprocess.run([*PIP_INSTALL, *requirements], check=True)
     return "pip"
 
 
@@ -141,7 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.requirements} not found; run from the repository root")
     started = time.monotonic()
     try:
-        installer = install(args.requirements, args.uv_version)
+        remove_damaged()
+        installer = install(["-r", str(args.requirements)], args.uv_version)
+        if installer != "pip" and (again := remove_damaged()):  # uv links files from its cache: one changed in place
+            install(["--no-cache", "--no-deps", *again], args.uv_version)  # in any environment arrives changed here
     except subprocess.CalledProcessError as err:
         fix = ". `make setup INSTALLER=pip` installs with pip instead of uv" if Path(err.cmd[0]).name == "uv" else ""
         sys.exit(f"installing {args.requirements} failed (exit status {err.returncode}); its output is above{fix}")
