@@ -9,6 +9,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -146,12 +147,26 @@ def repo(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     return built_once(tmp_path_factory, worker_id, "reproduced-repo", reproduced_repository)
 
 
+def _new_store(folder: Path) -> None:
+    """`folder`/mlflow.db, made by MLflow in a process of its own (its default experiment's artifacts: `folder`)."""
+    code = "import mlflow; mlflow.MlflowClient('sqlite:///mlflow.db').search_experiments()"
+    subprocess.run([sys.executable, "-c", code], cwd=folder, check=True)
+
+
+@pytest.fixture(scope="session")
+def blank_store(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
+    """An MLflow sqlite store with its tables and nothing in them, which the stores of `workspace` and `stage_folder`
+    start as copies of: MLflow's schema migrations take a second or two of CPU for each new store."""
+    return built_once(tmp_path_factory, worker_id, "blank-store", _new_store) / "mlflow.db"
+
+
 @pytest.fixture
-def workspace(repo: Path, tmp_path: Path) -> Iterator[Path]:
+def workspace(repo: Path, tmp_path: Path, blank_store: Path) -> Iterator[Path]:
     """A copy of the reproduced repository (`repo`) for one test to change; afterwards, checked for kept secrets."""
     from dvc_cli import assert_no_secret_kept, copy_of
 
     copy = copy_of(repo, tmp_path / "workspace")
+    shutil.copyfile(blank_store, copy / "mlflow.db")
     yield copy
     assert_no_secret_kept(copy)
 
@@ -276,10 +291,11 @@ def stage_env() -> dict[str, str]:
 
 
 @pytest.fixture
-def stage_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+def stage_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, blank_store: Path) -> Iterator[Path]:
     """`tmp_path` as the working folder of a stage called in-process (`stages.<name>.main([...])`), with its own MLflow
     store; the signal handlers the stage installs are put back afterwards."""
     monkeypatch.chdir(tmp_path)
+    shutil.copyfile(blank_store, tmp_path / "mlflow.db")
     for name in [name for name in os.environ if name.startswith(("MLFLOW_", "DVC_"))]:
         monkeypatch.delenv(name)
     # Set, so that it is unset again afterwards: the stage exports the store it uses.

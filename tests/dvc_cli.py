@@ -97,9 +97,9 @@ def reproduced_repository(root: Path) -> Path:
 
 
 def copy_of(repo: Path, destination: Path) -> Path:
-    """A copy of the reproduced repository, git history and DVC cache included, to change freely. Its MLflow store
-    starts empty: MLflow records where artifacts go as an absolute path, which a copied store would still point to
-    the original's `mlartifacts/`."""
+    """A copy of the reproduced repository, git history and DVC cache included, to change freely, without its MLflow
+    store: MLflow records where artifacts go as an absolute path, which a copied store would still point to the
+    original's `mlartifacts/`."""
     shutil.copytree(repo, destination, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
     return destination
 
@@ -137,7 +137,8 @@ def mlflow_client(repo: Path) -> mlflow.MlflowClient:
 
 def search(repo: Path, filter_string: str) -> list[Run]:
     client = mlflow_client(repo)
-    experiment = client.get_experiment_by_name("medgemma-breakhis")
+    if (experiment := client.get_experiment_by_name("medgemma-breakhis")) is None:  # no stage ran here
+        return []
     return client.search_runs([experiment.experiment_id], filter_string, order_by=["attributes.start_time ASC"])
 
 

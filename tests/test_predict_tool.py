@@ -69,7 +69,7 @@ def test_an_earlier_csv_of_the_tool_is_overwritten(stage_folder: Path, model: St
 def test_an_out_that_is_not_a_csv_of_the_tool_is_refused_in_one_line_before_anything_is_scored(
     stage_folder: Path, model: StandIn, out: str
 ) -> None:
-    sqlite3.connect(stage_folder / "mlflow.db").execute("create table runs (id text)").connection.commit()
+    sqlite3.connect(stage_folder / "mlflow.db").execute("create table if not exists runs (id text)").connection.commit()
     (stage_folder / "folder").mkdir()
     (stage_folder / "a.png").write_bytes(png())
     before = {path: path.read_bytes() for path in stage_folder.iterdir() if path.is_file()}
