@@ -1,5 +1,6 @@
 """`make setup` and tools/install_requirements.py for real, in scratch environments with wheels built here: an install
-cut short is repaired by the next one, and a clone at a path with a space installs and checks."""
+cut short is repaired by the next one, a file changed in uv's cache is fetched again, and a clone at a path with a
+space installs and checks."""
 
 from __future__ import annotations
 
