@@ -86,9 +86,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The order `make test`'s workers take tests in (`--dist loadgroup`, an `xdist_group` at a time), the longest
     kinds first so that no worker is left with a long one at the end: one end-to-end test, which builds the reproduced
     repository (`repo`) the others copy; the other slow tests while it builds; the other end-to-end tests; the unit
-    tests last, filling the gaps."""
+    tests last, filling the gaps. Within each kind an `xdist_group` comes first: one worker runs it whole, its costly
+    fixture and all (a fresh clone's run once ended on `generate_experiment` alone)."""
     kinds: dict[str, list[pytest.Item]] = {"e2e": [], "slow": [], "unit": []}
-    for item in items:
+    for item in sorted(items, key=lambda item: item.get_closest_marker("xdist_group") is None):
         kinds[next((kind for kind in ("e2e", "slow") if item.get_closest_marker(kind)), "unit")].append(item)
     items[:] = kinds["e2e"][:1] + kinds["slow"] + kinds["e2e"][1:] + kinds["unit"]
 
