@@ -3,6 +3,7 @@ as a real run sees it. Skipped, with the reason, only where the tokenizer could 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +42,10 @@ def images(filenames: list[str], synthetic_root: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def batch(real_vocabulary_model, filenames: list[str], synthetic_root: Path, tmp_path_factory):
-    """A training batch of two examples, as the trainer's own collator makes it."""
+    """A training batch of two examples, as the trainer's own collator makes it (by a trainer of a copy of the model:
+    trl's trainer changes the model it is given, which the session shares)."""
     model, processor, info = real_vocabulary_model
+    model = copy.deepcopy(model)
     rows = pd.DataFrame({"filename": filenames[:2], "label": [1, 6]})
     trainer = build_trainer(
         model=model,
