@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import re
@@ -252,7 +253,38 @@ def test_a_fully_tracked_stage_writes_an_empty_record(store: Path, split_dir: Pa
     assert json.loads(record.read_text()) == {"not_tracked": []}  # always there, as DVC wants an output
 
 
-def test_interruptions_and_a_full_disk_end_a_stage_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.fixture
+def unfrozen() -> Iterator[None]:
+    """For a test that calls `stage_entry` in-process: this worker's objects are collected again afterwards."""
+    yield
+    gc.unfreeze()
+    gc.enable()
+
+
+def test_a_stage_started_as_a_script_collects_nothing_while_it_imports_then_freezes_what_it_imported(
+    unfrozen: None,
+) -> None:
+    """`python -m stages.<name>`: while Python locates the module, sys.argv[0] is "-m" (its documentation of -m)."""
+    repository = Path(__file__).resolve().parents[1]
+    started = "import gc, sys; sys.argv[0] = '-m'; import stages; print(gc.isenabled())"
+    result = subprocess.run([sys.executable, "-c", started], cwd=repository, capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False"]
+    imported = "import gc, stages.download; print(gc.isenabled())"  # as a test or a notebook imports a stage
+    result = subprocess.run(
+        [sys.executable, "-c", imported], cwd=repository, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.split() == ["True"]
+
+    gc.disable()
+    frozen_before = gc.get_freeze_count()
+    stage_entry(lambda: None)
+    assert gc.isenabled()
+    assert gc.get_freeze_count() > frozen_before
+
+
+def test_interruptions_and_a_full_disk_end_a_stage_in_one_line(
+    caplog: pytest.LogCaptureFixture, unfrozen: None
+) -> None:
     """852abeb: SIGTERM and a full disk ended a stage in a traceback (with nothing partial left)."""
 
     def interrupted() -> None:

@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import errno
+import gc
 import itertools
 import logging
 import os
@@ -47,6 +48,8 @@ def setup_stage(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
 
 def stage_entry(main: Callable[[], None]) -> None:
     """Run a stage's `main`: an expected error, a stop or a full disk end it in one line; a bug keeps its traceback."""
+    gc.freeze()  # what the imports built lives as long as the process: no collection need look at it again
+    gc.enable()
     try:
         main()
     except ExpectedError as err:

@@ -164,12 +164,10 @@ def build_tiny_gemma3(output_dir: Path, processor: Gemma3Processor | None = None
     """Build and save a tiny Gemma 3 and its processor (by default `build_processor`'s small one), deterministically."""
     processor = processor or build_processor(TINY_IMAGE_SIZE, MM_TOKENS_PER_IMAGE)
     tokenizer, image_size = processor.tokenizer, processor.image_processor.size["height"]
+    widths = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4}
     text_config = Gemma3TextConfig(
+        **widths,
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
@@ -180,10 +178,7 @@ def build_tiny_gemma3(output_dir: Path, processor: Gemma3Processor | None = None
         bos_token_id=tokenizer.bos_token_id,
     )
     vision_config = SiglipVisionConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
+        **widths,
         image_size=image_size,
         patch_size=image_size // (2 * math.isqrt(processor.image_seq_length)),  # 2x2 patches pooled per token
     )

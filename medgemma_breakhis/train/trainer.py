@@ -72,11 +72,9 @@ def build_trainer(
         fp16=train.precision == "fp16" and on_cuda,
         use_cpu=not on_cuda,
         data_seed=train.seed,
-        save_strategy="steps",
         save_steps=params.execution.checkpoint_steps,
         save_total_limit=1,  # the older checkpoint is deleted only once the newer one is complete
         logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
-        eval_strategy="no",  # the test set is never seen during training
         max_length=None,  # truncation could cut image tokens
         report_to=[],  # the stage logs each step to its own MLflow run (`LogSteps`)
         remove_unused_columns=False,
@@ -89,7 +87,6 @@ def build_trainer(
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            bias="none",
             target_modules=lora.target_modules,
             task_type="CAUSAL_LM",
         ),
