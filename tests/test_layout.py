@@ -186,6 +186,13 @@ def test_package_init_files_are_empty_but_the_stages_one_which_imports_the_stand
 
 
 @pytest.mark.parametrize("script", sorted((REPO / "stages").glob("[!_]*.py")), ids=lambda path: path.stem)
+def test_each_stage_runs_through_stage_entry_which_collects_garbage_again(script: Path) -> None:
+    """`stages/__init__.py` pauses garbage collection while a stage started as a script imports; `stage_entry`, its
+    last line, resumes it: a stage without it would run with no collection at all."""
+    assert script.read_text().endswith('if __name__ == "__main__":\n    stage_entry(main)\n')
+
+
+@pytest.mark.parametrize("script", sorted((REPO / "stages").glob("[!_]*.py")), ids=lambda path: path.stem)
 def test_no_stage_imports_a_tool(script: Path) -> None:
     tools = sorted(path for path in import_closure(script) if path.startswith("tools/"))
     assert not tools, f"{script.name} imports {tools}: tools are not pipeline code and DVC does not track them"
